@@ -1,0 +1,1 @@
+//! Test services (Redis, MariaDB, JuiceFS) started on loopback ports and cleaned up on drop.

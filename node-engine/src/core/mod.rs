@@ -1,0 +1,7 @@
+//! The engine core: types, distance kernels, indexes, filters, storage and metadata.
+//! Must not depend on tonic, axum or kube: every role and API adapter builds on this.
+
+pub mod bitset;
+pub mod distance;
+pub mod index;
+pub mod types;
