@@ -1,1 +1,30 @@
-//! shoal-csi library.
+//! shoal-csi: a CSI v1 driver that provisions volumes as directories of a JuiceFS filesystem and
+//! mounts them into pods.
+//!
+//! Layers, outermost first: [`service`] (tonic, unix socket, watchdog task) → [`driver`] (CSI
+//! logic, blocking) → [`mounter`] (the `Mounter` seam: `juicefs` and mount(2)). Pure helpers:
+//! [`mountinfo`], [`validate`], [`secrets`], [`error`]. See README.md for the design and its
+//! remaining limit.
+
+pub mod driver;
+pub mod error;
+pub mod guard;
+pub mod metrics;
+pub mod mounter;
+pub mod mountinfo;
+pub mod secrets;
+pub mod service;
+pub mod state;
+pub mod validate;
+
+/// The CSI driver name (`GetPluginInfo.name`, the `CSIDriver` object, StorageClass provisioner).
+pub const DRIVER_NAME: &str = "csi.shoal.dev";
+
+/// `GetPluginInfo.vendor_version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The CSI v1 messages and gRPC stubs generated from `proto/csi.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}

@@ -1,0 +1,644 @@
+//! The CSI logic: what each Controller and Node RPC does, on top of a [`Mounter`].
+//!
+//! Owns the node's in-memory view of staged volumes (mirrored to [`StateStore`]), the
+//! controller's own mounts of each filesystem (to create and delete volume directories), the
+//! re-adoption of mounts at start and the watchdog's healing pass. Every method is blocking
+//! and follows the same shape: validate → take the per-volume lease → act → return a
+//! [`CsiError`] that the gRPC layer maps. Must not know about tonic or sockets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::csi;
+use crate::error::CsiError;
+use crate::guard::VolumeGuard;
+use crate::metrics::Metrics;
+use crate::mounter::{MountState, Mounter, classify};
+use crate::secrets::JuiceFsSecrets;
+use crate::state::{SecretMap, StagedVolume, StateStore, Target};
+use crate::validate::{self, CTX_SUB_PATH, OnDelete};
+
+/// Which services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Identity + Node (the DaemonSet).
+    Node,
+    /// Identity + Controller (the provisioner Deployment).
+    Controller,
+    /// All three (single-binary setups and tests).
+    All,
+}
+
+impl Mode {
+    /// Serves the Controller service.
+    pub fn controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+    /// Serves the Node service.
+    pub fn node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
+}
+
+/// Static settings of a driver instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's id (NodeGetInfo).
+    pub node_id: String,
+    /// Durable state, logs, caches and controller mounts live here.
+    pub state_dir: PathBuf,
+    /// Services served.
+    pub mode: Mode,
+    /// How often the watchdog checks mounts (it also wakes when a mount process exits).
+    pub watchdog_interval: Duration,
+}
+
+/// Bookkeeping the controller keeps beside each volume directory, in `/.shoal-csi/<name>.json`
+/// at the filesystem root (outside every volume, so pods never see it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct VolumeMeta {
+    name: String,
+    capacity_bytes: u64,
+    on_delete: OnDelete,
+}
+
+const META_DIR: &str = ".shoal-csi";
+
+/// The driver: configuration, the mounter and all mutable state.
+pub struct Driver<M: Mounter> {
+    /// Settings.
+    pub config: Config,
+    /// Host operations.
+    pub mounter: Arc<M>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    guard: VolumeGuard,
+    store: StateStore,
+    staged: Mutex<HashMap<String, StagedVolume>>,
+    controller_mounts: Mutex<()>,
+}
+
+impl<M: Mounter> std::fmt::Debug for Driver<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CsiError {
+    let path = path.to_path_buf();
+    move |source| CsiError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+impl<M: Mounter> Driver<M> {
+    /// Opens the state dir and loads the staged-volume records (no mounting yet; see
+    /// [`Driver::reconcile`]).
+    pub fn new(config: Config, mounter: Arc<M>, metrics: Arc<Metrics>) -> Result<Self, CsiError> {
+        let store = StateStore::open(&config.state_dir)?;
+        let staged = store
+            .load_all()?
+            .into_iter()
+            .map(|r| (r.volume_id.clone(), r))
+            .collect();
+        Ok(Self {
+            config,
+            mounter,
+            metrics,
+            guard: VolumeGuard::default(),
+            store,
+            staged: Mutex::new(staged),
+            controller_mounts: Mutex::new(()),
+        })
+    }
+
+    fn staged(&self) -> std::sync::MutexGuard<'_, HashMap<String, StagedVolume>> {
+        self.staged.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Probe: ready when `juicefs` runs and the state dir is writable.
+    pub fn probe(&self) -> Result<(), String> {
+        self.mounter.probe()?;
+        let marker = self.config.state_dir.join(".probe");
+        fs::write(&marker, b"ok").map_err(|e| format!("state dir not writable: {e}"))?;
+        let _ = fs::remove_file(&marker);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- controller
+
+    /// Mounts (once per filesystem, kept) the whole filesystem for the controller.
+    fn controller_mount(&self, secrets: &JuiceFsSecrets) -> Result<PathBuf, CsiError> {
+        let _one_at_a_time = self
+            .controller_mounts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let at = self
+            .config
+            .state_dir
+            .join("controller")
+            .join(secrets.fs_key());
+        match self.mounter.state(&at)? {
+            MountState::Healthy(_) => return Ok(at),
+            MountState::Dead(_) => self.mounter.unmount(&at, true)?,
+            MountState::NotMounted => {}
+        }
+        if secrets.wants_format() {
+            self.mounter.format(secrets)?;
+        }
+        self.mounter.mount_fs(secrets, &at, &[])?;
+        Ok(at)
+    }
+
+    fn read_meta(root: &Path, name: &str) -> Result<Option<VolumeMeta>, CsiError> {
+        let path = root.join(META_DIR).join(format!("{name}.json"));
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| CsiError::State {
+                    path,
+                    detail: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    fn write_meta(root: &Path, meta: &VolumeMeta) -> Result<(), CsiError> {
+        let dir = root.join(META_DIR);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let path = dir.join(format!("{}.json", meta.name));
+        let tmp = dir.join(format!(".{}.json.tmp", meta.name));
+        let bytes = serde_json::to_vec(meta).map_err(|e| CsiError::State {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        fs::write(&tmp, bytes).map_err(io_err("write", &tmp))?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("fsync", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("rename", &path))
+    }
+
+    /// CreateVolume: one directory per volume in the filesystem named by the secret.
+    ///
+    /// Spec (idempotency): "If a volume corresponding to the specified volume `name` already
+    /// exists, is accessible from `accessibility_requirements`, and is compatible with the
+    /// specified `capacity_range`, `volume_capabilities`, `parameters` and
+    /// `mutable_parameters` in the CreateVolumeRequest, the Plugin MUST reply 0 OK with the
+    /// corresponding CreateVolumeResponse." Otherwise `ALREADY_EXISTS`.
+    pub fn create_volume(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume, CsiError> {
+        let name = validate::volume_name("name", &req.name)?;
+        validate::capabilities(&req.volume_capabilities)?;
+        if req.volume_content_source.is_some() {
+            return Err(CsiError::UnsupportedCapability {
+                reason: "volume_content_source (snapshots/clones are not supported)".into(),
+            });
+        }
+        let capacity_bytes = validate::capacity(req.capacity_range.as_ref())?;
+        let on_delete = validate::parameters(&req.parameters)?;
+        let secrets = JuiceFsSecrets::from_maps(&req.secrets, &HashMap::new())?;
+        let _lease = self.guard.try_acquire(&name)?;
+        let root = self.controller_mount(&secrets)?;
+        let wanted = VolumeMeta {
+            name: name.clone(),
+            capacity_bytes,
+            on_delete,
+        };
+        match Self::read_meta(&root, &name)? {
+            Some(existing) if existing == wanted => {}
+            Some(_) => return Err(CsiError::VolumeExistsIncompatible { name }),
+            None => {
+                let dir = root.join(&name);
+                match fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io_err("create volume directory", &dir)(e)),
+                }
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))
+                    .map_err(io_err("chmod", &dir))?;
+                if capacity_bytes > 0 {
+                    self.mounter
+                        .set_quota(&secrets, &format!("/{name}"), capacity_bytes)?;
+                }
+                Self::write_meta(&root, &wanted)?;
+                info!(volume_id = %name, capacity_bytes, ?on_delete, "volume created");
+            }
+        }
+        Ok(csi::Volume {
+            capacity_bytes: i64::try_from(capacity_bytes).unwrap_or(i64::MAX),
+            volume_id: name.clone(),
+            volume_context: [(CTX_SUB_PATH.to_string(), name)].into(),
+            content_source: None,
+            accessible_topology: vec![],
+        })
+    }
+
+    /// DeleteVolume: removes the volume's directory (or keeps it with `onDelete: retain`).
+    ///
+    /// Spec (idempotency): "If a volume corresponding to the specified `volume_id` does not
+    /// exist or the artifacts associated with the volume do not exist anymore, the Plugin MUST
+    /// reply 0 OK."
+    pub fn delete_volume(&self, req: csi::DeleteVolumeRequest) -> Result<(), CsiError> {
+        let name = validate::volume_name("volume_id", &req.volume_id)?;
+        let secrets = JuiceFsSecrets::from_maps(&req.secrets, &HashMap::new())?;
+        let _lease = self.guard.try_acquire(&name)?;
+        let root = self.controller_mount(&secrets)?;
+        let meta = Self::read_meta(&root, &name)?;
+        let dir = root.join(&name);
+        let retain = meta.as_ref().map(|m| m.on_delete) == Some(OnDelete::Retain);
+        if !retain {
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove volume directory", &dir)(e)),
+            }
+        }
+        let meta_path = root.join(META_DIR).join(format!("{name}.json"));
+        match fs::remove_file(&meta_path) {
+            Ok(()) => info!(volume_id = %name, retain, "volume deleted"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &meta_path)(e)),
+        }
+        Ok(())
+    }
+
+    /// ValidateVolumeCapabilities: confirms when every capability is supported.
+    ///
+    /// Spec: "If a volume corresponding to the specified `volume_id` does not exist, the Plugin
+    /// MUST reply 5 NOT_FOUND"; with no secrets the existence cannot be checked, and only the
+    /// capabilities are validated. The call changes nothing, so repeating it is safe.
+    pub fn validate_volume_capabilities(
+        &self,
+        req: csi::ValidateVolumeCapabilitiesRequest,
+    ) -> Result<csi::ValidateVolumeCapabilitiesResponse, CsiError> {
+        let name = validate::volume_name("volume_id", &req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(CsiError::MissingField {
+                field: "volume_capabilities",
+            });
+        }
+        if !req.secrets.is_empty() {
+            let secrets = JuiceFsSecrets::from_maps(&req.secrets, &HashMap::new())?;
+            let root = self.controller_mount(&secrets)?;
+            let exists = Self::read_meta(&root, &name)?.is_some() || root.join(&name).is_dir();
+            if !exists {
+                return Err(CsiError::VolumeNotFound { volume_id: name });
+            }
+        }
+        Ok(match validate::capabilities(&req.volume_capabilities) {
+            Ok(_) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: HashMap::new(),
+                }),
+                message: String::new(),
+            },
+            Err(e) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.to_string(),
+            },
+        })
+    }
+
+    // ---------------------------------------------------------------- node
+
+    /// NodeStageVolume: `juicefs format` (when the secret names a storage) and one
+    /// `juicefs mount` of the filesystem at the staging path.
+    ///
+    /// Spec (idempotency): "If the volume corresponding to the `volume_id` has already been
+    /// published at the specified `staging_target_path`, and is identical to the specified
+    /// `volume_capability` the Plugin MUST reply 0 OK." If it is staged with an incompatible
+    /// capability or elsewhere: `ALREADY_EXISTS`. A healthy JuiceFS mount already at the path
+    /// (left by a previous run) is adopted, never mounted twice.
+    pub fn stage(&self, req: csi::NodeStageVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = validate::required("volume_id", &req.volume_id)?.to_string();
+        let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
+        let cap = validate::capability(req.volume_capability.as_ref())?;
+        let sub_path = validate::sub_path(&req.volume_context)?;
+        let secrets = JuiceFsSecrets::from_maps(&req.secrets, &req.volume_context)?;
+        let _lease = self.guard.try_acquire(&volume_id)?;
+        if let Some(rec) = self.staged().get(&volume_id).cloned() {
+            if rec.staging_path != staging
+                || rec.mount_flags != cap.mount_flags
+                || rec.sub_path != sub_path
+            {
+                return Err(CsiError::VolumeExistsIncompatible { name: volume_id });
+            }
+        }
+        if let Some(other) = self
+            .staged()
+            .values()
+            .find(|r| r.staging_path == staging && r.volume_id != volume_id)
+        {
+            return Err(CsiError::StagingPathInUse {
+                staging,
+                other: other.volume_id.clone(),
+            });
+        }
+        match self.mounter.state(&staging)? {
+            MountState::Healthy(e) if e.is_juicefs() => {
+                info!(volume_id, staging = %staging.display(), "staging mount already present; adopted");
+            }
+            MountState::Healthy(_) => {
+                return Err(CsiError::InvalidField {
+                    field: "staging_target_path",
+                    reason: "already holds a mount that is not JuiceFS".into(),
+                });
+            }
+            state => {
+                if matches!(state, MountState::Dead(_)) {
+                    self.mounter.unmount(&staging, true)?;
+                }
+                if secrets.wants_format() {
+                    self.mounter.format(&secrets)?;
+                }
+                self.mounter
+                    .mount_fs(&secrets, &staging, &cap.mount_flags)?;
+                info!(volume_id, staging = %staging.display(), "staged");
+            }
+        }
+        let rec = StagedVolume {
+            volume_id: volume_id.clone(),
+            staging_path: staging.clone(),
+            sub_path,
+            mount_flags: cap.mount_flags,
+            secrets: SecretMap(secrets.to_map()),
+            targets: self
+                .staged()
+                .get(&volume_id)
+                .map(|r| r.targets.clone())
+                .unwrap_or_default(),
+        };
+        if !rec.bind_source().is_dir() {
+            // The volume's directory is missing: it was never created or has been deleted.
+            self.mounter.unmount(&staging, false)?;
+            return Err(CsiError::VolumeNotFound { volume_id });
+        }
+        self.store.save(&rec)?;
+        self.staged().insert(volume_id, rec);
+        self.update_mount_gauge();
+        Ok(())
+    }
+
+    /// NodeUnstageVolume: unmounts the staging JuiceFS mount (only when nothing is published).
+    ///
+    /// Spec (idempotency): "If the volume corresponding to the `volume_id` is not staged to the
+    /// `staging_target_path`, the Plugin MUST reply 0 OK."
+    pub fn unstage(&self, req: csi::NodeUnstageVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = validate::required("volume_id", &req.volume_id)?.to_string();
+        let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
+        let _lease = self.guard.try_acquire(&volume_id)?;
+        let rec = self.staged().get(&volume_id).cloned();
+        if let Some(rec) = &rec {
+            if rec.staging_path != staging {
+                // Staged elsewhere: this staging path holds nothing of this volume.
+                return Ok(());
+            }
+            if !rec.targets.is_empty() {
+                return Err(CsiError::StillPublished {
+                    volume_id,
+                    published: rec.targets.len(),
+                });
+            }
+        }
+        match self.mounter.state(&staging)? {
+            MountState::Healthy(e) if e.is_juicefs() => self.mounter.unmount(&staging, false)?,
+            MountState::Dead(e) if e.is_juicefs() => self.mounter.unmount(&staging, true)?,
+            MountState::Healthy(_) | MountState::Dead(_) | MountState::NotMounted => {}
+        }
+        self.store.remove(&volume_id)?;
+        if self.staged().remove(&volume_id).is_some() {
+            info!(volume_id, "unstaged");
+        }
+        self.update_mount_gauge();
+        Ok(())
+    }
+
+    /// NodePublishVolume: bind mount of the volume's directory onto the target.
+    ///
+    /// Spec (idempotency): "If the volume corresponding to the `volume_id` has already been
+    /// published at the specified `target_path`, and is compatible with the specified
+    /// `volume_capability` and `readonly` flag, the Plugin MUST reply 0 OK." Incompatible:
+    /// `ALREADY_EXISTS`.
+    pub fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = validate::required("volume_id", &req.volume_id)?.to_string();
+        let staging = validate::abs_path("staging_target_path", &req.staging_target_path)?;
+        let target = validate::abs_path("target_path", &req.target_path)?;
+        let cap = validate::capability(req.volume_capability.as_ref())?;
+        let read_only = req.readonly || cap.reader_only;
+        let _lease = self.guard.try_acquire(&volume_id)?;
+        let not_staged = || CsiError::NotStaged {
+            volume_id: volume_id.clone(),
+            staging: staging.clone(),
+        };
+        let mut rec = self
+            .staged()
+            .get(&volume_id)
+            .cloned()
+            .filter(|r| r.staging_path == staging)
+            .ok_or_else(not_staged)?;
+        if !matches!(self.mounter.state(&staging)?, MountState::Healthy(_)) {
+            return Err(not_staged());
+        }
+        if let Some(existing) = rec.targets.get(&target) {
+            if existing.read_only != read_only {
+                return Err(CsiError::TargetPublishedIncompatible { target });
+            }
+            match self.mounter.state(&target)? {
+                MountState::Healthy(_) => return Ok(()),
+                MountState::Dead(_) => self.mounter.unmount(&target, true)?,
+                MountState::NotMounted => {}
+            }
+        } else if let MountState::Healthy(_) | MountState::Dead(_) = self.mounter.state(&target)? {
+            return Err(CsiError::TargetPublishedIncompatible { target });
+        }
+        self.mounter.bind(&rec.bind_source(), &target, read_only)?;
+        rec.targets.insert(target.clone(), Target { read_only });
+        if let Err(e) = self.store.save(&rec) {
+            let _ = self.mounter.unmount(&target, false);
+            return Err(e);
+        }
+        self.staged().insert(volume_id.clone(), rec);
+        info!(volume_id, target = %target.display(), read_only, "published");
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume: unmounts the bind and removes the target directory.
+    ///
+    /// Spec (idempotency): "If the volume corresponding to the `volume_id` is not mounted at
+    /// the specified `target_path`, the Plugin MUST reply 0 OK."
+    pub fn unpublish(&self, req: csi::NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = validate::required("volume_id", &req.volume_id)?.to_string();
+        let target = validate::abs_path("target_path", &req.target_path)?;
+        let _lease = self.guard.try_acquire(&volume_id)?;
+        let ours = self
+            .staged()
+            .get(&volume_id)
+            .is_some_and(|r| r.targets.contains_key(&target));
+        let table = self.mounter.mounts()?;
+        if ours || crate::mountinfo::find(&table, &target).is_some_and(|e| e.is_juicefs()) {
+            self.detach_all(&target, false)?;
+        }
+        match fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove target", &target)(e)),
+        }
+        let mut staged = self.staged();
+        if let Some(rec) = staged.get_mut(&volume_id) {
+            if rec.targets.remove(&target).is_some() {
+                self.store.save(rec)?;
+                info!(volume_id, target = %target.display(), "unpublished");
+            }
+        }
+        Ok(())
+    }
+
+    /// NodeGetVolumeStats: bytes and inodes of a published (or staged) path.
+    pub fn volume_stats(
+        &self,
+        req: csi::NodeGetVolumeStatsRequest,
+    ) -> Result<Vec<csi::VolumeUsage>, CsiError> {
+        validate::required("volume_id", &req.volume_id)?;
+        let path = validate::abs_path("volume_path", &req.volume_path)?;
+        if !path.exists() {
+            return Err(CsiError::PathNotFound { path });
+        }
+        let st = nix::sys::statvfs::statvfs(&path).map_err(|e| CsiError::Io {
+            action: "statvfs",
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let frsize = st.fragment_size() as i128;
+        let clamp = |v: i128| i64::try_from(v.max(0)).unwrap_or(i64::MAX);
+        let total = st.blocks() as i128 * frsize;
+        let avail = st.blocks_available() as i128 * frsize;
+        let free = st.blocks_free() as i128 * frsize;
+        let files = st.files() as i128;
+        let files_free = st.files_free() as i128;
+        Ok(vec![
+            csi::VolumeUsage {
+                available: clamp(avail),
+                total: clamp(total),
+                used: clamp(total - free),
+                unit: csi::volume_usage::Unit::Bytes as i32,
+            },
+            csi::VolumeUsage {
+                available: clamp(files_free),
+                total: clamp(files),
+                used: clamp(files - files_free),
+                unit: csi::volume_usage::Unit::Inodes as i32,
+            },
+        ])
+    }
+
+    /// Unmounts every mount stacked at `path`.
+    fn detach_all(&self, path: &Path, lazy: bool) -> Result<(), CsiError> {
+        for _ in 0..16 {
+            let table = self.mounter.mounts()?;
+            if crate::mountinfo::find(&table, path).is_none() {
+                return Ok(());
+            }
+            self.mounter.unmount(path, lazy)?;
+        }
+        Err(CsiError::Unmount {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("still mounted after 16 unmounts"),
+        })
+    }
+
+    fn update_mount_gauge(&self) {
+        let Ok(table) = self.mounter.mounts() else {
+            return;
+        };
+        let healthy = self
+            .staged()
+            .values()
+            .filter(|r| matches!(classify(&table, &r.staging_path), MountState::Healthy(_)))
+            .count();
+        self.metrics.set_mounts(healthy);
+    }
+
+    // ---------------------------------------------------------------- healing
+
+    /// Re-adoption and healing, for every staged volume: a healthy staging mount is kept as is
+    /// (never mounted twice); a dead (`ENOTCONN`) or missing one is detached, remounted, and
+    /// every published target re-bound; a missing or dead target is re-bound.
+    /// Volumes with a CSI call in flight are skipped (the next pass gets them).
+    ///
+    /// Returns how many volumes were remounted.
+    pub fn reconcile(&self) -> usize {
+        let ids: Vec<String> = self.staged().keys().cloned().collect();
+        let mut remounted = 0;
+        for id in ids {
+            let Ok(_lease) = self.guard.try_acquire(&id) else {
+                continue;
+            };
+            let Some(rec) = self.staged().get(&id).cloned() else {
+                continue;
+            };
+            match self.heal(&rec) {
+                Ok(true) => {
+                    remounted += 1;
+                    self.metrics.remount();
+                    info!(volume_id = %id, targets = rec.targets.len(), "dead mount remounted and targets re-bound");
+                }
+                Ok(false) => {}
+                Err(e) => warn!(volume_id = %id, error = %e, "healing failed; will retry"),
+            }
+        }
+        self.update_mount_gauge();
+        remounted
+    }
+
+    fn heal(&self, rec: &StagedVolume) -> Result<bool, CsiError> {
+        let secret_map: HashMap<String, String> = rec.secrets.0.clone().into_iter().collect();
+        let secrets = JuiceFsSecrets::from_maps(&secret_map, &HashMap::new())?;
+        let table = self.mounter.mounts()?;
+        let remount = match classify(&table, &rec.staging_path) {
+            MountState::Healthy(_) => false,
+            MountState::Dead(_) | MountState::NotMounted => true,
+        };
+        if remount {
+            warn!(volume_id = %rec.volume_id, staging = %rec.staging_path.display(), "staging mount is dead or gone; remounting");
+            for target in rec.targets.keys() {
+                self.detach_all(target, true)?;
+            }
+            self.detach_all(&rec.staging_path, true)?;
+            self.mounter
+                .mount_fs(&secrets, &rec.staging_path, &rec.mount_flags)?;
+        }
+        let table = self.mounter.mounts()?;
+        for (target, t) in &rec.targets {
+            match classify(&table, target) {
+                MountState::Healthy(_) => continue,
+                MountState::Dead(_) => self.detach_all(target, true)?,
+                MountState::NotMounted => {}
+            }
+            self.mounter.bind(&rec.bind_source(), target, t.read_only)?;
+        }
+        Ok(remount)
+    }
+
+    /// The ids of staged volumes and their targets (for tests and diagnostics).
+    pub fn staged_snapshot(&self) -> BTreeMap<String, Vec<PathBuf>> {
+        self.staged()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.targets.keys().cloned().collect()))
+            .collect()
+    }
+}

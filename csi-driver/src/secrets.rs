@@ -1,0 +1,423 @@
+//! JuiceFS credentials as CSI hands them over, under JuiceFS CSI's field names.
+//!
+//! Owns: reading the secret map (`name`, `metaurl`, `storage`, `bucket`, `access-key`,
+//! `secret-key`, `format-options`), keeping the meta password out of command lines, and the
+//! [`Scrubber`] that removes every secret value from text before it is logged or returned.
+//! Must not: implement `Display`, or a `Debug` that shows a value. Nothing else in the crate
+//! ever formats a raw secret map.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+/// Secret keys, exactly as JuiceFS CSI names them.
+pub mod keys {
+    /// Filesystem name (`juicefs format ... NAME`).
+    pub const NAME: &str = "name";
+    /// Metadata engine URL (may embed a password).
+    pub const METAURL: &str = "metaurl";
+    /// Object storage type (`file`, `s3`, ...); its presence asks for `juicefs format`.
+    pub const STORAGE: &str = "storage";
+    /// Object storage bucket URL or directory.
+    pub const BUCKET: &str = "bucket";
+    /// Object storage access key.
+    pub const ACCESS_KEY: &str = "access-key";
+    /// Object storage secret key.
+    pub const SECRET_KEY: &str = "secret-key";
+    /// Extra `juicefs format` options, comma-separated `key=value` or `flag`.
+    pub const FORMAT_OPTIONS: &str = "format-options";
+}
+
+/// A secret field that is required and absent or empty.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReadSecrets {
+    /// The secret map lacks a required key.
+    #[error("secret field {key:?} is required")]
+    MissingKey { key: &'static str },
+    /// A `format-options` entry is not `key=value` or `flag` with safe characters.
+    #[error(
+        "secret field \"format-options\" has an invalid entry (use key=value, comma separated)"
+    )]
+    BadFormatOption,
+}
+
+/// JuiceFS credentials for one filesystem. `Debug` shows which fields are set, never values.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JuiceFsSecrets {
+    /// Filesystem name.
+    pub name: String,
+    meta_url: String,
+    storage: Option<String>,
+    bucket: Option<String>,
+    access_key: Option<String>,
+    secret_key: Option<String>,
+    format_options: Vec<String>,
+}
+
+impl fmt::Debug for JuiceFsSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |o: &Option<String>| if o.is_some() { "<set>" } else { "<unset>" };
+        f.debug_struct("JuiceFsSecrets")
+            .field("name", &self.name)
+            .field("metaurl", &"<redacted>")
+            .field("storage", &self.storage)
+            .field("bucket", &set(&self.bucket))
+            .field("access-key", &set(&self.access_key))
+            .field("secret-key", &set(&self.secret_key))
+            .field("format-options", &self.format_options.len())
+            .finish()
+    }
+}
+
+/// The metadata URL split so that its password travels in `META_PASSWORD`, not in argv.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MetaUrl {
+    /// URL without the password (safe to pass as an argument).
+    pub without_password: String,
+    /// The password, when the URL had one.
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for MetaUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetaUrl")
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl JuiceFsSecrets {
+    /// Reads the CSI secret map (plus, for static volumes, the volume context as fallback).
+    ///
+    /// Errors: [`ReadSecrets::MissingKey`] for an absent `name` or `metaurl`;
+    /// [`ReadSecrets::BadFormatOption`] for a `format-options` entry that is not a plain flag.
+    pub fn from_maps(
+        secrets: &HashMap<String, String>,
+        context: &HashMap<String, String>,
+    ) -> Result<Self, ReadSecrets> {
+        let get = |k: &str| {
+            secrets
+                .get(k)
+                .or_else(|| context.get(k))
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let name = get(keys::NAME).ok_or(ReadSecrets::MissingKey { key: keys::NAME })?;
+        let meta_url = get(keys::METAURL).ok_or(ReadSecrets::MissingKey { key: keys::METAURL })?;
+        let format_options = match get(keys::FORMAT_OPTIONS) {
+            None => Vec::new(),
+            Some(raw) => raw
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(|o| {
+                    let key = o.split('=').next().unwrap_or_default();
+                    let ok = !key.is_empty()
+                        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        && !key.starts_with('-');
+                    if ok {
+                        Ok(format!("--{o}"))
+                    } else {
+                        Err(ReadSecrets::BadFormatOption)
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Self {
+            name,
+            meta_url,
+            storage: get(keys::STORAGE),
+            bucket: get(keys::BUCKET),
+            access_key: get(keys::ACCESS_KEY),
+            secret_key: get(keys::SECRET_KEY),
+            format_options,
+        })
+    }
+
+    /// True when the secret asks for `juicefs format` (it names an object storage).
+    pub fn wants_format(&self) -> bool {
+        self.storage.is_some() || self.bucket.is_some()
+    }
+
+    /// The metadata URL, password split off.
+    pub fn meta_url(&self) -> MetaUrl {
+        split_meta_password(&self.meta_url)
+    }
+
+    /// `--storage/--bucket` and the `format-options` flags (no credential among them).
+    pub fn format_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(s) = &self.storage {
+            args.push(format!("--storage={s}"));
+        }
+        if let Some(b) = &self.bucket {
+            args.push(format!("--bucket={b}"));
+        }
+        args.extend(self.format_options.iter().cloned());
+        args
+    }
+
+    /// Environment for a `juicefs` child: credentials go here, never into argv.
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = Vec::new();
+        if let Some(p) = self.meta_url().password {
+            env.push(("META_PASSWORD", p));
+        }
+        if let Some(a) = &self.access_key {
+            env.push(("ACCESS_KEY", a.clone()));
+        }
+        if let Some(s) = &self.secret_key {
+            env.push(("SECRET_KEY", s.clone()));
+        }
+        env
+    }
+
+    /// A stable, non-secret key for this filesystem (used for directory names).
+    pub fn fs_key(&self) -> String {
+        format!(
+            "{}-{:016x}",
+            sanitize(&self.name),
+            fnv1a64(self.meta_url.as_bytes())
+        )
+    }
+
+    /// A scrubber that removes every value of these secrets from text.
+    pub fn scrubber(&self) -> Scrubber {
+        let mut values = vec![self.meta_url.clone()];
+        values.extend(self.meta_url().password);
+        values.extend(self.access_key.iter().cloned());
+        values.extend(self.secret_key.iter().cloned());
+        Scrubber::new(values)
+    }
+
+    /// Serialises for the node's state dir (file mode 0600, root-only): needed to remount after
+    /// a restart without the CO. Never logged.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert(keys::NAME.to_string(), self.name.clone());
+        m.insert(keys::METAURL.to_string(), self.meta_url.clone());
+        let opt = [
+            (keys::STORAGE, &self.storage),
+            (keys::BUCKET, &self.bucket),
+            (keys::ACCESS_KEY, &self.access_key),
+            (keys::SECRET_KEY, &self.secret_key),
+        ];
+        for (k, v) in opt {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v.clone());
+            }
+        }
+        if !self.format_options.is_empty() {
+            let raw: Vec<&str> = self
+                .format_options
+                .iter()
+                .map(|o| o.trim_start_matches("--"))
+                .collect();
+            m.insert(keys::FORMAT_OPTIONS.to_string(), raw.join(","));
+        }
+        m
+    }
+}
+
+/// Splits `scheme://user:password@host/...` into the URL without the password and the password.
+pub fn split_meta_password(url: &str) -> MetaUrl {
+    let unchanged = MetaUrl {
+        without_password: url.to_string(),
+        password: None,
+    };
+    let Some(scheme_end) = url.find("://") else {
+        return unchanged;
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return unchanged;
+    };
+    let userinfo = &authority[..at];
+    let Some(colon) = userinfo.find(':') else {
+        return unchanged;
+    };
+    let user = &userinfo[..colon];
+    let password = &userinfo[colon + 1..];
+    if password.is_empty() {
+        return unchanged;
+    }
+    let host_and_path = &rest[at + 1..];
+    let without_password = if user.is_empty() {
+        format!("{}{}", &url[..scheme_end + 3], host_and_path)
+    } else {
+        format!("{}{}@{}", &url[..scheme_end + 3], user, host_and_path)
+    };
+    MetaUrl {
+        without_password,
+        password: Some(password.to_string()),
+    }
+}
+
+/// Replaces every secret value found in a text with `<redacted>`.
+#[derive(Clone, Default)]
+pub struct Scrubber {
+    values: Vec<String>,
+}
+
+impl fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scrubber({} values)", self.values.len())
+    }
+}
+
+impl Scrubber {
+    /// A scrubber for these values (empty ones ignored; longest replaced first).
+    pub fn new(values: impl IntoIterator<Item = String>) -> Self {
+        let mut values: Vec<String> = values.into_iter().filter(|v| !v.is_empty()).collect();
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        Self { values }
+    }
+
+    /// A scrubber for every value of a raw CSI secret map.
+    pub fn from_map(secrets: &HashMap<String, String>) -> Self {
+        let mut values: Vec<String> = secrets.values().cloned().collect();
+        if let Some(url) = secrets.get(keys::METAURL) {
+            values.extend(split_meta_password(url).password);
+        }
+        // Names of filesystems are not secret in JuiceFS CSI either; keep errors readable.
+        if let Some(name) = secrets.get(keys::NAME) {
+            values.retain(|v| v != name);
+        }
+        Self::new(values)
+    }
+
+    /// Adds the values of another scrubber.
+    pub fn merge(mut self, other: &Scrubber) -> Self {
+        self.values.extend(other.values.iter().cloned());
+        Self::new(self.values)
+    }
+
+    /// The text with every secret value replaced.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for v in &self.values {
+            if out.contains(v.as_str()) {
+                out = out.replace(v.as_str(), "<redacted>");
+            }
+        }
+        out
+    }
+}
+
+/// A filesystem-safe rendering of a name.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+/// FNV-1a, 64 bit: a stable hash for directory names (not for security).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn splits_the_password_out_of_a_redis_url() {
+        let m = split_meta_password("redis://:hunter2@127.0.0.1:6379/1");
+        assert_eq!(m.without_password, "redis://127.0.0.1:6379/1");
+        assert_eq!(m.password.as_deref(), Some("hunter2"));
+        let m = split_meta_password("mysql://root:pw@(127.0.0.1:3306)/juicefs");
+        assert_eq!(m.without_password, "mysql://root@(127.0.0.1:3306)/juicefs");
+        let m = split_meta_password("redis://127.0.0.1:6379/1");
+        assert_eq!(m.password, None);
+        assert_eq!(split_meta_password("nourl").without_password, "nourl");
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret_value() {
+        let s = JuiceFsSecrets::from_maps(
+            &map(&[
+                ("name", "fs1"),
+                ("metaurl", "redis://:hunter2@h/1"),
+                ("access-key", "AKIAXYZ"),
+                ("secret-key", "verysecret"),
+                ("bucket", "/tmp/b"),
+            ]),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let d = format!("{s:?} {:?} {:?}", s.meta_url(), s.scrubber());
+        for v in ["hunter2", "AKIAXYZ", "verysecret", "redis://"] {
+            assert!(!d.contains(v), "{d}");
+        }
+        assert!(s.wants_format());
+        assert!(s.child_env().iter().any(|(k, _)| *k == "META_PASSWORD"));
+    }
+
+    #[test]
+    fn scrubber_removes_every_secret_value_and_the_embedded_password() {
+        let raw = map(&[
+            ("name", "fs1"),
+            ("metaurl", "redis://:hunter2@h/1"),
+            ("secret-key", "verysecret"),
+        ]);
+        let s = Scrubber::from_map(&raw);
+        let t = s.scrub("dial redis://:hunter2@h/1 failed; auth hunter2; key verysecret on fs1");
+        assert_eq!(
+            t,
+            "dial <redacted> failed; auth <redacted>; key <redacted> on fs1"
+        );
+    }
+
+    #[test]
+    fn missing_name_or_metaurl_is_rejected_and_format_options_are_checked() {
+        let e = JuiceFsSecrets::from_maps(&map(&[("metaurl", "redis://h")]), &HashMap::new());
+        assert_eq!(e, Err(ReadSecrets::MissingKey { key: "name" }));
+        let e = JuiceFsSecrets::from_maps(&map(&[("name", "a")]), &HashMap::new());
+        assert_eq!(e, Err(ReadSecrets::MissingKey { key: "metaurl" }));
+        let ok = JuiceFsSecrets::from_maps(
+            &map(&[
+                ("name", "a"),
+                ("metaurl", "redis://h"),
+                ("format-options", "trash-days=0, block-size=4096"),
+            ]),
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.format_args(),
+            vec!["--trash-days=0", "--block-size=4096"]
+        );
+        assert_eq!(
+            JuiceFsSecrets::from_maps(&ok.to_map().into_iter().collect(), &HashMap::new()).unwrap(),
+            ok
+        );
+        let bad = JuiceFsSecrets::from_maps(
+            &map(&[
+                ("name", "a"),
+                ("metaurl", "redis://h"),
+                ("format-options", "--x;rm"),
+            ]),
+            &HashMap::new(),
+        );
+        assert_eq!(bad, Err(ReadSecrets::BadFormatOption));
+    }
+}

@@ -1,0 +1,354 @@
+//! Harness for the CSI tests: the real `shoal-csi` binary on a real unix socket, a real Redis
+//! (with a password) for JuiceFS metadata, local-file object storage, FUSE. Everything is torn
+//! down in `Drop` — mounts under the test's directory are detached and any `juicefs` process
+//! serving them is killed — so a failing test leaves nothing behind.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_csi::csi;
+use shoal_csi::csi::controller_client::ControllerClient;
+use shoal_csi::csi::identity_client::IdentityClient;
+use shoal_csi::csi::node_client::NodeClient;
+use shoal_csi::csi::volume_capability::access_mode::Mode;
+use shoal_csi::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use shoal_testkit::{RedisOptions, RedisServer};
+use tonic::transport::Channel;
+
+/// The Redis password; must never appear in the plugin's logs or errors.
+pub const REDIS_PASSWORD: &str = "rEd1s-pw-5ecret-0451";
+/// The object-storage secret key; must never appear either.
+pub const SECRET_KEY: &str = "s3cr3t-KEY-never-logged-77";
+/// The object-storage access key.
+pub const ACCESS_KEY: &str = "AKIA-TEST-ACCESS-9901";
+
+/// gRPC clients for one plugin socket.
+#[derive(Clone)]
+pub struct Clients {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+pub async fn connect(socket: &Path) -> Result<Clients, tonic::transport::Error> {
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://[::1]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(Clients {
+        identity: IdentityClient::new(channel.clone()),
+        controller: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel),
+    })
+}
+
+/// One running `shoal-csi` process.
+pub struct Plugin {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+    pub node_id: String,
+}
+
+impl Plugin {
+    pub fn spawn(dir: &Path, node_id: &str) -> Plugin {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut p = Plugin {
+            child: None,
+            socket: dir.join("csi.sock"),
+            state_dir: dir.join("state"),
+            log: dir.join("plugin.log"),
+            metrics_port: shoal_testkit::free_port().unwrap(),
+            node_id: node_id.to_string(),
+        };
+        p.start();
+        p
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal-csi"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["--node-id", &self.node_id, "--mode", "all"])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--juicefs")
+            .arg(shoal_testkit::juicefs_binary().unwrap())
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .args(["--watchdog-interval-ms", "200"])
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Waits until the socket answers Probe with ready = true.
+    pub async fn clients(&mut self) -> Clients {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("shoal-csi exited early with {status}:\n{}", self.log_text());
+                }
+            }
+            if let Ok(mut c) = connect(&self.socket).await {
+                if let Ok(r) = c.identity.probe(csi::ProbeRequest {}).await {
+                    if r.into_inner().ready == Some(true) {
+                        return c;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shoal-csi never became ready:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /metrics` over plain HTTP/1.0.
+    pub fn metrics(&self) -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A test environment: Redis, a bucket, a root dir for staging paths and targets.
+pub struct Env {
+    pub redis: RedisServer,
+    pub root: tempfile::TempDir,
+    pub fs_name: String,
+}
+
+impl Env {
+    pub fn new(fs_name: &str) -> Env {
+        shoal_testkit::require_fuse().unwrap();
+        let redis = RedisServer::start_with(RedisOptions {
+            password: Some(REDIS_PASSWORD.to_string()),
+            appendonly: false,
+        })
+        .unwrap();
+        let root = tempfile::Builder::new()
+            .prefix("shoal-csi-test-")
+            .tempdir()
+            .unwrap();
+        Env {
+            redis,
+            root,
+            fs_name: fs_name.to_string(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    /// Secrets under JuiceFS CSI's field names; asks for `juicefs format` (storage set).
+    pub fn secrets(&self) -> HashMap<String, String> {
+        [
+            ("name", self.fs_name.clone()),
+            ("metaurl", self.redis.url(1)),
+            ("storage", "file".to_string()),
+            ("bucket", format!("{}/", self.path("bucket").display())),
+            ("access-key", ACCESS_KEY.to_string()),
+            ("secret-key", SECRET_KEY.to_string()),
+            ("format-options", "trash-days=0".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    pub fn secret_values(&self) -> Vec<String> {
+        vec![
+            REDIS_PASSWORD.to_string(),
+            SECRET_KEY.to_string(),
+            ACCESS_KEY.to_string(),
+            self.redis.url(1),
+        ]
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        cleanup_mounts_under(self.root.path());
+    }
+}
+
+/// Detaches every mount under `root` (deepest first) and kills juicefs processes serving it.
+pub fn cleanup_mounts_under(root: &Path) {
+    for pid in juicefs_pids_for(root) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for _ in 0..4 {
+        let table = shoal_csi::mountinfo::read_self().unwrap_or_default();
+        let mut under: Vec<PathBuf> = table
+            .iter()
+            .map(|e| e.mount_point.clone())
+            .filter(|p| p.starts_with(root))
+            .collect();
+        if under.is_empty() {
+            break;
+        }
+        under.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in under {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Pids of `juicefs` processes whose command line mentions `path`.
+pub fn juicefs_pids_for(path: &Path) -> Vec<i32> {
+    let needle = path.to_string_lossy().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("juicefs") && cmd.contains(" mount ") && cmd.contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// How many `fuse.juicefs` mounts sit exactly at `path`.
+pub fn juicefs_mounts_at(path: &Path) -> usize {
+    shoal_csi::mountinfo::read_self()
+        .unwrap()
+        .iter()
+        .filter(|e| e.mount_point == path && e.is_juicefs())
+        .count()
+}
+
+pub fn mount_cap(mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn rwx() -> csi::VolumeCapability {
+    mount_cap(Mode::MultiNodeMultiWriter)
+}
+
+pub fn create_req(env: &Env, name: &str, bytes: i64) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![rwx()],
+        secrets: env.secrets(),
+        ..Default::default()
+    }
+}
+
+pub fn stage_req(env: &Env, vol: &csi::Volume, staging: &Path) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(rwx()),
+        secrets: env.secrets(),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    }
+}
+
+pub fn publish_req(
+    vol: &csi::Volume,
+    staging: &Path,
+    target: &Path,
+    readonly: bool,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(rwx()),
+        readonly,
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    }
+}
+
+pub fn unpublish_req(vol: &csi::Volume, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: target.display().to_string(),
+    }
+}
+
+pub fn unstage_req(vol: &csi::Volume, staging: &Path) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
