@@ -331,13 +331,12 @@ impl<M: Mounter> Driver<M> {
         let sub_path = validate::sub_path(&req.volume_context)?;
         let secrets = JuiceFsSecrets::from_maps(&req.secrets, &req.volume_context)?;
         let _lease = self.guard.try_acquire(&volume_id)?;
-        if let Some(rec) = self.staged().get(&volume_id).cloned() {
-            if rec.staging_path != staging
+        if let Some(rec) = self.staged().get(&volume_id).cloned()
+            && (rec.staging_path != staging
                 || rec.mount_flags != cap.mount_flags
-                || rec.sub_path != sub_path
-            {
-                return Err(CsiError::VolumeExistsIncompatible { name: volume_id });
-            }
+                || rec.sub_path != sub_path)
+        {
+            return Err(CsiError::VolumeExistsIncompatible { name: volume_id });
         }
         if let Some(other) = self
             .staged()
@@ -385,7 +384,7 @@ impl<M: Mounter> Driver<M> {
         };
         if !rec.bind_source().is_dir() {
             // The volume's directory is missing: it was never created or has been deleted.
-            self.mounter.unmount(&staging, false)?;
+            self.release_staging(&staging)?;
             return Err(CsiError::VolumeNotFound { volume_id });
         }
         self.store.save(&rec)?;
@@ -416,7 +415,7 @@ impl<M: Mounter> Driver<M> {
             }
         }
         match self.mounter.state(&staging)? {
-            MountState::Healthy(e) if e.is_juicefs() => self.mounter.unmount(&staging, false)?,
+            MountState::Healthy(e) if e.is_juicefs() => self.release_staging(&staging)?,
             MountState::Dead(e) if e.is_juicefs() => self.mounter.unmount(&staging, true)?,
             MountState::Healthy(_) | MountState::Dead(_) | MountState::NotMounted => {}
         }
@@ -499,11 +498,11 @@ impl<M: Mounter> Driver<M> {
             Err(e) => return Err(io_err("remove target", &target)(e)),
         }
         let mut staged = self.staged();
-        if let Some(rec) = staged.get_mut(&volume_id) {
-            if rec.targets.remove(&target).is_some() {
-                self.store.save(rec)?;
-                info!(volume_id, target = %target.display(), "unpublished");
-            }
+        if let Some(rec) = staged.get_mut(&volume_id)
+            && rec.targets.remove(&target).is_some()
+        {
+            self.store.save(rec)?;
+            info!(volume_id, target = %target.display(), "unpublished");
         }
         Ok(())
     }
@@ -546,6 +545,26 @@ impl<M: Mounter> Driver<M> {
         ])
     }
 
+    /// Unmounts a staging JuiceFS mount. Right after a mount the `juicefs` supervisor can still
+    /// hold the mount point for its own readiness check (EBUSY), so a busy unmount is retried
+    /// for up to a second, then detached lazily: nothing of ours uses it any more (targets are
+    /// unpublished first), and the FUSE process exits once the last reference goes.
+    fn release_staging(&self, staging: &Path) -> Result<(), CsiError> {
+        for _ in 0..40 {
+            match self.mounter.unmount(staging, false) {
+                Ok(()) => return Ok(()),
+                Err(CsiError::Unmount { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) =>
+                {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        warn!(staging = %staging.display(), "staging mount still busy; detaching lazily");
+        self.mounter.unmount(staging, true)
+    }
+
     /// Unmounts every mount stacked at `path`.
     fn detach_all(&self, path: &Path, lazy: bool) -> Result<(), CsiError> {
         for _ in 0..16 {
@@ -585,6 +604,11 @@ impl<M: Mounter> Driver<M> {
         let ids: Vec<String> = self.staged().keys().cloned().collect();
         let mut remounted = 0;
         for id in ids {
+            // Look first without the lease, so a healthy pass never makes a concurrent CSI
+            // call on the volume fail with ABORTED.
+            if !self.needs_healing(&id) {
+                continue;
+            }
             let Ok(_lease) = self.guard.try_acquire(&id) else {
                 continue;
             };
@@ -603,6 +627,17 @@ impl<M: Mounter> Driver<M> {
         }
         self.update_mount_gauge();
         remounted
+    }
+
+    fn needs_healing(&self, volume_id: &str) -> bool {
+        let Some(rec) = self.staged().get(volume_id).cloned() else {
+            return false;
+        };
+        let Ok(table) = self.mounter.mounts() else {
+            return true;
+        };
+        let healthy = |p: &Path| matches!(classify(&table, p), MountState::Healthy(_));
+        !(healthy(&rec.staging_path) && rec.targets.keys().all(|t| healthy(t)))
     }
 
     fn heal(&self, rec: &StagedVolume) -> Result<bool, CsiError> {

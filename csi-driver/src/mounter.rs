@@ -234,10 +234,8 @@ impl Mounter for JuiceFsMounter {
         let deadline = Instant::now() + self.mount_timeout;
         loop {
             let table = self.mounts()?;
-            if let Some(e) = mountinfo::find(&table, at) {
-                if e.is_juicefs() {
-                    break;
-                }
+            if mountinfo::find(&table, at).is_some_and(|e| e.is_juicefs()) {
+                break;
             }
             match child.try_wait() {
                 Ok(Some(status)) => {

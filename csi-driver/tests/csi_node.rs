@@ -364,14 +364,12 @@ async fn each_error_returns_the_spec_code_and_changes_nothing() {
         volume_context: [("subPath".to_string(), "pvc-ghost".to_string())].into(),
         ..Default::default()
     };
-    assert_eq!(
-        code(
-            c.node
-                .node_stage_volume(stage_req(&env, &ghost, &staging))
-                .await
-        ),
-        Code::NotFound
-    );
+    let st = c
+        .node
+        .node_stage_volume(stage_req(&env, &ghost, &staging))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound, "{st:?}");
     assert_eq!(juicefs_mounts_at(&staging), 0);
 
     c.node

@@ -108,17 +108,16 @@ impl Plugin {
     pub async fn clients(&mut self) -> Clients {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("shoal-csi exited early with {status}:\n{}", self.log_text());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("shoal-csi exited early with {status}:\n{}", self.log_text());
             }
-            if let Ok(mut c) = connect(&self.socket).await {
-                if let Ok(r) = c.identity.probe(csi::ProbeRequest {}).await {
-                    if r.into_inner().ready == Some(true) {
-                        return c;
-                    }
-                }
+            if let Ok(mut c) = connect(&self.socket).await
+                && let Ok(r) = c.identity.probe(csi::ProbeRequest {}).await
+                && r.into_inner().ready == Some(true)
+            {
+                return c;
             }
             assert!(
                 Instant::now() < deadline,

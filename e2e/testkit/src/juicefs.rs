@@ -30,12 +30,10 @@ pub fn juicefs_binary() -> Result<PathBuf, TestkitError> {
     let is_script = fs::read(&found)
         .map(|b| b.starts_with(b"#!"))
         .unwrap_or(false);
-    if is_script {
-        if let Ok(out) = Command::new("pyenv").args(["which", "juicefs"]).output() {
-            let real = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if out.status.success() && !real.is_empty() {
-                return Ok(PathBuf::from(real));
-            }
+    if is_script && let Ok(out) = Command::new("pyenv").args(["which", "juicefs"]).output() {
+        let real = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !real.is_empty() {
+            return Ok(PathBuf::from(real));
         }
     }
     Ok(found)
