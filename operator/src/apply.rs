@@ -1,0 +1,491 @@
+//! Step 3 of the reconcile pipeline: make the API server hold the desired objects.
+//!
+//! Server-side apply with one field manager ([`FIELD_MANAGER`]), in the fixed order
+//! [`crate::build::build_all`] returns. An object whose `shoal.dev/applied-hash` already matches
+//! is not sent again, so a steady-state reconcile makes only reads. The generated Secret is
+//! created once and never overwritten. Engine image changes roll the writer first: readers and
+//! router keep their old template until the writer has rolled out. Labelled objects the spec no
+//! longer asks for are deleted (only ones this cluster owns).
+//!
+//! Owns every write the operator makes except status and finalizers (`controller`).
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret, Service,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::build::secret::{Credentials, build_generated_secret};
+use crate::build::{Desired, DesiredState, Inputs, applied_hash};
+use crate::names::FIELD_MANAGER;
+use crate::validate::{RedisSource, ValidatedCluster};
+
+/// A failed API call while applying; `category()` labels metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("failed to read {kind} {name}")]
+    Get {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to apply {kind} {name}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to create the generated Secret {name}")]
+    CreateSecret {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "Secret {name} lacks key {key:?} (or it is not UTF-8); add it, the cluster waits for it"
+    )]
+    SecretKeyMissing { name: String, key: String },
+    #[error("Secret {name} does not exist; create it, the cluster waits for it")]
+    SecretMissing { name: String },
+    #[error("failed to list {kind} objects for orphan removal")]
+    ListOrphans {
+        kind: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to delete orphaned {kind} {name}")]
+    DeleteOrphan {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ApplyError {
+    /// A static label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ApplyError::Get { .. } => "read",
+            ApplyError::Apply { .. } => "apply",
+            ApplyError::CreateSecret { .. } => "secret",
+            ApplyError::SecretKeyMissing { .. } | ApplyError::SecretMissing { .. } => {
+                "user_secret"
+            }
+            ApplyError::ListOrphans { .. } | ApplyError::DeleteOrphan { .. } => "orphans",
+        }
+    }
+}
+
+/// What apply did to one object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Created,
+    Updated,
+    Unchanged,
+    /// Held back until the writer has rolled out (readers/router on an image change).
+    Deferred,
+}
+
+/// The live objects status needs, as they are after apply.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub mysql: Option<StatefulSet>,
+    pub redis: Option<StatefulSet>,
+    pub shared_pvc: Option<PersistentVolumeClaim>,
+    pub writer: Option<StatefulSet>,
+    pub readers: Option<Deployment>,
+    pub router: Option<Deployment>,
+}
+
+/// Result of one apply pass.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    /// `(kind, name, action)` in apply order.
+    pub actions: Vec<(&'static str, String, Action)>,
+    /// `(kind, name)` of deleted orphans.
+    pub deleted: Vec<(&'static str, String)>,
+    pub observed: Observed,
+}
+
+impl ApplyReport {
+    pub fn names_with(&self, action: Action) -> Vec<String> {
+        self.actions
+            .iter()
+            .filter(|(_, _, a)| *a == action)
+            .map(|(k, n, _)| format!("{k} {n}"))
+            .collect()
+    }
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+}
+
+async fn read_secret(api: &Api<Secret>, name: &str) -> Result<Secret, ApplyError> {
+    api
+        .get_opt(name)
+        .await
+        .map_err(|source| ApplyError::Get {
+            kind: "Secret",
+            name: name.to_string(),
+            source,
+        })?
+        .ok_or_else(|| ApplyError::SecretMissing {
+            name: name.to_string(),
+        })
+}
+
+fn key_of(secret: &Secret, name: &str, key: &str) -> Result<String, ApplyError> {
+    secret_value(secret, key).ok_or_else(|| ApplyError::SecretKeyMissing {
+        name: name.to_string(),
+        key: key.to_string(),
+    })
+}
+
+/// Ensures the generated Secret exists (never overwriting it) and reads the user's Secrets the
+/// builders need. Returns whether the generated Secret was created now.
+pub async fn gather_inputs(
+    client: &Client,
+    vc: &ValidatedCluster,
+    new_credentials: impl FnOnce() -> Credentials,
+) -> Result<(Inputs, bool), ApplyError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &vc.names.namespace);
+    let gen_name = vc.names.generated_secret();
+    let existing = secrets
+        .get_opt(&gen_name)
+        .await
+        .map_err(|source| ApplyError::Get {
+            kind: "Secret",
+            name: gen_name.clone(),
+            source,
+        })?;
+    let (credentials, created) = match existing.as_ref().and_then(Credentials::from_secret) {
+        Some(c) => (c, false),
+        None if existing.is_some() => {
+            // Edited by hand into something unusable: report instead of replacing it.
+            return Err(ApplyError::SecretKeyMissing {
+                name: gen_name,
+                key: crate::names::KEY_REDIS_PASSWORD.into(),
+            });
+        }
+        None => {
+            let creds = new_credentials();
+            let secret = build_generated_secret(vc, &creds);
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(_) => (creds, true),
+                // Created concurrently (another reconcile): use what is there, never overwrite.
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    let s = secrets.get(&gen_name).await.map_err(|source| ApplyError::Get {
+                        kind: "Secret",
+                        name: gen_name.clone(),
+                        source,
+                    })?;
+                    let c =
+                        Credentials::from_secret(&s).ok_or(ApplyError::SecretKeyMissing {
+                            name: gen_name.clone(),
+                            key: crate::names::KEY_REDIS_PASSWORD.into(),
+                        })?;
+                    (c, false)
+                }
+                Err(source) => {
+                    return Err(ApplyError::CreateSecret {
+                        name: gen_name,
+                        source,
+                    });
+                }
+            }
+        }
+    };
+    let external_redis_url = match &vc.redis {
+        RedisSource::External(e) => {
+            let s = read_secret(&secrets, &e.url_secret_ref.name).await?;
+            Some(key_of(&s, &e.url_secret_ref.name, &e.url_secret_ref.key)?)
+        }
+        RedisSource::Managed(_) => None,
+    };
+    let object_keys = match &vc.spec.storage.object_storage.credentials_secret_ref {
+        Some(r) => {
+            let s = read_secret(&secrets, &r.name).await?;
+            Some((
+                key_of(&s, &r.name, &r.access_key_key)?,
+                key_of(&s, &r.name, &r.secret_key_key)?,
+            ))
+        }
+        None => None,
+    };
+    Ok((
+        Inputs {
+            credentials,
+            external_redis_url,
+            object_keys,
+        },
+        created,
+    ))
+}
+
+/// GET, then server-side apply unless the applied hash already matches.
+async fn apply_one<K>(api: &Api<K>, desired: &K) -> Result<(Action, K), ApplyError>
+where
+    K: Resource + Clone + Debug + Serialize + DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let existing = get_existing(api, desired).await?;
+    apply_over(api, desired, existing).await
+}
+
+async fn get_existing<K>(api: &Api<K>, desired: &K) -> Result<Option<K>, ApplyError>
+where
+    K: Resource + Clone + Debug + DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let name = desired.meta().name.clone().unwrap_or_default();
+    api.get_opt(&name).await.map_err(|source| ApplyError::Get {
+        kind: kind_of::<K>(),
+        name,
+        source,
+    })
+}
+
+/// Server-side apply over the live object `existing`, unless its applied hash matches.
+async fn apply_over<K>(
+    api: &Api<K>,
+    desired: &K,
+    existing: Option<K>,
+) -> Result<(Action, K), ApplyError>
+where
+    K: Resource + Clone + Debug + Serialize + DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let kind = kind_of::<K>();
+    let name = desired.meta().name.clone().unwrap_or_default();
+    if let Some(cur) = &existing
+        && applied_hash(cur.meta()).is_some()
+        && applied_hash(cur.meta()) == applied_hash(desired.meta())
+    {
+        return Ok((Action::Unchanged, cur.clone()));
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let applied = api
+        .patch(&name, &params, &Patch::Apply(desired))
+        .await
+        .map_err(|source| ApplyError::Apply {
+            kind,
+            name: name.clone(),
+            source,
+        })?;
+    let action = if existing.is_some() {
+        Action::Updated
+    } else {
+        Action::Created
+    };
+    Ok((action, applied))
+}
+
+fn kind_of<K: Resource>() -> &'static str
+where
+    K::DynamicType: Default,
+{
+    // The kinds we apply are all static k8s-openapi types; leak-free mapping via match.
+    match K::kind(&K::DynamicType::default()).as_ref() {
+        "Secret" => "Secret",
+        "ConfigMap" => "ConfigMap",
+        "Service" => "Service",
+        "StatefulSet" => "StatefulSet",
+        "PersistentVolume" => "PersistentVolume",
+        "PersistentVolumeClaim" => "PersistentVolumeClaim",
+        "Deployment" => "Deployment",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        _ => "object",
+    }
+}
+
+/// The writer has rolled out its current template and is ready.
+pub fn writer_rolled_out(sts: &StatefulSet) -> bool {
+    let generation = sts.metadata.generation;
+    let Some(st) = &sts.status else { return false };
+    let want = sts.spec.replicas.unwrap_or(1);
+    st.observed_generation.is_some() && st.observed_generation >= generation
+        && st.updated_replicas.unwrap_or(0) >= want
+        && st.ready_replicas.unwrap_or(0) >= want
+        && (st.update_revision.is_none() || st.current_revision == st.update_revision)
+}
+
+fn first_image(d: &Deployment) -> Option<&str> {
+    d.spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.image.as_deref())
+}
+
+/// Applies everything in order and removes orphans when `sweep` is set.
+///
+/// Errors: the first failing call; objects applied before it stay applied, and the next
+/// reconcile continues from there (every step is idempotent).
+pub async fn apply_all(
+    client: &Client,
+    vc: &ValidatedCluster,
+    desired: &DesiredState,
+    sweep: bool,
+) -> Result<ApplyReport, ApplyError> {
+    let ns = &vc.names.namespace;
+    let mut report = ApplyReport::default();
+    let mut writer_ready = true;
+    for obj in &desired.objects {
+        let kind = obj.kind();
+        let name = obj.name().to_string();
+        let action = match obj {
+            Desired::Secret(o) => apply_one(&Api::namespaced(client.clone(), ns), o).await?.0,
+            Desired::ConfigMap(o) => {
+                apply_one::<ConfigMap>(&Api::namespaced(client.clone(), ns), o)
+                    .await?
+                    .0
+            }
+            Desired::Service(o) => {
+                apply_one::<Service>(&Api::namespaced(client.clone(), ns), o)
+                    .await?
+                    .0
+            }
+            Desired::PersistentVolume(o) => {
+                apply_one::<PersistentVolume>(&Api::all(client.clone()), o)
+                    .await?
+                    .0
+            }
+            Desired::PersistentVolumeClaim(o) => {
+                let (a, live) =
+                    apply_one::<PersistentVolumeClaim>(&Api::namespaced(client.clone(), ns), o)
+                        .await?;
+                report.observed.shared_pvc = Some(live);
+                a
+            }
+            Desired::PodDisruptionBudget(o) => {
+                apply_one::<PodDisruptionBudget>(&Api::namespaced(client.clone(), ns), o)
+                    .await?
+                    .0
+            }
+            Desired::StatefulSet(o) => {
+                let (a, live) =
+                    apply_one::<StatefulSet>(&Api::namespaced(client.clone(), ns), o).await?;
+                if name == vc.names.writer() {
+                    writer_ready = writer_rolled_out(&live);
+                    report.observed.writer = Some(live);
+                } else if name == vc.names.mysql() {
+                    report.observed.mysql = Some(live);
+                } else if name == vc.names.redis() {
+                    report.observed.redis = Some(live);
+                }
+                a
+            }
+            Desired::Deployment(o) => {
+                let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+                let existing = get_existing(&api, o).await?;
+                let image_change = existing
+                    .as_ref()
+                    .is_some_and(|cur| first_image(cur) != first_image(o));
+                let (a, live) = match existing {
+                    // Safe order on an image change: readers and router wait for the writer.
+                    Some(cur) if image_change && !writer_ready => (Action::Deferred, cur),
+                    existing => apply_over(&api, o, existing).await?,
+                };
+                if name == vc.names.readers() {
+                    report.observed.readers = Some(live);
+                } else if name == vc.names.router() {
+                    report.observed.router = Some(live);
+                }
+                a
+            }
+        };
+        report.actions.push((kind, name, action));
+    }
+    if sweep {
+        report.deleted = sweep_orphans(client, vc, desired).await?;
+    }
+    Ok(report)
+}
+
+async fn sweep_kind<K>(
+    client: &Client,
+    vc: &ValidatedCluster,
+    desired: &DesiredState,
+    keep: &BTreeSet<String>,
+    out: &mut Vec<(&'static str, String)>,
+) -> Result<(), ApplyError>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Clone + Debug + DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let kind = kind_of::<K>();
+    let api: Api<K> = Api::namespaced(client.clone(), &vc.names.namespace);
+    let lp = ListParams::default().labels(&vc.names.cluster_selector());
+    let list = api
+        .list(&lp)
+        .await
+        .map_err(|source| ApplyError::ListOrphans { kind, source })?;
+    for obj in list.items {
+        let name = obj.name_any();
+        let ours = obj.owner_references().iter().any(|o| o.uid == vc.uid);
+        if !ours || desired.get(kind, &name).is_some() || keep.contains(&name) {
+            continue;
+        }
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => out.push((kind, name)),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => return Err(ApplyError::DeleteOrphan { kind, name, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes labelled, owned objects that the desired state no longer contains (e.g. the managed
+/// MySQL after switching to an external one). Volumes are never swept: data goes only through
+/// the `Delete` reclaim policy on deletion of the cluster.
+pub async fn sweep_orphans(
+    client: &Client,
+    vc: &ValidatedCluster,
+    desired: &DesiredState,
+) -> Result<Vec<(&'static str, String)>, ApplyError> {
+    let keep = BTreeSet::from([vc.names.generated_secret()]);
+    let mut out = Vec::new();
+    sweep_kind::<Deployment>(client, vc, desired, &keep, &mut out).await?;
+    sweep_kind::<StatefulSet>(client, vc, desired, &keep, &mut out).await?;
+    sweep_kind::<Service>(client, vc, desired, &keep, &mut out).await?;
+    sweep_kind::<PodDisruptionBudget>(client, vc, desired, &keep, &mut out).await?;
+    sweep_kind::<ConfigMap>(client, vc, desired, &keep, &mut out).await?;
+    sweep_kind::<Secret>(client, vc, desired, &keep, &mut out).await?;
+    Ok(out)
+}
+
+/// Under `reclaimPolicy: Delete`: deletes the cluster's claims (shared volume and the
+/// StatefulSets' data volumes); the shared PersistentVolume then follows its `Delete` reclaim
+/// policy through the CSI driver. Returns the deleted claim names.
+pub async fn delete_data(client: &Client, vc_name: &str, namespace: &str) -> Result<Vec<String>, kube::Error> {
+    let names = crate::names::Names::new(vc_name, namespace);
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(&names.cluster_selector());
+    let mut deleted = Vec::new();
+    for pvc in api.list(&lp).await?.items {
+        let name = pvc.name_any();
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => deleted.push(name),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,320 @@
+//! Step 4 of the reconcile pipeline: the status a user reads (`kubectl get vc`, conditions).
+//!
+//! Pure: computed from the apply report (live objects) and the previous status, with the clock
+//! passed in. A condition keeps its `lastTransitionTime` while its status is unchanged, so a
+//! steady state computes an identical status and no write is made.
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::apply::{Action, ApplyReport, writer_rolled_out};
+use crate::crd::{Phase, ReadersStatus, VectorClusterStatus};
+use crate::validate::{MetadataSource, RedisSource, ValidatedCluster, ValidationError};
+
+pub const METADATA_READY: &str = "MetadataReady";
+pub const STORAGE_READY: &str = "StorageReady";
+pub const WRITER_READY: &str = "WriterReady";
+pub const READERS_READY: &str = "ReadersReady";
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// One condition before timestamps are attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+fn cond(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Cond {
+    Cond {
+        type_,
+        status,
+        reason: reason.into(),
+        message: message.into(),
+    }
+}
+
+/// Merges computed conditions into the previous list, keeping transition times of
+/// conditions whose status did not change.
+pub fn merge_conditions(
+    previous: &[Condition],
+    computed: &[Cond],
+    generation: i64,
+    now: &Time,
+) -> Vec<Condition> {
+    computed
+        .iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" }.to_string();
+            let prev = previous.iter().find(|p| p.type_ == c.type_);
+            let last_transition_time = match prev {
+                Some(p) if p.status == status => p.last_transition_time.clone(),
+                _ => now.clone(),
+            };
+            Condition {
+                type_: c.type_.to_string(),
+                status,
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                observed_generation: Some(generation),
+                last_transition_time,
+            }
+        })
+        .collect()
+}
+
+fn sts_ready(s: Option<&StatefulSet>) -> (i32, i32) {
+    let want = s
+        .and_then(|s| s.spec.replicas)
+        .unwrap_or(1);
+    let ready = s
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    (ready, want)
+}
+
+/// `(replicas, ready, updated, want)` of a Deployment.
+fn deploy_counts(d: Option<&Deployment>) -> (i32, i32, i32, i32) {
+    let want = d
+        .and_then(|d| d.spec.replicas)
+        .unwrap_or(1);
+    let st = d.and_then(|d| d.status.as_ref());
+    (
+        st.and_then(|s| s.replicas).unwrap_or(0),
+        st.and_then(|s| s.ready_replicas).unwrap_or(0),
+        st.and_then(|s| s.updated_replicas).unwrap_or(0),
+        want,
+    )
+}
+
+/// Status after a successful apply.
+pub fn compute_status(
+    vc: &ValidatedCluster,
+    report: &ApplyReport,
+    previous: Option<&VectorClusterStatus>,
+    now: &Time,
+) -> VectorClusterStatus {
+    let obs = &report.observed;
+    let metadata = match &vc.metadata {
+        MetadataSource::External(_) => cond(
+            METADATA_READY,
+            true,
+            "External",
+            "using the external MySQL from spec.metadata.external",
+        ),
+        MetadataSource::Managed(_) => {
+            let (ready, want) = sts_ready(obs.mysql.as_ref());
+            if ready >= want {
+                cond(METADATA_READY, true, "MysqlReady", "managed MariaDB is ready")
+            } else {
+                cond(
+                    METADATA_READY,
+                    false,
+                    "MysqlNotReady",
+                    format!(
+                        "StatefulSet {} has {ready}/{want} ready pods; check its pods and volume claim",
+                        vc.names.mysql()
+                    ),
+                )
+            }
+        }
+    };
+    let redis_ok = match &vc.redis {
+        RedisSource::External(_) => Ok(()),
+        RedisSource::Managed(_) => {
+            let (ready, want) = sts_ready(obs.redis.as_ref());
+            if ready >= want {
+                Ok(())
+            } else {
+                Err(format!(
+                    "StatefulSet {} has {ready}/{want} ready pods",
+                    vc.names.redis()
+                ))
+            }
+        }
+    };
+    let pvc_phase = obs
+        .shared_pvc
+        .as_ref()
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Pending".into());
+    let storage = match (&redis_ok, pvc_phase.as_str()) {
+        (Ok(()), "Bound") => cond(
+            STORAGE_READY,
+            true,
+            "VolumeBound",
+            "JuiceFS metadata is ready and the shared volume is bound",
+        ),
+        (Err(m), _) => cond(STORAGE_READY, false, "RedisNotReady", m.clone()),
+        (Ok(()), phase) => cond(
+            STORAGE_READY,
+            false,
+            "VolumeNotBound",
+            format!(
+                "PersistentVolumeClaim {} is {phase}; is the csi.shoal.dev driver installed?",
+                vc.names.shared_pvc()
+            ),
+        ),
+    };
+    let writer = match obs.writer.as_ref() {
+        Some(w) if writer_rolled_out(w) => {
+            cond(WRITER_READY, true, "WriterReady", "the writer is ready")
+        }
+        _ => {
+            let (ready, want) = sts_ready(obs.writer.as_ref());
+            cond(
+                WRITER_READY,
+                false,
+                "WriterNotReady",
+                format!(
+                    "StatefulSet {} has {ready}/{want} ready, updated pods",
+                    vc.names.writer()
+                ),
+            )
+        }
+    };
+    let (r_replicas, r_ready, r_updated, r_want) = deploy_counts(obs.readers.as_ref());
+    let readers_ok = r_ready >= r_want && r_updated >= r_want;
+    let readers = if r_want == 0 {
+        cond(READERS_READY, true, "ScaledToZero", "no readers requested")
+    } else if readers_ok {
+        cond(
+            READERS_READY,
+            true,
+            "ReadersReady",
+            format!("{r_ready}/{r_want} readers ready"),
+        )
+    } else {
+        cond(
+            READERS_READY,
+            false,
+            "ReadersNotReady",
+            format!(
+                "{r_ready}/{r_want} readers ready ({r_updated} updated); check Deployment {}",
+                vc.names.readers()
+            ),
+        )
+    };
+    let (_, rt_ready, rt_updated, rt_want) = deploy_counts(obs.router.as_ref());
+    let router_ok = rt_ready >= rt_want && rt_updated >= rt_want;
+    let parts = [&metadata, &storage, &writer, &readers];
+    let all_ok = parts.iter().all(|c| c.status) && router_ok;
+    let ready = if all_ok {
+        cond(READY, true, "ClusterReady", "every component is ready")
+    } else {
+        let waiting: Vec<&str> = parts
+            .iter()
+            .filter(|c| !c.status)
+            .map(|c| c.type_)
+            .chain((!router_ok).then_some("RouterReady"))
+            .collect();
+        cond(
+            READY,
+            false,
+            "ComponentsNotReady",
+            format!("waiting for {}", waiting.join(", ")),
+        )
+    };
+    let changed: Vec<String> = report
+        .names_with(Action::Created)
+        .into_iter()
+        .chain(report.names_with(Action::Updated))
+        .collect();
+    let deferred = report.names_with(Action::Deferred);
+    let progressing = if !deferred.is_empty() {
+        cond(
+            PROGRESSING,
+            true,
+            "WaitingForWriterRollout",
+            format!(
+                "{} will update once the writer has rolled out",
+                deferred.join(", ")
+            ),
+        )
+    } else if !all_ok {
+        cond(PROGRESSING, true, "Rollout", "waiting for pods to become ready")
+    } else {
+        cond(PROGRESSING, false, "Stable", "nothing to change")
+    };
+    let was_running = previous.is_some_and(|p| p.phase == Some(Phase::Running));
+    // Degraded: was running, and now fewer pods are ready than exist with the current template
+    // (a crash or node loss), not merely a rollout in progress.
+    let lost_readers = r_want > 0 && r_updated >= r_want && r_ready < r_want;
+    let degraded = if !all_ok && (was_running || lost_readers) && changed.is_empty() {
+        cond(DEGRADED, true, "ComponentsLost", ready.message.clone())
+    } else {
+        cond(DEGRADED, false, "Healthy", "no component lost")
+    };
+    let phase = if all_ok {
+        Phase::Running
+    } else if degraded.status {
+        Phase::Degraded
+    } else {
+        Phase::Provisioning
+    };
+    let conds = [
+        metadata,
+        storage,
+        writer,
+        readers,
+        ready,
+        progressing,
+        degraded,
+    ];
+    let prev_conds = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
+    VectorClusterStatus {
+        phase: Some(phase),
+        observed_generation: Some(vc.generation),
+        conditions: merge_conditions(prev_conds, &conds, vc.generation, now),
+        readers: ReadersStatus {
+            replicas: r_replicas,
+            ready_replicas: r_ready,
+            selector: vc.names.readers_selector_string(),
+        },
+        endpoint: Some(vc.names.endpoint(vc.spec.router.service.port)),
+    }
+}
+
+/// Status for a spec that failed validation: `Ready=False` with the reason, phase Failed.
+/// `observedGeneration` stays where it was (nothing of this generation was applied).
+pub fn invalid_status(
+    err: &ValidationError,
+    generation: i64,
+    previous: Option<&VectorClusterStatus>,
+    now: &Time,
+) -> VectorClusterStatus {
+    let mut st = previous.cloned().unwrap_or_default();
+    let computed = [
+        cond(READY, false, err.reason(), err.to_string()),
+        cond(PROGRESSING, false, "InvalidSpec", "fix the spec; nothing is applied until then"),
+    ];
+    let merged = merge_conditions(&st.conditions, &computed, generation, now);
+    st.conditions.retain(|c| c.type_ != READY && c.type_ != PROGRESSING);
+    st.conditions.extend(merged);
+    st.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    st.phase = Some(Phase::Failed);
+    st
+}
+
+/// Status when an API call failed mid-way: keeps everything, marks Progressing with the error.
+pub fn failed_apply_status(
+    message: &str,
+    generation: i64,
+    previous: Option<&VectorClusterStatus>,
+    now: &Time,
+) -> VectorClusterStatus {
+    let mut st = previous.cloned().unwrap_or_default();
+    let computed = [cond(PROGRESSING, true, "ApplyFailed", format!("{message}; retrying"))];
+    let merged = merge_conditions(&st.conditions, &computed, generation, now);
+    st.conditions.retain(|c| c.type_ != PROGRESSING);
+    st.conditions.extend(merged);
+    if st.phase.is_none() {
+        st.phase = Some(Phase::Pending);
+    }
+    st
+}
