@@ -1,52 +1,113 @@
 //! Distance kernels between f32 vectors. Every index and the FLAT path call these, so they are
-//! the one place to optimise (run-time SIMD dispatch belongs here, behind these signatures).
+//! the one place to optimise: the instruction set is chosen once at run time (AVX-512F, then
+//! AVX2+FMA on x86-64; NEON on aarch64, where it is always present) with a portable fallback
+//! that compiles everywhere.
 //!
 //! Guarantees: `a.len() == b.len()` is the caller's invariant (debug-asserted); results are the
-//! plain mathematical values (squared L2, dot product), summed in a fixed order so repeated calls
-//! are bit-identical.
+//! plain mathematical values (squared L2, dot product) up to f32 rounding, summed in a fixed order
+//! per instruction set, so repeated calls on one machine are bit-identical. The batched forms
+//! (`*_batch`, one query against consecutive rows) give exactly the values of the single forms.
+
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 const LANES: usize = 16;
+
+/// The instruction set the kernels run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// 16 lanes, masked tails (x86-64 with AVX-512F).
+    Avx512,
+    /// 8 lanes with fused multiply-add (x86-64 with AVX2 and FMA).
+    Avx2,
+    /// 4 lanes (aarch64).
+    Neon,
+    /// Plain Rust the compiler vectorises for the build's baseline.
+    Portable,
+}
+
+static ISA: AtomicU8 = AtomicU8::new(0);
+
+/// The instruction set chosen for this process (detected once, then cached).
+#[inline]
+pub fn isa() -> Isa {
+    match ISA.load(Ordering::Relaxed) {
+        1 => Isa::Avx512,
+        2 => Isa::Avx2,
+        3 => Isa::Neon,
+        4 => Isa::Portable,
+        _ => detect(),
+    }
+}
+
+#[cold]
+fn detect() -> Isa {
+    let found = detect_isa();
+    let code = match found {
+        Isa::Avx512 => 1,
+        Isa::Avx2 => 2,
+        Isa::Neon => 3,
+        Isa::Portable => 4,
+    };
+    ISA.store(code, Ordering::Relaxed);
+    found
+}
+
+fn detect_isa() -> Isa {
+    if std::env::var_os("SHOAL_PORTABLE_KERNELS").is_some() {
+        return Isa::Portable;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        return Isa::Neon;
+    }
+    #[allow(unreachable_code)]
+    Isa::Portable
+}
 
 /// Squared Euclidean distance.
 #[inline]
 pub fn l2_sq(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; LANES];
-    let chunks = a.len() / LANES;
-    for c in 0..chunks {
-        let x = &a[c * LANES..(c + 1) * LANES];
-        let y = &b[c * LANES..(c + 1) * LANES];
-        for l in 0..LANES {
-            let d = x[l] - y[l];
-            acc[l] += d * d;
-        }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe { x86::l2_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe { x86::l2_avx2(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => arm::l2_neon(a, b),
+        _ => l2_sq_portable(a, b),
     }
-    let mut tail = 0f32;
-    for i in chunks * LANES..a.len() {
-        let d = a[i] - b[i];
-        tail += d * d;
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Inner product.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; LANES];
-    let chunks = a.len() / LANES;
-    for c in 0..chunks {
-        let x = &a[c * LANES..(c + 1) * LANES];
-        let y = &b[c * LANES..(c + 1) * LANES];
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe { x86::dot_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe { x86::dot_avx2(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => arm::dot_neon(a, b),
+        _ => dot_portable(a, b),
     }
-    let mut tail = 0f32;
-    for i in chunks * LANES..a.len() {
-        tail += a[i] * b[i];
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Squared norm.
@@ -65,20 +126,440 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
+/// `out[i] = l2_sq(q, row i of rows)` for the `out.len()` consecutive rows of `q.len()` floats.
+/// Dispatches once for the whole run of rows.
+pub fn l2_sq_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    assert_eq!(
+        rows.len(),
+        d * out.len(),
+        "rows must hold out.len() rows of q.len() floats"
+    );
+    if d == 0 {
+        out.fill(0.0);
+        return;
+    }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe { x86::l2_batch_avx512(q, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe { x86::l2_batch_avx2(q, rows, out) },
+        _ => {
+            for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
+                *o = l2_sq(q, r);
+            }
+        }
+    }
+}
+
+/// `out[i] = dot(q, row i of rows)`, like [`l2_sq_batch`].
+pub fn dot_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    assert_eq!(
+        rows.len(),
+        d * out.len(),
+        "rows must hold out.len() rows of q.len() floats"
+    );
+    if d == 0 {
+        out.fill(0.0);
+        return;
+    }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe { x86::dot_batch_avx512(q, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe { x86::dot_batch_avx2(q, rows, out) },
+        _ => {
+            for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
+                *o = dot(q, r);
+            }
+        }
+    }
+}
+
+/// Portable squared L2 (16 independent partial sums, which compilers turn into SIMD).
+pub fn l2_sq_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, ta) = a.as_chunks::<LANES>();
+    let (cb, tb) = b.as_chunks::<LANES>();
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..LANES {
+            let d = x[l] - y[l];
+            acc[l] += d * d;
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ta.iter().zip(tb) {
+        let d = x - y;
+        tail += d * d;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Portable inner product.
+pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, ta) = a.as_chunks::<LANES>();
+    let (cb, tb) = b.as_chunks::<LANES>();
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ta.iter().zip(tb) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! x86-64 kernels. Each is `unsafe` only because it must run on a CPU with the named
+    //! features; memory is touched through slices' in-bounds pointers (tails through masked or
+    //! bounds-checked loads).
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn l2_512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut i = 0;
+        // SAFETY (all loads below): i + 32 <= n, i + 16 <= n, or a mask covering only i..n.
+        while i + 32 <= n {
+            unsafe {
+                let d0 = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
+                let d1 = _mm512_sub_ps(
+                    _mm512_loadu_ps(pa.add(i + 16)),
+                    _mm512_loadu_ps(pb.add(i + 16)),
+                );
+                acc0 = _mm512_fmadd_ps(d0, d0, acc0);
+                acc1 = _mm512_fmadd_ps(d1, d1, acc1);
+            }
+            i += 32;
+        }
+        if i + 16 <= n {
+            unsafe {
+                let d0 = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
+                acc0 = _mm512_fmadd_ps(d0, d0, acc0);
+            }
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = ((1u32 << (n - i)) - 1) as __mmask16;
+            unsafe {
+                let d0 = _mm512_sub_ps(
+                    _mm512_maskz_loadu_ps(m, pa.add(i)),
+                    _mm512_maskz_loadu_ps(m, pb.add(i)),
+                );
+                acc1 = _mm512_fmadd_ps(d0, d0, acc1);
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn dot_512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut i = 0;
+        // SAFETY (all loads below): i + 32 <= n, i + 16 <= n, or a mask covering only i..n.
+        while i + 32 <= n {
+            unsafe {
+                acc0 =
+                    _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+                acc1 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(pa.add(i + 16)),
+                    _mm512_loadu_ps(pb.add(i + 16)),
+                    acc1,
+                );
+            }
+            i += 32;
+        }
+        if i + 16 <= n {
+            unsafe {
+                acc0 =
+                    _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+            }
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = ((1u32 << (n - i)) - 1) as __mmask16;
+            unsafe {
+                acc1 = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(m, pa.add(i)),
+                    _mm512_maskz_loadu_ps(m, pb.add(i)),
+                    acc1,
+                );
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn l2_avx512(a: &[f32], b: &[f32]) -> f32 {
+        l2_512(a, b)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        dot_512(a, b)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn l2_batch_avx512(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+            *o = l2_512(q, r);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dot_batch_avx512(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+            *o = dot_512(q, r);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum256(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn l2_256(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (all loads below): i + 16 <= n or i + 8 <= n.
+        while i + 16 <= n {
+            unsafe {
+                let d0 = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
+                let d1 = _mm256_sub_ps(
+                    _mm256_loadu_ps(pa.add(i + 8)),
+                    _mm256_loadu_ps(pb.add(i + 8)),
+                );
+                acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+                acc1 = _mm256_fmadd_ps(d1, d1, acc1);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            unsafe {
+                let d0 = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
+                acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+            }
+            i += 8;
+        }
+        let mut s = hsum256(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            let d = a[i] - b[i];
+            s += d * d;
+            i += 1;
+        }
+        s
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_256(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (all loads below): i + 16 <= n or i + 8 <= n.
+        while i + 16 <= n {
+            unsafe {
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8)),
+                    _mm256_loadu_ps(pb.add(i + 8)),
+                    acc1,
+                );
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            unsafe {
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            }
+            i += 8;
+        }
+        let mut s = hsum256(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn l2_avx2(a: &[f32], b: &[f32]) -> f32 {
+        l2_256(a, b)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        dot_256(a, b)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn l2_batch_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+            *o = l2_256(q, r);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_batch_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+            *o = dot_256(q, r);
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    //! aarch64 kernels: NEON is part of the baseline, so no detection is needed.
+    use std::arch::aarch64::*;
+
+    pub(super) fn l2_neon(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut i = 0;
+        // SAFETY: every load reads 4 floats at i with i + 8 <= n or i + 4 <= n.
+        unsafe {
+            let mut acc0 = vdupq_n_f32(0.0);
+            let mut acc1 = vdupq_n_f32(0.0);
+            while i + 8 <= n {
+                let d0 = vsubq_f32(vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+                let d1 = vsubq_f32(vld1q_f32(pa.add(i + 4)), vld1q_f32(pb.add(i + 4)));
+                acc0 = vfmaq_f32(acc0, d0, d0);
+                acc1 = vfmaq_f32(acc1, d1, d1);
+                i += 8;
+            }
+            if i + 4 <= n {
+                let d0 = vsubq_f32(vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+                acc0 = vfmaq_f32(acc0, d0, d0);
+                i += 4;
+            }
+            let mut s = vaddvq_f32(vaddq_f32(acc0, acc1));
+            while i < n {
+                let d = a[i] - b[i];
+                s += d * d;
+                i += 1;
+            }
+            s
+        }
+    }
+
+    pub(super) fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut i = 0;
+        // SAFETY: every load reads 4 floats at i with i + 8 <= n or i + 4 <= n.
+        unsafe {
+            let mut acc0 = vdupq_n_f32(0.0);
+            let mut acc1 = vdupq_n_f32(0.0);
+            while i + 8 <= n {
+                acc0 = vfmaq_f32(acc0, vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+                acc1 = vfmaq_f32(acc1, vld1q_f32(pa.add(i + 4)), vld1q_f32(pb.add(i + 4)));
+                i += 8;
+            }
+            if i + 4 <= n {
+                acc0 = vfmaq_f32(acc0, vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+                i += 4;
+            }
+            let mut s = vaddvq_f32(vaddq_f32(acc0, acc1));
+            while i < n {
+                s += a[i] * b[i];
+                i += 1;
+            }
+            s
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn vecs(d: usize) -> (Vec<f32>, Vec<f32>) {
+        let a: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..d).map(|i| (i as f32 * 0.11).cos()).collect();
+        (a, b)
+    }
+
     #[test]
     fn kernels_match_naive_sums_for_odd_lengths() {
-        for d in [1usize, 3, 16, 17, 128, 131] {
-            let a: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..d).map(|i| (i as f32 * 0.11).cos()).collect();
+        for d in [0usize, 1, 3, 7, 8, 15, 16, 17, 31, 32, 33, 100, 128, 131] {
+            let (a, b) = vecs(d);
             let l2: f32 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
             let ip: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((l2_sq(&a, &b) - l2).abs() <= 1e-4 * l2.abs().max(1.0), "d={d}");
-            assert!((dot(&a, &b) - ip).abs() <= 1e-4 * ip.abs().max(1.0), "d={d}");
+            for (name, got_l2, got_ip) in [
+                ("dispatched", l2_sq(&a, &b), dot(&a, &b)),
+                ("portable", l2_sq_portable(&a, &b), dot_portable(&a, &b)),
+            ] {
+                assert!(
+                    (got_l2 - l2).abs() <= 1e-4 * l2.abs().max(1.0),
+                    "{name} l2 d={d}"
+                );
+                assert!(
+                    (got_ip - ip).abs() <= 1e-4 * ip.abs().max(1.0),
+                    "{name} dot d={d}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn batched_kernels_give_exactly_the_single_kernel_values() {
+        for d in [1usize, 5, 16, 24, 128, 131] {
+            let (q, _) = vecs(d);
+            let rows: Vec<f32> = (0..d * 9).map(|i| (i as f32 * 0.013).cos()).collect();
+            let mut l2 = vec![0.0; 9];
+            let mut ip = vec![0.0; 9];
+            l2_sq_batch(&q, &rows, &mut l2);
+            dot_batch(&q, &rows, &mut ip);
+            for (i, r) in rows.chunks_exact(d).enumerate() {
+                assert_eq!(l2[i].to_bits(), l2_sq(&q, r).to_bits(), "d={d} row {i}");
+                assert_eq!(ip[i].to_bits(), dot(&q, r).to_bits(), "d={d} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_detected_instruction_set_is_one_this_cpu_supports() {
+        let isa = isa();
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            Isa::Avx512 => assert!(std::arch::is_x86_feature_detected!("avx512f")),
+            Isa::Avx2 => assert!(std::arch::is_x86_feature_detected!("avx2")),
+            Isa::Portable => {}
+            Isa::Neon => panic!("NEON chosen on x86-64"),
+        }
+        assert_eq!(isa, super::isa(), "detection is stable");
     }
 
     #[test]

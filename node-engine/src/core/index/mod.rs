@@ -9,6 +9,8 @@
 //!   returned, and the index still returns up to `k` allowed rows when that many exist;
 //! - results per query are sorted by [`Neighbor::cmp_rank`] and hold at most `k` entries.
 
+pub mod flat;
+
 use crate::core::bitset::Bitset;
 use crate::core::types::{IndexType, Metric, Neighbor};
 use std::path::Path;
