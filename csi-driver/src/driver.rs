@@ -20,7 +20,7 @@ use crate::csi;
 use crate::error::CsiError;
 use crate::guard::VolumeGuard;
 use crate::metrics::Metrics;
-use crate::mounter::{MountState, Mounter, classify};
+use crate::mounter::{MountState, Mounter};
 use crate::secrets::JuiceFsSecrets;
 use crate::state::{SecretMap, StagedVolume, StateStore, Target};
 use crate::validate::{self, CTX_SUB_PATH, OnDelete};
@@ -581,13 +581,14 @@ impl<M: Mounter> Driver<M> {
     }
 
     fn update_mount_gauge(&self) {
-        let Ok(table) = self.mounter.mounts() else {
-            return;
-        };
-        let healthy = self
+        let stagings: Vec<PathBuf> = self
             .staged()
             .values()
-            .filter(|r| matches!(classify(&table, &r.staging_path), MountState::Healthy(_)))
+            .map(|r| r.staging_path.clone())
+            .collect();
+        let healthy = stagings
+            .iter()
+            .filter(|p| matches!(self.mounter.state(p), Ok(MountState::Healthy(_))))
             .count();
         self.metrics.set_mounts(healthy);
     }
@@ -633,18 +634,14 @@ impl<M: Mounter> Driver<M> {
         let Some(rec) = self.staged().get(volume_id).cloned() else {
             return false;
         };
-        let Ok(table) = self.mounter.mounts() else {
-            return true;
-        };
-        let healthy = |p: &Path| matches!(classify(&table, p), MountState::Healthy(_));
+        let healthy = |p: &Path| matches!(self.mounter.state(p), Ok(MountState::Healthy(_)));
         !(healthy(&rec.staging_path) && rec.targets.keys().all(|t| healthy(t)))
     }
 
     fn heal(&self, rec: &StagedVolume) -> Result<bool, CsiError> {
         let secret_map: HashMap<String, String> = rec.secrets.0.clone().into_iter().collect();
         let secrets = JuiceFsSecrets::from_maps(&secret_map, &HashMap::new())?;
-        let table = self.mounter.mounts()?;
-        let remount = match classify(&table, &rec.staging_path) {
+        let remount = match self.mounter.state(&rec.staging_path)? {
             MountState::Healthy(_) => false,
             MountState::Dead(_) | MountState::NotMounted => true,
         };
@@ -657,9 +654,8 @@ impl<M: Mounter> Driver<M> {
             self.mounter
                 .mount_fs(&secrets, &rec.staging_path, &rec.mount_flags)?;
         }
-        let table = self.mounter.mounts()?;
         for (target, t) in &rec.targets {
-            match classify(&table, target) {
+            match self.mounter.state(target)? {
                 MountState::Healthy(_) => continue,
                 MountState::Dead(_) => self.detach_all(target, true)?,
                 MountState::NotMounted => {}
@@ -675,5 +671,357 @@ impl<M: Mounter> Driver<M> {
             .iter()
             .map(|(k, v)| (k.clone(), v.targets.keys().cloned().collect()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Driver logic against a [`Mounter`] over a temp dir (symlinks stand in for mounts), so
+    //! the rules run without root or FUSE; `tests/csi_node.rs` runs the same rules for real.
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::csi::volume_capability::access_mode::Mode as AccessMode;
+    use crate::csi::volume_capability::{AccessMode as Am, AccessType, MountVolume};
+    use crate::mountinfo::MountEntry;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug, Clone)]
+    struct FakeMount {
+        at: PathBuf,
+        read_only: bool,
+        dead: bool,
+    }
+
+    /// "Mounts" are symlinks into one directory that plays the filesystem.
+    #[derive(Debug)]
+    struct TempDirMounter {
+        fs_root: PathBuf,
+        table: Mutex<Vec<FakeMount>>,
+        fs_mounts: AtomicUsize,
+    }
+
+    impl TempDirMounter {
+        fn new(fs_root: PathBuf) -> Self {
+            fs::create_dir_all(&fs_root).unwrap();
+            Self {
+                fs_root,
+                table: Mutex::new(Vec::new()),
+                fs_mounts: AtomicUsize::new(0),
+            }
+        }
+        fn replace_with_link(at: &Path, to: &Path) {
+            if let Some(parent) = at.parent() {
+                fs::create_dir_all(parent).unwrap();
+            }
+            let _ = fs::remove_dir(at);
+            std::os::unix::fs::symlink(to, at).unwrap();
+        }
+        fn kill_all(&self) {
+            for m in self.table.lock().unwrap().iter_mut() {
+                m.dead = true;
+            }
+        }
+    }
+
+    impl Mounter for TempDirMounter {
+        fn probe(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn format(&self, _: &JuiceFsSecrets) -> Result<(), CsiError> {
+            Ok(())
+        }
+        fn mount_fs(&self, _: &JuiceFsSecrets, at: &Path, _: &[String]) -> Result<(), CsiError> {
+            Self::replace_with_link(at, &self.fs_root);
+            self.table.lock().unwrap().push(FakeMount {
+                at: at.to_path_buf(),
+                read_only: false,
+                dead: false,
+            });
+            self.fs_mounts.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn set_quota(&self, _: &JuiceFsSecrets, _: &str, _: u64) -> Result<(), CsiError> {
+            Ok(())
+        }
+        fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), CsiError> {
+            let real = fs::canonicalize(source).unwrap();
+            Self::replace_with_link(target, &real);
+            self.table.lock().unwrap().push(FakeMount {
+                at: target.to_path_buf(),
+                read_only,
+                dead: false,
+            });
+            Ok(())
+        }
+        fn unmount(&self, path: &Path, _lazy: bool) -> Result<(), CsiError> {
+            let mut t = self.table.lock().unwrap();
+            if let Some(i) = t.iter().rposition(|m| m.at == path) {
+                t.remove(i);
+                let _ = fs::remove_file(path);
+                fs::create_dir_all(path).unwrap();
+            }
+            Ok(())
+        }
+        fn mounts(&self) -> Result<Vec<MountEntry>, CsiError> {
+            Ok(self
+                .table
+                .lock()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, m)| MountEntry {
+                    mount_id: u32::try_from(i).unwrap(),
+                    parent_id: 1,
+                    major_minor: "0:99".into(),
+                    root: "/".into(),
+                    mount_point: m.at.clone(),
+                    mount_options: vec![if m.read_only { "ro" } else { "rw" }.into()],
+                    fs_type: "fuse.juicefs".into(),
+                    source: "JuiceFS:fake".into(),
+                    super_options: vec![],
+                })
+                .collect())
+        }
+        fn state(&self, path: &Path) -> Result<MountState, CsiError> {
+            let entries = self.mounts()?;
+            let t = self.table.lock().unwrap();
+            Ok(match t.iter().rposition(|m| m.at == path) {
+                None => MountState::NotMounted,
+                Some(i) if t[i].dead => MountState::Dead(entries[i].clone()),
+                Some(i) => MountState::Healthy(entries[i].clone()),
+            })
+        }
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        mounter: Arc<TempDirMounter>,
+        driver: Driver<TempDirMounter>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(TempDirMounter::new(dir.path().join("fs")));
+        let driver = driver_over(dir.path(), mounter.clone());
+        Fixture {
+            dir,
+            mounter,
+            driver,
+        }
+    }
+
+    fn driver_over(dir: &Path, mounter: Arc<TempDirMounter>) -> Driver<TempDirMounter> {
+        let config = Config {
+            node_id: "n1".into(),
+            state_dir: dir.join("state"),
+            mode: Mode::All,
+            watchdog_interval: Duration::from_millis(100),
+        };
+        Driver::new(config, mounter, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn secrets() -> HashMap<String, String> {
+        [("name", "fake"), ("metaurl", "redis://:pw@127.0.0.1:1/1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn cap(mode: AccessMode) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+            access_mode: Some(Am { mode: mode as i32 }),
+        }
+    }
+
+    impl Fixture {
+        fn p(&self, rel: &str) -> PathBuf {
+            self.dir.path().join(rel)
+        }
+        fn create(&self, name: &str, bytes: i64) -> Result<csi::Volume, CsiError> {
+            self.driver.create_volume(csi::CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap(AccessMode::MultiNodeMultiWriter)],
+                secrets: secrets(),
+                ..Default::default()
+            })
+        }
+        fn stage(&self, vol: &csi::Volume, staging: &str) -> Result<(), CsiError> {
+            self.driver.stage(csi::NodeStageVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                staging_target_path: self.p(staging).display().to_string(),
+                volume_capability: Some(cap(AccessMode::MultiNodeMultiWriter)),
+                secrets: secrets(),
+                volume_context: vol.volume_context.clone(),
+                ..Default::default()
+            })
+        }
+        fn publish(
+            &self,
+            vol: &csi::Volume,
+            staging: &str,
+            target: &str,
+            mode: AccessMode,
+        ) -> Result<(), CsiError> {
+            self.driver.publish(csi::NodePublishVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                staging_target_path: self.p(staging).display().to_string(),
+                target_path: self.p(target).display().to_string(),
+                volume_capability: Some(cap(mode)),
+                ..Default::default()
+            })
+        }
+    }
+
+    #[test]
+    fn create_is_idempotent_by_name_and_refuses_a_different_capacity() {
+        let f = fixture();
+        let v = f.create("pvc-a", 1 << 20).unwrap();
+        assert_eq!(f.create("pvc-a", 1 << 20).unwrap(), v);
+        assert!(matches!(
+            f.create("pvc-a", 2 << 20),
+            Err(CsiError::VolumeExistsIncompatible { .. })
+        ));
+        assert!(f.p("fs/pvc-a").is_dir());
+        assert_eq!(
+            f.mounter.fs_mounts.load(Ordering::SeqCst),
+            1,
+            "controller mounts once"
+        );
+    }
+
+    #[test]
+    fn delete_removes_the_directory_unless_the_volume_asked_to_be_retained() {
+        let f = fixture();
+        f.create("pvc-gone", 0).unwrap();
+        let mut keep = csi::CreateVolumeRequest {
+            name: "pvc-kept".into(),
+            volume_capabilities: vec![cap(AccessMode::MultiNodeReaderOnly)],
+            secrets: secrets(),
+            ..Default::default()
+        };
+        keep.parameters
+            .insert(validate::PARAM_ON_DELETE.into(), "retain".into());
+        f.driver.create_volume(keep).unwrap();
+        fs::write(f.p("fs/pvc-kept/data"), b"x").unwrap();
+        for id in ["pvc-gone", "pvc-kept", "pvc-gone", "pvc-never"] {
+            f.driver
+                .delete_volume(csi::DeleteVolumeRequest {
+                    volume_id: id.into(),
+                    secrets: secrets(),
+                })
+                .unwrap();
+        }
+        assert!(!f.p("fs/pvc-gone").exists());
+        assert!(f.p("fs/pvc-kept/data").exists());
+        assert!(!f.p("fs/.shoal-csi/pvc-kept.json").exists());
+    }
+
+    #[test]
+    fn probe_fails_when_the_state_dir_is_not_writable() {
+        let f = fixture();
+        assert!(f.driver.probe().is_ok());
+        fs::remove_dir_all(f.p("state")).unwrap();
+        fs::write(f.p("state"), b"now a file").unwrap();
+        assert!(f.driver.probe().is_err());
+    }
+
+    #[test]
+    fn staging_twice_mounts_once_and_reader_modes_publish_read_only() {
+        let f = fixture();
+        let v = f.create("pvc-b", 0).unwrap();
+        f.stage(&v, "stage").unwrap();
+        f.stage(&v, "stage").unwrap();
+        assert_eq!(
+            f.mounter.fs_mounts.load(Ordering::SeqCst),
+            2,
+            "controller + one stage"
+        );
+        f.publish(&v, "stage", "t-ro", AccessMode::MultiNodeReaderOnly)
+            .unwrap();
+        let t = f.mounter.table.lock().unwrap().clone();
+        assert!(t.iter().any(|m| m.at == f.p("t-ro") && m.read_only));
+        drop(t);
+        // Same target, now asked read-write: incompatible.
+        assert!(matches!(
+            f.publish(&v, "stage", "t-ro", AccessMode::MultiNodeMultiWriter),
+            Err(CsiError::TargetPublishedIncompatible { .. })
+        ));
+    }
+
+    #[test]
+    fn a_second_call_on_a_busy_volume_is_aborted_without_side_effects() {
+        let f = fixture();
+        let v = f.create("pvc-c", 0).unwrap();
+        let _held = f.driver.guard.try_acquire("pvc-c").unwrap();
+        assert!(matches!(
+            f.stage(&v, "stage"),
+            Err(CsiError::OperationInProgress { .. })
+        ));
+        assert!(f.driver.staged_snapshot().is_empty());
+    }
+
+    #[test]
+    fn reconcile_remounts_a_dead_stage_and_rebinds_every_target() {
+        let f = fixture();
+        let v = f.create("pvc-d", 0).unwrap();
+        f.stage(&v, "stage").unwrap();
+        f.publish(&v, "stage", "t1", AccessMode::MultiNodeMultiWriter)
+            .unwrap();
+        f.publish(&v, "stage", "t2", AccessMode::MultiNodeReaderOnly)
+            .unwrap();
+        assert_eq!(f.driver.reconcile(), 0, "healthy: nothing to do");
+        f.mounter.kill_all();
+        assert_eq!(f.driver.reconcile(), 1);
+        let t = f.mounter.table.lock().unwrap().clone();
+        assert!(t.iter().all(|m| !m.dead || m.at.starts_with(f.p("state"))));
+        assert!(
+            t.iter()
+                .any(|m| m.at == f.p("t2") && m.read_only && !m.dead)
+        );
+        assert!(
+            t.iter()
+                .any(|m| m.at == f.p("t1") && !m.read_only && !m.dead)
+        );
+        assert!(
+            f.driver
+                .metrics
+                .encode()
+                .contains("shoal_csi_remounts_total 1")
+        );
+    }
+
+    #[test]
+    fn a_restarted_driver_readopts_healthy_mounts_without_mounting_again() {
+        let f = fixture();
+        let v = f.create("pvc-e", 0).unwrap();
+        f.stage(&v, "stage").unwrap();
+        f.publish(&v, "stage", "t", AccessMode::MultiNodeMultiWriter)
+            .unwrap();
+        let before = f.mounter.fs_mounts.load(Ordering::SeqCst);
+        let again = driver_over(f.dir.path(), f.mounter.clone());
+        assert_eq!(again.reconcile(), 0);
+        assert_eq!(f.mounter.fs_mounts.load(Ordering::SeqCst), before);
+        assert_eq!(again.staged_snapshot()["pvc-e"], vec![f.p("t")]);
+        // Unstage while published is refused; after unpublish it succeeds.
+        let unstage = || {
+            again.unstage(csi::NodeUnstageVolumeRequest {
+                volume_id: "pvc-e".into(),
+                staging_target_path: f.p("stage").display().to_string(),
+            })
+        };
+        assert!(matches!(unstage(), Err(CsiError::StillPublished { .. })));
+        again
+            .unpublish(csi::NodeUnpublishVolumeRequest {
+                volume_id: "pvc-e".into(),
+                target_path: f.p("t").display().to_string(),
+            })
+            .unwrap();
+        unstage().unwrap();
+        unstage().unwrap();
     }
 }

@@ -351,3 +351,25 @@ impl Mounter for JuiceFsMounter {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn probe_reports_a_missing_juicefs_binary() {
+        let m = JuiceFsMounter::new("/nonexistent/juicefs".into(), std::env::temp_dir());
+        let err = m.probe().unwrap_err();
+        assert!(err.contains("/nonexistent/juicefs"), "{err}");
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_mount_point_is_not_mounted() {
+        let table = mountinfo::read_self().unwrap_or_default();
+        assert_eq!(
+            classify(&table, Path::new("/definitely/not/mounted")),
+            MountState::NotMounted
+        );
+    }
+}
