@@ -2,3 +2,4 @@
 //! dependencies; the role and API adapters live beside it.
 
 pub mod core;
+pub mod bench;
