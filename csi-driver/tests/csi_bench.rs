@@ -144,8 +144,8 @@ async fn csi_driver_figures() {
     let target = env.path("warm/t0");
     let direct = staging.join(&vol.volume_id);
     let (mut wt, mut wd, mut rt, mut rd) = (vec![], vec![], vec![], vec![]);
-    // Writes: 4 rounds in the order t d | d t | t d | d t, so neither path is favoured.
-    for round in 0..4 {
+    // Writes: 8 rounds in the order t d | d t | t d | ..., so neither path is favoured.
+    for round in 0..8 {
         let ft = target.join(format!("seq-t-{round}.bin"));
         let fd = direct.join(format!("seq-d-{round}.bin"));
         if round % 2 == 0 {
@@ -164,7 +164,7 @@ async fn csi_driver_figures() {
     write_seq(&shared);
     let shared_direct = direct.join("seq-read.bin");
     read_seq(&shared_direct);
-    for round in 0..6 {
+    for round in 0..10 {
         if round % 2 == 0 {
             rt.push(read_seq(&shared));
             rd.push(read_seq(&shared_direct));
@@ -174,13 +174,29 @@ async fn csi_driver_figures() {
         }
     }
     std::fs::remove_file(&shared).unwrap();
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "write samples MiB/s: target [{}] direct [{}]",
+        fmt(&wt),
+        fmt(&wd)
+    );
+    println!(
+        "read samples MiB/s: target [{}] direct [{}]",
+        fmt(&rt),
+        fmt(&rd)
+    );
     let (wt, wd, rt, rd) = (median(wt), median(wd), median(rt), median(rd));
     println!(
-        "sequential write {FILE_MIB} MiB (1 MiB blocks + fsync), median of 4: target {wt:.0} MiB/s, direct {wd:.0} MiB/s, ratio {:.3}",
+        "sequential write {FILE_MIB} MiB (1 MiB blocks + fsync), median of 8: target {wt:.0} MiB/s, direct {wd:.0} MiB/s, ratio {:.3}",
         wt / wd
     );
     println!(
-        "sequential read {FILE_MIB} MiB (1 MiB blocks, same file both ways), median of 6: target {rt:.0} MiB/s, direct {rd:.0} MiB/s, ratio {:.3}",
+        "sequential read {FILE_MIB} MiB (1 MiB blocks, same file both ways), median of 10: target {rt:.0} MiB/s, direct {rd:.0} MiB/s, ratio {:.3}",
         rt / rd
     );
 
