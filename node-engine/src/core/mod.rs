@@ -3,5 +3,6 @@
 
 pub mod bitset;
 pub mod distance;
+pub mod filter;
 pub mod index;
 pub mod types;
