@@ -191,6 +191,18 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time (user + system, all threads) this process has used so far, where the OS reports it
+/// (`/proc/self/stat`, in the fixed 100 Hz USER_HZ units Linux exposes). On a shared machine the
+/// CPU seconds of a run say more about a kernel's efficiency than its wall time does.
+pub fn process_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 /// One combination of search knobs, with its JSON form for the output line.
 fn sweep(spec: &str) -> anyhow::Result<Vec<(SearchParams, Value)>> {
     let v: Value = serde_json::from_str(spec)
@@ -347,17 +359,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(nq >= 1, "no queries to run");
     let qdata = &queries.data[..nq * dim];
     for (sp, sp_json) in settings {
-        let (runs, lat_sorted, found) = pool.install(|| -> anyhow::Result<_> {
+        let (runs, cpu, lat_sorted, found) = pool.install(|| -> anyhow::Result<_> {
             match args.mode {
                 Mode::Single => {
                     for q in qdata.chunks_exact(dim).take(10) {
                         index.search(q, args.k, &sp, None)?;
                     }
                     let mut runs = Vec::new();
+                    let mut cpu = Vec::new();
                     let mut lats: Vec<Vec<f64>> = Vec::new();
                     let mut found = Vec::with_capacity(nq);
                     for rep in 0..args.reps {
                         let mut lat = Vec::with_capacity(nq);
+                        let c0 = process_cpu_s();
                         let t0 = Instant::now();
                         for q in qdata.chunks_exact(dim) {
                             let t = Instant::now();
@@ -368,6 +382,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                             }
                         }
                         runs.push(t0.elapsed().as_secs_f64());
+                        cpu.push(process_cpu_s().zip(c0).map(|(b, a)| b - a));
                         lats.push(lat);
                     }
                     // latencies of the median run
@@ -375,23 +390,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let pick = runs.iter().position(|r| *r == med).unwrap_or(0);
                     let mut lat = lats.swap_remove(pick);
                     lat.sort_by(f64::total_cmp);
-                    Ok((runs, lat, found))
+                    Ok((runs, cpu, lat, found))
                 }
                 Mode::Batch => {
                     index.search(&qdata[..dim * nq.min(200)], args.k, &sp, None)?;
                     let mut runs = Vec::new();
+                    let mut cpu = Vec::new();
                     let mut found = Vec::new();
                     for _ in 0..args.reps {
+                        let c0 = process_cpu_s();
                         let t0 = Instant::now();
                         let r = index.search(qdata, args.k, &sp, None)?;
                         runs.push(t0.elapsed().as_secs_f64());
+                        cpu.push(process_cpu_s().zip(c0).map(|(b, a)| b - a));
                         found = r;
                     }
-                    Ok((runs, Vec::new(), found))
+                    Ok((runs, cpu, Vec::new(), found))
                 }
             }
         })?;
         let med = median(&runs);
+        let cpu_known: Vec<f64> = cpu.iter().flatten().copied().collect();
+        let flop = 2.0 * dim as f64 * n_base as f64 * nq as f64;
+        let gflops_per_cpu_s = (cpu_known.len() == runs.len() && median(&cpu_known) > 0.0)
+            .then(|| round(flop / median(&cpu_known) / 1e9, 1));
         let recall = recall_at_k(&ids(&found), &truth, args.k);
         let (p50, p99) = match args.mode {
             Mode::Single => (
@@ -416,7 +438,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "p50_us": p50,
             "p99_us": p99,
             "runs_s": runs.iter().map(|r| round(*r, 4)).collect::<Vec<_>>(),
-            "gflops": round(2.0 * dim as f64 * n_base as f64 * nq as f64 / med / 1e9, 1),
+            "cpu_s": cpu.iter().map(|c| c.map(|c| round(c, 2))).collect::<Vec<_>>(),
+            "gflops": round(flop / med / 1e9, 1),
+            "gflops_per_cpu_s": gflops_per_cpu_s,
             "build_s": round(build_s, 3),
             "index_bytes": index.memory_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),

@@ -120,7 +120,7 @@ pub fn search_slice(
     filter: Option<&Bitset>,
 ) -> Result<Vec<Vec<Neighbor>>, IndexError> {
     check_shape(data.len(), dim)?;
-    let nq = if dim == 0 { 0 } else { queries.len() / dim };
+    let nq = queries.len().checked_div(dim).unwrap_or(0);
     // Per-row terms are only worth computing when a batch will use them many times.
     let terms = if nq >= BATCH_MIN_QUERIES || metric == Metric::COSINE {
         row_terms(data, dim, metric)
@@ -143,7 +143,7 @@ fn check_shape(len: usize, dim: usize) -> Result<(), IndexError> {
             reason: "must be at least 1".into(),
         });
     }
-    if len % dim != 0 {
+    if !len.is_multiple_of(dim) {
         return Err(IndexError::InvalidParam {
             name: "data".into(),
             reason: format!("{len} floats is not a whole number of {dim}-d rows"),
@@ -193,10 +193,10 @@ impl View<'_> {
         k: usize,
         filter: Option<&Bitset>,
     ) -> Result<Vec<Vec<Neighbor>>, IndexError> {
-        if queries.len() % self.dim != 0 {
+        if !queries.len().is_multiple_of(self.dim) {
             return Err(IndexError::DimensionMismatch {
                 expected: self.dim,
-                got: queries.len() % self.dim,
+                got: queries.len(),
             });
         }
         let nq = queries.len() / self.dim;
