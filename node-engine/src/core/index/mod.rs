@@ -11,6 +11,19 @@
 
 pub mod flat;
 
+#[cfg(test)]
+mod ann_tests;
+mod common;
+pub mod hnsw;
+pub mod ivf;
+pub mod kmeans;
+pub mod persist;
+mod registry;
+
+pub use registry::{
+    INDEX_FILE, MAX_EF, build, load, validate_build_params, validate_build_params_for_dim, validate_search_params,
+};
+
 use crate::core::bitset::Bitset;
 use crate::core::types::{IndexType, Metric, Neighbor};
 use std::path::Path;
