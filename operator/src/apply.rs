@@ -79,9 +79,7 @@ impl ApplyError {
             ApplyError::Get { .. } => "read",
             ApplyError::Apply { .. } => "apply",
             ApplyError::CreateSecret { .. } => "secret",
-            ApplyError::SecretKeyMissing { .. } | ApplyError::SecretMissing { .. } => {
-                "user_secret"
-            }
+            ApplyError::SecretKeyMissing { .. } | ApplyError::SecretMissing { .. } => "user_secret",
             ApplyError::ListOrphans { .. } | ApplyError::DeleteOrphan { .. } => "orphans",
         }
     }
@@ -137,8 +135,7 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
 }
 
 async fn read_secret(api: &Api<Secret>, name: &str) -> Result<Secret, ApplyError> {
-    api
-        .get_opt(name)
+    api.get_opt(name)
         .await
         .map_err(|source| ApplyError::Get {
             kind: "Secret",
@@ -190,16 +187,18 @@ pub async fn gather_inputs(
                 Ok(_) => (creds, true),
                 // Created concurrently (another reconcile): use what is there, never overwrite.
                 Err(kube::Error::Api(s)) if s.code == 409 => {
-                    let s = secrets.get(&gen_name).await.map_err(|source| ApplyError::Get {
-                        kind: "Secret",
-                        name: gen_name.clone(),
-                        source,
-                    })?;
-                    let c =
-                        Credentials::from_secret(&s).ok_or(ApplyError::SecretKeyMissing {
+                    let s = secrets
+                        .get(&gen_name)
+                        .await
+                        .map_err(|source| ApplyError::Get {
+                            kind: "Secret",
                             name: gen_name.clone(),
-                            key: crate::names::KEY_REDIS_PASSWORD.into(),
+                            source,
                         })?;
+                    let c = Credentials::from_secret(&s).ok_or(ApplyError::SecretKeyMissing {
+                        name: gen_name.clone(),
+                        key: crate::names::KEY_REDIS_PASSWORD.into(),
+                    })?;
                     (c, false)
                 }
                 Err(source) => {
@@ -319,7 +318,8 @@ pub fn writer_rolled_out(sts: &StatefulSet) -> bool {
     let generation = sts.metadata.generation;
     let Some(st) = &sts.status else { return false };
     let want = sts.spec.replicas.unwrap_or(1);
-    st.observed_generation.is_some() && st.observed_generation >= generation
+    st.observed_generation.is_some()
+        && st.observed_generation >= generation
         && st.updated_replicas.unwrap_or(0) >= want
         && st.ready_replicas.unwrap_or(0) >= want
         && (st.update_revision.is_none() || st.current_revision == st.update_revision)
@@ -474,7 +474,11 @@ pub async fn sweep_orphans(
 /// Under `reclaimPolicy: Delete`: deletes the cluster's claims (shared volume and the
 /// StatefulSets' data volumes); the shared PersistentVolume then follows its `Delete` reclaim
 /// policy through the CSI driver. Returns the deleted claim names.
-pub async fn delete_data(client: &Client, vc_name: &str, namespace: &str) -> Result<Vec<String>, kube::Error> {
+pub async fn delete_data(
+    client: &Client,
+    vc_name: &str,
+    namespace: &str,
+) -> Result<Vec<String>, kube::Error> {
     let names = crate::names::Names::new(vc_name, namespace);
     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let lp = ListParams::default().labels(&names.cluster_selector());

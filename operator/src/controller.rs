@@ -89,7 +89,14 @@ impl Context {
         }
     }
 
-    async fn event(&self, vc: &VectorCluster, type_: EventType, reason: &str, action: &str, note: String) {
+    async fn event(
+        &self,
+        vc: &VectorCluster,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let ev = Event {
             type_,
             reason: reason.into(),
@@ -109,7 +116,10 @@ fn now() -> Time {
 }
 
 /// Reconciles one VectorCluster, recording metrics.
-pub async fn reconcile(vc: Arc<VectorCluster>, ctx: Arc<Context>) -> Result<Requeue, ReconcileError> {
+pub async fn reconcile(
+    vc: Arc<VectorCluster>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, ReconcileError> {
     let start = Instant::now();
     let res = reconcile_inner(&vc, &ctx).await;
     let took = start.elapsed();
@@ -129,9 +139,9 @@ pub async fn reconcile(vc: Arc<VectorCluster>, ctx: Arc<Context>) -> Result<Requ
 pub fn error_policy(_vc: Arc<VectorCluster>, err: &ReconcileError, _ctx: Arc<Context>) -> Requeue {
     tracing::warn!(error = %err, category = err.category(), "reconcile failed");
     match err {
-        ReconcileError::Apply(ApplyError::SecretMissing { .. } | ApplyError::SecretKeyMissing { .. }) => {
-            Requeue::requeue(Duration::from_secs(30))
-        }
+        ReconcileError::Apply(
+            ApplyError::SecretMissing { .. } | ApplyError::SecretKeyMissing { .. },
+        ) => Requeue::requeue(Duration::from_secs(30)),
         ReconcileError::Apply(_)
         | ReconcileError::PatchStatus { .. }
         | ReconcileError::Finalizer { .. }
@@ -159,13 +169,21 @@ async fn patch_status_if_changed(
         return Ok(false);
     }
     let name = vc.name_any();
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": new })))
-        .await
-        .map_err(|source| ReconcileError::PatchStatus { name, source })?;
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": new })),
+    )
+    .await
+    .map_err(|source| ReconcileError::PatchStatus { name, source })?;
     Ok(true)
 }
 
-async fn set_finalizers(api: &Api<VectorCluster>, vc: &VectorCluster, finalizers: Vec<String>) -> Result<(), ReconcileError> {
+async fn set_finalizers(
+    api: &Api<VectorCluster>,
+    vc: &VectorCluster,
+    finalizers: Vec<String>,
+) -> Result<(), ReconcileError> {
     let name = vc.name_any();
     // resourceVersion makes this a compare-and-swap: a concurrent change gets 409, and we retry.
     let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": vc.resource_version() } });
@@ -186,13 +204,31 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
     if vc.meta().deletion_timestamp.is_some() {
         if has_finalizer {
             if wants_finalizer {
-                let deleted = apply::delete_data(&ctx.client, &name, &ns)
-                    .await
-                    .map_err(|source| ReconcileError::DeleteData { name: name.clone(), source })?;
-                ctx.event(vc, EventType::Normal, "DeletedData", "Delete",
-                    format!("reclaimPolicy Delete: deleted volume claims {}", deleted.join(", "))).await;
+                let deleted =
+                    apply::delete_data(&ctx.client, &name, &ns)
+                        .await
+                        .map_err(|source| ReconcileError::DeleteData {
+                            name: name.clone(),
+                            source,
+                        })?;
+                ctx.event(
+                    vc,
+                    EventType::Normal,
+                    "DeletedData",
+                    "Delete",
+                    format!(
+                        "reclaimPolicy Delete: deleted volume claims {}",
+                        deleted.join(", ")
+                    ),
+                )
+                .await;
             }
-            let rest = vc.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+            let rest = vc
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
             set_finalizers(&api, vc, rest).await?;
         }
         return Ok(Outcome::Deleted);
@@ -204,14 +240,26 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
         Err(e) => {
             let st = status::invalid_status(&e, generation, vc.status.as_ref(), &now());
             if patch_status_if_changed(&api, vc, &st).await? {
-                ctx.event(vc, EventType::Warning, "InvalidSpec", "Validate", e.to_string()).await;
+                ctx.event(
+                    vc,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    "Validate",
+                    e.to_string(),
+                )
+                .await;
             }
             return Ok(Outcome::Invalid);
         }
     };
 
     if wants_finalizer != has_finalizer {
-        let mut f: Vec<String> = vc.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+        let mut f: Vec<String> = vc
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
         if wants_finalizer {
             f.push(FINALIZER.into());
         }
@@ -219,8 +267,10 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
     }
 
     let result = async {
-        let (inputs, created_secret) =
-            apply::gather_inputs(&ctx.client, &valid, || Credentials::generate(&mut rand::rng())).await?;
+        let (inputs, created_secret) = apply::gather_inputs(&ctx.client, &valid, || {
+            Credentials::generate(&mut rand::rng())
+        })
+        .await?;
         let desired = build::build_all(&valid, &inputs);
         let sweep = vc.status.as_ref().and_then(|s| s.observed_generation) != Some(generation);
         let report = apply::apply_all(&ctx.client, &valid, &desired, sweep).await?;
@@ -231,7 +281,8 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
         Ok(r) => r,
         Err(e) => {
             let msg = e.to_string();
-            ctx.event(vc, EventType::Warning, "ApplyFailed", "Apply", msg.clone()).await;
+            ctx.event(vc, EventType::Warning, "ApplyFailed", "Apply", msg.clone())
+                .await;
             let st = status::failed_apply_status(&msg, generation, vc.status.as_ref(), &now());
             // The apply error is what matters; a status failure here would only hide it.
             if let Err(se) = patch_status_if_changed(&api, vc, &st).await {
@@ -246,16 +297,43 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
         created.insert(0, format!("Secret {}", valid.names.generated_secret()));
     }
     if !created.is_empty() {
-        ctx.event(vc, EventType::Normal, "Created", "Apply", format!("created {}", created.join(", "))).await;
+        ctx.event(
+            vc,
+            EventType::Normal,
+            "Created",
+            "Apply",
+            format!("created {}", created.join(", ")),
+        )
+        .await;
     }
     let updated = report.names_with(Action::Updated);
     if !updated.is_empty() {
-        ctx.event(vc, EventType::Normal, "Updated", "Apply", format!("updated {}", updated.join(", "))).await;
+        ctx.event(
+            vc,
+            EventType::Normal,
+            "Updated",
+            "Apply",
+            format!("updated {}", updated.join(", ")),
+        )
+        .await;
     }
     if !report.deleted.is_empty() {
-        let d: Vec<String> = report.deleted.iter().map(|(k, n)| format!("{k} {n}")).collect();
-        ctx.event(vc, EventType::Normal, "DeletedOrphans", "Delete",
-            format!("deleted objects the spec no longer asks for: {}", d.join(", "))).await;
+        let d: Vec<String> = report
+            .deleted
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        ctx.event(
+            vc,
+            EventType::Normal,
+            "DeletedOrphans",
+            "Delete",
+            format!(
+                "deleted objects the spec no longer asks for: {}",
+                d.join(", ")
+            ),
+        )
+        .await;
     }
     let st = status::compute_status(&valid, &report, vc.status.as_ref(), &now());
     let ready = st.phase == Some(crate::crd::Phase::Running);

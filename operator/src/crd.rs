@@ -24,6 +24,8 @@ pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// A Shoal vector search cluster: one writer, N (GPU) readers and a router sharing one JuiceFS
 /// filesystem, with MySQL for the catalogue and Redis for JuiceFS metadata (managed or external).
+// clippy reads the repeated `printcolumn(type_ = ...)` keys of kube's attribute as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "shoal.dev",
@@ -57,7 +59,11 @@ pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
         json_path = ".status.phase",
         description = "Lifecycle phase"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VectorClusterSpec {

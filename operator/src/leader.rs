@@ -55,7 +55,8 @@ pub fn decide(lease: Option<&Lease>, identity: &str, now: Timestamp) -> Decision
         Some(h) if h == identity => Decision::Renew,
         None | Some("") => Decision::TakeOver,
         Some(_) => {
-            let dur = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
+            let dur =
+                SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
             match spec.renew_time.or(spec.acquire_time) {
                 Some(MicroTime(t)) if t + dur > now => Decision::Wait,
                 _ => Decision::TakeOver,
@@ -73,7 +74,13 @@ pub struct LeaderElector {
 }
 
 impl LeaderElector {
-    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             name: name.into(),
@@ -98,14 +105,14 @@ impl LeaderElector {
     /// Errors: API failures other than a lost race (409), which is `Ok(false)`.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, LeaderError> {
         let now = Timestamp::now();
-        let current = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|source| LeaderError::ReadLease {
-                name: self.name.clone(),
-                source,
-            })?;
+        let current =
+            self.api
+                .get_opt(&self.name)
+                .await
+                .map_err(|source| LeaderError::ReadLease {
+                    name: self.name.clone(),
+                    source,
+                })?;
         let write = match (decide(current.as_ref(), &self.identity, now), current) {
             (Decision::Wait, _) => return Ok(false),
             (Decision::Create, _) | (_, None) => {
@@ -122,12 +129,16 @@ impl LeaderElector {
                 let old = lease.spec.clone().unwrap_or_default();
                 let acquire = old.acquire_time.map(|t| t.0).unwrap_or(now);
                 lease.spec = Some(self.spec(now, acquire, old.lease_transitions.unwrap_or(0)));
-                self.api.replace(&self.name, &PostParams::default(), &lease).await
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
             }
             (Decision::TakeOver, Some(mut lease)) => {
                 let old = lease.spec.clone().unwrap_or_default();
                 lease.spec = Some(self.spec(now, now, old.lease_transitions.unwrap_or(0) + 1));
-                self.api.replace(&self.name, &PostParams::default(), &lease).await
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
             }
         };
         match write {
@@ -200,8 +211,14 @@ mod tests {
     fn a_live_lease_held_by_another_replica_is_respected_until_it_expires() {
         let t0 = Timestamp::from_second(1_000_000).unwrap();
         let l = lease("other", t0);
-        assert_eq!(decide(Some(&l), "me", t0 + SignedDuration::from_secs(14)), Decision::Wait);
-        assert_eq!(decide(Some(&l), "me", t0 + SignedDuration::from_secs(16)), Decision::TakeOver);
+        assert_eq!(
+            decide(Some(&l), "me", t0 + SignedDuration::from_secs(14)),
+            Decision::Wait
+        );
+        assert_eq!(
+            decide(Some(&l), "me", t0 + SignedDuration::from_secs(16)),
+            Decision::TakeOver
+        );
         assert_eq!(decide(Some(&l), "other", t0), Decision::Renew);
         assert_eq!(decide(None, "me", t0), Decision::Create);
     }

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use shoal_operator::{controller, crd, leader::LeaderElector, metrics};
 
 #[derive(Parser)]
-#[command(name = "shoal-operator", version, about = "Kubernetes operator for Shoal VectorClusters")]
+#[command(
+    name = "shoal-operator",
+    version,
+    about = "Kubernetes operator for Shoal VectorClusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,9 +77,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
     tracing::info!(addr = %args.metrics_addr, "serving /metrics and /healthz");
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        format!("shoal-operator-{}", std::process::id())
-    });
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("shoal-operator-{}", std::process::id()));
     if args.no_leader_election {
         metrics.leader.store(true, Ordering::Relaxed);
         tokio::select! {

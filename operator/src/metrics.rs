@@ -73,9 +73,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn observe(&self, result: &'static str, category: Option<&'static str>, took: Duration) {
-        self.reconciles.get_or_create(&ResultLabels { result }).inc();
+        self.reconciles
+            .get_or_create(&ResultLabels { result })
+            .inc();
         if let Some(category) = category {
-            self.errors.get_or_create(&CategoryLabels { category }).inc();
+            self.errors
+                .get_or_create(&CategoryLabels { category })
+                .inc();
         }
         self.duration.observe(took.as_secs_f64());
     }
@@ -133,8 +137,14 @@ mod tests {
         m.observe("ok", None, Duration::from_millis(1));
         m.leader.store(true, Ordering::Relaxed);
         let text = m.render();
-        assert!(text.contains("shoal_operator_reconcile_errors_total{category=\"apply\"} 1"), "{text}");
-        assert!(text.contains("shoal_operator_reconciles_total{result=\"ok\"} 1"), "{text}");
+        assert!(
+            text.contains("shoal_operator_reconcile_errors_total{category=\"apply\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shoal_operator_reconciles_total{result=\"ok\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("shoal_operator_leader 1"), "{text}");
     }
 }

@@ -161,7 +161,10 @@ impl Names {
 
     /// Labels that select every object of this cluster (orphan sweep, cleanup).
     pub fn cluster_selector(&self) -> String {
-        format!("{LABEL_CLUSTER}={},{LABEL_MANAGED_BY}={MANAGED_BY}", self.cluster)
+        format!(
+            "{LABEL_CLUSTER}={},{LABEL_MANAGED_BY}={MANAGED_BY}",
+            self.cluster
+        )
     }
     /// Labels on every object of a component.
     pub fn labels(&self, component: Component) -> BTreeMap<String, String> {

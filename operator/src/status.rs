@@ -67,9 +67,7 @@ pub fn merge_conditions(
 }
 
 fn sts_ready(s: Option<&StatefulSet>) -> (i32, i32) {
-    let want = s
-        .and_then(|s| s.spec.replicas)
-        .unwrap_or(1);
+    let want = s.and_then(|s| s.spec.replicas).unwrap_or(1);
     let ready = s
         .and_then(|s| s.status.as_ref())
         .and_then(|s| s.ready_replicas)
@@ -79,9 +77,7 @@ fn sts_ready(s: Option<&StatefulSet>) -> (i32, i32) {
 
 /// `(replicas, ready, updated, want)` of a Deployment.
 fn deploy_counts(d: Option<&Deployment>) -> (i32, i32, i32, i32) {
-    let want = d
-        .and_then(|d| d.spec.replicas)
-        .unwrap_or(1);
+    let want = d.and_then(|d| d.spec.replicas).unwrap_or(1);
     let st = d.and_then(|d| d.status.as_ref());
     (
         st.and_then(|s| s.replicas).unwrap_or(0),
@@ -109,7 +105,12 @@ pub fn compute_status(
         MetadataSource::Managed(_) => {
             let (ready, want) = sts_ready(obs.mysql.as_ref());
             if ready >= want {
-                cond(METADATA_READY, true, "MysqlReady", "managed MariaDB is ready")
+                cond(
+                    METADATA_READY,
+                    true,
+                    "MysqlReady",
+                    "managed MariaDB is ready",
+                )
             } else {
                 cond(
                     METADATA_READY,
@@ -237,7 +238,12 @@ pub fn compute_status(
             ),
         )
     } else if !all_ok {
-        cond(PROGRESSING, true, "Rollout", "waiting for pods to become ready")
+        cond(
+            PROGRESSING,
+            true,
+            "Rollout",
+            "waiting for pods to become ready",
+        )
     } else {
         cond(PROGRESSING, false, "Stable", "nothing to change")
     };
@@ -291,10 +297,16 @@ pub fn invalid_status(
     let mut st = previous.cloned().unwrap_or_default();
     let computed = [
         cond(READY, false, err.reason(), err.to_string()),
-        cond(PROGRESSING, false, "InvalidSpec", "fix the spec; nothing is applied until then"),
+        cond(
+            PROGRESSING,
+            false,
+            "InvalidSpec",
+            "fix the spec; nothing is applied until then",
+        ),
     ];
     let merged = merge_conditions(&st.conditions, &computed, generation, now);
-    st.conditions.retain(|c| c.type_ != READY && c.type_ != PROGRESSING);
+    st.conditions
+        .retain(|c| c.type_ != READY && c.type_ != PROGRESSING);
     st.conditions.extend(merged);
     st.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
     st.phase = Some(Phase::Failed);
@@ -309,7 +321,12 @@ pub fn failed_apply_status(
     now: &Time,
 ) -> VectorClusterStatus {
     let mut st = previous.cloned().unwrap_or_default();
-    let computed = [cond(PROGRESSING, true, "ApplyFailed", format!("{message}; retrying"))];
+    let computed = [cond(
+        PROGRESSING,
+        true,
+        "ApplyFailed",
+        format!("{message}; retrying"),
+    )];
     let merged = merge_conditions(&st.conditions, &computed, generation, now);
     st.conditions.retain(|c| c.type_ != PROGRESSING);
     st.conditions.extend(merged);

@@ -4,7 +4,9 @@
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Container, Secret, Service};
 use shoal_operator::build::secret::Credentials;
-use shoal_operator::build::{Desired, DesiredState, Inputs, build_all, secret::build_generated_secret};
+use shoal_operator::build::{
+    Desired, DesiredState, Inputs, build_all, secret::build_generated_secret,
+};
 use shoal_operator::crd::VectorCluster;
 use shoal_operator::names::{ANNOTATION_APPLIED_HASH, ANNOTATION_CONFIG_HASH, CSI_DRIVER};
 use shoal_operator::validate::{ValidatedCluster, ValidationError, validate};
@@ -67,7 +69,10 @@ fn secret_str(s: &Secret, key: &str) -> String {
     String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap()
 }
 fn order(d: &DesiredState) -> Vec<String> {
-    d.objects.iter().map(|o| format!("{} {}", o.kind(), o.name())).collect()
+    d.objects
+        .iter()
+        .map(|o| format!("{} {}", o.kind(), o.name()))
+        .collect()
 }
 
 #[test]
@@ -95,14 +100,30 @@ fn minimal_cluster_builds_dependencies_before_the_engine_in_a_fixed_order() {
     );
     for o in &d.objects {
         let m = o.meta();
-        assert!(m.annotations.as_ref().unwrap().contains_key(ANNOTATION_APPLIED_HASH), "{}", o.name());
+        assert!(
+            m.annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(ANNOTATION_APPLIED_HASH),
+            "{}",
+            o.name()
+        );
         assert_eq!(m.labels.as_ref().unwrap()["shoal.dev/cluster"], "demo");
-        assert_eq!(m.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "shoal-operator");
+        assert_eq!(
+            m.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"],
+            "shoal-operator"
+        );
         if o.kind() == "PersistentVolume" {
-            assert!(m.owner_references.is_none() && m.namespace.is_none(), "PV is cluster-scoped");
+            assert!(
+                m.owner_references.is_none() && m.namespace.is_none(),
+                "PV is cluster-scoped"
+            );
         } else {
             let owner = &m.owner_references.as_ref().unwrap()[0];
-            assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("VectorCluster", "demo"));
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str()),
+                ("VectorCluster", "demo")
+            );
             assert_eq!(owner.uid, "6f1c1a2e-0000-4000-8000-000000000001");
             assert_eq!(owner.controller, Some(true));
             assert_eq!(m.namespace.as_deref(), Some("shoal"));
@@ -126,22 +147,66 @@ fn managed_mysql_and_redis_take_passwords_from_the_generated_secret() {
     let c = container(spec.template.spec.as_ref());
     assert_eq!(c.image.as_deref(), Some("mariadb:11.4"));
     let env = c.env.as_ref().unwrap();
-    let root = env.iter().find(|e| e.name == "MARIADB_ROOT_PASSWORD").unwrap();
-    let sel = root.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
-    assert_eq!((sel.name.as_str(), sel.key.as_str()), ("demo-credentials", "mysql-root-password"));
+    let root = env
+        .iter()
+        .find(|e| e.name == "MARIADB_ROOT_PASSWORD")
+        .unwrap();
+    let sel = root
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (sel.name.as_str(), sel.key.as_str()),
+        ("demo-credentials", "mysql-root-password")
+    );
     let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
-    assert_eq!(claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "10Gi");
-    assert_eq!(svc(&d, "demo-mysql").spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port, 3306);
+    assert_eq!(
+        claim
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0,
+        "10Gi"
+    );
+    assert_eq!(
+        svc(&d, "demo-mysql")
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_ref()
+            .unwrap()[0]
+            .port,
+        3306
+    );
 
     let redis = sts(&d, "demo-redis");
     let rc = container(redis.spec.template.spec.as_ref());
     let args = rc.args.as_ref().unwrap().join(" ");
-    assert!(args.contains("--appendonly yes") && args.contains("--requirepass $(REDIS_PASSWORD)"), "{args}");
-    assert!(!args.contains("redispw"), "password must not be in the spec");
+    assert!(
+        args.contains("--appendonly yes") && args.contains("--requirepass $(REDIS_PASSWORD)"),
+        "{args}"
+    );
+    assert!(
+        !args.contains("redispw"),
+        "password must not be in the spec"
+    );
 
-    let gen = build_generated_secret(&v, &creds());
-    assert_eq!(secret_str(&gen, "meta-uri"), "mysql://shoal:userpw@demo-mysql.shoal.svc:3306/shoal");
-    assert_eq!(secret_str(&gen, "redis-password"), "redispw");
+    let generated = build_generated_secret(&v, &creds());
+    assert_eq!(
+        secret_str(&generated, "meta-uri"),
+        "mysql://shoal:userpw@demo-mysql.shoal.svc:3306/shoal"
+    );
+    assert_eq!(secret_str(&generated, "redis-password"), "redispw");
 }
 
 #[test]
@@ -149,9 +214,15 @@ fn juicefs_secret_uses_the_csi_field_names_and_the_managed_redis_url() {
     let (_, d) = build("minimal.yaml", &inputs(None, true));
     let s = secret(&d, "demo-juicefs");
     assert_eq!(secret_str(s, "name"), "shoal-demo");
-    assert_eq!(secret_str(s, "metaurl"), "redis://:redispw@demo-redis.shoal.svc:6379/1");
+    assert_eq!(
+        secret_str(s, "metaurl"),
+        "redis://:redispw@demo-redis.shoal.svc:6379/1"
+    );
     assert_eq!(secret_str(s, "storage"), "minio");
-    assert_eq!(secret_str(s, "bucket"), "http://minio.storage.svc:9000/shoal");
+    assert_eq!(
+        secret_str(s, "bucket"),
+        "http://minio.storage.svc:9000/shoal"
+    );
     assert_eq!(secret_str(s, "access-key"), "AK");
     assert_eq!(secret_str(s, "secret-key"), "SK");
     assert!(!s.data.as_ref().unwrap().contains_key("format-options"));
@@ -160,16 +231,31 @@ fn juicefs_secret_uses_the_csi_field_names_and_the_managed_redis_url() {
 #[test]
 fn shared_volume_is_a_static_rwx_csi_volume_bound_to_its_claim() {
     let (_, d) = build("minimal.yaml", &inputs(None, true));
-    let Some(Desired::PersistentVolume(pv)) = d.get("PersistentVolume", "shoal-shoal-demo-data") else { panic!() };
+    let Some(Desired::PersistentVolume(pv)) = d.get("PersistentVolume", "shoal-shoal-demo-data")
+    else {
+        panic!()
+    };
     let spec = pv.spec.as_ref().unwrap();
     let csi = spec.csi.as_ref().unwrap();
     assert_eq!(csi.driver, CSI_DRIVER);
     assert_eq!(csi.volume_handle, "shoal-demo");
-    assert_eq!(csi.node_stage_secret_ref.as_ref().unwrap().name.as_deref(), Some("demo-juicefs"));
+    assert_eq!(
+        csi.node_stage_secret_ref.as_ref().unwrap().name.as_deref(),
+        Some("demo-juicefs")
+    );
     assert_eq!(spec.access_modes.as_ref().unwrap(), &["ReadWriteMany"]);
-    assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Retain"));
-    assert_eq!(spec.claim_ref.as_ref().unwrap().name.as_deref(), Some("demo-data"));
-    let Some(Desired::PersistentVolumeClaim(pvc)) = d.get("PersistentVolumeClaim", "demo-data") else { panic!() };
+    assert_eq!(
+        spec.persistent_volume_reclaim_policy.as_deref(),
+        Some("Retain")
+    );
+    assert_eq!(
+        spec.claim_ref.as_ref().unwrap().name.as_deref(),
+        Some("demo-data")
+    );
+    let Some(Desired::PersistentVolumeClaim(pvc)) = d.get("PersistentVolumeClaim", "demo-data")
+    else {
+        panic!()
+    };
     let ps = pvc.spec.as_ref().unwrap();
     assert_eq!(ps.volume_name.as_deref(), Some("shoal-shoal-demo-data"));
     assert_eq!(ps.storage_class_name.as_deref(), Some(""));
@@ -186,24 +272,80 @@ fn writer_is_one_replica_with_rw_data_wal_claim_and_engine_probes() {
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "cpu");
     let c = &pod.containers[0];
-    assert_eq!(c.image.as_deref(), Some("registry.example/shoal-engine:1.2.3"));
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example/shoal-engine:1.2.3")
+    );
     assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
     assert_eq!(c.command.as_ref().unwrap(), &["shoal-engine"]);
     assert_eq!(
         c.args.as_ref().unwrap().join(" "),
         "writer --data-dir /data --wal-dir /wal --listen 0.0.0.0:19530 --grpc-listen 0.0.0.0:19531 --metrics-listen 0.0.0.0:9091"
     );
-    let data = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "data").unwrap();
+    let data = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "data")
+        .unwrap();
     assert_eq!(data.read_only, Some(false));
-    assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
-    assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
-    let meta = c.env.as_ref().unwrap().iter().find(|e| e.name == "SHOAL_META").unwrap();
-    assert_eq!(meta.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().key, "meta-uri");
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    let meta = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "SHOAL_META")
+        .unwrap();
+    assert_eq!(
+        meta.value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .key,
+        "meta-uri"
+    );
     let wal = &spec.volume_claim_templates.as_ref().unwrap()[0];
     let ws = wal.spec.as_ref().unwrap();
     assert_eq!(ws.storage_class_name.as_deref(), Some("fast-local"));
-    assert_eq!(ws.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "20Gi");
-    assert!(spec.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap().contains_key(ANNOTATION_CONFIG_HASH));
+    assert_eq!(
+        ws.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0,
+        "20Gi"
+    );
+    assert!(
+        spec.template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key(ANNOTATION_CONFIG_HASH)
+    );
 }
 
 #[test]
@@ -212,30 +354,67 @@ fn gpu_readers_get_limits_tolerations_spread_readonly_mount_and_engine_gpu_flags
     let r = deploy(&d, "gpu-reader");
     let spec = &r.spec;
     assert_eq!(spec.replicas, Some(4));
-    let ru = spec.strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
-    assert_eq!(ru.max_surge, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0)));
+    let ru = spec
+        .strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        ru.max_surge,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+    );
     let pod = spec.template.spec.as_ref().unwrap();
     let c = &pod.containers[0];
     let args = c.args.as_ref().unwrap().join(" ");
-    assert!(args.starts_with("reader --data-dir /data --grpc-listen 0.0.0.0:19531"), "{args}");
+    assert!(
+        args.starts_with("reader --data-dir /data --grpc-listen 0.0.0.0:19531"),
+        "{args}"
+    );
     assert!(args.contains("--node-id $(POD_NAME)"), "{args}");
-    assert!(args.ends_with("--gpu-devices 0,1 --gpu-memory-budget 40Gi"), "{args}");
+    assert!(
+        args.ends_with("--gpu-devices 0,1 --gpu-memory-budget 40Gi"),
+        "{args}"
+    );
     let res = c.resources.as_ref().unwrap();
     assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "2");
     assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "32Gi");
     assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "4");
     let tols = pod.tolerations.as_ref().unwrap();
     assert!(tols.iter().any(|t| t.key.as_deref() == Some("dedicated")));
-    assert!(tols.iter().any(|t| t.key.as_deref() == Some("nvidia.com/gpu") && t.operator.as_deref() == Some("Exists")));
+    assert!(
+        tols.iter()
+            .any(|t| t.key.as_deref() == Some("nvidia.com/gpu")
+                && t.operator.as_deref() == Some("Exists"))
+    );
     assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "gpu");
     let spread = &pod.topology_spread_constraints.as_ref().unwrap()[0];
     assert_eq!(spread.topology_key, "kubernetes.io/hostname");
     let m = &c.volume_mounts.as_ref().unwrap()[0];
     assert_eq!((m.mount_path.as_str(), m.read_only), ("/data", Some(true)));
-    assert_eq!(pod.volumes.as_ref().unwrap()[0].persistent_volume_claim.as_ref().unwrap().read_only, Some(true));
+    assert_eq!(
+        pod.volumes.as_ref().unwrap()[0]
+            .persistent_volume_claim
+            .as_ref()
+            .unwrap()
+            .read_only,
+        Some(true)
+    );
 
-    let Some(Desired::PodDisruptionBudget(pdb)) = d.get("PodDisruptionBudget", "gpu-reader") else { panic!() };
-    assert_eq!(pdb.spec.as_ref().unwrap().selector.as_ref().unwrap().match_labels, spec.selector.match_labels);
+    let Some(Desired::PodDisruptionBudget(pdb)) = d.get("PodDisruptionBudget", "gpu-reader") else {
+        panic!()
+    };
+    assert_eq!(
+        pdb.spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .as_ref()
+            .unwrap()
+            .match_labels,
+        spec.selector.match_labels
+    );
     let hs = svc(&d, "gpu-readers").spec.clone().unwrap();
     assert_eq!(hs.cluster_ip.as_deref(), Some("None"));
     assert_eq!(hs.selector, spec.selector.match_labels);
@@ -249,7 +428,13 @@ fn cpu_readers_have_no_gpu_limits_and_surge_during_rollouts() {
     assert_eq!(spec.replicas, Some(2));
     let c = container(spec.template.spec.as_ref());
     assert!(c.resources.is_none());
-    assert!(!c.args.as_ref().unwrap().iter().any(|a| a.starts_with("--gpu")));
+    assert!(
+        !c.args
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|a| a.starts_with("--gpu"))
+    );
     assert!(spec.template.spec.as_ref().unwrap().tolerations.is_none());
 }
 
@@ -269,17 +454,46 @@ fn router_dials_the_writer_and_discovers_readers_and_its_service_follows_the_spe
     assert_eq!(ss.type_.as_deref(), Some("LoadBalancer"));
     let p = &ss.ports.as_ref().unwrap()[0];
     assert_eq!(p.port, 80);
-    assert_eq!(p.target_port, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(19530)));
-    assert_eq!(s.metadata.annotations.as_ref().unwrap()["service.beta.kubernetes.io/aws-load-balancer-type"], "nlb");
+    assert_eq!(
+        p.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(19530))
+    );
+    assert_eq!(
+        s.metadata.annotations.as_ref().unwrap()["service.beta.kubernetes.io/aws-load-balancer-type"],
+        "nlb"
+    );
 }
 
 #[test]
 fn delete_reclaim_policy_marks_the_volume_for_the_driver_to_delete() {
     let (_, d) = build("gpu.yaml", &inputs(None, false));
-    let Some(Desired::PersistentVolume(pv)) = d.get("PersistentVolume", "shoal-ml-gpu-data") else { panic!() };
-    assert_eq!(pv.spec.as_ref().unwrap().persistent_volume_reclaim_policy.as_deref(), Some("Delete"));
-    assert_eq!(pv.metadata.annotations.as_ref().unwrap()["pv.kubernetes.io/provisioned-by"], CSI_DRIVER);
-    assert_eq!(pv.spec.as_ref().unwrap().csi.as_ref().unwrap().volume_attributes.as_ref().unwrap()["cache-size"], "10240");
+    let Some(Desired::PersistentVolume(pv)) = d.get("PersistentVolume", "shoal-ml-gpu-data") else {
+        panic!()
+    };
+    assert_eq!(
+        pv.spec
+            .as_ref()
+            .unwrap()
+            .persistent_volume_reclaim_policy
+            .as_deref(),
+        Some("Delete")
+    );
+    assert_eq!(
+        pv.metadata.annotations.as_ref().unwrap()["pv.kubernetes.io/provisioned-by"],
+        CSI_DRIVER
+    );
+    assert_eq!(
+        pv.spec
+            .as_ref()
+            .unwrap()
+            .csi
+            .as_ref()
+            .unwrap()
+            .volume_attributes
+            .as_ref()
+            .unwrap()["cache-size"],
+        "10240"
+    );
     let s = secret(&d, "gpu-juicefs");
     assert_eq!(secret_str(s, "format-options"), "--trash-days=0");
     assert!(!s.data.as_ref().unwrap().contains_key("access-key"));
@@ -287,7 +501,10 @@ fn delete_reclaim_policy_marks_the_volume_for_the_driver_to_delete() {
 
 #[test]
 fn external_services_build_no_database_pods_and_use_the_users_secrets() {
-    let (_, d) = build("external.yaml", &inputs(Some("redis://:x@redis.example:6379/2"), true));
+    let (_, d) = build(
+        "external.yaml",
+        &inputs(Some("redis://:x@redis.example:6379/2"), true),
+    );
     assert!(d.get("StatefulSet", "prod-mysql").is_none());
     assert!(d.get("StatefulSet", "prod-redis").is_none());
     assert!(d.get("Service", "prod-mysql").is_none());
@@ -295,13 +512,40 @@ fn external_services_build_no_database_pods_and_use_the_users_secrets() {
     assert_eq!(secret_str(s, "metaurl"), "redis://:x@redis.example:6379/2");
     let w = sts(&d, "prod-writer");
     let c = container(w.spec.template.spec.as_ref());
-    let meta = c.env.as_ref().unwrap().iter().find(|e| e.name == "SHOAL_META").unwrap();
-    let sel = meta.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+    let meta = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "SHOAL_META")
+        .unwrap();
+    let sel = meta
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
     assert_eq!((sel.name.as_str(), sel.key.as_str()), ("prod-mysql", "uri"));
     let r = deploy(&d, "prod-router");
     let rc = container(r.spec.template.spec.as_ref());
-    let tok = rc.env.as_ref().unwrap().iter().find(|e| e.name == "SHOAL_AUTH_TOKEN").unwrap();
-    assert_eq!(tok.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "prod-token");
+    let tok = rc
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "SHOAL_AUTH_TOKEN")
+        .unwrap();
+    assert_eq!(
+        tok.value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "prod-token"
+    );
     assert_eq!(deploy(&d, "prod-reader").spec.replicas, Some(0));
 }
 
@@ -328,17 +572,31 @@ fn invalid_specs_are_refused_with_an_actionable_reason() {
     assert_eq!(err.reason(), "GpuWithoutReaders");
     let mut vc = fixture("minimal.yaml");
     vc.spec.readers.replicas = -1;
-    assert_eq!(validate(&vc).unwrap_err(), ValidationError::NegativeReplicas(-1));
+    assert_eq!(
+        validate(&vc).unwrap_err(),
+        ValidationError::NegativeReplicas(-1)
+    );
     let mut vc = fixture("minimal.yaml");
     vc.spec.metadata.managed = Some(Default::default());
-    vc.spec.metadata.external = Some(serde_json::from_value(serde_json::json!({"uriSecretRef": {"name": "a", "key": "b"}})).unwrap());
+    vc.spec.metadata.external = Some(
+        serde_json::from_value(serde_json::json!({"uriSecretRef": {"name": "a", "key": "b"}}))
+            .unwrap(),
+    );
     assert_eq!(validate(&vc).unwrap_err(), ValidationError::MetadataBothSet);
     let mut vc = fixture("minimal.yaml");
     vc.spec.storage.capacity = "lots".into();
-    assert!(validate(&vc).unwrap_err().to_string().contains("spec.storage.capacity"));
+    assert!(
+        validate(&vc)
+            .unwrap_err()
+            .to_string()
+            .contains("spec.storage.capacity")
+    );
     // A bad object storage type never gets past deserialisation (the schema's enum).
-    let bad = std::fs::read_to_string(format!("{}/tests/fixtures/minimal.yaml", env!("CARGO_MANIFEST_DIR")))
-        .unwrap()
-        .replace("type: minio", "type: floppy");
+    let bad = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/minimal.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+    .replace("type: minio", "type: floppy");
     assert!(serde_yaml::from_str::<VectorCluster>(&bad).is_err());
 }

@@ -23,18 +23,31 @@ async fn client_or_skip() -> Option<Client> {
         eprintln!("KUBECONFIG not set: skipping the real-cluster scenario");
         return None;
     }
-    Some(Client::try_default().await.expect("KUBECONFIG is set but unusable"))
+    Some(
+        Client::try_default()
+            .await
+            .expect("KUBECONFIG is set but unusable"),
+    )
 }
 
 async fn setup(client: &Client, name: &str) -> (Api<VectorCluster>, String) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch("vectorclusters.shoal.dev", &PatchParams::apply("shoal-operator-test").force(), &Patch::Apply(VectorCluster::crd()))
-        .await
-        .unwrap();
+    crds.patch(
+        "vectorclusters.shoal.dev",
+        &PatchParams::apply("shoal-operator-test").force(),
+        &Patch::Apply(VectorCluster::crd()),
+    )
+    .await
+    .unwrap();
     // Wait until the CRD is served (Established), by condition not by sleep.
     for _ in 0..100 {
         let c = crds.get("vectorclusters.shoal.dev").await.unwrap();
-        let est = c.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Established" && c.status == "True");
+        let est = c
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
         if est {
             break;
         }
@@ -59,8 +72,15 @@ async fn versions(client: &Client, ns: &str, name: &str) -> BTreeMap<String, Str
     let mut out = BTreeMap::new();
     macro_rules! grab {
         ($t:ty) => {
-            for o in Api::<$t>::namespaced(client.clone(), ns).list(&lp).await.unwrap() {
-                out.insert(format!("{} {}", stringify!($t), o.name_any()), o.resource_version().unwrap());
+            for o in Api::<$t>::namespaced(client.clone(), ns)
+                .list(&lp)
+                .await
+                .unwrap()
+            {
+                out.insert(
+                    format!("{} {}", stringify!($t), o.name_any()),
+                    o.resource_version().unwrap(),
+                );
             }
         };
     }
@@ -75,14 +95,22 @@ async fn versions(client: &Client, ns: &str, name: &str) -> BTreeMap<String, Str
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster (KUBECONFIG)"]
 async fn real_cluster_create_noop_scale_and_invalid_spec() {
-    let Some(client) = client_or_skip().await else { return };
+    let Some(client) = client_or_skip().await else {
+        return;
+    };
     let name = "shoal-op-e2e";
     let (api, ns) = setup(&client, name).await;
     let ctx = Context::new(client.clone(), Arc::new(Metrics::default()), None);
 
     let vc = api.get(name).await.unwrap();
-    assert!(matches!(reconcile_inner(&vc, &ctx).await.unwrap(), Outcome::Applied(_)));
-    let writer: StatefulSet = Api::namespaced(client.clone(), &ns).get(&format!("{name}-writer")).await.unwrap();
+    assert!(matches!(
+        reconcile_inner(&vc, &ctx).await.unwrap(),
+        Outcome::Applied(_)
+    ));
+    let writer: StatefulSet = Api::namespaced(client.clone(), &ns)
+        .get(&format!("{name}-writer"))
+        .await
+        .unwrap();
     assert_eq!(writer.owner_references()[0].uid, vc.uid().unwrap());
 
     // Steady state: a second pass (status settles) and a third change nothing.
@@ -96,23 +124,50 @@ async fn real_cluster_create_noop_scale_and_invalid_spec() {
     assert_eq!(rv, api.get(name).await.unwrap().resource_version());
 
     // Scale through the scale subresource, as kubectl scale does.
-    api.patch_scale(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}}))).await.unwrap();
+    api.patch_scale(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 5}})),
+    )
+    .await
+    .unwrap();
     let vc = api.get(name).await.unwrap();
     reconcile_inner(&vc, &ctx).await.unwrap();
-    let readers: Deployment = Api::namespaced(client.clone(), &ns).get(&format!("{name}-reader")).await.unwrap();
+    let readers: Deployment = Api::namespaced(client.clone(), &ns)
+        .get(&format!("{name}-reader"))
+        .await
+        .unwrap();
     assert_eq!(readers.spec.replicas, Some(5));
 
     // The schema refuses a negative replica count outright.
-    let bad = api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"readers": {"replicas": -1}}}))).await;
+    let bad = api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"readers": {"replicas": -1}}})),
+        )
+        .await;
     assert!(bad.is_err());
     // gpu without readers passes the schema and is reported in a condition.
-    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"readers": {"replicas": 0, "gpu": {"count": 1}}}}))).await.unwrap();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"readers": {"replicas": 0, "gpu": {"count": 1}}}})),
+    )
+    .await
+    .unwrap();
     let vc = api.get(name).await.unwrap();
     assert_eq!(reconcile_inner(&vc, &ctx).await.unwrap(), Outcome::Invalid);
     let st = api.get(name).await.unwrap().status.unwrap();
-    assert!(st.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "GpuWithoutReaders"));
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "GpuWithoutReaders")
+    );
 
     api.delete(name, &DeleteParams::foreground()).await.unwrap();
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let _ = pvs.delete(&format!("shoal-{ns}-{name}-data"), &DeleteParams::default()).await;
+    let _ = pvs
+        .delete(&format!("shoal-{ns}-{name}-data"), &DeleteParams::default())
+        .await;
 }

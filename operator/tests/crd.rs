@@ -10,7 +10,10 @@ use shoal_operator::crd::{VectorCluster, crd_yaml};
 use shoal_operator::validate::validate;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn check_copy(rel: &str) {
@@ -57,16 +60,28 @@ fn crd_has_scale_subresource_printer_columns_short_name_and_descriptions() {
     let readers = &spec["readers"]["properties"];
     assert_eq!(readers["replicas"]["minimum"], 0.0);
     assert_eq!(readers["replicas"]["default"], 2);
-    assert!(readers["replicas"]["description"].as_str().unwrap().contains("scale"));
-    assert_eq!(readers["gpu"]["properties"]["resourceName"]["default"], "nvidia.com/gpu");
-    let types: Vec<&str> = spec["storage"]["properties"]["objectStorage"]["properties"]["type"]["enum"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    assert!(
+        readers["replicas"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("scale")
+    );
+    assert_eq!(
+        readers["gpu"]["properties"]["resourceName"]["default"],
+        "nvidia.com/gpu"
+    );
+    let types: Vec<&str> =
+        spec["storage"]["properties"]["objectStorage"]["properties"]["type"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
     assert!(types.contains(&"s3") && types.contains(&"file") && !types.contains(&"floppy"));
-    assert_eq!(spec["storage"]["properties"]["reclaimPolicy"]["default"], "Retain");
+    assert_eq!(
+        spec["storage"]["properties"]["reclaimPolicy"]["default"],
+        "Retain"
+    );
     // Every property of the spec is documented.
     fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
         if let Some(props) = schema["properties"].as_object() {
@@ -84,8 +99,16 @@ fn crd_has_scale_subresource_printer_columns_short_name_and_descriptions() {
         }
     }
     let mut missing = Vec::new();
-    walk("spec", &v["schema"]["openAPIV3Schema"]["properties"]["spec"], &mut missing);
-    walk("status", &v["schema"]["openAPIV3Schema"]["properties"]["status"], &mut missing);
+    walk(
+        "spec",
+        &v["schema"]["openAPIV3Schema"]["properties"]["spec"],
+        &mut missing,
+    );
+    walk(
+        "status",
+        &v["schema"]["openAPIV3Schema"]["properties"]["status"],
+        &mut missing,
+    );
     assert!(missing.is_empty(), "undocumented fields: {missing:?}");
 }
 
@@ -104,10 +127,12 @@ fn every_example_vectorcluster_parses_and_validates() {
             if value.get("kind").and_then(|k| k.as_str()) != Some("VectorCluster") {
                 continue;
             }
-            let mut vc: VectorCluster = serde_yaml::from_value(value)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let mut vc: VectorCluster =
+                serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             // What the API server fills in.
-            vc.metadata.namespace.get_or_insert_with(|| "default".into());
+            vc.metadata
+                .namespace
+                .get_or_insert_with(|| "default".into());
             vc.metadata.uid = Some("uid".into());
             validate(&vc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             seen += 1;

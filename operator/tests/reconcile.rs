@@ -17,7 +17,8 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn fixture(name: &str) -> Value {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    let v: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     serde_json::to_value(v).unwrap()
 }
 
@@ -55,7 +56,12 @@ impl Env {
                    "data":{"access-key":"QUs=","secret-key":"U0s="}}),
         );
         let ctx = Context::new(client, Arc::new(Metrics::default()), None);
-        Env { fake, ctx, ns, name }
+        Env {
+            fake,
+            ctx,
+            ns,
+            name,
+        }
     }
 
     fn vc(&self) -> VectorCluster {
@@ -76,14 +82,19 @@ impl Env {
         self.fake.take_log();
         let vc = self.vc();
         let start = Instant::now();
-        let res = tokio::time::timeout(TIMEOUT, reconcile_inner(&vc, &self.ctx)).await.expect("reconcile hung");
+        let res = tokio::time::timeout(TIMEOUT, reconcile_inner(&vc, &self.ctx))
+            .await
+            .expect("reconcile hung");
         let took = start.elapsed();
         (res, self.fake.take_log(), took)
     }
 }
 
 fn writes(log: &[Req]) -> Vec<String> {
-    log.iter().filter(|r| r.is_write() && !r.is_event()).map(Req::short).collect()
+    log.iter()
+        .filter(|r| r.is_write() && !r.is_event())
+        .map(Req::short)
+        .collect()
 }
 
 fn events(log: &[Req]) -> Vec<(String, String, String)> {
@@ -101,7 +112,14 @@ fn events(log: &[Req]) -> Vec<(String, String, String)> {
 }
 
 fn condition(vc: &VectorCluster, type_: &str) -> (String, String, String) {
-    let c = vc.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == type_).unwrap();
+    let c = vc
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap();
     (c.status.clone(), c.reason.clone(), c.message.clone())
 }
 
@@ -132,32 +150,60 @@ async fn fresh_cluster_is_created_in_dependency_order_and_reaches_running() {
     assert_eq!(res.unwrap(), Outcome::Applied(true));
     assert_eq!(writes(&log), CREATE_ORDER);
     // Every object write is server-side apply with our field manager, forced.
-    for r in log.iter().filter(|r| r.method == "PATCH" && !r.path.ends_with("/status")) {
+    for r in log
+        .iter()
+        .filter(|r| r.method == "PATCH" && !r.path.ends_with("/status"))
+    {
         assert_eq!(r.content_type, "application/apply-patch+yaml", "{}", r.path);
-        assert!(r.query.contains("fieldManager=shoal-operator") && r.query.contains("force=true"), "{}", r.query);
+        assert!(
+            r.query.contains("fieldManager=shoal-operator") && r.query.contains("force=true"),
+            "{}",
+            r.query
+        );
     }
     let vc = env.vc();
     let st = vc.status.as_ref().unwrap();
     assert_eq!(st.phase, Some(Phase::Running));
     assert_eq!(st.observed_generation, Some(1));
     assert_eq!(st.readers.replicas, 2);
-    assert_eq!(st.readers.selector, "app.kubernetes.io/component=reader,app.kubernetes.io/instance=demo,app.kubernetes.io/name=shoal,shoal.dev/cluster=demo");
+    assert_eq!(
+        st.readers.selector,
+        "app.kubernetes.io/component=reader,app.kubernetes.io/instance=demo,app.kubernetes.io/name=shoal,shoal.dev/cluster=demo"
+    );
     assert_eq!(st.endpoint.as_deref(), Some("http://demo.shoal.svc:19530"));
-    for t in ["MetadataReady", "StorageReady", "WriterReady", "ReadersReady", "Ready"] {
+    for t in [
+        "MetadataReady",
+        "StorageReady",
+        "WriterReady",
+        "ReadersReady",
+        "Ready",
+    ] {
         assert_eq!(condition(&vc, t).0, "True", "{t}");
     }
     assert_eq!(condition(&vc, "Degraded").0, "False");
     let ev = events(&log);
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!((ev[0].0.as_str(), ev[0].1.as_str()), ("Normal", "Created"));
-    assert!(ev[0].2.contains("Secret demo-credentials") && ev[0].2.contains("StatefulSet demo-writer"), "{}", ev[0].2);
+    assert!(
+        ev[0].2.contains("Secret demo-credentials") && ev[0].2.contains("StatefulSet demo-writer"),
+        "{}",
+        ev[0].2
+    );
     // Retain: no finalizer.
     assert!(vc.metadata.finalizers.is_none());
     // The generated secret has what MySQL, Redis and the engine need; its values stay out of
     // every other object (the JuiceFS secret excepted, which csi.shoal.dev must read).
-    let gen = env.fake.get(&core("shoal", "secrets", "demo-credentials")).unwrap();
-    for k in ["mysql-root-password", "mysql-password", "meta-uri", "redis-password"] {
-        assert!(gen["data"][k].is_string(), "{k}");
+    let generated = env
+        .fake
+        .get(&core("shoal", "secrets", "demo-credentials"))
+        .unwrap();
+    for k in [
+        "mysql-root-password",
+        "mysql-password",
+        "meta-uri",
+        "redis-password",
+    ] {
+        assert!(generated["data"][k].is_string(), "{k}");
     }
 }
 
@@ -165,12 +211,36 @@ async fn fresh_cluster_is_created_in_dependency_order_and_reaches_running() {
 async fn reconciling_an_unchanged_cluster_makes_no_writes() {
     let env = Env::new("minimal.yaml");
     env.reconcile().await.0.unwrap();
-    let before = env.fake.paths_with_prefix("/").into_iter().map(|p| (p.clone(), env.fake.get(&p).unwrap()["metadata"]["resourceVersion"].clone())).collect::<Vec<_>>();
+    let before = env
+        .fake
+        .paths_with_prefix("/")
+        .into_iter()
+        .map(|p| {
+            (
+                p.clone(),
+                env.fake.get(&p).unwrap()["metadata"]["resourceVersion"].clone(),
+            )
+        })
+        .collect::<Vec<_>>();
     let (res, log, _) = env.reconcile().await;
     assert_eq!(res.unwrap(), Outcome::Applied(true));
-    assert!(log.iter().all(|r| r.method == "GET"), "writes: {:?}", writes(&log));
+    assert!(
+        log.iter().all(|r| r.method == "GET"),
+        "writes: {:?}",
+        writes(&log)
+    );
     assert!(events(&log).is_empty());
-    let after = env.fake.paths_with_prefix("/").into_iter().map(|p| (p.clone(), env.fake.get(&p).unwrap()["metadata"]["resourceVersion"].clone())).collect::<Vec<_>>();
+    let after = env
+        .fake
+        .paths_with_prefix("/")
+        .into_iter()
+        .map(|p| {
+            (
+                p.clone(),
+                env.fake.get(&p).unwrap()["metadata"]["resourceVersion"].clone(),
+            )
+        })
+        .collect::<Vec<_>>();
     assert_eq!(before, after, "a no-op reconcile changed a resourceVersion");
 }
 
@@ -181,8 +251,17 @@ async fn scaling_readers_changes_only_the_reader_deployment() {
     env.edit(|v| v["spec"]["readers"]["replicas"] = json!(8));
     let (res, log, _) = env.reconcile().await;
     assert_eq!(res.unwrap(), Outcome::Applied(true));
-    assert_eq!(writes(&log), ["PATCH deployments/demo-reader", "PATCH vectorclusters/demo/status"]);
-    let d = env.fake.get(&apps("shoal", "deployments", "demo-reader")).unwrap();
+    assert_eq!(
+        writes(&log),
+        [
+            "PATCH deployments/demo-reader",
+            "PATCH vectorclusters/demo/status"
+        ]
+    );
+    let d = env
+        .fake
+        .get(&apps("shoal", "deployments", "demo-reader"))
+        .unwrap();
     assert_eq!(d["spec"]["replicas"], 8);
     let vc = env.vc();
     assert_eq!(vc.status.as_ref().unwrap().readers.replicas, 8);
@@ -201,26 +280,52 @@ async fn image_change_rolls_the_writer_before_readers_and_router() {
     env.edit(|v| v["spec"]["engine"] = json!({"image": "ghcr.io/shoal-db/shoal-engine:0.2.0"}));
     let (res, log, _) = env.reconcile().await;
     assert_eq!(res.unwrap(), Outcome::Applied(false));
-    assert_eq!(writes(&log), ["PATCH statefulsets/demo-writer", "PATCH vectorclusters/demo/status"]);
+    assert_eq!(
+        writes(&log),
+        [
+            "PATCH statefulsets/demo-writer",
+            "PATCH vectorclusters/demo/status"
+        ]
+    );
     let vc = env.vc();
     let (st, reason, msg) = condition(&vc, "Progressing");
-    assert_eq!((st.as_str(), reason.as_str()), ("True", "WaitingForWriterRollout"));
-    assert!(msg.contains("Deployment demo-reader") && msg.contains("Deployment demo-router"), "{msg}");
-    let reader = env.fake.get(&apps("shoal", "deployments", "demo-reader")).unwrap();
-    assert_eq!(reader["spec"]["template"]["spec"]["containers"][0]["image"], "ghcr.io/shoal-db/shoal-engine:0.1.0");
+    assert_eq!(
+        (st.as_str(), reason.as_str()),
+        ("True", "WaitingForWriterRollout")
+    );
+    assert!(
+        msg.contains("Deployment demo-reader") && msg.contains("Deployment demo-router"),
+        "{msg}"
+    );
+    let reader = env
+        .fake
+        .get(&apps("shoal", "deployments", "demo-reader"))
+        .unwrap();
+    assert_eq!(
+        reader["spec"]["template"]["spec"]["containers"][0]["image"],
+        "ghcr.io/shoal-db/shoal-engine:0.1.0"
+    );
 
     // The writer's controller rolls it out; the next reconcile moves readers and router.
-    env.fake.settle(&apps("shoal", "statefulsets", "demo-writer"));
+    env.fake
+        .settle(&apps("shoal", "statefulsets", "demo-writer"));
     env.fake.set_ready_on_apply(true);
     let (res, log, _) = env.reconcile().await;
     assert_eq!(res.unwrap(), Outcome::Applied(true));
     assert_eq!(
         writes(&log),
-        ["PATCH deployments/demo-reader", "PATCH deployments/demo-router", "PATCH vectorclusters/demo/status"]
+        [
+            "PATCH deployments/demo-reader",
+            "PATCH deployments/demo-router",
+            "PATCH vectorclusters/demo/status"
+        ]
     );
     for d in ["demo-reader", "demo-router"] {
         let o = env.fake.get(&apps("shoal", "deployments", d)).unwrap();
-        assert_eq!(o["spec"]["template"]["spec"]["containers"][0]["image"], "ghcr.io/shoal-db/shoal-engine:0.2.0");
+        assert_eq!(
+            o["spec"]["template"]["spec"]["containers"][0]["image"],
+            "ghcr.io/shoal-db/shoal-engine:0.2.0"
+        );
     }
     assert_eq!(condition(&env.vc(), "Progressing").1, "Stable");
 }
@@ -234,21 +339,59 @@ async fn switching_to_external_mysql_removes_the_managed_one() {
         json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"ext-mysql","namespace":"shoal"},
                "data":{"uri":"bXlzcWw6Ly91OnBAaDozMzA2L2Q="}}),
     );
-    env.edit(|v| v["spec"]["metadata"] = json!({"external": {"uriSecretRef": {"name": "ext-mysql", "key": "uri"}}}));
+    env.edit(|v| {
+        v["spec"]["metadata"] =
+            json!({"external": {"uriSecretRef": {"name": "ext-mysql", "key": "uri"}}})
+    });
     let (res, log, _) = env.reconcile().await;
     res.unwrap();
     let w = writes(&log);
-    assert!(w.contains(&"DELETE statefulsets/demo-mysql".to_string()), "{w:?}");
-    assert!(w.contains(&"DELETE services/demo-mysql".to_string()), "{w:?}");
-    assert_eq!(w.iter().filter(|x| x.starts_with("DELETE")).count(), 2, "{w:?}");
-    assert!(env.fake.get(&apps("shoal", "statefulsets", "demo-mysql")).is_none());
-    assert!(env.fake.get(&core("shoal", "services", "demo-mysql")).is_none());
+    assert!(
+        w.contains(&"DELETE statefulsets/demo-mysql".to_string()),
+        "{w:?}"
+    );
+    assert!(
+        w.contains(&"DELETE services/demo-mysql".to_string()),
+        "{w:?}"
+    );
+    assert_eq!(
+        w.iter().filter(|x| x.starts_with("DELETE")).count(),
+        2,
+        "{w:?}"
+    );
+    assert!(
+        env.fake
+            .get(&apps("shoal", "statefulsets", "demo-mysql"))
+            .is_none()
+    );
+    assert!(
+        env.fake
+            .get(&core("shoal", "services", "demo-mysql"))
+            .is_none()
+    );
     // The generated Secret (passwords) is never swept.
-    assert!(env.fake.get(&core("shoal", "secrets", "demo-credentials")).is_some());
-    let writer = env.fake.get(&apps("shoal", "statefulsets", "demo-writer")).unwrap();
-    let meta_env = writer["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().iter().find(|e| e["name"] == "SHOAL_META").unwrap().clone();
+    assert!(
+        env.fake
+            .get(&core("shoal", "secrets", "demo-credentials"))
+            .is_some()
+    );
+    let writer = env
+        .fake
+        .get(&apps("shoal", "statefulsets", "demo-writer"))
+        .unwrap();
+    let meta_env = writer["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "SHOAL_META")
+        .unwrap()
+        .clone();
     assert_eq!(meta_env["valueFrom"]["secretKeyRef"]["name"], "ext-mysql");
-    assert!(events(&log).iter().any(|e| e.1 == "DeletedOrphans" && e.2.contains("StatefulSet demo-mysql")));
+    assert!(
+        events(&log)
+            .iter()
+            .any(|e| e.1 == "DeletedOrphans" && e.2.contains("StatefulSet demo-mysql"))
+    );
     assert_eq!(condition(&env.vc(), "MetadataReady").1, "External");
 }
 
@@ -257,7 +400,11 @@ async fn deleting_a_delete_policy_cluster_removes_its_volume_claims_then_the_fin
     let env = Env::new("gpu.yaml");
     let (res, log, _) = env.reconcile().await;
     res.unwrap();
-    assert_eq!(writes(&log)[0], "PATCH vectorclusters/gpu", "finalizer first");
+    assert_eq!(
+        writes(&log)[0],
+        "PATCH vectorclusters/gpu",
+        "finalizer first"
+    );
     assert_eq!(env.vc().metadata.finalizers.unwrap(), ["shoal.dev/cleanup"]);
     // Claims the StatefulSet controller made from the templates carry the template labels.
     let labels = json!({"shoal.dev/cluster":"gpu","app.kubernetes.io/managed-by":"shoal-operator"});
@@ -276,13 +423,23 @@ async fn deleting_a_delete_policy_cluster_removes_its_volume_claims_then_the_fin
     let mut w = writes(&log);
     assert_eq!(w.pop().unwrap(), "PATCH vectorclusters/gpu");
     w.sort();
-    assert_eq!(w, [
-        "DELETE persistentvolumeclaims/data-gpu-mysql-0",
-        "DELETE persistentvolumeclaims/gpu-data",
-        "DELETE persistentvolumeclaims/wal-gpu-writer-0",
-    ]);
-    assert!(env.fake.get(&path).is_none(), "finalizer removed, object gone");
-    assert!(env.fake.get(&core("ml", "persistentvolumeclaims", "unrelated")).is_some());
+    assert_eq!(
+        w,
+        [
+            "DELETE persistentvolumeclaims/data-gpu-mysql-0",
+            "DELETE persistentvolumeclaims/gpu-data",
+            "DELETE persistentvolumeclaims/wal-gpu-writer-0",
+        ]
+    );
+    assert!(
+        env.fake.get(&path).is_none(),
+        "finalizer removed, object gone"
+    );
+    assert!(
+        env.fake
+            .get(&core("ml", "persistentvolumeclaims", "unrelated"))
+            .is_some()
+    );
     assert!(events(&log).iter().any(|e| e.1 == "DeletedData"));
 }
 
@@ -296,9 +453,21 @@ async fn deleting_a_retain_policy_cluster_leaves_data_and_makes_no_calls() {
     env.fake.put(&path, v);
     let (res, log, _) = env.reconcile().await;
     assert_eq!(res.unwrap(), Outcome::Deleted);
-    assert!(log.is_empty(), "{:?}", log.iter().map(Req::short).collect::<Vec<_>>());
-    assert!(env.fake.get(&core("shoal", "persistentvolumeclaims", "demo-data")).is_some());
-    assert!(env.fake.get("/api/v1/persistentvolumes/shoal-shoal-demo-data").is_some());
+    assert!(
+        log.is_empty(),
+        "{:?}",
+        log.iter().map(Req::short).collect::<Vec<_>>()
+    );
+    assert!(
+        env.fake
+            .get(&core("shoal", "persistentvolumeclaims", "demo-data"))
+            .is_some()
+    );
+    assert!(
+        env.fake
+            .get("/api/v1/persistentvolumes/shoal-shoal-demo-data")
+            .is_some()
+    );
 }
 
 #[tokio::test]
@@ -310,9 +479,18 @@ async fn an_api_error_mid_way_is_reported_and_the_next_reconcile_finishes() {
     let err = res.unwrap_err();
     assert_eq!(err.category(), "apply");
     assert!(err.to_string().contains("Secret demo-juicefs"), "{err}");
-    assert_eq!(writes(&log).len(), 8, "stopped at the failure, then status: {:?}", writes(&log));
+    assert_eq!(
+        writes(&log).len(),
+        8,
+        "stopped at the failure, then status: {:?}",
+        writes(&log)
+    );
     let ev = events(&log);
-    assert!(ev.iter().any(|e| e.0 == "Warning" && e.1 == "ApplyFailed" && e.2.contains("demo-juicefs")), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| e.0 == "Warning" && e.1 == "ApplyFailed" && e.2.contains("demo-juicefs")),
+        "{ev:?}"
+    );
     let (st, reason, _) = condition(&env.vc(), "Progressing");
     assert_eq!((st.as_str(), reason.as_str()), ("True", "ApplyFailed"));
 
@@ -320,7 +498,11 @@ async fn an_api_error_mid_way_is_reported_and_the_next_reconcile_finishes() {
     assert_eq!(res.unwrap(), Outcome::Applied(true));
     let w = writes(&log);
     // What was applied before the failure is not sent again; the generated secret is reused.
-    assert_eq!(w.first().map(String::as_str), Some("PATCH secrets/demo-juicefs"), "{w:?}");
+    assert_eq!(
+        w.first().map(String::as_str),
+        Some("PATCH secrets/demo-juicefs"),
+        "{w:?}"
+    );
     assert_eq!(w.len(), 11, "{w:?}");
     assert_eq!(env.vc().status.unwrap().phase, Some(Phase::Running));
 }
@@ -333,12 +515,18 @@ async fn an_invalid_spec_sets_a_condition_and_a_warning_event_and_applies_nothin
     assert_eq!(writes(&log), ["PATCH vectorclusters/broken/status"]);
     let ev = events(&log);
     assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].0.as_str(), ev[0].1.as_str()), ("Warning", "InvalidSpec"));
+    assert_eq!(
+        (ev[0].0.as_str(), ev[0].1.as_str()),
+        ("Warning", "InvalidSpec")
+    );
     assert!(ev[0].2.contains("spec.readers.gpu"), "{}", ev[0].2);
     let vc = env.vc();
     assert_eq!(vc.status.as_ref().unwrap().phase, Some(Phase::Failed));
     let (st, reason, msg) = condition(&vc, "Ready");
-    assert_eq!((st.as_str(), reason.as_str()), ("False", "GpuWithoutReaders"));
+    assert_eq!(
+        (st.as_str(), reason.as_str()),
+        ("False", "GpuWithoutReaders")
+    );
     assert!(msg.contains("add readers or remove gpu"));
     // Reconciling again neither rewrites the status nor repeats the event.
     let (res, log, _) = env.reconcile().await;
@@ -353,8 +541,14 @@ async fn a_missing_user_secret_is_a_clear_error_and_creates_no_engine_objects() 
     let (res, log, _) = env.reconcile().await;
     let err = res.unwrap_err();
     assert_eq!(err.category(), "user_secret");
-    assert!(err.to_string().contains("Secret demo-minio does not exist"), "{err}");
-    assert_eq!(writes(&log), ["POST secrets", "PATCH vectorclusters/demo/status"]);
+    assert!(
+        err.to_string().contains("Secret demo-minio does not exist"),
+        "{err}"
+    );
+    assert_eq!(
+        writes(&log),
+        ["POST secrets", "PATCH vectorclusters/demo/status"]
+    );
 }
 
 /// Figures for BENCHMARKS.md ("Operator"): API calls and wall time of the first reconcile, a
@@ -366,7 +560,11 @@ async fn operator_api_call_figures() {
         let reads = log.iter().filter(|r| r.method == "GET").count();
         let writes = log.iter().filter(|r| r.is_write() && !r.is_event()).count();
         let ev = log.iter().filter(|r| r.is_event()).count();
-        format!("| {what} | {} | {reads} | {writes} | {ev} | {:.2} ms |", log.len(), took.as_secs_f64() * 1e3)
+        format!(
+            "| {what} | {} | {reads} | {writes} | {ev} | {:.2} ms |",
+            log.len(),
+            took.as_secs_f64() * 1e3
+        )
     }
     let env = Env::new("minimal.yaml");
     let (res, first, t1) = env.reconcile().await;
@@ -381,7 +579,10 @@ async fn operator_api_call_figures() {
     assert_eq!(noop.iter().filter(|r| r.is_write()).count(), 0);
     println!("| reconcile | API calls | reads (GET) | writes | events | time (mock API) |");
     println!("|---|---|---|---|---|---|");
-    println!("{}", line("first reconcile (new cluster, minimal.yaml)", &first, t1));
+    println!(
+        "{}",
+        line("first reconcile (new cluster, minimal.yaml)", &first, t1)
+    );
     println!("{}", line("no-op reconcile (steady state)", &noop, t2));
     println!("{}", line("scale readers 2 → 8", &scale, t3));
 }
@@ -389,8 +590,16 @@ async fn operator_api_call_figures() {
 /// `(apiGroup, resource, verb)` a recorded request needs.
 fn rbac_need(r: &Req) -> (String, String, String) {
     let segs: Vec<&str> = r.path.trim_matches('/').split('/').collect();
-    let (group, rest) = if segs[0] == "api" { ("", &segs[2..]) } else { (segs[1], &segs[3..]) };
-    let rest: Vec<&str> = if rest.first() == Some(&"namespaces") { rest[2..].to_vec() } else { rest.to_vec() };
+    let (group, rest) = if segs[0] == "api" {
+        ("", &segs[2..])
+    } else {
+        (segs[1], &segs[3..])
+    };
+    let rest: Vec<&str> = if rest.first() == Some(&"namespaces") {
+        rest[2..].to_vec()
+    } else {
+        rest.to_vec()
+    };
     let resource = match rest.as_slice() {
         [res, _, sub] => format!("{res}/{sub}"),
         [res, ..] => res.to_string(),
@@ -410,7 +619,8 @@ fn rbac_need(r: &Req) -> (String, String, String) {
 
 #[tokio::test]
 async fn every_request_the_scenarios_make_is_allowed_by_the_rbac_list() {
-    let text = std::fs::read_to_string(format!("{}/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let text =
+        std::fs::read_to_string(format!("{}/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let mut allowed = std::collections::BTreeSet::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
@@ -418,7 +628,11 @@ async fn every_request_the_scenarios_make_is_allowed_by_the_rbac_list() {
             for g in rule["apiGroups"].as_sequence().unwrap() {
                 for res in rule["resources"].as_sequence().unwrap() {
                     for verb in rule["verbs"].as_sequence().unwrap() {
-                        allowed.insert((g.as_str().unwrap().to_string(), res.as_str().unwrap().to_string(), verb.as_str().unwrap().to_string()));
+                        allowed.insert((
+                            g.as_str().unwrap().to_string(),
+                            res.as_str().unwrap().to_string(),
+                            verb.as_str().unwrap().to_string(),
+                        ));
                     }
                 }
             }
@@ -427,7 +641,9 @@ async fn every_request_the_scenarios_make_is_allowed_by_the_rbac_list() {
     let mut log = Vec::new();
     let env = Env::new("gpu.yaml");
     log.extend(env.reconcile().await.1);
-    env.edit(|v| v["spec"]["metadata"] = json!({"external": {"uriSecretRef": {"name": "m", "key": "uri"}}}));
+    env.edit(|v| {
+        v["spec"]["metadata"] = json!({"external": {"uriSecretRef": {"name": "m", "key": "uri"}}})
+    });
     env.fake.put(&core("ml", "secrets", "m"), json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"m","namespace":"ml"},"data":{"uri":"eA=="}}));
     log.extend(env.reconcile().await.1);
     let path = vc_path("ml", "gpu");
@@ -440,12 +656,25 @@ async fn every_request_the_scenarios_make_is_allowed_by_the_rbac_list() {
     let mut used = std::collections::BTreeSet::new();
     for r in &log {
         let need = rbac_need(r);
-        assert!(allowed.contains(&need), "{} {} needs {need:?}, not in operator/rbac.yaml", r.method, r.path);
+        assert!(
+            allowed.contains(&need),
+            "{} {} needs {need:?}, not in operator/rbac.yaml",
+            r.method,
+            r.path
+        );
         used.insert(need);
     }
     // Every verb used on the kinds we apply shows up (the list is not wider than it must be
     // for these; watch and the Lease are exercised by the controller and leader tests).
-    for need in [("apps", "statefulsets", "delete"), ("", "persistentvolumeclaims", "delete"), ("", "secrets", "create"), ("shoal.dev", "vectorclusters/status", "patch")] {
-        assert!(used.contains(&(need.0.to_string(), need.1.to_string(), need.2.to_string())), "{need:?} not exercised");
+    for need in [
+        ("apps", "statefulsets", "delete"),
+        ("", "persistentvolumeclaims", "delete"),
+        ("", "secrets", "create"),
+        ("shoal.dev", "vectorclusters/status", "patch"),
+    ] {
+        assert!(
+            used.contains(&(need.0.to_string(), need.1.to_string(), need.2.to_string())),
+            "{need:?} not exercised"
+        );
     }
 }

@@ -28,8 +28,8 @@ use super::storage::claim_template;
 use super::{object_meta, stamp};
 use crate::crd::GpuSpec;
 use crate::names::{
-    ANNOTATION_CONFIG_HASH, Component, DATA_DIR, KEY_META_URI, PORT_GRPC, PORT_METRICS,
-    PORT_REST, WAL_DIR,
+    ANNOTATION_CONFIG_HASH, Component, DATA_DIR, KEY_META_URI, PORT_GRPC, PORT_METRICS, PORT_REST,
+    WAL_DIR,
 };
 use crate::validate::{MetadataSource, ValidatedCluster};
 

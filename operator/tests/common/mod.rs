@@ -185,14 +185,23 @@ impl State {
             }
             "GET" => match self.objects.get(&path) {
                 Some(o) => (StatusCode::OK, o.clone()),
-                None => (StatusCode::NOT_FOUND, status_json(404, "NotFound", "not found")),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    status_json(404, "NotFound", "not found"),
+                ),
             },
             "POST" => {
                 let mut body = req.body.clone().unwrap_or_default();
-                let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let name = body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 let key = format!("{path}/{name}");
                 if self.objects.contains_key(&key) {
-                    return (StatusCode::CONFLICT, status_json(409, "AlreadyExists", "exists"));
+                    return (
+                        StatusCode::CONFLICT,
+                        status_json(409, "AlreadyExists", "exists"),
+                    );
                 }
                 body["metadata"]["resourceVersion"] = json!(self.next_rv());
                 body["metadata"]["uid"] = json!(format!("uid-{}", self.rv));
@@ -210,7 +219,10 @@ impl State {
                 let existing = self.objects.get(&obj_path).cloned();
                 if req.content_type.contains("merge-patch") || req.method == "PUT" {
                     let Some(mut obj) = existing else {
-                        return (StatusCode::NOT_FOUND, status_json(404, "NotFound", "not found"));
+                        return (
+                            StatusCode::NOT_FOUND,
+                            status_json(404, "NotFound", "not found"),
+                        );
                     };
                     if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
                         && obj["metadata"]["resourceVersion"].as_str() != Some(rv)
@@ -231,7 +243,9 @@ impl State {
                     obj["metadata"]["resourceVersion"] = json!(self.next_rv());
                     // Finalizers gone on a deleting object: the API server removes it.
                     let gone = obj["metadata"]["deletionTimestamp"].is_string()
-                        && obj["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty);
+                        && obj["metadata"]["finalizers"]
+                            .as_array()
+                            .is_none_or(Vec::is_empty);
                     if gone {
                         self.objects.remove(&obj_path);
                     } else {
@@ -245,9 +259,9 @@ impl State {
                 let created = existing.is_none();
                 let old = existing.unwrap_or_default();
                 let spec_changed = old.get("spec") != obj.get("spec");
-                let gen = old["metadata"]["generation"].as_i64().unwrap_or(0)
+                let new_gen = old["metadata"]["generation"].as_i64().unwrap_or(0)
                     + i64::from(created || spec_changed);
-                obj["metadata"]["generation"] = json!(gen);
+                obj["metadata"]["generation"] = json!(new_gen);
                 obj["metadata"]["uid"] = old["metadata"]["uid"].clone();
                 if created {
                     obj["metadata"]["uid"] = json!(format!("uid-{}", self.rv + 1));
@@ -260,11 +274,21 @@ impl State {
                     Self::settle(&mut obj);
                 }
                 self.objects.insert(obj_path, obj.clone());
-                (if created { StatusCode::CREATED } else { StatusCode::OK }, obj)
+                (
+                    if created {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    },
+                    obj,
+                )
             }
             "DELETE" => match self.objects.remove(&path) {
                 Some(o) => (StatusCode::OK, o),
-                None => (StatusCode::NOT_FOUND, status_json(404, "NotFound", "not found")),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    status_json(404, "NotFound", "not found"),
+                ),
             },
             m => panic!("unexpected method {m}"),
         }
@@ -325,7 +349,11 @@ impl FakeApi {
         self.state.lock().unwrap().objects.get(path).cloned()
     }
     pub fn put(&self, path: &str, v: Value) {
-        self.state.lock().unwrap().objects.insert(path.to_string(), v);
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .insert(path.to_string(), v);
     }
     pub fn remove(&self, path: &str) {
         self.state.lock().unwrap().objects.remove(path);
