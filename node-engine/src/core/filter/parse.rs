@@ -135,10 +135,10 @@ pub enum Expr {
 impl Expr {
     pub fn collect_fields(&self, out: &mut Vec<String>) {
         let mut push = |o: &Operand| {
-            if let Operand::Field { name, .. } = o {
-                if !out.iter().any(|n| n == name) {
-                    out.push(name.clone());
-                }
+            if let Operand::Field { name, .. } = o
+                && !out.iter().any(|n| n == name)
+            {
+                out.push(name.clone());
             }
         };
         match self {

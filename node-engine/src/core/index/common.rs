@@ -84,11 +84,11 @@ impl TopK {
         let n = Neighbor { row, dist };
         if self.heap.len() < self.k {
             self.heap.push(Ranked(n));
-        } else if let Some(top) = self.heap.peek() {
-            if n.cmp_rank(&top.0) == Ordering::Less {
-                self.heap.pop();
-                self.heap.push(Ranked(n));
-            }
+        } else if let Some(top) = self.heap.peek()
+            && n.cmp_rank(&top.0) == Ordering::Less
+        {
+            self.heap.pop();
+            self.heap.push(Ranked(n));
         }
     }
 
@@ -155,7 +155,7 @@ pub fn bool_param(
 
 /// Checks a query batch against `dim` and returns the number of queries.
 pub fn check_queries(queries: &[f32], dim: usize) -> Result<usize, IndexError> {
-    if dim == 0 || queries.len() % dim != 0 {
+    if dim == 0 || !queries.len().is_multiple_of(dim) {
         return Err(IndexError::DimensionMismatch {
             expected: dim,
             got: queries.len(),

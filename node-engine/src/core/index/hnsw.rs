@@ -463,14 +463,14 @@ impl HnswIndex {
             dim: meta.dim,
             vectors: &self.vectors,
         };
-        if let Some(f) = filter {
-            if (allowed as f64) < BRUTE_FORCE_FRACTION * meta.n as f64 {
-                let mut top = TopK::new(k);
-                for row in f.iter_ones().take_while(|&r| r < meta.n) {
-                    top.push(row as u32, ctx.d(&q, row as u32));
-                }
-                return top.into_sorted();
+        if let Some(f) = filter
+            && (allowed as f64) < BRUTE_FORCE_FRACTION * meta.n as f64
+        {
+            let mut top = TopK::new(k);
+            for row in f.iter_ones().take_while(|&r| r < meta.n) {
+                top.push(row as u32, ctx.d(&q, row as u32));
             }
+            return top.into_sorted();
         }
         let g = self.frozen();
         let mut visited = self
@@ -573,10 +573,10 @@ fn insert(
             }
         }
     }
-    if let Some(mut w) = top_w {
-        if level > w.1 {
-            *w = (node, level);
-        }
+    if let Some(mut w) = top_w
+        && level > w.1
+    {
+        *w = (node, level);
     }
 }
 

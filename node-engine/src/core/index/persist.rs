@@ -304,7 +304,7 @@ impl FileReader {
             )));
         }
         // The map base is page-aligned and offsets are multiples of 64, so `T` is aligned.
-        if (self.map.as_ptr() as usize + s.offset) % align_of::<T>() != 0 {
+        if !(self.map.as_ptr() as usize + s.offset).is_multiple_of(align_of::<T>()) {
             return Err(self.corrupt(format!("section {name} misaligned")));
         }
         Ok(Buf::Mapped {

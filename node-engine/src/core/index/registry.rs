@@ -80,13 +80,13 @@ fn parse(
                 });
             }
             let m = int_param(params, "m", 0, 1, hi)? as usize;
-            if let Some(d) = dim {
-                if d % m != 0 {
-                    return Err(IndexError::InvalidParam {
-                        name: "m".into(),
-                        reason: format!("must divide the dimension {d}, got {m}"),
-                    });
-                }
+            if let Some(d) = dim
+                && !d.is_multiple_of(m)
+            {
+                return Err(IndexError::InvalidParam {
+                    name: "m".into(),
+                    reason: format!("must divide the dimension {d}, got {m}"),
+                });
             }
             let nbits = int_param(params, "nbits", 8, 1, 16)? as usize;
             let refine = bool_param(params, "refine", false)?;
@@ -183,7 +183,7 @@ pub fn build(
     params: &serde_json::Value,
     vectors: &[f32],
 ) -> Result<Box<dyn VectorIndex>, IndexError> {
-    if dim == 0 || vectors.len() % dim != 0 {
+    if dim == 0 || !vectors.len().is_multiple_of(dim) {
         return Err(IndexError::InvalidParam {
             name: "dim".into(),
             reason: format!(
