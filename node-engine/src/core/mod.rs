@@ -6,3 +6,6 @@ pub mod distance;
 pub mod filter;
 pub mod index;
 pub mod types;
+pub mod engine;
+pub mod meta;
+pub mod storage;

@@ -1,0 +1,176 @@
+//! `indexes/create|describe|list|drop`: index definitions per collection, kept in the metadata
+//! store. FLAT (exact search over every segment) needs no build, so its progress is always
+//! complete; ANN types are accepted once the index module can build them.
+
+use super::error::ApiError;
+use super::rest::{AppState, Ctx, Reply, opt_str, req_str};
+use crate::core::engine::Engine;
+use crate::core::meta::IndexRecord;
+use crate::core::storage::collection::{Collection, CollectionRead};
+use crate::core::types::{IndexType, Metric};
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+
+/// Index bookkeeping for the REST layer.
+#[derive(Debug, Clone)]
+pub struct IndexService {
+    engine: Arc<Engine>,
+}
+
+impl IndexService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    /// The quick-setup index every new collection gets (Milvus creates one on the vector field).
+    pub async fn register_default(&self, c: &Collection) -> Result<(), ApiError> {
+        let s = c.schema();
+        self.engine
+            .meta()
+            .put_index(&IndexRecord {
+                collection_id: c.collection_id(),
+                index_name: s.vector_field.clone(),
+                field_name: s.vector_field.clone(),
+                index_type: IndexType::FLAT.as_str().into(),
+                metric: s.metric.as_str().into(),
+                params: "{}".into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Every index of `c` as `collections/describe` lists them.
+    pub async fn describe_all(&self, c: &Collection) -> Result<Vec<Value>, ApiError> {
+        let recs = self.engine.meta().indexes(c.collection_id()).await?;
+        Ok(recs
+            .iter()
+            .map(|r| json!({"fieldName": r.field_name, "indexName": r.index_name, "metricType": r.metric}))
+            .collect())
+    }
+
+    /// A collection was dropped: nothing to cancel while only FLAT exists.
+    pub fn forget(&self, _c: &Collection) {}
+
+    /// New data arrived or a flush sealed segments: FLAT searches them directly.
+    pub fn kick(&self, _c: &Collection) {}
+
+    pub fn maybe_kick(&self, _c: &Collection) {}
+}
+
+fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexRecord, ApiError> {
+    let s = c.schema();
+    let field = req_str(p, "fieldName")?;
+    if field != s.vector_field {
+        return Err(ApiError::invalid("indexParams.fieldName", format!("{field:?} is not the vector field {:?}", s.vector_field)));
+    }
+    let index_name = opt_str(p, "indexName")?.unwrap_or(field).to_string();
+    crate::core::engine::validate_name("indexParams.indexName", &index_name)?;
+    let metric = match opt_str(p, "metricType")? {
+        None => s.metric,
+        Some(m) => m.parse::<Metric>().map_err(|e| ApiError::invalid("indexParams.metricType", e))?,
+    };
+    if metric != s.metric {
+        return Err(ApiError::invalid("indexParams.metricType", format!("{metric} differs from the collection's {}", s.metric)));
+    }
+    let index_type = match opt_str(p, "indexType")? {
+        None => IndexType::FLAT,
+        Some(t) if t.eq_ignore_ascii_case("AUTOINDEX") => IndexType::FLAT,
+        Some(t) => t.parse::<IndexType>().map_err(|e| ApiError::invalid("indexParams.indexType", e))?,
+    };
+    let params = match p.get("params") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(o)) => o.clone(),
+        Some(_) => return Err(ApiError::invalid("indexParams.params", "must be an object")),
+    };
+    match index_type {
+        IndexType::FLAT => {
+            if let Some(k) = params.keys().find(|k| k.as_str() != "metric_type" && k.as_str() != "index_type") {
+                return Err(ApiError::invalid(&format!("indexParams.params.{k}"), "FLAT takes no build parameters"));
+            }
+        }
+        IndexType::IVF_FLAT | IndexType::IVF_SQ8 | IndexType::IVF_PQ | IndexType::HNSW => {
+            return Err(ApiError::invalid(
+                "indexParams.indexType",
+                format!("{index_type} cannot be built by this server yet; FLAT is available"),
+            ));
+        }
+    }
+    Ok(IndexRecord {
+        collection_id: c.collection_id(),
+        index_name,
+        field_name: field.to_string(),
+        index_type: index_type.as_str().into(),
+        metric: metric.as_str().into(),
+        params: Value::Object(params).to_string(),
+    })
+}
+
+pub(super) async fn create(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+    let c = super::rest_collection(&st, &m)?;
+    let list = match m.get("indexParams") {
+        None | Some(Value::Null) => return Err(ApiError::missing("indexParams")),
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(_) => return Err(ApiError::invalid("indexParams", "must be a non-empty list of index definitions")),
+    };
+    // Validate every definition before writing any, so a bad one changes nothing.
+    let mut recs = Vec::new();
+    for p in list {
+        let p = p.as_object().ok_or_else(|| ApiError::invalid("indexParams", "each entry must be an object"))?;
+        recs.push(parse_index_param(&c, p)?);
+    }
+    let existing = st.engine.meta().indexes(c.collection_id()).await?;
+    for r in &recs {
+        if existing.iter().any(|e| e.field_name == r.field_name && e.index_name != r.index_name) {
+            return Err(ApiError::invalid(
+                "indexParams.indexName",
+                format!("field {:?} already has an index with another name; drop it first", r.field_name),
+            ));
+        }
+    }
+    for r in &recs {
+        st.engine.meta().put_index(r).await?;
+    }
+    st.indexes.kick(&c);
+    Ok(Reply::data(json!({})))
+}
+
+pub(super) async fn describe(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+    let c = super::rest_collection(&st, &m)?;
+    let name = req_str(&m, "indexName")?;
+    let recs = st.engine.meta().indexes(c.collection_id()).await?;
+    let r = recs
+        .iter()
+        .find(|r| r.index_name == name)
+        .ok_or_else(|| ApiError::invalid("indexName", format!("index {name:?} does not exist")))?;
+    let total = c.stats().live_rows;
+    let params: Value = serde_json::from_str(&r.params).unwrap_or(json!({}));
+    Ok(Reply::data(json!([{
+        "indexName": r.index_name,
+        "fieldName": r.field_name,
+        "indexType": r.index_type,
+        "metricType": r.metric,
+        "params": params,
+        "indexState": "Finished",
+        "indexedRows": total,
+        "totalRows": total,
+        "pendingRows": 0,
+        "failReason": "",
+    }])))
+}
+
+pub(super) async fn list(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+    let c = super::rest_collection(&st, &m)?;
+    let recs = st.engine.meta().indexes(c.collection_id()).await?;
+    Ok(Reply::data(json!(recs.iter().map(|r| r.index_name.clone()).collect::<Vec<_>>())))
+}
+
+pub(super) async fn drop(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+    let c = super::rest_collection(&st, &m)?;
+    let name = req_str(&m, "indexName")?;
+    let recs = st.engine.meta().indexes(c.collection_id()).await?;
+    if !recs.iter().any(|r| r.index_name == name) {
+        return Err(ApiError::invalid("indexName", format!("index {name:?} does not exist")));
+    }
+    st.engine.meta().drop_index(c.collection_id(), name).await?;
+    Ok(Reply::data(json!({})))
+}

@@ -1,0 +1,184 @@
+//! `shoal-engine bench-insert`: a reproducible REST insert benchmark client. Reads an `.fvecs`
+//! file, creates a collection on a running server, streams the rows in fixed-size batches from
+//! several connections (so the WAL's group commit is exercised), then times a flush and reports
+//! the server's peak RSS (`VmHWM`) against the raw vector bytes. Prints one JSON line.
+
+use anyhow::{Context, bail};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchInsertArgs {
+    /// Base vectors (.fvecs).
+    #[arg(long)]
+    base: PathBuf,
+    /// REST address of the server.
+    #[arg(long, default_value = "127.0.0.1:19530")]
+    addr: SocketAddr,
+    /// Collection to (re)create.
+    #[arg(long, default_value = "bench_insert")]
+    collection: String,
+    #[arg(long, default_value = "L2")]
+    metric: String,
+    /// Rows per insert request.
+    #[arg(long, default_value_t = 10_000)]
+    batch: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Use only the first N rows (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Server process id, to report its peak RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// Minimal HTTP/1.1 keep-alive client (POST JSON, read a Content-Length body).
+struct Conn {
+    addr: SocketAddr,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn new(addr: SocketAddr) -> anyhow::Result<Self> {
+        let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        s.set_nodelay(true)?;
+        Ok(Self { addr, reader: BufReader::new(s) })
+    }
+
+    fn post(&mut self, path: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        let s = self.reader.get_mut();
+        s.write_all(head.as_bytes())?;
+        s.write_all(body)?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        if !line.starts_with("HTTP/1.1 200") {
+            bail!("HTTP status line {line:?}");
+        }
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse()?;
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.reader.read_exact(&mut buf)?;
+        let v: serde_json::Value = serde_json::from_slice(&buf)?;
+        if v["code"] != 0 {
+            bail!("{path} failed: {v}");
+        }
+        Ok(v)
+    }
+}
+
+fn read_fvecs(path: &PathBuf, limit: usize) -> anyhow::Result<(usize, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    if bytes.len() < 4 {
+        bail!("{} is empty", path.display());
+    }
+    let dim = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    let rec = 4 + dim * 4;
+    let mut n = bytes.len() / rec;
+    if limit > 0 {
+        n = n.min(limit);
+    }
+    let mut out = Vec::with_capacity(n * dim);
+    for i in 0..n {
+        let r = &bytes[i * rec + 4..(i + 1) * rec];
+        out.extend(r.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    }
+    Ok((dim, out))
+}
+
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
+    let (dim, data) = read_fvecs(&a.base, a.limit)?;
+    let n = data.len() / dim;
+    let mut c = Conn::new(a.addr)?;
+    let name = &a.collection;
+    c.post("/v2/vectordb/collections/drop", format!("{{\"collectionName\":\"{name}\"}}").as_bytes()).ok();
+    let mut c = Conn::new(a.addr)?;
+    c.post(
+        "/v2/vectordb/collections/create",
+        format!("{{\"collectionName\":\"{name}\",\"dimension\":{dim},\"metricType\":\"{}\"}}", a.metric).as_bytes(),
+    )?;
+    let data = Arc::new(data);
+    let next = Arc::new(AtomicUsize::new(0));
+    let batches = n.div_ceil(a.batch);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..a.connections.max(1))
+        .map(|_| {
+            let (data, next, addr, name, batch) = (data.clone(), next.clone(), a.addr, name.clone(), a.batch);
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut conn = Conn::new(addr)?;
+                let mut body = String::new();
+                loop {
+                    let b = next.fetch_add(1, Ordering::SeqCst);
+                    if b >= batches {
+                        return Ok(());
+                    }
+                    let (lo, hi) = (b * batch, ((b + 1) * batch).min(n));
+                    body.clear();
+                    body.push_str(&format!("{{\"collectionName\":\"{name}\",\"data\":["));
+                    for i in lo..hi {
+                        if i > lo {
+                            body.push(',');
+                        }
+                        body.push_str(&format!("{{\"id\":{i},\"vector\":["));
+                        for (j, x) in data[i * dim..(i + 1) * dim].iter().enumerate() {
+                            if j > 0 {
+                                body.push(',');
+                            }
+                            body.push_str(&x.to_string());
+                        }
+                        body.push_str("]}");
+                    }
+                    body.push_str("]}");
+                    conn.post("/v2/vectordb/entities/insert", body.as_bytes())?;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("insert worker panicked"))??;
+    }
+    let insert_s = started.elapsed().as_secs_f64();
+    let f0 = Instant::now();
+    c.post("/v2/vectordb/collections/flush", format!("{{\"collectionName\":\"{name}\"}}").as_bytes())?;
+    let flush_s = f0.elapsed().as_secs_f64();
+    let stats = c.post("/v2/vectordb/collections/get_stats", format!("{{\"collectionName\":\"{name}\"}}").as_bytes())?;
+    let raw = (n * dim * 4) as u64;
+    let rss = a.server_pid.and_then(vm_hwm);
+    println!(
+        "{}",
+        serde_json::json!({
+            "rows": n, "dim": dim, "batch": a.batch, "connections": a.connections,
+            "insert_s": insert_s, "rows_per_s": n as f64 / insert_s, "flush_s": flush_s,
+            "row_count": stats["data"]["rowCount"],
+            "raw_vector_bytes": raw, "server_peak_rss_bytes": rss,
+            "rss_over_raw": rss.map(|r| r as f64 / raw as f64),
+        })
+    );
+    Ok(())
+}

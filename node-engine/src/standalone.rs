@@ -1,0 +1,80 @@
+//! The standalone role: writer, reader and router in one process — the engine over SQLite and
+//! a local data directory, the REST API and the health/metrics listener.
+
+use crate::api::{self, metrics::Metrics, rest::AppState};
+use crate::config::StandaloneConfig;
+use crate::core::engine::{Engine, EngineConfig, EngineError};
+use crate::core::storage::collection::StorageOptions;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("failed to open the engine")]
+    OpenEngine(#[from] EngineError),
+    #[error("failed to listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Open the engine and build the REST and ops routers over one shared state.
+pub async fn build(cfg: &StandaloneConfig) -> Result<(Arc<AppState>, axum::Router, axum::Router), ServeError> {
+    let engine = Engine::open(&EngineConfig {
+        data_dir: cfg.data_dir.clone(),
+        meta_url: cfg.meta_url.clone(),
+        flush_interval: cfg.flush_interval,
+        storage: StorageOptions::default(),
+    })
+    .await?;
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        auth_token: cfg.auth_token.clone(),
+        metrics: Arc::new(Metrics::new()),
+        indexes: api::indexes::IndexService::new(engine),
+    });
+    let rest = api::rest::router(state.clone());
+    let ops = api::ops_router(state.clone());
+    Ok((state, rest, ops))
+}
+
+/// Serve until `shutdown` resolves, then flush every collection and stop.
+pub async fn run(cfg: StandaloneConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    let (state, rest, ops) = build(&cfg).await?;
+    let flusher = state.engine.spawn_flusher(cfg.flush_interval);
+    let rest_l = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+    let ops_l = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: cfg.metrics_listen, source })?;
+    tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "shoal standalone listening");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let mut rx2 = rx.clone();
+    let mut rx3 = rx;
+    let ops_task = tokio::spawn(async move {
+        axum::serve(ops_l, ops)
+            .with_graceful_shutdown(async move {
+                let _ = rx2.wait_for(|v| *v).await;
+            })
+            .await
+    });
+    axum::serve(rest_l, rest)
+        .with_graceful_shutdown(async move {
+            let _ = rx3.wait_for(|v| *v).await;
+        })
+        .await
+        .map_err(ServeError::Serve)?;
+    let _ = ops_task.await;
+    flusher.abort();
+    tracing::info!("shutting down: flushing collections");
+    state.engine.shutdown().await;
+    Ok(())
+}
