@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod cluster;
 pub mod core;
 pub mod standalone;
 pub mod bench;
