@@ -48,7 +48,10 @@ impl Conn {
     fn new(addr: SocketAddr) -> anyhow::Result<Self> {
         let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
         s.set_nodelay(true)?;
-        Ok(Self { addr, reader: BufReader::new(s) })
+        Ok(Self {
+            addr,
+            reader: BufReader::new(s),
+        })
     }
 
     fn post(&mut self, path: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
@@ -101,7 +104,10 @@ fn read_fvecs(path: &PathBuf, limit: usize) -> anyhow::Result<(usize, Vec<f32>)>
     let mut out = Vec::with_capacity(n * dim);
     for i in 0..n {
         let r = &bytes[i * rec + 4..(i + 1) * rec];
-        out.extend(r.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        out.extend(
+            r.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
     }
     Ok((dim, out))
 }
@@ -109,7 +115,11 @@ fn read_fvecs(path: &PathBuf, limit: usize) -> anyhow::Result<(usize, Vec<f32>)>
 fn vm_hwm(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
 }
 
 pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
@@ -117,11 +127,19 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
     let n = data.len() / dim;
     let mut c = Conn::new(a.addr)?;
     let name = &a.collection;
-    c.post("/v2/vectordb/collections/drop", format!("{{\"collectionName\":\"{name}\"}}").as_bytes()).ok();
+    c.post(
+        "/v2/vectordb/collections/drop",
+        format!("{{\"collectionName\":\"{name}\"}}").as_bytes(),
+    )
+    .ok();
     let mut c = Conn::new(a.addr)?;
     c.post(
         "/v2/vectordb/collections/create",
-        format!("{{\"collectionName\":\"{name}\",\"dimension\":{dim},\"metricType\":\"{}\"}}", a.metric).as_bytes(),
+        format!(
+            "{{\"collectionName\":\"{name}\",\"dimension\":{dim},\"metricType\":\"{}\"}}",
+            a.metric
+        )
+        .as_bytes(),
     )?;
     let data = Arc::new(data);
     let next = Arc::new(AtomicUsize::new(0));
@@ -129,7 +147,8 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let workers: Vec<_> = (0..a.connections.max(1))
         .map(|_| {
-            let (data, next, addr, name, batch) = (data.clone(), next.clone(), a.addr, name.clone(), a.batch);
+            let (data, next, addr, name, batch) =
+                (data.clone(), next.clone(), a.addr, name.clone(), a.batch);
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let mut conn = Conn::new(addr)?;
                 let mut body = String::new();
@@ -161,13 +180,20 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
         })
         .collect();
     for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("insert worker panicked"))??;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("insert worker panicked"))??;
     }
     let insert_s = started.elapsed().as_secs_f64();
     let f0 = Instant::now();
-    c.post("/v2/vectordb/collections/flush", format!("{{\"collectionName\":\"{name}\"}}").as_bytes())?;
+    c.post(
+        "/v2/vectordb/collections/flush",
+        format!("{{\"collectionName\":\"{name}\"}}").as_bytes(),
+    )?;
     let flush_s = f0.elapsed().as_secs_f64();
-    let stats = c.post("/v2/vectordb/collections/get_stats", format!("{{\"collectionName\":\"{name}\"}}").as_bytes())?;
+    let stats = c.post(
+        "/v2/vectordb/collections/get_stats",
+        format!("{{\"collectionName\":\"{name}\"}}").as_bytes(),
+    )?;
     let raw = (n * dim * 4) as u64;
     let rss = a.server_pid.and_then(vm_hwm);
     println!(

@@ -101,7 +101,10 @@ impl std::fmt::Debug for StandaloneConfig {
             .field("log_format", &self.log_format)
             .field("auth", &self.auth_token.is_some())
             .field("flush_interval", &self.flush_interval)
-            .field("meta_url", &self.meta_url.as_deref().map(crate::core::meta::redact))
+            .field(
+                "meta_url",
+                &self.meta_url.as_deref().map(crate::core::meta::redact),
+            )
             .finish()
     }
 }
@@ -113,7 +116,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => (&s[..i], s[i..].trim()),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 1s or 500ms"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 1s or 500ms"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -131,27 +136,55 @@ impl StandaloneArgs {
     pub fn resolve(self) -> Result<StandaloneConfig, ConfigError> {
         let file = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.clone(), source })?;
-                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::ParseFile { path: path.clone(), source })?
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::ParseFile {
+                    path: path.clone(),
+                    source,
+                })?
             }
             None => FileConfig::default(),
         };
-        let flush = self.flush_interval.or(file.flush_interval).unwrap_or_else(|| "1s".into());
-        let listen = self.listen.or(file.listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19530)));
-        let metrics_listen = self.metrics_listen.or(file.metrics_listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091)));
-        let auth_token = self.auth_token.or(file.auth_token).filter(|t| !t.is_empty());
+        let flush = self
+            .flush_interval
+            .or(file.flush_interval)
+            .unwrap_or_else(|| "1s".into());
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19530)));
+        let metrics_listen = self
+            .metrics_listen
+            .or(file.metrics_listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091)));
+        let auth_token = self
+            .auth_token
+            .or(file.auth_token)
+            .filter(|t| !t.is_empty());
         if let Some(t) = &auth_token {
             if !t.contains(':') {
-                return Err(ConfigError::Invalid { key: "auth_token", reason: "must be user:password".into() });
+                return Err(ConfigError::Invalid {
+                    key: "auth_token",
+                    reason: "must be user:password".into(),
+                });
             }
         }
         Ok(StandaloneConfig {
-            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./shoal-data")),
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./shoal-data")),
             listen,
             metrics_listen,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth_token,
-            flush_interval: parse_duration(&flush).map_err(|reason| ConfigError::Invalid { key: "flush_interval", reason })?,
+            flush_interval: parse_duration(&flush).map_err(|reason| ConfigError::Invalid {
+                key: "flush_interval",
+                reason,
+            })?,
             meta_url: self.meta_url.or(file.meta_url),
         })
     }
@@ -165,8 +198,16 @@ mod tests {
     fn flags_override_the_file_and_the_file_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("shoal.toml");
-        std::fs::write(&p, "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1234\"\nflush_interval = \"250ms\"\n").unwrap();
-        let args = StandaloneArgs { config: Some(p), listen: Some("127.0.0.1:999".parse().unwrap()), ..Default::default() };
+        std::fs::write(
+            &p,
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1234\"\nflush_interval = \"250ms\"\n",
+        )
+        .unwrap();
+        let args = StandaloneArgs {
+            config: Some(p),
+            listen: Some("127.0.0.1:999".parse().unwrap()),
+            ..Default::default()
+        };
         let c = args.resolve().unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/from/file"));
         assert_eq!(c.listen.port(), 999);
@@ -179,7 +220,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("shoal.toml");
         std::fs::write(&p, "dta_dir = \"x\"\n").unwrap();
-        assert!(matches!(StandaloneArgs { config: Some(p), ..Default::default() }.resolve(), Err(ConfigError::ParseFile { .. })));
+        assert!(matches!(
+            StandaloneArgs {
+                config: Some(p),
+                ..Default::default()
+            }
+            .resolve(),
+            Err(ConfigError::ParseFile { .. })
+        ));
         assert!(parse_duration("2h").is_err());
         assert!(parse_duration("0s").is_err());
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));

@@ -26,7 +26,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -37,7 +39,9 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
@@ -61,7 +65,8 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            rt.block_on(shoal_engine::standalone::run(cfg, shutdown_signal())).context("standalone server failed")?;
+            rt.block_on(shoal_engine::standalone::run(cfg, shutdown_signal()))
+                .context("standalone server failed")?;
             Ok(())
         }
         Command::BenchInsert(args) => {

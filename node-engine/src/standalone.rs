@@ -24,7 +24,9 @@ pub enum ServeError {
 }
 
 /// Open the engine and build the REST and ops routers over one shared state.
-pub async fn build(cfg: &StandaloneConfig) -> Result<(Arc<AppState>, axum::Router, axum::Router), ServeError> {
+pub async fn build(
+    cfg: &StandaloneConfig,
+) -> Result<(Arc<AppState>, axum::Router, axum::Router), ServeError> {
     let engine = Engine::open(&EngineConfig {
         data_dir: cfg.data_dir.clone(),
         meta_url: cfg.meta_url.clone(),
@@ -44,13 +46,24 @@ pub async fn build(cfg: &StandaloneConfig) -> Result<(Arc<AppState>, axum::Route
 }
 
 /// Serve until `shutdown` resolves, then flush every collection and stop.
-pub async fn run(cfg: StandaloneConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+pub async fn run(
+    cfg: StandaloneConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let (state, rest, ops) = build(&cfg).await?;
     let flusher = state.engine.spawn_flusher(cfg.flush_interval);
-    let rest_l = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+    let rest_l = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
     let ops_l = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: cfg.metrics_listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.metrics_listen,
+            source,
+        })?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "shoal standalone listening");
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -8,7 +8,9 @@ use rand_chacha::ChaCha8Rng;
 use shoal_engine::core::engine::{Engine, EngineConfig};
 use shoal_engine::core::filter::Filter;
 use shoal_engine::core::index::SearchParams;
-use shoal_engine::core::storage::collection::{CollectionRead, CollectionWrite, Output, Schema, StorageOptions};
+use shoal_engine::core::storage::collection::{
+    CollectionRead, CollectionWrite, Output, Schema, StorageOptions,
+};
 use shoal_engine::core::storage::wal::RowBatch;
 use shoal_engine::core::types::Metric;
 use std::collections::BTreeMap;
@@ -24,7 +26,11 @@ fn oracle_score(metric: Metric, q: &[f32], v: &[f32]) -> f32 {
         Metric::COSINE => {
             let nq = q.iter().map(|x| x * x).sum::<f32>().sqrt();
             let nv = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if nq == 0.0 || nv == 0.0 { 0.0 } else { dot / (nq * nv) }
+            if nq == 0.0 || nv == 0.0 {
+                0.0
+            } else {
+                dot / (nq * nv)
+            }
         }
     }
 }
@@ -38,14 +44,32 @@ fn batch(rows: &[(i64, Vec<f32>, i64, f64)]) -> RowBatch {
         dim: DIM,
         ids: rows.iter().map(|r| r.0).collect(),
         vectors: rows.iter().flat_map(|r| r.1.clone()).collect(),
-        fields: rows.iter().map(|r| serde_json::to_vec(&serde_json::json!({"tag": r.2, "score": r.3})).unwrap()).collect(),
+        fields: rows
+            .iter()
+            .map(|r| serde_json::to_vec(&serde_json::json!({"tag": r.2, "score": r.3})).unwrap())
+            .collect(),
     }
 }
 
-fn check(metric: Metric, c: &dyn CollectionRead, m: &Model, queries: &[Vec<f32>], filter: Option<(&str, fn(i64, f64) -> bool)>, k: usize) {
+fn check(
+    metric: Metric,
+    c: &dyn CollectionRead,
+    m: &Model,
+    queries: &[Vec<f32>],
+    filter: Option<(&str, fn(i64, f64) -> bool)>,
+    k: usize,
+) {
     let parsed = filter.map(|(s, _)| Filter::parse(s).unwrap());
     let flat: Vec<f32> = queries.iter().flatten().copied().collect();
-    let got = c.search(&flat, k, &SearchParams::default(), parsed.as_ref(), Output::default()).unwrap();
+    let got = c
+        .search(
+            &flat,
+            k,
+            &SearchParams::default(),
+            parsed.as_ref(),
+            Output::default(),
+        )
+        .unwrap();
     for (qi, q) in queries.iter().enumerate() {
         let mut want: Vec<(f32, i64)> = m
             .rows
@@ -55,18 +79,30 @@ fn check(metric: Metric, c: &dyn CollectionRead, m: &Model, queries: &[Vec<f32>]
             .collect();
         match metric {
             Metric::L2 => want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))),
-            Metric::IP | Metric::COSINE => want.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))),
+            Metric::IP | Metric::COSINE => {
+                want.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)))
+            }
         }
         want.truncate(k);
         let g = &got[qi];
         assert_eq!(g.len(), want.len(), "{metric} q{qi}: result count");
         for (rank, (h, w)) in g.iter().zip(&want).enumerate() {
             let tol = 1e-3 * w.0.abs().max(1.0);
-            assert!((h.score - w.0).abs() <= tol, "{metric} q{qi} rank {rank}: score {} vs oracle {}", h.score, w.0);
+            assert!(
+                (h.score - w.0).abs() <= tol,
+                "{metric} q{qi} rank {rank}: score {} vs oracle {}",
+                h.score,
+                w.0
+            );
             if h.row.id != w.1 {
                 // Only a tie may reorder ids: the oracle's score for the returned id must match.
                 let (v, _, _) = &m.rows[&h.row.id];
-                assert!((oracle_score(metric, q, v) - w.0).abs() <= tol, "{metric} q{qi} rank {rank}: id {} vs {}", h.row.id, w.1);
+                assert!(
+                    (oracle_score(metric, q, v) - w.0).abs() <= tol,
+                    "{metric} q{qi} rank {rank}: id {} vs {}",
+                    h.row.id,
+                    w.1
+                );
             }
         }
     }
@@ -78,7 +114,10 @@ async fn run_metric(metric: Metric) {
         data_dir: dir.path().to_path_buf(),
         meta_url: None,
         flush_interval: Duration::from_secs(3600),
-        storage: StorageOptions { flush_bytes: 64 << 20, compact_deleted_fraction: 0.3 },
+        storage: StorageOptions {
+            flush_bytes: 64 << 20,
+            compact_deleted_fraction: 0.3,
+        },
     };
     let engine = Engine::open(&cfg).await.unwrap();
     let schema = Schema {
@@ -92,15 +131,20 @@ async fn run_metric(metric: Metric) {
     };
     let c = engine.create_collection(schema).await.unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let mut model = Model { rows: BTreeMap::new() };
-    let gen_rows = |rng: &mut ChaCha8Rng, ids: std::ops::Range<i64>| -> Vec<(i64, Vec<f32>, i64, f64)> {
-        ids.map(|id| {
-            let center = (id % 7) as f32;
-            let v: Vec<f32> = (0..DIM).map(|_| center + rng.random_range(-1.0f32..1.0)).collect();
-            (id, v, id % 5, rng.random_range(0.0..1.0))
-        })
-        .collect()
+    let mut model = Model {
+        rows: BTreeMap::new(),
     };
+    let gen_rows =
+        |rng: &mut ChaCha8Rng, ids: std::ops::Range<i64>| -> Vec<(i64, Vec<f32>, i64, f64)> {
+            ids.map(|id| {
+                let center = (id % 7) as f32;
+                let v: Vec<f32> = (0..DIM)
+                    .map(|_| center + rng.random_range(-1.0f32..1.0))
+                    .collect();
+                (id, v, id % 5, rng.random_range(0.0..1.0))
+            })
+            .collect()
+        };
     // Three sealed segments, then rows in the growing buffer.
     for part in 0..3 {
         let rows = gen_rows(&mut rng, part * 700..(part + 1) * 700);
@@ -138,16 +182,28 @@ async fn run_metric(metric: Metric) {
     for d in &dels2 {
         model.rows.remove(d);
     }
-    let queries: Vec<Vec<f32>> = (0..12).map(|i| (0..DIM).map(|_| (i % 7) as f32 + rng.random_range(-1.5f32..1.5)).collect()).collect();
-    let filt: (&str, fn(i64, f64) -> bool) = ("tag in [1, 4] and score > 0.25", |t, s| (t == 1 || t == 4) && s > 0.25);
-    let filt2: (&str, fn(i64, f64) -> bool) = ("not (tag == 2) or score < 0.1", |t, s| t != 2 || s < 0.1);
+    let queries: Vec<Vec<f32>> = (0..12)
+        .map(|i| {
+            (0..DIM)
+                .map(|_| (i % 7) as f32 + rng.random_range(-1.5f32..1.5))
+                .collect()
+        })
+        .collect();
+    let filt: (&str, fn(i64, f64) -> bool) = ("tag in [1, 4] and score > 0.25", |t, s| {
+        (t == 1 || t == 4) && s > 0.25
+    });
+    let filt2: (&str, fn(i64, f64) -> bool) =
+        ("not (tag == 2) or score < 0.1", |t, s| t != 2 || s < 0.1);
     check(metric, &*c, &model, &queries, None, 10);
     check(metric, &*c, &model, &queries, Some(filt), 25);
     check(metric, &*c, &model, &queries[..1], Some(filt2), 300);
     assert_eq!(c.count(None), model.rows.len());
     let before = c.stats().sealed_segments;
     c.flush().await.unwrap();
-    assert!(c.stats().sealed_segments <= before + 1, "compaction rewrote the mostly-deleted segment");
+    assert!(
+        c.stats().sealed_segments <= before + 1,
+        "compaction rewrote the mostly-deleted segment"
+    );
     check(metric, &*c, &model, &queries, Some(filt), 25);
     // Restart: committed segments + tombstones + WAL give the same answers.
     engine.shutdown().await;
@@ -158,7 +214,13 @@ async fn run_metric(metric: Metric) {
     check(metric, &*c, &model, &queries, None, 10);
     check(metric, &*c, &model, &queries, Some(filt), 25);
     assert_eq!(c.count(None), model.rows.len());
-    let got = c.get(&[3, 41, 9], Output { vector: true, fields: true });
+    let got = c.get(
+        &[3, 41, 9],
+        Output {
+            vector: true,
+            fields: true,
+        },
+    );
     assert_eq!(got.len(), 2, "9 was deleted");
     for r in got {
         assert_eq!(r.vector.as_ref().unwrap(), &model.rows[&r.id].0);

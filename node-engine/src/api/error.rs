@@ -27,19 +27,33 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: i32, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::OK, code, message: message.into() }
+        Self {
+            status: StatusCode::OK,
+            code,
+            message: message.into(),
+        }
     }
     pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
-        Self::new(code::INVALID_PARAMETER, format!("invalid parameter {field}: {reason}"))
+        Self::new(
+            code::INVALID_PARAMETER,
+            format!("invalid parameter {field}: {reason}"),
+        )
     }
     pub fn missing(field: &str) -> Self {
-        Self::new(code::MISSING_PARAMETER, format!("missing required parameter {field}"))
+        Self::new(
+            code::MISSING_PARAMETER,
+            format!("missing required parameter {field}"),
+        )
     }
     pub fn bad_row(row: usize, reason: impl std::fmt::Display) -> Self {
         Self::new(code::BAD_INSERT_ROW, format!("invalid row {row}: {reason}"))
     }
     pub fn unauthorized() -> Self {
-        Self { status: StatusCode::UNAUTHORIZED, code: code::AUTH_FAILED, message: "authentication failed: missing or wrong token".into() }
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            code: code::AUTH_FAILED,
+            message: "authentication failed: missing or wrong token".into(),
+        }
     }
     fn internal(what: impl std::fmt::Display) -> Self {
         Self::new(code::INTERNAL, format!("internal error: {what}"))
@@ -75,17 +89,24 @@ impl From<CollectionError> for ApiError {
         match &e {
             CollectionError::InvalidRow { row, reason } => ApiError::bad_row(*row, reason),
             CollectionError::InvalidParam { name, reason } => ApiError::invalid(name, reason),
-            CollectionError::NotLoaded(name) => {
-                ApiError::new(code::COLLECTION_NOT_LOADED, format!("collection {name:?} is not loaded; call collections/load"))
-            }
-            CollectionError::Index(crate::core::index::IndexError::InvalidParam { name, reason }) => {
-                ApiError::invalid(name, reason)
-            }
-            CollectionError::Index(crate::core::index::IndexError::DimensionMismatch { expected, got }) => {
-                ApiError::invalid("data", format!("query length {got} is not a multiple of dimension {expected}"))
-            }
+            CollectionError::NotLoaded(name) => ApiError::new(
+                code::COLLECTION_NOT_LOADED,
+                format!("collection {name:?} is not loaded; call collections/load"),
+            ),
+            CollectionError::Index(crate::core::index::IndexError::InvalidParam {
+                name,
+                reason,
+            }) => ApiError::invalid(name, reason),
+            CollectionError::Index(crate::core::index::IndexError::DimensionMismatch {
+                expected,
+                got,
+            }) => ApiError::invalid(
+                "data",
+                format!("query length {got} is not a multiple of dimension {expected}"),
+            ),
             CollectionError::Index(
-                crate::core::index::IndexError::Corrupt { .. } | crate::core::index::IndexError::Io { .. },
+                crate::core::index::IndexError::Corrupt { .. }
+                | crate::core::index::IndexError::Io { .. },
             )
             | CollectionError::Wal(_)
             | CollectionError::Segment(_)
@@ -99,9 +120,10 @@ impl From<CollectionError> for ApiError {
 impl From<MetaError> for ApiError {
     fn from(e: MetaError) -> Self {
         match &e {
-            MetaError::Connect { .. } | MetaError::Migrate { .. } | MetaError::Query { .. } | MetaError::UnsupportedUrl(_) => {
-                ApiError::internal(chain(&e))
-            }
+            MetaError::Connect { .. }
+            | MetaError::Migrate { .. }
+            | MetaError::Query { .. }
+            | MetaError::UnsupportedUrl(_) => ApiError::internal(chain(&e)),
         }
     }
 }
@@ -109,12 +131,14 @@ impl From<MetaError> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::CollectionNotFound(name) => {
-                ApiError::new(code::COLLECTION_NOT_FOUND, format!("collection not found: {name}"))
-            }
-            EngineError::CollectionExists(name) => {
-                ApiError::invalid("collectionName", format!("collection {name:?} already exists"))
-            }
+            EngineError::CollectionNotFound(name) => ApiError::new(
+                code::COLLECTION_NOT_FOUND,
+                format!("collection not found: {name}"),
+            ),
+            EngineError::CollectionExists(name) => ApiError::invalid(
+                "collectionName",
+                format!("collection {name:?} already exists"),
+            ),
             EngineError::InvalidParam { name, reason } => ApiError::invalid(&name, reason),
             EngineError::Io { .. } => ApiError::internal(chain(&e)),
             EngineError::Meta(m) => m.into(),

@@ -61,21 +61,31 @@ fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexReco
     let s = c.schema();
     let field = req_str(p, "fieldName")?;
     if field != s.vector_field {
-        return Err(ApiError::invalid("indexParams.fieldName", format!("{field:?} is not the vector field {:?}", s.vector_field)));
+        return Err(ApiError::invalid(
+            "indexParams.fieldName",
+            format!("{field:?} is not the vector field {:?}", s.vector_field),
+        ));
     }
     let index_name = opt_str(p, "indexName")?.unwrap_or(field).to_string();
     crate::core::engine::validate_name("indexParams.indexName", &index_name)?;
     let metric = match opt_str(p, "metricType")? {
         None => s.metric,
-        Some(m) => m.parse::<Metric>().map_err(|e| ApiError::invalid("indexParams.metricType", e))?,
+        Some(m) => m
+            .parse::<Metric>()
+            .map_err(|e| ApiError::invalid("indexParams.metricType", e))?,
     };
     if metric != s.metric {
-        return Err(ApiError::invalid("indexParams.metricType", format!("{metric} differs from the collection's {}", s.metric)));
+        return Err(ApiError::invalid(
+            "indexParams.metricType",
+            format!("{metric} differs from the collection's {}", s.metric),
+        ));
     }
     let index_type = match opt_str(p, "indexType")? {
         None => IndexType::FLAT,
         Some(t) if t.eq_ignore_ascii_case("AUTOINDEX") => IndexType::FLAT,
-        Some(t) => t.parse::<IndexType>().map_err(|e| ApiError::invalid("indexParams.indexType", e))?,
+        Some(t) => t
+            .parse::<IndexType>()
+            .map_err(|e| ApiError::invalid("indexParams.indexType", e))?,
     };
     let params = match p.get("params") {
         None | Some(Value::Null) => Map::new(),
@@ -84,8 +94,14 @@ fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexReco
     };
     match index_type {
         IndexType::FLAT => {
-            if let Some(k) = params.keys().find(|k| k.as_str() != "metric_type" && k.as_str() != "index_type") {
-                return Err(ApiError::invalid(&format!("indexParams.params.{k}"), "FLAT takes no build parameters"));
+            if let Some(k) = params
+                .keys()
+                .find(|k| k.as_str() != "metric_type" && k.as_str() != "index_type")
+            {
+                return Err(ApiError::invalid(
+                    &format!("indexParams.params.{k}"),
+                    "FLAT takes no build parameters",
+                ));
             }
         }
         IndexType::IVF_FLAT | IndexType::IVF_SQ8 | IndexType::IVF_PQ | IndexType::HNSW => {
@@ -105,25 +121,42 @@ fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexReco
     })
 }
 
-pub(super) async fn create(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+pub(super) async fn create(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = super::rest_collection(&st, &m)?;
     let list = match m.get("indexParams") {
         None | Some(Value::Null) => return Err(ApiError::missing("indexParams")),
         Some(Value::Array(a)) if !a.is_empty() => a,
-        Some(_) => return Err(ApiError::invalid("indexParams", "must be a non-empty list of index definitions")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "indexParams",
+                "must be a non-empty list of index definitions",
+            ));
+        }
     };
     // Validate every definition before writing any, so a bad one changes nothing.
     let mut recs = Vec::new();
     for p in list {
-        let p = p.as_object().ok_or_else(|| ApiError::invalid("indexParams", "each entry must be an object"))?;
+        let p = p
+            .as_object()
+            .ok_or_else(|| ApiError::invalid("indexParams", "each entry must be an object"))?;
         recs.push(parse_index_param(&c, p)?);
     }
     let existing = st.engine.meta().indexes(c.collection_id()).await?;
     for r in &recs {
-        if existing.iter().any(|e| e.field_name == r.field_name && e.index_name != r.index_name) {
+        if existing
+            .iter()
+            .any(|e| e.field_name == r.field_name && e.index_name != r.index_name)
+        {
             return Err(ApiError::invalid(
                 "indexParams.indexName",
-                format!("field {:?} already has an index with another name; drop it first", r.field_name),
+                format!(
+                    "field {:?} already has an index with another name; drop it first",
+                    r.field_name
+                ),
             ));
         }
     }
@@ -134,7 +167,11 @@ pub(super) async fn create(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) 
     Ok(Reply::data(json!({})))
 }
 
-pub(super) async fn describe(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+pub(super) async fn describe(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = super::rest_collection(&st, &m)?;
     let name = req_str(&m, "indexName")?;
     let recs = st.engine.meta().indexes(c.collection_id()).await?;
@@ -158,18 +195,33 @@ pub(super) async fn describe(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>
     }])))
 }
 
-pub(super) async fn list(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+pub(super) async fn list(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = super::rest_collection(&st, &m)?;
     let recs = st.engine.meta().indexes(c.collection_id()).await?;
-    Ok(Reply::data(json!(recs.iter().map(|r| r.index_name.clone()).collect::<Vec<_>>())))
+    Ok(Reply::data(json!(
+        recs.iter()
+            .map(|r| r.index_name.clone())
+            .collect::<Vec<_>>()
+    )))
 }
 
-pub(super) async fn drop(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+pub(super) async fn drop(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = super::rest_collection(&st, &m)?;
     let name = req_str(&m, "indexName")?;
     let recs = st.engine.meta().indexes(c.collection_id()).await?;
     if !recs.iter().any(|r| r.index_name == name) {
-        return Err(ApiError::invalid("indexName", format!("index {name:?} does not exist")));
+        return Err(ApiError::invalid(
+            "indexName",
+            format!("index {name:?} does not exist"),
+        ));
     }
     st.engine.meta().drop_index(c.collection_id(), name).await?;
     Ok(Reply::data(json!({})))

@@ -56,27 +56,71 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("shoal");
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<EndpointLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 20)));
+        let latency = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+        });
         let rows_inserted = Counter::default();
         let rows = Family::default();
         let segments = Family::default();
         let corrupt_segments = Family::default();
         let wal_bytes = Family::default();
         let memory_bytes = Family::default();
-        registry.register("rest_requests", "REST requests by endpoint and result", requests.clone());
-        registry.register("rest_request_seconds", "REST request latency by endpoint", latency.clone());
-        registry.register("rows_inserted", "Rows inserted or upserted through the API", rows_inserted.clone());
+        registry.register(
+            "rest_requests",
+            "REST requests by endpoint and result",
+            requests.clone(),
+        );
+        registry.register(
+            "rest_request_seconds",
+            "REST request latency by endpoint",
+            latency.clone(),
+        );
+        registry.register(
+            "rows_inserted",
+            "Rows inserted or upserted through the API",
+            rows_inserted.clone(),
+        );
         registry.register("collection_rows", "Live rows per collection", rows.clone());
-        registry.register("collection_segments", "Sealed segments per collection", segments.clone());
-        registry.register("collection_corrupt_segments", "Segments that failed verification and are not served", corrupt_segments.clone());
-        registry.register("wal_bytes", "WAL bytes appended since start per collection", wal_bytes.clone());
-        registry.register("collection_memory_bytes", "Bytes held in memory or mapped per collection", memory_bytes.clone());
-        Self { registry, requests, latency, rows_inserted, rows, segments, corrupt_segments, wal_bytes, memory_bytes }
+        registry.register(
+            "collection_segments",
+            "Sealed segments per collection",
+            segments.clone(),
+        );
+        registry.register(
+            "collection_corrupt_segments",
+            "Segments that failed verification and are not served",
+            corrupt_segments.clone(),
+        );
+        registry.register(
+            "wal_bytes",
+            "WAL bytes appended since start per collection",
+            wal_bytes.clone(),
+        );
+        registry.register(
+            "collection_memory_bytes",
+            "Bytes held in memory or mapped per collection",
+            memory_bytes.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            rows_inserted,
+            rows,
+            segments,
+            corrupt_segments,
+            wal_bytes,
+            memory_bytes,
+        }
     }
 
     pub fn observe_request(&self, endpoint: &'static str, result: &'static str, took: Duration) {
-        self.requests.get_or_create(&RequestLabels { endpoint, result }).inc();
-        self.latency.get_or_create(&EndpointLabels { endpoint }).observe(took.as_secs_f64());
+        self.requests
+            .get_or_create(&RequestLabels { endpoint, result })
+            .inc();
+        self.latency
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(took.as_secs_f64());
     }
 
     pub fn rows_inserted(&self, n: usize) {
@@ -92,12 +136,20 @@ impl Metrics {
         self.memory_bytes.clear();
         for c in engine.all() {
             let s = c.stats();
-            let l = CollectionLabels { collection: c.schema().name.clone() };
+            let l = CollectionLabels {
+                collection: c.schema().name.clone(),
+            };
             self.rows.get_or_create(&l).set(s.live_rows as i64);
-            self.segments.get_or_create(&l).set(s.sealed_segments as i64);
-            self.corrupt_segments.get_or_create(&l).set(s.corrupt_segments.len() as i64);
+            self.segments
+                .get_or_create(&l)
+                .set(s.sealed_segments as i64);
+            self.corrupt_segments
+                .get_or_create(&l)
+                .set(s.corrupt_segments.len() as i64);
             self.wal_bytes.get_or_create(&l).set(s.wal_bytes);
-            self.memory_bytes.get_or_create(&l).set(s.memory_bytes as i64);
+            self.memory_bytes
+                .get_or_create(&l)
+                .set(s.memory_bytes as i64);
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -19,7 +19,12 @@ fn rest_collection(
 ) -> Result<Arc<crate::core::storage::collection::Collection>, error::ApiError> {
     match rest::opt_str(m, "dbName")? {
         None | Some("" | "default" | "_default") => {}
-        Some(other) => return Err(error::ApiError::invalid("dbName", format!("database {other:?} does not exist"))),
+        Some(other) => {
+            return Err(error::ApiError::invalid(
+                "dbName",
+                format!("database {other:?} does not exist"),
+            ));
+        }
     }
     let name = rest::req_str(m, "collectionName")?;
     Ok(st.engine.collection(name)?)
@@ -34,7 +39,11 @@ pub fn ops_router(state: Arc<rest::AppState>) -> Router {
             get(|State(s): State<Arc<rest::AppState>>| async move {
                 match s.engine.meta().ping().await {
                     Ok(()) => (StatusCode::OK, "ready".to_string()).into_response(),
-                    Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("metadata store unavailable: {e}")).into_response(),
+                    Err(e) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("metadata store unavailable: {e}"),
+                    )
+                        .into_response(),
                 }
             }),
         )
@@ -42,7 +51,10 @@ pub fn ops_router(state: Arc<rest::AppState>) -> Router {
             "/metrics",
             get(|State(s): State<Arc<rest::AppState>>| async move {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     s.metrics.render(&s.engine),
                 )
             }),

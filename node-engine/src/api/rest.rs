@@ -46,7 +46,11 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn id(&self, id: i64) -> Value {
-        if self.int64_numbers { Value::from(id) } else { Value::from(id.to_string()) }
+        if self.int64_numbers {
+            Value::from(id)
+        } else {
+            Value::from(id.to_string())
+        }
     }
 }
 
@@ -58,20 +62,41 @@ pub struct Reply {
 
 impl Reply {
     pub fn data(data: Value) -> Self {
-        Self { data, extra: Vec::new() }
+        Self {
+            data,
+            extra: Vec::new(),
+        }
     }
 }
 
 fn json_response(status: axum::http::StatusCode, v: Value) -> Response {
-    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }
 
 fn check_auth(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &st.auth_token else { return Ok(()) };
-    let got = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = &st.auth_token else {
+        return Ok(());
+    };
+    let got = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     // Constant-time-ish comparison: no early exit on the first differing byte.
     match got {
-        Some(g) if g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0 => Ok(()),
+        Some(g)
+            if g.len() == token.len()
+                && g.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0 =>
+        {
+            Ok(())
+        }
         _ => Err(ApiError::unauthorized()),
     }
 }
@@ -82,12 +107,24 @@ fn parse_body(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::new(code::BAD_JSON, "request body must be a JSON object")),
-        Err(e) => Err(ApiError::new(code::BAD_JSON, format!("malformed JSON body: {e}"))),
+        Ok(_) => Err(ApiError::new(
+            code::BAD_JSON,
+            "request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::new(
+            code::BAD_JSON,
+            format!("malformed JSON body: {e}"),
+        )),
     }
 }
 
-async fn call<F, Fut>(st: Arc<AppState>, headers: HeaderMap, body: Bytes, endpoint: &'static str, f: F) -> Response
+async fn call<F, Fut>(
+    st: Arc<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+    endpoint: &'static str,
+    f: F,
+) -> Response
 where
     F: FnOnce(Arc<AppState>, Ctx, Map<String, Value>) -> Fut,
     Fut: Future<Output = Result<Reply, ApiError>>,
@@ -116,9 +153,14 @@ where
             }
             (axum::http::StatusCode::OK, Value::Object(m), "ok")
         }
-        Err(e) => (e.status, json!({"code": e.code, "message": e.message}), e.category()),
+        Err(e) => (
+            e.status,
+            json!({"code": e.code, "message": e.message}),
+            e.category(),
+        ),
     };
-    st.metrics.observe_request(endpoint, category, started.elapsed());
+    st.metrics
+        .observe_request(endpoint, category, started.elapsed());
     json_response(status, v)
 }
 
@@ -195,14 +237,20 @@ fn opt_bool(m: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
 fn opt_i64(m: &Map<String, Value>, k: &str) -> Result<Option<i64>, ApiError> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_i64().map(Some).ok_or_else(|| ApiError::invalid(k, "must be an integer")),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid(k, "must be an integer")),
     }
 }
 
 fn check_db(m: &Map<String, Value>) -> Result<(), ApiError> {
     match opt_str(m, "dbName")? {
         None | Some("" | "default" | "_default") => Ok(()),
-        Some(other) => Err(ApiError::invalid("dbName", format!("database {other:?} does not exist; only \"default\""))),
+        Some(other) => Err(ApiError::invalid(
+            "dbName",
+            format!("database {other:?} does not exist; only \"default\""),
+        )),
     }
 }
 
@@ -216,7 +264,10 @@ fn loaded(c: &Collection) -> Result<(), ApiError> {
     if c.is_loaded() {
         Ok(())
     } else {
-        Err(crate::core::storage::collection::CollectionError::NotLoaded(c.schema().name.clone()).into())
+        Err(
+            crate::core::storage::collection::CollectionError::NotLoaded(c.schema().name.clone())
+                .into(),
+        )
     }
 }
 
@@ -224,7 +275,9 @@ fn parse_filter(m: &Map<String, Value>) -> Result<Option<Filter>, ApiError> {
     match opt_str(m, "filter")? {
         None => Ok(None),
         Some(s) if s.trim().is_empty() => Ok(None),
-        Some(s) => Filter::parse(s).map(Some).map_err(|e| ApiError::invalid("filter", e)),
+        Some(s) => Filter::parse(s)
+            .map(Some)
+            .map_err(|e| ApiError::invalid("filter", e)),
     }
 }
 
@@ -236,8 +289,17 @@ struct Fields {
     count: bool,
 }
 
-fn parse_output_fields(s: &Schema, m: &Map<String, Value>, default_all: bool) -> Result<Fields, ApiError> {
-    let mut f = Fields { vector: false, all_dynamic: false, names: Vec::new(), count: false };
+fn parse_output_fields(
+    s: &Schema,
+    m: &Map<String, Value>,
+    default_all: bool,
+) -> Result<Fields, ApiError> {
+    let mut f = Fields {
+        vector: false,
+        all_dynamic: false,
+        names: Vec::new(),
+        count: false,
+    };
     let list = match m.get("outputFields") {
         None | Some(Value::Null) => {
             if default_all {
@@ -248,9 +310,18 @@ fn parse_output_fields(s: &Schema, m: &Map<String, Value>, default_all: bool) ->
         }
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| ApiError::invalid("outputFields", "must be a list of strings")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::invalid("outputFields", "must be a list of strings"))
+            })
             .collect::<Result<_, _>>()?,
-        Some(_) => return Err(ApiError::invalid("outputFields", "must be a list of strings")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "outputFields",
+                "must be a list of strings",
+            ));
+        }
     };
     for name in list {
         if name == "*" {
@@ -264,7 +335,10 @@ fn parse_output_fields(s: &Schema, m: &Map<String, Value>, default_all: bool) ->
         } else if s.dynamic {
             f.names.push(name);
         } else {
-            return Err(ApiError::invalid("outputFields", format!("field {name:?} does not exist")));
+            return Err(ApiError::invalid(
+                "outputFields",
+                format!("field {name:?} does not exist"),
+            ));
         }
     }
     Ok(f)
@@ -272,7 +346,10 @@ fn parse_output_fields(s: &Schema, m: &Map<String, Value>, default_all: bool) ->
 
 impl Fields {
     fn output(&self) -> Output {
-        Output { vector: self.vector, fields: self.all_dynamic || !self.names.is_empty() }
+        Output {
+            vector: self.vector,
+            fields: self.all_dynamic || !self.names.is_empty(),
+        }
     }
     fn render(&self, s: &Schema, ctx: Ctx, r: RowOut, distance: Option<f32>) -> Value {
         let mut o = Map::new();
@@ -301,26 +378,44 @@ impl Fields {
 
 // ---------- collections ----------
 
-async fn create_collection(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn create_collection(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     check_db(&m)?;
     let name = req_str(&m, "collectionName")?.to_string();
     if m.get("schema").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::invalid("schema", "custom schemas are not supported; use the quick form (dimension, metricType)"));
+        return Err(ApiError::invalid(
+            "schema",
+            "custom schemas are not supported; use the quick form (dimension, metricType)",
+        ));
     }
     let dim = match m.get("dimension") {
         None | Some(Value::Null) => return Err(ApiError::missing("dimension")),
-        Some(v) => v.as_u64().ok_or_else(|| ApiError::invalid("dimension", "must be a positive integer"))?,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| ApiError::invalid("dimension", "must be a positive integer"))?,
     };
     let metric = match opt_str(&m, "metricType")? {
         None => Metric::COSINE,
-        Some(s) => s.parse::<Metric>().map_err(|e| ApiError::invalid("metricType", e))?,
+        Some(s) => s
+            .parse::<Metric>()
+            .map_err(|e| ApiError::invalid("metricType", e))?,
     };
     match opt_str(&m, "idType")? {
         None => {}
         Some(t) if t.eq_ignore_ascii_case("int64") => {}
-        Some(t) => return Err(ApiError::invalid("idType", format!("{t:?} is not supported; only Int64"))),
+        Some(t) => {
+            return Err(ApiError::invalid(
+                "idType",
+                format!("{t:?} is not supported; only Int64"),
+            ));
+        }
     }
-    let auto_id = opt_bool(&m, "autoID")?.or(opt_bool(&m, "autoId")?).unwrap_or(false);
+    let auto_id = opt_bool(&m, "autoID")?
+        .or(opt_bool(&m, "autoId")?)
+        .unwrap_or(false);
     let dynamic = match m.get("params") {
         None | Some(Value::Null) => true,
         Some(Value::Object(p)) => opt_bool(p, "enableDynamicField")?.unwrap_or(true),
@@ -332,7 +427,9 @@ async fn create_collection(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) 
         metric,
         auto_id,
         pk_field: opt_str(&m, "primaryFieldName")?.unwrap_or("id").to_string(),
-        vector_field: opt_str(&m, "vectorFieldName")?.unwrap_or("vector").to_string(),
+        vector_field: opt_str(&m, "vectorFieldName")?
+            .unwrap_or("vector")
+            .to_string(),
         dynamic,
     };
     let c = st.engine.create_collection(schema).await?;
@@ -340,7 +437,11 @@ async fn create_collection(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) 
     Ok(Reply::data(json!({})))
 }
 
-async fn describe_collection(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn describe_collection(
+    st: Arc<AppState>,
+    ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = collection(&st, &m)?;
     let s = c.schema();
     let stats = c.stats();
@@ -367,18 +468,32 @@ async fn describe_collection(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>)
     })))
 }
 
-async fn list_collections(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn list_collections(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     check_db(&m)?;
     Ok(Reply::data(json!(st.engine.list())))
 }
 
-async fn has_collection(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn has_collection(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     check_db(&m)?;
     let name = req_str(&m, "collectionName")?;
-    Ok(Reply::data(json!({"has": st.engine.collection(name).is_ok()})))
+    Ok(Reply::data(
+        json!({"has": st.engine.collection(name).is_ok()}),
+    ))
 }
 
-async fn drop_collection(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn drop_collection(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = collection(&st, &m)?;
     st.indexes.forget(&c);
     st.engine.drop_collection(&c.schema().name).await?;
@@ -390,25 +505,45 @@ async fn get_stats(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Resul
     Ok(Reply::data(json!({"rowCount": c.stats().live_rows})))
 }
 
-async fn load_collection(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn load_collection(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = collection(&st, &m)?;
     st.engine.set_loaded(&c.schema().name, true).await?;
     Ok(Reply::data(json!({})))
 }
 
-async fn release_collection(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn release_collection(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = collection(&st, &m)?;
     st.engine.set_loaded(&c.schema().name, false).await?;
     Ok(Reply::data(json!({})))
 }
 
-async fn get_load_state(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn get_load_state(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = collection(&st, &m)?;
-    let state = if c.is_loaded() { "LoadStateLoaded" } else { "LoadStateNotLoad" };
+    let state = if c.is_loaded() {
+        "LoadStateLoaded"
+    } else {
+        "LoadStateNotLoad"
+    };
     Ok(Reply::data(json!({"loadState": state})))
 }
 
-async fn flush_collection(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
+async fn flush_collection(
+    st: Arc<AppState>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
     let c = collection(&st, &m)?;
     c.flush().await?;
     st.indexes.kick(&c);
@@ -426,14 +561,21 @@ fn parse_id(v: &Value) -> Option<i64> {
 }
 
 fn parse_vector(v: &Value, dim: usize, out: &mut Vec<f32>) -> Result<(), String> {
-    let Value::Array(a) = v else { return Err("vector must be an array of numbers".into()) };
+    let Value::Array(a) = v else {
+        return Err("vector must be an array of numbers".into());
+    };
     if a.len() != dim {
-        return Err(format!("vector has dimension {}, the collection has {dim}", a.len()));
+        return Err(format!(
+            "vector has dimension {}, the collection has {dim}",
+            a.len()
+        ));
     }
     for x in a {
         let f = x.as_f64().ok_or("vector components must be numbers")? as f32;
         if !f.is_finite() {
-            return Err("vector has a NaN or infinite component (or one outside the float32 range)".into());
+            return Err(
+                "vector has a NaN or infinite component (or one outside the float32 range)".into(),
+            );
         }
         out.push(f);
     }
@@ -441,14 +583,21 @@ fn parse_vector(v: &Value, dim: usize, out: &mut Vec<f32>) -> Result<(), String>
 }
 
 /// Validate and convert `data` rows into a batch. `need_id`: the row must carry its primary key.
-fn rows_to_batch(c: &Collection, m: &Map<String, Value>, upsert: bool) -> Result<RowBatch, ApiError> {
+fn rows_to_batch(
+    c: &Collection,
+    m: &Map<String, Value>,
+    upsert: bool,
+) -> Result<RowBatch, ApiError> {
     let s = c.schema();
     let rows: Vec<&Map<String, Value>> = match m.get("data") {
         None | Some(Value::Null) => return Err(ApiError::missing("data")),
         Some(Value::Array(a)) => a
             .iter()
             .enumerate()
-            .map(|(i, v)| v.as_object().ok_or_else(|| ApiError::bad_row(i, "each row must be a JSON object")))
+            .map(|(i, v)| {
+                v.as_object()
+                    .ok_or_else(|| ApiError::bad_row(i, "each row must be a JSON object"))
+            })
             .collect::<Result<_, _>>()?,
         Some(Value::Object(o)) => vec![o],
         Some(_) => return Err(ApiError::invalid("data", "must be a list of row objects")),
@@ -463,21 +612,41 @@ fn rows_to_batch(c: &Collection, m: &Map<String, Value>, upsert: bool) -> Result
     for (i, row) in rows.iter().enumerate() {
         if auto {
             if row.contains_key(&s.pk_field) {
-                return Err(ApiError::bad_row(i, format!("{} is generated (autoID); do not send it", s.pk_field)));
+                return Err(ApiError::bad_row(
+                    i,
+                    format!("{} is generated (autoID); do not send it", s.pk_field),
+                ));
             }
         } else {
             let id = match row.get(&s.pk_field) {
-                None | Some(Value::Null) => return Err(ApiError::bad_row(i, format!("missing primary key {}", s.pk_field))),
-                Some(v) => parse_id(v).ok_or_else(|| ApiError::bad_row(i, format!("{} must be an int64", s.pk_field)))?,
+                None | Some(Value::Null) => {
+                    return Err(ApiError::bad_row(
+                        i,
+                        format!("missing primary key {}", s.pk_field),
+                    ));
+                }
+                Some(v) => parse_id(v).ok_or_else(|| {
+                    ApiError::bad_row(i, format!("{} must be an int64", s.pk_field))
+                })?,
             };
             if !seen.insert(id) {
-                return Err(ApiError::bad_row(i, format!("duplicate primary key {id} in one request")));
+                return Err(ApiError::bad_row(
+                    i,
+                    format!("duplicate primary key {id} in one request"),
+                ));
             }
             b.ids.push(id);
         }
         match row.get(&s.vector_field) {
-            None | Some(Value::Null) => return Err(ApiError::bad_row(i, format!("missing vector field {}", s.vector_field))),
-            Some(v) => parse_vector(v, s.dim, &mut b.vectors).map_err(|e| ApiError::bad_row(i, e))?,
+            None | Some(Value::Null) => {
+                return Err(ApiError::bad_row(
+                    i,
+                    format!("missing vector field {}", s.vector_field),
+                ));
+            }
+            Some(v) => {
+                parse_vector(v, s.dim, &mut b.vectors).map_err(|e| ApiError::bad_row(i, e))?
+            }
         }
         let mut dynf = Map::new();
         for (k, v) in row.iter() {
@@ -485,7 +654,10 @@ fn rows_to_batch(c: &Collection, m: &Map<String, Value>, upsert: bool) -> Result
                 continue;
             }
             if !s.dynamic {
-                return Err(ApiError::bad_row(i, format!("field {k:?} is not in the schema (dynamic fields are disabled)")));
+                return Err(ApiError::bad_row(
+                    i,
+                    format!("field {k:?} is not in the schema (dynamic fields are disabled)"),
+                ));
             }
             if k == "$meta" {
                 if let Value::Object(inner) = v {
@@ -497,7 +669,11 @@ fn rows_to_batch(c: &Collection, m: &Map<String, Value>, upsert: bool) -> Result
             }
             dynf.insert(k.clone(), v.clone());
         }
-        b.fields.push(if dynf.is_empty() { Vec::new() } else { serde_json::to_vec(&Value::Object(dynf)).unwrap_or_default() });
+        b.fields.push(if dynf.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&Value::Object(dynf)).unwrap_or_default()
+        });
     }
     if auto {
         b.ids = c.alloc_ids(rows.len());
@@ -512,7 +688,9 @@ async fn insert(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Re
     let ids = c.upsert(b).await?;
     st.metrics.rows_inserted(n);
     st.indexes.maybe_kick(&c);
-    Ok(Reply::data(json!({"insertCount": n, "insertIds": ids.iter().map(|i| ctx.id(*i)).collect::<Vec<_>>()})))
+    Ok(Reply::data(
+        json!({"insertCount": n, "insertIds": ids.iter().map(|i| ctx.id(*i)).collect::<Vec<_>>()}),
+    ))
 }
 
 async fn upsert(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
@@ -521,7 +699,9 @@ async fn upsert(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Re
     let n = b.len();
     let ids = c.upsert(b).await?;
     st.metrics.rows_inserted(n);
-    Ok(Reply::data(json!({"upsertCount": n, "upsertIds": ids.iter().map(|i| ctx.id(*i)).collect::<Vec<_>>()})))
+    Ok(Reply::data(
+        json!({"upsertCount": n, "upsertIds": ids.iter().map(|i| ctx.id(*i)).collect::<Vec<_>>()}),
+    ))
 }
 
 async fn delete(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
@@ -538,10 +718,13 @@ async fn delete(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<R
 fn parse_ids(m: &Map<String, Value>) -> Result<Vec<i64>, ApiError> {
     match m.get("id") {
         None | Some(Value::Null) => Err(ApiError::missing("id")),
-        Some(Value::Array(a)) => {
-            a.iter().map(|v| parse_id(v).ok_or_else(|| ApiError::invalid("id", "must be int64 values"))).collect()
-        }
-        Some(v) => parse_id(v).map(|i| vec![i]).ok_or_else(|| ApiError::invalid("id", "must be an int64 or a list of them")),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| parse_id(v).ok_or_else(|| ApiError::invalid("id", "must be int64 values")))
+            .collect(),
+        Some(v) => parse_id(v)
+            .map(|i| vec![i])
+            .ok_or_else(|| ApiError::invalid("id", "must be an int64 or a list of them")),
     }
 }
 
@@ -551,19 +734,33 @@ async fn get(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply
     let f = parse_output_fields(c.schema(), &m, true)?;
     loaded(&c)?;
     let rows = c.get(&ids, f.output());
-    Ok(Reply::data(Value::Array(rows.into_iter().map(|r| f.render(c.schema(), ctx, r, None)).collect())))
+    Ok(Reply::data(Value::Array(
+        rows.into_iter()
+            .map(|r| f.render(c.schema(), ctx, r, None))
+            .collect(),
+    )))
 }
 
 fn limit_offset(m: &Map<String, Value>, default_limit: usize) -> Result<(usize, usize), ApiError> {
     let limit = match opt_i64(m, "limit")? {
         None => default_limit,
         Some(l) if l >= 1 && l as usize <= MAX_TOPK => l as usize,
-        Some(l) => return Err(ApiError::invalid("limit", format!("{l} is outside [1, {MAX_TOPK}]"))),
+        Some(l) => {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("{l} is outside [1, {MAX_TOPK}]"),
+            ));
+        }
     };
     let offset = match opt_i64(m, "offset")? {
         None => 0,
         Some(o) if o >= 0 && o as usize + limit <= MAX_TOPK => o as usize,
-        Some(o) => return Err(ApiError::invalid("offset", format!("{o} must be >= 0 and limit + offset <= {MAX_TOPK}"))),
+        Some(o) => {
+            return Err(ApiError::invalid(
+                "offset",
+                format!("{o} must be >= 0 and limit + offset <= {MAX_TOPK}"),
+            ));
+        }
     };
     Ok((limit, offset))
 }
@@ -579,7 +776,11 @@ async fn query(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Rep
         return Ok(Reply::data(json!([{"count(*)": n}])));
     }
     let rows = c.query(filter.as_ref(), offset, limit, f.output());
-    Ok(Reply::data(Value::Array(rows.into_iter().map(|r| f.render(c.schema(), ctx, r, None)).collect())))
+    Ok(Reply::data(Value::Array(
+        rows.into_iter()
+            .map(|r| f.render(c.schema(), ctx, r, None))
+            .collect(),
+    )))
 }
 
 fn parse_search_params(m: &Map<String, Value>, metric: Metric) -> Result<SearchParams, ApiError> {
@@ -590,19 +791,35 @@ fn parse_search_params(m: &Map<String, Value>, metric: Metric) -> Result<SearchP
         Some(_) => return Err(ApiError::invalid("searchParams", "must be an object")),
     };
     if let Some(mt) = opt_str(sp, "metricType")? {
-        let mt = mt.parse::<Metric>().map_err(|e| ApiError::invalid("searchParams.metricType", e))?;
+        let mt = mt
+            .parse::<Metric>()
+            .map_err(|e| ApiError::invalid("searchParams.metricType", e))?;
         if mt != metric {
-            return Err(ApiError::invalid("searchParams.metricType", format!("{mt} differs from the collection's {metric}")));
+            return Err(ApiError::invalid(
+                "searchParams.metricType",
+                format!("{mt} differs from the collection's {metric}"),
+            ));
         }
     }
     let params = match sp.get("params") {
         None | Some(Value::Null) => return Ok(p),
         Some(Value::Object(o)) => o,
-        Some(_) => return Err(ApiError::invalid("searchParams.params", "must be an object")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "searchParams.params",
+                "must be an object",
+            ));
+        }
     };
-    for (k, name) in [("nprobe", "searchParams.params.nprobe"), ("ef", "searchParams.params.ef")] {
+    for (k, name) in [
+        ("nprobe", "searchParams.params.nprobe"),
+        ("ef", "searchParams.params.ef"),
+    ] {
         if let Some(v) = params.get(k) {
-            let n = v.as_u64().filter(|&n| (1..=65_536).contains(&n)).ok_or_else(|| ApiError::invalid(name, "must be an integer in [1, 65536]"))?;
+            let n = v
+                .as_u64()
+                .filter(|&n| (1..=65_536).contains(&n))
+                .ok_or_else(|| ApiError::invalid(name, "must be an integer in [1, 65536]"))?;
             match k {
                 "nprobe" => p.nprobe = Some(n as usize),
                 _ => p.ef = Some(n as usize),
@@ -617,22 +834,29 @@ async fn search(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Re
     let s = c.schema().clone();
     if let Some(af) = opt_str(&m, "annsField")? {
         if af != s.vector_field {
-            return Err(ApiError::invalid("annsField", format!("{af:?} is not the vector field {:?}", s.vector_field)));
+            return Err(ApiError::invalid(
+                "annsField",
+                format!("{af:?} is not the vector field {:?}", s.vector_field),
+            ));
         }
     }
     let data = match m.get("data") {
         None | Some(Value::Null) => return Err(ApiError::missing("data")),
-        Some(Value::Array(a)) if a.is_empty() => return Err(ApiError::invalid("data", "must hold at least one vector")),
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::invalid("data", "must hold at least one vector"));
+        }
         Some(Value::Array(a)) => a,
         Some(_) => return Err(ApiError::invalid("data", "must be a list of vectors")),
     };
     let mut queries = Vec::with_capacity(data.len() * s.dim);
     // One flat vector is accepted as a single query.
     if data.iter().all(Value::is_number) {
-        parse_vector(&Value::Array(data.clone()), s.dim, &mut queries).map_err(|e| ApiError::invalid("data", e))?;
+        parse_vector(&Value::Array(data.clone()), s.dim, &mut queries)
+            .map_err(|e| ApiError::invalid("data", e))?;
     } else {
         for (i, q) in data.iter().enumerate() {
-            parse_vector(q, s.dim, &mut queries).map_err(|e| ApiError::invalid(&format!("data[{i}]"), e))?;
+            parse_vector(q, s.dim, &mut queries)
+                .map_err(|e| ApiError::invalid(&format!("data[{i}]"), e))?;
         }
     }
     let (limit, offset) = limit_offset(&m, 100)?;
@@ -640,14 +864,19 @@ async fn search(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Re
     let params = parse_search_params(&m, s.metric)?;
     let f = parse_output_fields(&s, &m, false)?;
     if f.count {
-        return Err(ApiError::invalid("outputFields", "count(*) is only valid in query"));
+        return Err(ApiError::invalid(
+            "outputFields",
+            "count(*) is only valid in query",
+        ));
     }
     loaded(&c)?;
     let c2 = c.clone();
     let out = f.output();
-    let hits = tokio::task::spawn_blocking(move || c2.search(&queries, limit + offset, &params, filter.as_ref(), out))
-        .await
-        .map_err(|e| ApiError::new(code::INTERNAL, format!("internal error: search task: {e}")))??;
+    let hits = tokio::task::spawn_blocking(move || {
+        c2.search(&queries, limit + offset, &params, filter.as_ref(), out)
+    })
+    .await
+    .map_err(|e| ApiError::new(code::INTERNAL, format!("internal error: search task: {e}")))??;
     let mut flat = Vec::new();
     let mut topks = Vec::with_capacity(hits.len());
     for q in hits {
@@ -657,5 +886,8 @@ async fn search(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Re
             flat.push(f.render(&s, ctx, h.row, Some(h.score)));
         }
     }
-    Ok(Reply { data: Value::Array(flat), extra: vec![("topks", json!(topks))] })
+    Ok(Reply {
+        data: Value::Array(flat),
+        extra: vec![("topks", json!(topks))],
+    })
 }

@@ -3,7 +3,9 @@
 //! and the writer role build on this; it knows nothing of HTTP or gRPC.
 
 use crate::core::meta::{CollectionRecord, MetaError, MetaStore};
-use crate::core::storage::collection::{Collection, CollectionError, CollectionWrite, Schema, StorageOptions, collection_dir};
+use crate::core::storage::collection::{
+    Collection, CollectionError, CollectionWrite, Schema, StorageOptions, collection_dir,
+};
 use crate::core::types::Metric;
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
@@ -45,11 +47,16 @@ pub struct EngineConfig {
 /// Check a collection or field name the way Milvus does: a letter or `_` first, then letters,
 /// digits and `_`, at most 255 characters.
 pub fn validate_name(what: &str, name: &str) -> Result<(), EngineError> {
-    let bad = |reason: &str| EngineError::InvalidParam { name: what.into(), reason: format!("{name:?} {reason}") };
+    let bad = |reason: &str| EngineError::InvalidParam {
+        name: what.into(),
+        reason: format!("{name:?} {reason}"),
+    };
     let mut chars = name.chars();
     match chars.next() {
         None => return Err(bad("is empty")),
-        Some(c) if !(c.is_ascii_alphabetic() || c == '_') => return Err(bad("must start with a letter or underscore")),
+        Some(c) if !(c.is_ascii_alphabetic() || c == '_') => {
+            return Err(bad("must start with a letter or underscore"));
+        }
         _ => {}
     }
     if name.len() > 255 {
@@ -75,7 +82,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("data_dir", &self.data_dir).finish()
+        f.debug_struct("Engine")
+            .field("data_dir", &self.data_dir)
+            .finish()
     }
 }
 
@@ -86,7 +95,10 @@ fn schema_of(r: &CollectionRecord) -> Result<Schema, EngineError> {
         metric: r
             .metric
             .parse::<Metric>()
-            .map_err(|reason| EngineError::InvalidParam { name: "metricType".into(), reason })?,
+            .map_err(|reason| EngineError::InvalidParam {
+                name: "metricType".into(),
+                reason,
+            })?,
         auto_id: r.auto_id,
         pk_field: r.pk_field.clone(),
         vector_field: r.vector_field.clone(),
@@ -97,8 +109,11 @@ fn schema_of(r: &CollectionRecord) -> Result<Schema, EngineError> {
 impl Engine {
     /// Open the metadata store and every collection in it (recovering each from its WAL).
     pub async fn open(cfg: &EngineConfig) -> Result<Arc<Self>, EngineError> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|source| EngineError::Io { action: "create data directory", path: cfg.data_dir.clone(), source })?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| EngineError::Io {
+            action: "create data directory",
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
         let meta = match &cfg.meta_url {
             Some(url) => MetaStore::connect(url).await?,
             None => MetaStore::open_sqlite(&cfg.data_dir.join("meta.db")).await?,
@@ -112,8 +127,18 @@ impl Engine {
         });
         for rec in meta.list_collections().await? {
             let schema = schema_of(&rec)?;
-            let c = Collection::open(meta.clone(), &rec, schema, &cfg.data_dir, cfg.storage.clone()).await?;
-            engine.collections.write().insert(rec.name.clone(), Arc::new(c));
+            let c = Collection::open(
+                meta.clone(),
+                &rec,
+                schema,
+                &cfg.data_dir,
+                cfg.storage.clone(),
+            )
+            .await?;
+            engine
+                .collections
+                .write()
+                .insert(rec.name.clone(), Arc::new(c));
         }
         Ok(engine)
     }
@@ -157,15 +182,31 @@ impl Engine {
             dynamic: schema.dynamic,
             loaded: true,
             flushed_seq: 0,
-            created_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
+            created_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
         };
         rec.id = self.meta.create_collection(&rec).await?;
         let dir = collection_dir(&self.data_dir, rec.id);
         if dir.exists() {
             // Leftover of a drop that crashed after its metadata commit.
-            std::fs::remove_dir_all(&dir).map_err(|source| EngineError::Io { action: "remove", path: dir.clone(), source })?;
+            std::fs::remove_dir_all(&dir).map_err(|source| EngineError::Io {
+                action: "remove",
+                path: dir.clone(),
+                source,
+            })?;
         }
-        let c = Arc::new(Collection::open(self.meta.clone(), &rec, schema, &self.data_dir, self.opts.clone()).await?);
+        let c = Arc::new(
+            Collection::open(
+                self.meta.clone(),
+                &rec,
+                schema,
+                &self.data_dir,
+                self.opts.clone(),
+            )
+            .await?,
+        );
         self.collections.write().insert(rec.name.clone(), c.clone());
         Ok(c)
     }
@@ -183,7 +224,11 @@ impl Engine {
     }
 
     pub fn collection(&self, name: &str) -> Result<Arc<Collection>, EngineError> {
-        self.collections.read().get(name).cloned().ok_or_else(|| EngineError::CollectionNotFound(name.to_string()))
+        self.collections
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::CollectionNotFound(name.to_string()))
     }
 
     pub fn list(&self) -> Vec<String> {

@@ -30,8 +30,15 @@ pub fn config(dir: &std::path::Path, token: Option<&str>) -> StandaloneConfig {
 impl App {
     pub async fn new(token: Option<&str>) -> App {
         let dir = tempfile::tempdir().unwrap();
-        let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), token)).await.unwrap();
-        App { rest, ops, state, dir }
+        let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), token))
+            .await
+            .unwrap();
+        App {
+            rest,
+            ops,
+            state,
+            dir,
+        }
     }
 
     /// Reopen the same data directory (a clean restart).
@@ -41,18 +48,38 @@ impl App {
         drop(self.rest);
         drop(self.ops);
         drop(self.state);
-        let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), None)).await.unwrap();
-        App { rest, ops, state, dir }
+        let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), None))
+            .await
+            .unwrap();
+        App {
+            rest,
+            ops,
+            state,
+            dir,
+        }
     }
 
-    pub async fn raw(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
-        let mut req = Request::post(format!("/v2/vectordb/{path}")).header("content-type", "application/json");
+    pub async fn raw(
+        &self,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::post(format!("/v2/vectordb/{path}"))
+            .header("content-type", "application/json");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = self.rest.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let resp = self
+            .rest
+            .clone()
+            .oneshot(req.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
@@ -68,9 +95,16 @@ impl App {
     }
 
     pub async fn get_ops(&self, path: &str) -> (StatusCode, String) {
-        let resp = self.ops.clone().oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let resp = self
+            .ops
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 }

@@ -49,7 +49,10 @@ pub(super) async fn run(pool: &AnyPool, dialect: Dialect) -> Result<(), MetaErro
         .map_err(|source| MetaError::Migrate { version: 0, source })?;
     let current = current.unwrap_or(0);
     for step in STEPS.iter().filter(|s| s.version > current) {
-        let err = |source| MetaError::Migrate { version: step.version, source };
+        let err = |source| MetaError::Migrate {
+            version: step.version,
+            source,
+        };
         let mut tx = pool.begin().await.map_err(err)?;
         let stmts = match dialect {
             Dialect::Sqlite => step.sqlite,

@@ -140,7 +140,10 @@ impl MetaStore {
             .max_connections(max)
             .connect(url)
             .await
-            .map_err(|source| MetaError::Connect { url: redact(url), source })?;
+            .map_err(|source| MetaError::Connect {
+                url: redact(url),
+                source,
+            })?;
         let store = Self { pool, dialect };
         migrations::run(&store.pool, dialect).await?;
         Ok(store)
@@ -152,7 +155,10 @@ impl MetaStore {
 
     /// Cheap liveness probe for `/readyz`.
     pub async fn ping(&self) -> Result<(), MetaError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(q("ping"))?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(q("ping"))?;
         Ok(())
     }
 
@@ -237,7 +243,11 @@ impl MetaStore {
             "DELETE FROM shoal_indexes WHERE collection_id = ?",
             "DELETE FROM shoal_collections WHERE id = ?",
         ] {
-            sqlx::query(stmt).bind(id).execute(&mut *tx).await.map_err(q("drop collection"))?;
+            sqlx::query(stmt)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("drop collection"))?;
         }
         tx.commit().await.map_err(q("commit drop collection"))
     }
@@ -403,14 +413,19 @@ mod tests {
 
     #[test]
     fn redact_hides_the_password_and_keeps_the_host() {
-        assert_eq!(redact("mysql://root:secret@127.0.0.1:3306/shoal"), "mysql://root:***@127.0.0.1:3306/shoal");
+        assert_eq!(
+            redact("mysql://root:secret@127.0.0.1:3306/shoal"),
+            "mysql://root:***@127.0.0.1:3306/shoal"
+        );
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
     }
 
     #[tokio::test]
     async fn sqlite_store_round_trips_collections_segments_and_flush_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let m = MetaStore::open_sqlite(&dir.path().join("meta.db")).await.unwrap();
+        let m = MetaStore::open_sqlite(&dir.path().join("meta.db"))
+            .await
+            .unwrap();
         let rec = CollectionRecord {
             id: 0,
             name: "c".into(),
@@ -425,7 +440,14 @@ mod tests {
             created_ms: 1,
         };
         let id = m.create_collection(&rec).await.unwrap();
-        let seg = SegmentRecord { collection_id: id, id: 1, rows: 10, manifest_crc: 7, tomb_seq: 0, tomb_crc: 0 };
+        let seg = SegmentRecord {
+            collection_id: id,
+            id: 1,
+            rows: 10,
+            manifest_crc: 7,
+            tomb_seq: 0,
+            tomb_crc: 0,
+        };
         m.commit_flush(&FlushCommit {
             collection_id: id,
             new_segments: vec![seg.clone()],
@@ -434,17 +456,30 @@ mod tests {
         })
         .await
         .unwrap();
-        m.commit_flush(&FlushCommit { collection_id: id, tombstones: vec![(1, 50, 9)], ..Default::default() })
-            .await
-            .unwrap();
+        m.commit_flush(&FlushCommit {
+            collection_id: id,
+            tombstones: vec![(1, 50, 9)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let cs = m.list_collections().await.unwrap();
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].flushed_seq, 42);
         let segs = m.segments(id).await.unwrap();
-        assert_eq!(segs, vec![SegmentRecord { tomb_seq: 50, tomb_crc: 9, ..seg }]);
+        assert_eq!(
+            segs,
+            vec![SegmentRecord {
+                tomb_seq: 50,
+                tomb_crc: 9,
+                ..seg
+            }]
+        );
         // Reopening migrates nothing twice and sees the same data.
         drop(m);
-        let m = MetaStore::open_sqlite(&dir.path().join("meta.db")).await.unwrap();
+        let m = MetaStore::open_sqlite(&dir.path().join("meta.db"))
+            .await
+            .unwrap();
         m.drop_collection(id).await.unwrap();
         assert!(m.list_collections().await.unwrap().is_empty());
         // A re-created name gets a fresh id (its directory never collides with the old one).

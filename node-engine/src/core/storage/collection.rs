@@ -79,7 +79,10 @@ pub struct StorageOptions {
 
 impl Default for StorageOptions {
     fn default() -> Self {
-        Self { flush_bytes: 64 << 20, compact_deleted_fraction: 0.3 }
+        Self {
+            flush_bytes: 64 << 20,
+            compact_deleted_fraction: 0.3,
+        }
     }
 }
 
@@ -130,7 +133,13 @@ pub trait CollectionRead: Send + Sync {
         out: Output,
     ) -> Result<Vec<Vec<Hit>>, CollectionError>;
     /// Rows matching `filter` in storage order, skipping `offset`, at most `limit`.
-    fn query(&self, filter: Option<&Filter>, offset: usize, limit: usize, out: Output) -> Vec<RowOut>;
+    fn query(
+        &self,
+        filter: Option<&Filter>,
+        offset: usize,
+        limit: usize,
+        out: Output,
+    ) -> Vec<RowOut>;
     fn count(&self, filter: Option<&Filter>) -> usize;
     fn get(&self, ids: &[i64], out: Output) -> Vec<RowOut>;
     fn stats(&self) -> CollectionStats;
@@ -229,7 +238,10 @@ impl FieldSource for RowSource<'_> {
         if name == self.pk_field {
             return Some(Cow::Owned(Value::from(self.id)));
         }
-        self.fields.as_ref().and_then(|m| m.get(name)).map(Cow::Borrowed)
+        self.fields
+            .as_ref()
+            .and_then(|m| m.get(name))
+            .map(Cow::Borrowed)
     }
 }
 
@@ -251,15 +263,24 @@ struct Matcher<'a> {
 
 impl<'a> Matcher<'a> {
     fn new(filter: Option<&'a Filter>, pk_field: &'a str) -> Self {
-        let needs_fields = filter.is_some_and(|f| f.referenced_fields().iter().any(|n| n != pk_field));
-        Self { filter, pk_field, needs_fields }
+        let needs_fields =
+            filter.is_some_and(|f| f.referenced_fields().iter().any(|n| n != pk_field));
+        Self {
+            filter,
+            pk_field,
+            needs_fields,
+        }
     }
     fn matches(&self, id: i64, fields: &[u8]) -> bool {
         let Some(f) = self.filter else { return true };
         let src = RowSource {
             pk_field: self.pk_field,
             id,
-            fields: if self.needs_fields { Some(parse_fields(fields)) } else { None },
+            fields: if self.needs_fields {
+                Some(parse_fields(fields))
+            } else {
+                None
+            },
         };
         f.matches(&src)
     }
@@ -305,7 +326,9 @@ pub struct Collection {
 
 impl std::fmt::Debug for Collection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Collection").field("name", &self.inner.schema.name).finish()
+        f.debug_struct("Collection")
+            .field("name", &self.inner.schema.name)
+            .finish()
     }
 }
 
@@ -315,11 +338,16 @@ fn join_err(e: tokio::task::JoinError) -> CollectionError {
 
 /// Directory of a collection under the data root.
 pub fn collection_dir(data_root: &Path, collection_id: i64) -> PathBuf {
-    data_root.join("collections").join(format!("c{collection_id}"))
+    data_root
+        .join("collections")
+        .join(format!("c{collection_id}"))
 }
 
 fn now_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl Collection {
@@ -383,10 +411,19 @@ impl Collection {
                 }
             }
         }
-        let max_seg = sealed.keys().copied().chain(corrupt.iter().map(|c| c.0)).max().unwrap_or(0);
+        let max_seg = sealed
+            .keys()
+            .copied()
+            .chain(corrupt.iter().map(|c| c.0))
+            .max()
+            .unwrap_or(0);
         let mut state = State {
             sealed,
-            growing: Growing { id: max_seg + 1, rows: RowBatch::new(schema.dim), deleted: Vec::new() },
+            growing: Growing {
+                id: max_seg + 1,
+                rows: RowBatch::new(schema.dim),
+                deleted: Vec::new(),
+            },
             pk,
             applied_seq: flushed,
             next_segment_id: max_seg + 2,
@@ -470,7 +507,10 @@ impl Collection {
         }
         for (i, v) in b.vectors.chunks_exact(dim.max(1)).enumerate() {
             if v.iter().any(|x| !x.is_finite()) {
-                return Err(CollectionError::InvalidRow { row: i, reason: "vector has a NaN or infinite component".into() });
+                return Err(CollectionError::InvalidRow {
+                    row: i,
+                    reason: "vector has a NaN or infinite component".into(),
+                });
             }
         }
         Ok(())
@@ -481,7 +521,8 @@ impl Collection {
         {
             let tx = self.tx.lock();
             let tx = tx.as_ref().ok_or(CollectionError::WriterStopped)?;
-            tx.send(Req { op, done }).map_err(|_| CollectionError::WriterStopped)?;
+            tx.send(Req { op, done })
+                .map_err(|_| CollectionError::WriterStopped)?;
         }
         rx.await.map_err(|_| CollectionError::WriterStopped)?
     }
@@ -500,7 +541,10 @@ impl Collection {
 
     /// Ids of live rows matching `filter` (for delete-by-filter).
     pub fn ids_matching(&self, filter: &Filter) -> Vec<i64> {
-        self.query(Some(filter), 0, usize::MAX, Output::default()).into_iter().map(|r| r.id).collect()
+        self.query(Some(filter), 0, usize::MAX, Output::default())
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
     }
 
     fn compaction_candidates(&self) -> Vec<u64> {
@@ -521,7 +565,9 @@ impl Collection {
     async fn compact_one(&self, old: u64) -> Result<(), CollectionError> {
         let (data, snap_deleted, new_id) = {
             let mut st = self.inner.state.write();
-            let Some(e) = st.sealed.get(&old) else { return Ok(()) };
+            let Some(e) = st.sealed.get(&old) else {
+                return Ok(());
+            };
             let r = (e.data.clone(), e.deleted.clone());
             let id = st.next_segment_id;
             st.next_segment_id += 1;
@@ -553,7 +599,11 @@ impl Collection {
         })
         .await
         .map_err(join_err)??;
-        let mut commit = FlushCommit { collection_id: self.inner.collection_id, dropped_segments: vec![old as i64], ..Default::default() };
+        let mut commit = FlushCommit {
+            collection_id: self.inner.collection_id,
+            dropped_segments: vec![old as i64],
+            ..Default::default()
+        };
         if let Some((loaded, crc, _)) = &written {
             commit.new_segments.push(SegmentRecord {
                 collection_id: self.inner.collection_id,
@@ -586,7 +636,15 @@ impl Collection {
                 if dirty {
                     st.dirty_tombs.insert(new_id);
                 }
-                st.sealed.insert(new_id, SegEntry { data: Arc::new(loaded), deleted: del, committed: true, tomb_seq: 0 });
+                st.sealed.insert(
+                    new_id,
+                    SegEntry {
+                        data: Arc::new(loaded),
+                        deleted: del,
+                        committed: true,
+                        tomb_seq: 0,
+                    },
+                );
             }
         }
         let dir = segment::segment_dir(&self.inner.seg_root(), old);
@@ -604,7 +662,11 @@ impl Collection {
             return Some(RowOut {
                 id,
                 vector: out.vector.then(|| g.vector(row).to_vec()),
-                fields: if out.fields { parse_fields(&g.fields[row]) } else { Map::new() },
+                fields: if out.fields {
+                    parse_fields(&g.fields[row])
+                } else {
+                    Map::new()
+                },
             });
         }
         let e = st.sealed.get(&loc.0)?;
@@ -612,7 +674,11 @@ impl Collection {
         Some(RowOut {
             id,
             vector: out.vector.then(|| e.data.vector(row).to_vec()),
-            fields: if out.fields { parse_fields(e.data.fields(row)) } else { Map::new() },
+            fields: if out.fields {
+                parse_fields(e.data.fields(row))
+            } else {
+                Map::new()
+            },
         })
     }
 }
@@ -633,7 +699,9 @@ fn committer(inner: Arc<Inner>, rx: mpsc::Receiver<Req>) {
         let before = wal.bytes_written();
         match wal.append(&ops) {
             Ok(first_seq) => {
-                inner.wal_bytes.fetch_add(wal.bytes_written() - before, Ordering::Relaxed);
+                inner
+                    .wal_bytes
+                    .fetch_add(wal.bytes_written() - before, Ordering::Relaxed);
                 let mut st = inner.state.write();
                 for (i, r) in reqs.iter().enumerate() {
                     st.apply(first_seq + i as u64, &r.op);
@@ -695,7 +763,11 @@ impl CollectionWrite for Collection {
             let mut st = inner.state.write();
             let seal_seq = st.applied_seq;
             if !st.growing.rows.is_empty() {
-                let new_growing = Growing { id: st.next_segment_id, rows: RowBatch::new(inner.schema.dim), deleted: Vec::new() };
+                let new_growing = Growing {
+                    id: st.next_segment_id,
+                    rows: RowBatch::new(inner.schema.dim),
+                    deleted: Vec::new(),
+                };
                 st.next_segment_id += 1;
                 let g = std::mem::replace(&mut st.growing, new_growing);
                 let mut live = RowBatch::new(g.rows.dim);
@@ -713,13 +785,22 @@ impl CollectionWrite for Collection {
                     let data = SegmentData::from_batch(g.id, live, metric)?;
                     st.sealed.insert(
                         g.id,
-                        SegEntry { data: Arc::new(data), deleted: Bitset::new_empty(n), committed: false, tomb_seq: 0 },
+                        SegEntry {
+                            data: Arc::new(data),
+                            deleted: Bitset::new_empty(n),
+                            committed: false,
+                            tomb_seq: 0,
+                        },
                     );
                 }
             }
             inner.flush_wanted.store(false, Ordering::Relaxed);
-            let to_write: Vec<Arc<SegmentData>> =
-                st.sealed.values().filter(|e| !e.committed).map(|e| e.data.clone()).collect();
+            let to_write: Vec<Arc<SegmentData>> = st
+                .sealed
+                .values()
+                .filter(|e| !e.committed)
+                .map(|e| e.data.clone())
+                .collect();
             let dirty: Vec<u64> = std::mem::take(&mut st.dirty_tombs).into_iter().collect();
             let mut tombs = Vec::new();
             for id in dirty {
@@ -732,10 +813,17 @@ impl CollectionWrite for Collection {
                 }
             }
             // Uncommitted segments' deletes wait for the next flush, once their segment exists.
-            let pending: Vec<u64> =
-                st.sealed.values().filter(|e| !e.committed && e.deleted.count_ones() > 0).map(|e| e.data.id).collect();
+            let pending: Vec<u64> = st
+                .sealed
+                .values()
+                .filter(|e| !e.committed && e.deleted.count_ones() > 0)
+                .map(|e| e.data.id)
+                .collect();
             st.dirty_tombs.extend(pending);
-            if to_write.is_empty() && tombs.is_empty() && seal_seq == inner.flushed_seq.load(Ordering::SeqCst) {
+            if to_write.is_empty()
+                && tombs.is_empty()
+                && seal_seq == inner.flushed_seq.load(Ordering::SeqCst)
+            {
                 (seal_seq, None, tombs)
             } else {
                 wal.rotate()?;
@@ -758,7 +846,10 @@ impl CollectionWrite for Collection {
             }
             let mut ts = Vec::new();
             for (id, del) in &tombs2 {
-                ts.push((*id, segment::write_tombstones(&seg_root2, *id, seal_seq, del)?));
+                ts.push((
+                    *id,
+                    segment::write_tombstones(&seg_root2, *id, seal_seq, del)?,
+                ));
             }
             Ok::<_, CollectionError>((segs, ts))
         })
@@ -767,7 +858,11 @@ impl CollectionWrite for Collection {
         let (segs, ts) = match written {
             Ok(x) => x,
             Err(e) => {
-                inner.state.write().dirty_tombs.extend(tombs.iter().map(|t| t.0));
+                inner
+                    .state
+                    .write()
+                    .dirty_tombs
+                    .extend(tombs.iter().map(|t| t.0));
                 return Err(e);
             }
         };
@@ -786,18 +881,27 @@ impl CollectionWrite for Collection {
                 })
                 .collect(),
             dropped_segments: Vec::new(),
-            tombstones: ts.iter().map(|(id, crc)| (*id as i64, seal_seq as i64, i64::from(*crc))).collect(),
+            tombstones: ts
+                .iter()
+                .map(|(id, crc)| (*id as i64, seal_seq as i64, i64::from(*crc)))
+                .collect(),
             flushed_seq: Some(seal_seq as i64),
         };
         if let Err(e) = self.meta.commit_flush(&commit).await {
-            inner.state.write().dirty_tombs.extend(tombs.iter().map(|t| t.0));
+            inner
+                .state
+                .write()
+                .dirty_tombs
+                .extend(tombs.iter().map(|t| t.0));
             return Err(e.into());
         }
         // 4. Serve the committed files by mmap; truncate the WAL; drop superseded tombstones.
         let ids: Vec<(u64, u32)> = segs.iter().map(|(id, _, crc)| (*id, *crc)).collect();
         let seg_root3 = seg_root.clone();
         let mapped = tokio::task::spawn_blocking(move || {
-            ids.iter().map(|(id, crc)| segment::load_segment(&seg_root3, *id, *crc, metric)).collect::<Result<Vec<_>, _>>()
+            ids.iter()
+                .map(|(id, crc)| segment::load_segment(&seg_root3, *id, *crc, metric))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await
         .map_err(join_err)??;
@@ -854,7 +958,11 @@ impl CollectionRead for Collection {
         let dim = self.inner.schema.dim;
         let metric = self.inner.schema.metric;
         if dim == 0 || queries.len() % dim != 0 {
-            return Err(IndexError::DimensionMismatch { expected: dim, got: queries.len() }.into());
+            return Err(IndexError::DimensionMismatch {
+                expected: dim,
+                got: queries.len(),
+            }
+            .into());
         }
         let nq = queries.len() / dim;
         let pk_field = self.inner.schema.pk_field.as_str();
@@ -870,7 +978,9 @@ impl CollectionRead for Collection {
                 let allowed = if filter.is_some() || any_deleted {
                     let mut b = Bitset::new_empty(rows);
                     for r in 0..rows {
-                        if !e.deleted.contains(r) && matcher.matches(e.data.ids()[r], e.data.fields(r)) {
+                        if !e.deleted.contains(r)
+                            && matcher.matches(e.data.ids()[r], e.data.fields(r))
+                        {
                             b.insert(r);
                         }
                     }
@@ -881,13 +991,18 @@ impl CollectionRead for Collection {
                 if allowed.as_ref().is_some_and(|b| b.count_ones() == 0) {
                     return Ok((*sid, vec![Vec::new(); nq]));
                 }
-                Ok((*sid, e.data.flat().search(queries, k, params, allowed.as_ref())?))
+                Ok((
+                    *sid,
+                    e.data.flat().search(queries, k, params, allowed.as_ref())?,
+                ))
             })
             .collect();
         let mut all: Vec<Vec<(f32, i64, (u64, u32))>> = vec![Vec::new(); nq];
         for r in per_seg {
             let (sid, res) = r?;
-            let Some(e) = st.sealed.get(&sid) else { continue };
+            let Some(e) = st.sealed.get(&sid) else {
+                continue;
+            };
             for (qi, hits) in res.into_iter().enumerate() {
                 for n in hits {
                     all[qi].push((n.dist, e.data.ids()[n.row as usize], (sid, n.row)));
@@ -917,14 +1032,25 @@ impl CollectionRead for Collection {
             cands.truncate(k);
             let hits = cands
                 .into_iter()
-                .filter_map(|(d, _, loc)| Self::row_at(&st, loc, out).map(|row| Hit { score: metric.user_score(d), row }))
+                .filter_map(|(d, _, loc)| {
+                    Self::row_at(&st, loc, out).map(|row| Hit {
+                        score: metric.user_score(d),
+                        row,
+                    })
+                })
                 .collect();
             out_hits.push(hits);
         }
         Ok(out_hits)
     }
 
-    fn query(&self, filter: Option<&Filter>, offset: usize, limit: usize, out: Output) -> Vec<RowOut> {
+    fn query(
+        &self,
+        filter: Option<&Filter>,
+        offset: usize,
+        limit: usize,
+        out: Output,
+    ) -> Vec<RowOut> {
         let matcher = Matcher::new(filter, &self.inner.schema.pk_field);
         let st = self.inner.state.read();
         let mut skipped = 0usize;
@@ -933,12 +1059,21 @@ impl CollectionRead for Collection {
             .sealed
             .iter()
             .flat_map(|(sid, e)| {
-                (0..e.data.rows()).filter(|r| !e.deleted.contains(*r)).map(move |r| (*sid, r as u32, e.data.ids()[r], e.data.fields(r)))
+                (0..e.data.rows())
+                    .filter(|r| !e.deleted.contains(*r))
+                    .map(move |r| (*sid, r as u32, e.data.ids()[r], e.data.fields(r)))
             })
             .chain(
                 (0..st.growing.rows.len())
                     .filter(|r| !st.growing.deleted[*r])
-                    .map(|r| (st.growing.id, r as u32, st.growing.rows.ids[r], st.growing.rows.fields[r].as_slice())),
+                    .map(|r| {
+                        (
+                            st.growing.id,
+                            r as u32,
+                            st.growing.rows.ids[r],
+                            st.growing.rows.fields[r].as_slice(),
+                        )
+                    }),
             );
         for (sid, row, id, fields) in locs {
             if res.len() >= limit {
@@ -967,7 +1102,9 @@ impl CollectionRead for Collection {
 
     fn get(&self, ids: &[i64], out: Output) -> Vec<RowOut> {
         let st = self.inner.state.read();
-        ids.iter().filter_map(|id| st.pk.get(id).and_then(|loc| Self::row_at(&st, *loc, out))).collect()
+        ids.iter()
+            .filter_map(|id| st.pk.get(id).and_then(|loc| Self::row_at(&st, *loc, out)))
+            .collect()
     }
 
     fn stats(&self) -> CollectionStats {
@@ -978,7 +1115,11 @@ impl CollectionRead for Collection {
             growing_rows: st.growing.rows.len(),
             corrupt_segments: self.corrupt.lock().clone(),
             wal_bytes: self.inner.wal_bytes.load(Ordering::Relaxed),
-            memory_bytes: st.sealed.values().map(|e| e.data.memory_bytes()).sum::<usize>()
+            memory_bytes: st
+                .sealed
+                .values()
+                .map(|e| e.data.memory_bytes())
+                .sum::<usize>()
                 + st.growing.rows.vectors.len() * 4
                 + st.pk.len() * 24,
         }

@@ -19,7 +19,10 @@ impl MappedF32 {
         let file = File::open(path)?;
         let len = file.metadata()?.len();
         if len % 4 != 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "vector file length is not a multiple of 4"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "vector file length is not a multiple of 4",
+            ));
         }
         if len == 0 {
             return Ok(Self { map: None });

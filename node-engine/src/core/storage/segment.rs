@@ -33,7 +33,11 @@ pub enum SegmentError {
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SegmentError + 'a {
-    move |source| SegmentError::Io { action, path: path.to_path_buf(), source }
+    move |source| SegmentError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Vector storage of a segment: in memory while a frozen buffer is being written, mapped after.
@@ -80,7 +84,10 @@ pub struct SegmentData {
 
 impl std::fmt::Debug for SegmentData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SegmentData").field("id", &self.id).field("rows", &self.ids.len()).finish()
+        f.debug_struct("SegmentData")
+            .field("id", &self.id)
+            .field("rows", &self.ids.len())
+            .finish()
     }
 }
 
@@ -94,9 +101,22 @@ impl SegmentData {
             blob.extend_from_slice(f);
             offsets.push(blob.len() as u64);
         }
-        let flat = FlatIndex::new(Vectors::Owned(batch.vectors), batch.dim, metric)
-            .map_err(|e| SegmentError::Corrupt { segment: id, reason: e.to_string() })?;
-        Ok(Self { id, dim: batch.dim, ids: batch.ids, flat, field_offsets: offsets, fields: Blob::Owned(blob), mapped: false })
+        let flat =
+            FlatIndex::new(Vectors::Owned(batch.vectors), batch.dim, metric).map_err(|e| {
+                SegmentError::Corrupt {
+                    segment: id,
+                    reason: e.to_string(),
+                }
+            })?;
+        Ok(Self {
+            id,
+            dim: batch.dim,
+            ids: batch.ids,
+            flat,
+            field_offsets: offsets,
+            fields: Blob::Owned(blob),
+            mapped: false,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -116,12 +136,18 @@ impl SegmentData {
     }
     /// The row's dynamic fields as JSON text (empty when none).
     pub fn fields(&self, row: usize) -> &[u8] {
-        let (a, b) = (self.field_offsets[row] as usize, self.field_offsets[row + 1] as usize);
+        let (a, b) = (
+            self.field_offsets[row] as usize,
+            self.field_offsets[row + 1] as usize,
+        );
         &self.fields.as_ref()[a..b]
     }
     /// Bytes held in memory or mapped.
     pub fn memory_bytes(&self) -> usize {
-        self.ids.len() * 8 + self.field_offsets.len() * 8 + self.fields.as_ref().len() + self.flat.data().len() * 4
+        self.ids.len() * 8
+            + self.field_offsets.len() * 8
+            + self.fields.as_ref().len()
+            + self.flat.data().len() * 4
     }
 }
 
@@ -151,17 +177,30 @@ pub fn segment_dir(root: &Path, id: u64) -> PathBuf {
     root.join(format!("{id:020}"))
 }
 
-fn write_file(dir: &Path, name: &str, bytes: &[u8], files: &mut BTreeMap<String, FileSum>) -> Result<(), SegmentError> {
+fn write_file(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    files: &mut BTreeMap<String, FileSum>,
+) -> Result<(), SegmentError> {
     let path = dir.join(name);
     let mut f = File::create(&path).map_err(io_err("create", &path))?;
     f.write_all(bytes).map_err(io_err("write", &path))?;
     f.sync_all().map_err(io_err("fsync", &path))?;
-    files.insert(name.to_string(), FileSum { bytes: bytes.len() as u64, crc32: crc32fast::hash(bytes) });
+    files.insert(
+        name.to_string(),
+        FileSum {
+            bytes: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        },
+    );
     Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SegmentError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
 }
 
 fn le_bytes<T: Copy, const N: usize>(xs: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
@@ -187,12 +226,30 @@ pub fn write_segment(root: &Path, seg: &SegmentData) -> Result<u32, SegmentError
     let vec_bytes = le_bytes(seg.flat.data(), f32::to_le_bytes);
     write_file(&tmp, F_VECTORS, &vec_bytes, &mut files)?;
     drop(vec_bytes);
-    write_file(&tmp, F_IDS, &le_bytes(&seg.ids, i64::to_le_bytes), &mut files)?;
+    write_file(
+        &tmp,
+        F_IDS,
+        &le_bytes(&seg.ids, i64::to_le_bytes),
+        &mut files,
+    )?;
     write_file(&tmp, F_FIELDS, seg.fields.as_ref(), &mut files)?;
-    write_file(&tmp, F_OFFSETS, &le_bytes(&seg.field_offsets, u64::to_le_bytes), &mut files)?;
-    let manifest = Manifest { format: 1, segment: seg.id, rows: seg.ids.len() as u64, dim: seg.dim as u64, files };
-    let mbytes = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| SegmentError::Corrupt { segment: seg.id, reason: format!("manifest encoding: {e}") })?;
+    write_file(
+        &tmp,
+        F_OFFSETS,
+        &le_bytes(&seg.field_offsets, u64::to_le_bytes),
+        &mut files,
+    )?;
+    let manifest = Manifest {
+        format: 1,
+        segment: seg.id,
+        rows: seg.ids.len() as u64,
+        dim: seg.dim as u64,
+        files,
+    };
+    let mbytes = serde_json::to_vec_pretty(&manifest).map_err(|e| SegmentError::Corrupt {
+        segment: seg.id,
+        reason: format!("manifest encoding: {e}"),
+    })?;
     let mut unused = BTreeMap::new();
     write_file(&tmp, F_MANIFEST, &mbytes, &mut unused)?;
     sync_dir(&tmp)?;
@@ -207,23 +264,40 @@ pub fn write_segment(root: &Path, seg: &SegmentData) -> Result<u32, SegmentError
 }
 
 fn corrupt(segment: u64, reason: impl Into<String>) -> SegmentError {
-    SegmentError::Corrupt { segment, reason: reason.into() }
+    SegmentError::Corrupt {
+        segment,
+        reason: reason.into(),
+    }
 }
 
 fn read_checked(dir: &Path, id: u64, name: &str, m: &Manifest) -> Result<Vec<u8>, SegmentError> {
     let path = dir.join(name);
     let bytes = fs::read(&path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => corrupt(id, format!("{name} is missing")),
-        _ => SegmentError::Io { action: "read", path: path.clone(), source: e },
+        _ => SegmentError::Io {
+            action: "read",
+            path: path.clone(),
+            source: e,
+        },
     })?;
     check_sum(id, name, &bytes, m)?;
     Ok(bytes)
 }
 
 fn check_sum(id: u64, name: &str, bytes: &[u8], m: &Manifest) -> Result<(), SegmentError> {
-    let sum = m.files.get(name).ok_or_else(|| corrupt(id, format!("manifest lacks {name}")))?;
+    let sum = m
+        .files
+        .get(name)
+        .ok_or_else(|| corrupt(id, format!("manifest lacks {name}")))?;
     if sum.bytes != bytes.len() as u64 {
-        return Err(corrupt(id, format!("{name} has {} bytes, manifest says {}", bytes.len(), sum.bytes)));
+        return Err(corrupt(
+            id,
+            format!(
+                "{name} has {} bytes, manifest says {}",
+                bytes.len(),
+                sum.bytes
+            ),
+        ));
     }
     if crc32fast::hash(bytes) != sum.crc32 {
         return Err(corrupt(id, format!("{name} checksum mismatch")));
@@ -235,17 +309,30 @@ fn check_sum(id: u64, name: &str, bytes: &[u8], m: &Manifest) -> Result<(), Segm
 ///
 /// Errors: `Corrupt` when the manifest's CRC differs from `manifest_crc` (the committed value),
 /// a file is missing, has the wrong size or fails its CRC, or the shapes disagree.
-pub fn load_segment(root: &Path, id: u64, manifest_crc: u32, metric: Metric) -> Result<SegmentData, SegmentError> {
+pub fn load_segment(
+    root: &Path,
+    id: u64,
+    manifest_crc: u32,
+    metric: Metric,
+) -> Result<SegmentData, SegmentError> {
     let dir = segment_dir(root, id);
     let mpath = dir.join(F_MANIFEST);
     let mbytes = fs::read(&mpath).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => corrupt(id, "manifest.json is missing"),
-        _ => SegmentError::Io { action: "read", path: mpath.clone(), source: e },
+        _ => SegmentError::Io {
+            action: "read",
+            path: mpath.clone(),
+            source: e,
+        },
     })?;
     if crc32fast::hash(&mbytes) != manifest_crc {
-        return Err(corrupt(id, "manifest checksum differs from the committed one"));
+        return Err(corrupt(
+            id,
+            "manifest checksum differs from the committed one",
+        ));
     }
-    let m: Manifest = serde_json::from_slice(&mbytes).map_err(|e| corrupt(id, format!("manifest: {e}")))?;
+    let m: Manifest =
+        serde_json::from_slice(&mbytes).map_err(|e| corrupt(id, format!("manifest: {e}")))?;
     let rows = m.rows as usize;
     let dim = m.dim as usize;
     let ids: Vec<i64> = read_checked(&dir, id, F_IDS, &m)?
@@ -265,11 +352,22 @@ pub fn load_segment(root: &Path, id: u64, manifest_crc: u32, metric: Metric) -> 
     if ids.len() != rows || offsets.len() != rows + 1 || vectors.as_ref().len() != rows * dim {
         return Err(corrupt(id, "column lengths disagree with the manifest"));
     }
-    if offsets.windows(2).any(|w| w[0] > w[1]) || offsets.last().copied() != Some(fields.as_ref().len() as u64) {
+    if offsets.windows(2).any(|w| w[0] > w[1])
+        || offsets.last().copied() != Some(fields.as_ref().len() as u64)
+    {
         return Err(corrupt(id, "field offsets are not monotonic"));
     }
-    let flat = FlatIndex::new(Vectors::Mapped(vectors), dim, metric).map_err(|e| corrupt(id, e.to_string()))?;
-    Ok(SegmentData { id, dim, ids, flat, field_offsets: offsets, fields: Blob::Mapped(fields), mapped: true })
+    let flat = FlatIndex::new(Vectors::Mapped(vectors), dim, metric)
+        .map_err(|e| corrupt(id, e.to_string()))?;
+    Ok(SegmentData {
+        id,
+        dim,
+        ids,
+        flat,
+        field_offsets: offsets,
+        fields: Blob::Mapped(fields),
+        mapped: true,
+    })
 }
 
 fn tomb_path(root: &Path, id: u64, seq: u64) -> PathBuf {
@@ -277,7 +375,12 @@ fn tomb_path(root: &Path, id: u64, seq: u64) -> PathBuf {
 }
 
 /// Write the deleted-row set of segment `id` as version `seq`; returns its CRC32.
-pub fn write_tombstones(root: &Path, id: u64, seq: u64, deleted: &Bitset) -> Result<u32, SegmentError> {
+pub fn write_tombstones(
+    root: &Path,
+    id: u64,
+    seq: u64,
+    deleted: &Bitset,
+) -> Result<u32, SegmentError> {
     let rows: Vec<u32> = deleted.iter_ones().map(|r| r as u32).collect();
     let bytes = le_bytes(&rows, u32::to_le_bytes);
     let dir = segment_dir(root, id);
@@ -292,7 +395,13 @@ pub fn write_tombstones(root: &Path, id: u64, seq: u64, deleted: &Bitset) -> Res
 }
 
 /// Load tombstone version `seq` (0 = none) of a segment with `rows` rows.
-pub fn load_tombstones(root: &Path, id: u64, seq: u64, crc: u32, rows: usize) -> Result<Bitset, SegmentError> {
+pub fn load_tombstones(
+    root: &Path,
+    id: u64,
+    seq: u64,
+    crc: u32,
+    rows: usize,
+) -> Result<Bitset, SegmentError> {
     let mut b = Bitset::new_empty(rows);
     if seq == 0 {
         return Ok(b);
@@ -300,7 +409,11 @@ pub fn load_tombstones(root: &Path, id: u64, seq: u64, crc: u32, rows: usize) ->
     let path = tomb_path(root, id, seq);
     let bytes = fs::read(&path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => corrupt(id, format!("tombstone file version {seq} is missing")),
-        _ => SegmentError::Io { action: "read", path: path.clone(), source: e },
+        _ => SegmentError::Io {
+            action: "read",
+            path: path.clone(),
+            source: e,
+        },
     })?;
     if crc32fast::hash(&bytes) != crc || bytes.len() % 4 != 0 {
         return Err(corrupt(id, "tombstone checksum mismatch"));
@@ -357,7 +470,15 @@ mod tests {
             dim,
             ids: (0..n as i64).map(|i| i * 10).collect(),
             vectors: (0..n * dim).map(|i| i as f32 * 0.5).collect(),
-            fields: (0..n).map(|i| if i % 2 == 0 { format!("{{\"a\":{i}}}").into_bytes() } else { Vec::new() }).collect(),
+            fields: (0..n)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        format!("{{\"a\":{i}}}").into_bytes()
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -370,7 +491,11 @@ mod tests {
         assert!(back.is_mapped());
         assert_eq!(back.ids(), seg.ids());
         assert_eq!(back.flat().data(), seg.flat().data());
-        assert_eq!(back.flat().data().as_ptr() as usize % 64, 0, "vectors must be 64-byte aligned");
+        assert_eq!(
+            back.flat().data().as_ptr() as usize % 64,
+            0,
+            "vectors must be 64-byte aligned"
+        );
         for r in 0..33 {
             assert_eq!(back.fields(r), seg.fields(r));
         }
@@ -387,7 +512,10 @@ mod tests {
             bytes[1] ^= 0x40;
             fs::write(&p, bytes).unwrap();
             let err = load_segment(dir.path(), 1, crc, Metric::IP).unwrap_err();
-            assert!(matches!(err, SegmentError::Corrupt { segment: 1, .. }), "{name}: {err}");
+            assert!(
+                matches!(err, SegmentError::Corrupt { segment: 1, .. }),
+                "{name}: {err}"
+            );
         }
     }
 

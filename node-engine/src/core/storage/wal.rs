@@ -25,7 +25,10 @@ pub struct RowBatch {
 
 impl RowBatch {
     pub fn new(dim: usize) -> Self {
-        Self { dim, ..Default::default() }
+        Self {
+            dim,
+            ..Default::default()
+        }
     }
     pub fn len(&self) -> usize {
         self.ids.len()
@@ -55,11 +58,19 @@ pub enum WalError {
         source: io::Error,
     },
     #[error("WAL file {path} is corrupt at byte {offset}: {reason}")]
-    Corrupt { path: PathBuf, offset: u64, reason: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WalError + 'a {
-    move |source| WalError::Io { action, path: path.to_path_buf(), source }
+    move |source| WalError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 const KIND_UPSERT: u8 = 1;
@@ -107,7 +118,11 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or("record body too short")?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or("record body too short")?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -133,9 +148,16 @@ fn decode(body: &[u8]) -> Result<(u64, WalOp), String> {
             let n = c.u32()? as usize;
             let dim = c.u32()? as usize;
             let mut b = RowBatch::new(dim);
-            b.ids = c.take(n * 8)?.chunks_exact(8).map(|x| i64::from_le_bytes(x.try_into().unwrap_or([0; 8]))).collect();
-            b.vectors =
-                c.take(n * dim * 4)?.chunks_exact(4).map(|x| f32::from_le_bytes(x.try_into().unwrap_or([0; 4]))).collect();
+            b.ids = c
+                .take(n * 8)?
+                .chunks_exact(8)
+                .map(|x| i64::from_le_bytes(x.try_into().unwrap_or([0; 8])))
+                .collect();
+            b.vectors = c
+                .take(n * dim * 4)?
+                .chunks_exact(4)
+                .map(|x| f32::from_le_bytes(x.try_into().unwrap_or([0; 4])))
+                .collect();
             for _ in 0..n {
                 let l = c.u32()? as usize;
                 b.fields.push(c.take(l)?.to_vec());
@@ -145,7 +167,10 @@ fn decode(body: &[u8]) -> Result<(u64, WalOp), String> {
         KIND_DELETE => {
             let n = c.u32()? as usize;
             WalOp::Delete(
-                c.take(n * 8)?.chunks_exact(8).map(|x| i64::from_le_bytes(x.try_into().unwrap_or([0; 8]))).collect(),
+                c.take(n * 8)?
+                    .chunks_exact(8)
+                    .map(|x| i64::from_le_bytes(x.try_into().unwrap_or([0; 8])))
+                    .collect(),
             )
         }
         k => return Err(format!("unknown record kind {k}")),
@@ -189,11 +214,16 @@ pub struct Replay {
 /// Errors: `Corrupt` when a record other than the newest file's tail fails its checksum.
 pub fn replay(dir: &Path, after: u64) -> Result<Replay, WalError> {
     let files = wal_files(dir)?;
-    let mut out = Replay { ops: Vec::new(), last_seq: after };
+    let mut out = Replay {
+        ops: Vec::new(),
+        last_seq: after,
+    };
     let n = files.len();
     for (i, (_, path)) in files.iter().enumerate() {
         let mut buf = Vec::new();
-        File::open(path).and_then(|mut f| f.read_to_end(&mut buf)).map_err(io_err("read", path))?;
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut buf))
+            .map_err(io_err("read", path))?;
         let mut pos = 0usize;
         let mut bad: Option<String> = None;
         while pos < buf.len() {
@@ -201,7 +231,8 @@ pub fn replay(dir: &Path, after: u64) -> Result<Replay, WalError> {
                 bad = Some("truncated header".into());
                 break;
             }
-            let len = u32::from_le_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
+            let len =
+                u32::from_le_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
             let crc = u32::from_le_bytes([buf[pos + 4], buf[pos + 5], buf[pos + 6], buf[pos + 7]]);
             let Some(body) = buf.get(pos + HEADER..pos + HEADER + len) else {
                 bad = Some("truncated body".into());
@@ -229,11 +260,18 @@ pub fn replay(dir: &Path, after: u64) -> Result<Replay, WalError> {
             if i + 1 == n {
                 // Torn tail of the newest file: never acknowledged (fsync had not returned). Cut it.
                 tracing::warn!(path = %path.display(), offset = pos, %reason, "cutting torn WAL tail");
-                let f = OpenOptions::new().write(true).open(path).map_err(io_err("open", path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io_err("open", path))?;
                 f.set_len(pos as u64).map_err(io_err("truncate", path))?;
                 f.sync_all().map_err(io_err("fsync", path))?;
             } else {
-                return Err(WalError::Corrupt { path: path.clone(), offset: pos as u64, reason });
+                return Err(WalError::Corrupt {
+                    path: path.clone(),
+                    offset: pos as u64,
+                    reason,
+                });
             }
         }
     }
@@ -241,7 +279,9 @@ pub fn replay(dir: &Path, after: u64) -> Result<Replay, WalError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
 }
 
 /// Appends records; owned by one committer at a time (the collection's write side).
@@ -264,10 +304,23 @@ impl WalWriter {
     pub fn open(dir: &Path, next_seq: u64) -> Result<Self, WalError> {
         fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         let path = dir.join(format!("{next_seq:020}.log"));
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err("create", &path))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
         let len = file.metadata().map_err(io_err("stat", &path))?.len();
         sync_dir(dir)?;
-        Ok(Self { dir: dir.to_path_buf(), file, path, next_seq, buf: Vec::new(), bytes_written: 0, len, poisoned: false })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            file,
+            path,
+            next_seq,
+            buf: Vec::new(),
+            bytes_written: 0,
+            len,
+            poisoned: false,
+        })
     }
 
     /// Sequence number the next record will get.
@@ -304,7 +357,12 @@ impl WalWriter {
             .map_err(io_err("append to", &self.path))
             .and_then(|()| self.file.sync_data().map_err(io_err("fsync", &self.path)));
         if let Err(e) = res {
-            if self.file.set_len(self.len).and_then(|()| self.file.sync_data()).is_err() {
+            if self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data())
+                .is_err()
+            {
                 self.poisoned = true;
             }
             return Err(e);
@@ -343,7 +401,10 @@ mod tests {
             dim: 2,
             ids: ids.to_vec(),
             vectors: ids.iter().flat_map(|&i| [i as f32, -(i as f32)]).collect(),
-            fields: ids.iter().map(|i| format!("{{\"k\":{i}}}").into_bytes()).collect(),
+            fields: ids
+                .iter()
+                .map(|i| format!("{{\"k\":{i}}}").into_bytes())
+                .collect(),
         }
     }
 
@@ -384,6 +445,9 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let mut w2 = WalWriter::open(dir.path(), 2).unwrap();
         w2.append(&[&WalOp::Delete(vec![1])]).unwrap();
-        assert!(matches!(replay(dir.path(), 0), Err(WalError::Corrupt { .. })));
+        assert!(matches!(
+            replay(dir.path(), 0),
+            Err(WalError::Corrupt { .. })
+        ));
     }
 }
