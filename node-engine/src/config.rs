@@ -164,13 +164,11 @@ impl StandaloneArgs {
             .auth_token
             .or(file.auth_token)
             .filter(|t| !t.is_empty());
-        if let Some(t) = &auth_token {
-            if !t.contains(':') {
-                return Err(ConfigError::Invalid {
-                    key: "auth_token",
-                    reason: "must be user:password".into(),
-                });
-            }
+        if auth_token.as_ref().is_some_and(|t| !t.contains(':')) {
+            return Err(ConfigError::Invalid {
+                key: "auth_token",
+                reason: "must be user:password".into(),
+            });
         }
         Ok(StandaloneConfig {
             data_dir: self

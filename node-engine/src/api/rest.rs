@@ -659,13 +659,11 @@ fn rows_to_batch(
                     format!("field {k:?} is not in the schema (dynamic fields are disabled)"),
                 ));
             }
-            if k == "$meta" {
-                if let Value::Object(inner) = v {
-                    for (ik, iv) in inner {
-                        dynf.insert(ik.clone(), iv.clone());
-                    }
-                    continue;
+            if let (true, Value::Object(inner)) = (k == "$meta", v) {
+                for (ik, iv) in inner {
+                    dynf.insert(ik.clone(), iv.clone());
                 }
+                continue;
             }
             dynf.insert(k.clone(), v.clone());
         }
@@ -832,13 +830,11 @@ fn parse_search_params(m: &Map<String, Value>, metric: Metric) -> Result<SearchP
 async fn search(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
     let c = collection(&st, &m)?;
     let s = c.schema().clone();
-    if let Some(af) = opt_str(&m, "annsField")? {
-        if af != s.vector_field {
-            return Err(ApiError::invalid(
-                "annsField",
-                format!("{af:?} is not the vector field {:?}", s.vector_field),
-            ));
-        }
+    if let Some(af) = opt_str(&m, "annsField")?.filter(|af| *af != s.vector_field) {
+        return Err(ApiError::invalid(
+            "annsField",
+            format!("{af:?} is not the vector field {:?}", s.vector_field),
+        ));
     }
     let data = match m.get("data") {
         None | Some(Value::Null) => return Err(ApiError::missing("data")),

@@ -156,6 +156,11 @@ pub trait CollectionWrite {
     async fn flush(&self) -> Result<(), CollectionError>;
 }
 
+/// One segment's per-query hits.
+type SegHits = (u64, Vec<Vec<Neighbor>>);
+/// (internal distance, id, (segment, row)).
+type Candidate = (f32, i64, (u64, u32));
+
 struct SegEntry {
     data: Arc<SegmentData>,
     deleted: Bitset,
@@ -184,11 +189,13 @@ impl State {
             if let Some(d) = self.growing.deleted.get_mut(loc.1 as usize) {
                 *d = true;
             }
-        } else if let Some(e) = self.sealed.get_mut(&loc.0) {
-            if (loc.1 as usize) < e.deleted.len() {
-                e.deleted.insert(loc.1 as usize);
-                self.dirty_tombs.insert(loc.0);
-            }
+        } else if let Some(e) = self
+            .sealed
+            .get_mut(&loc.0)
+            .filter(|e| (loc.1 as usize) < e.deleted.len())
+        {
+            e.deleted.insert(loc.1 as usize);
+            self.dirty_tombs.insert(loc.0);
         }
     }
 
@@ -431,10 +438,11 @@ impl Collection {
         };
         let replayed = replay.ops.len();
         for (seq, op) in &replay.ops {
-            if let WalOp::Upsert(b) = op {
-                if let Some(m) = b.ids.iter().max() {
-                    max_id = max_id.max(*m);
-                }
+            if let Some(m) = match op {
+                WalOp::Upsert(b) => b.ids.iter().max(),
+                WalOp::Delete(_) => None,
+            } {
+                max_id = max_id.max(*m);
             }
             state.apply(*seq, op);
         }
@@ -957,7 +965,7 @@ impl CollectionRead for Collection {
     ) -> Result<Vec<Vec<Hit>>, CollectionError> {
         let dim = self.inner.schema.dim;
         let metric = self.inner.schema.metric;
-        if dim == 0 || queries.len() % dim != 0 {
+        if dim == 0 || !queries.len().is_multiple_of(dim) {
             return Err(IndexError::DimensionMismatch {
                 expected: dim,
                 got: queries.len(),
@@ -969,7 +977,7 @@ impl CollectionRead for Collection {
         let matcher = Matcher::new(filter, pk_field);
         let st = self.inner.state.read();
         // Per segment: allowed rows (live and matching), then exact top-k in that segment.
-        let per_seg: Vec<Result<(u64, Vec<Vec<Neighbor>>), CollectionError>> = st
+        let per_seg: Vec<Result<SegHits, CollectionError>> = st
             .sealed
             .par_iter()
             .map(|(sid, e)| {
@@ -997,7 +1005,7 @@ impl CollectionRead for Collection {
                 ))
             })
             .collect();
-        let mut all: Vec<Vec<(f32, i64, (u64, u32))>> = vec![Vec::new(); nq];
+        let mut all: Vec<Vec<Candidate>> = vec![Vec::new(); nq];
         for r in per_seg {
             let (sid, res) = r?;
             let Some(e) = st.sealed.get(&sid) else {

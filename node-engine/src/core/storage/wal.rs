@@ -192,10 +192,11 @@ fn wal_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
         let e = e.map_err(io_err("list", dir))?;
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if let Some(stem) = name.strip_suffix(".log") {
-            if let Ok(first) = stem.parse::<u64>() {
-                files.push((first, e.path()));
-            }
+        if let Some(first) = name
+            .strip_suffix(".log")
+            .and_then(|stem| stem.parse::<u64>().ok())
+        {
+            files.push((first, e.path()));
         }
     }
     files.sort();
