@@ -251,9 +251,12 @@ mod tests {
         Reject,
     }
 
+    /// Segment id -> rows (id, vector).
+    type Shards = Arc<BTreeMap<u64, Vec<(i64, Vec<f32>)>>>;
+
     /// An in-process reader over in-memory segments, served over real gRPC on loopback.
     struct TestReader {
-        segments: Arc<BTreeMap<u64, Vec<(i64, Vec<f32>)>>>,
+        segments: Shards,
         mode: Mode,
         calls: Arc<AtomicUsize>,
     }
@@ -325,7 +328,7 @@ mod tests {
     }
 
     async fn spawn_reader(
-        segments: Arc<BTreeMap<u64, Vec<(i64, Vec<f32>)>>>,
+        segments: Shards,
         mode: Mode,
     ) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -356,7 +359,7 @@ mod tests {
         })
     }
 
-    fn data() -> Arc<BTreeMap<u64, Vec<(i64, Vec<f32>)>>> {
+    fn data() -> Shards {
         let mut m = BTreeMap::new();
         for seg in 0..30u64 {
             let rows = (0..20)

@@ -539,10 +539,11 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             // Wait for a renewal after the restart (the keeper retries on store errors).
-            if let Ok(cur) = current(&pool).await {
-                if cur.expires_at_ms > l.expires_at_ms && keeper.check().is_ok() {
-                    break;
-                }
+            if let Ok(cur) = current(&pool).await
+                && cur.expires_at_ms > l.expires_at_ms
+                && keeper.check().is_ok()
+            {
+                break;
             }
             assert!(
                 Instant::now() < deadline,

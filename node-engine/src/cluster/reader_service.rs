@@ -135,7 +135,7 @@ impl<B: ShardBackend> Reader for ReaderService<B> {
         let r = req.into_inner();
         self.catch_up_to(r.min_catalog_version).await?;
         let dim = r.dimension as usize;
-        if dim == 0 || r.queries.is_empty() || r.queries.len() % dim != 0 {
+        if dim == 0 || r.queries.is_empty() || !r.queries.len().is_multiple_of(dim) {
             return Err(Status::invalid_argument(format!(
                 "{} query floats do not form queries of dimension {dim}",
                 r.queries.len()
@@ -243,10 +243,16 @@ mod tests {
 
     /// Segments of one collection `c` held in memory; `pending` segments appear at the next
     /// refresh, as if the writer had just committed them.
+    type Rows = Vec<(i64, f32)>;
+    /// (catalogue version, segment id -> rows).
+    type Live = (u64, BTreeMap<u64, Rows>);
+    /// (version, segment id, rows) committed but not yet seen by the reader.
+    type Pending = Option<(u64, u64, Rows)>;
+
     #[derive(Default)]
     struct MemShards {
-        live: Mutex<(u64, BTreeMap<u64, Vec<(i64, f32)>>)>,
-        pending: Mutex<Option<(u64, u64, Vec<(i64, f32)>)>>,
+        live: Mutex<Live>,
+        pending: Mutex<Pending>,
     }
 
     impl ShardBackend for MemShards {
@@ -386,7 +392,7 @@ mod tests {
         let clients = ReaderClients::new(Duration::from_secs(1));
         let laggards = crate::cluster::catalog_sync::wait_readers_caught_up(
             &clients,
-            &[addr.clone()],
+            std::slice::from_ref(&addr),
             2,
             Duration::from_secs(2),
         )
