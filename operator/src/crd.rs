@@ -287,8 +287,9 @@ pub struct ObjectStorageSpec {
     #[serde(rename = "type")]
     pub type_: ObjectStorageType,
     /// Bucket URL as JuiceFS expects it, e.g. `https://mybucket.s3.us-east-1.amazonaws.com`,
-    /// `http://minio.storage:9000/shoal`, or a directory for `file`.
-    #[schemars(length(min = 1))]
+    /// `http://minio.storage:9000/shoal`, or a directory for `file`. Required for every type but
+    /// `redis` with the managed Redis, where empty means "database 2 of the managed Redis".
+    #[serde(default)]
     pub bucket: String,
     /// Secret with the access and secret keys; omit for storage that needs none (`file`) or uses
     /// workload identity.
@@ -314,6 +315,9 @@ pub enum ObjectStorageType {
     Ceph,
     /// A local or network directory (single node or a shared NFS path).
     File,
+    /// Data blocks kept in Redis: no extra service for a first try (the managed Redis serves
+    /// both metadata and data). Production wants S3-class object storage.
+    Redis,
 }
 
 impl ObjectStorageType {
@@ -327,6 +331,7 @@ impl ObjectStorageType {
             ObjectStorageType::Minio => "minio",
             ObjectStorageType::Ceph => "ceph",
             ObjectStorageType::File => "file",
+            ObjectStorageType::Redis => "redis",
         }
     }
 }

@@ -47,6 +47,9 @@ pub const MYSQL_DATABASE: &str = "shoal";
 pub const MYSQL_USER: &str = "shoal";
 /// Redis database index used for JuiceFS metadata.
 pub const REDIS_DB: u32 = 1;
+/// Redis database index for JuiceFS data blocks when `objectStorage.type` is `redis` and no
+/// bucket is given (kept apart from the metadata database).
+pub const REDIS_DATA_DB: u32 = 2;
 
 /// Mount points inside engine containers.
 pub const DATA_DIR: &str = "/data";

@@ -42,7 +42,9 @@ pub enum ValidationError {
     Quantity { field: &'static str, value: String },
     #[error("spec.engine.flushInterval is {0:?}; use a duration such as 500ms, 1s or 2m")]
     FlushInterval(String),
-    #[error("{0} is empty")]
+    #[error(
+        "{0} is empty; set it (only objectStorage.type redis with the managed Redis may omit the bucket)"
+    )]
     Empty(&'static str),
     #[error(
         "spec.storage.objectStorage.bucket is {0:?}; with type file it must be an absolute directory"
@@ -181,7 +183,9 @@ pub fn validate(vc: &VectorCluster) -> Result<ValidatedCluster, ValidationError>
         check_quantity("spec.storage.redis.managed.storage", &r.storage)?;
     }
     let os = &spec.storage.object_storage;
-    if os.bucket.trim().is_empty() {
+    let redis_in_managed =
+        os.type_ == ObjectStorageType::Redis && matches!(redis, RedisSource::Managed(_));
+    if os.bucket.trim().is_empty() && !redis_in_managed {
         return Err(ValidationError::Empty("spec.storage.objectStorage.bucket"));
     }
     if os.type_ == ObjectStorageType::File && !os.bucket.starts_with('/') {

@@ -600,3 +600,31 @@ fn invalid_specs_are_refused_with_an_actionable_reason() {
     .replace("type: minio", "type: floppy");
     assert!(serde_yaml::from_str::<VectorCluster>(&bad).is_err());
 }
+
+#[test]
+fn redis_storage_without_a_bucket_keeps_data_blocks_in_database_2_of_the_managed_redis() {
+    let (_, d) = build("redis-storage.yaml", &inputs(None, false));
+    let s = secret(&d, "demo-juicefs");
+    assert_eq!(secret_str(s, "storage"), "redis");
+    assert_eq!(
+        secret_str(s, "bucket"),
+        "redis://:redispw@demo-redis.shoal.svc:6379/2"
+    );
+    assert_eq!(
+        secret_str(s, "metaurl"),
+        "redis://:redispw@demo-redis.shoal.svc:6379/1"
+    );
+}
+
+#[test]
+fn redis_storage_without_a_bucket_is_refused_with_an_external_redis() {
+    let mut vc = fixture("redis-storage.yaml");
+    let mut value = serde_json::to_value(&vc).unwrap();
+    value["spec"]["storage"]["redis"] =
+        serde_json::json!({"external": {"urlSecretRef": {"name": "r", "key": "url"}}});
+    vc = serde_json::from_value(value).unwrap();
+    assert!(matches!(
+        validate(&vc),
+        Err(ValidationError::Empty("spec.storage.objectStorage.bucket"))
+    ));
+}

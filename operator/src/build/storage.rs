@@ -14,8 +14,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{Inputs, object_meta, stamp};
+use crate::crd::ObjectStorageType;
 use crate::crd::ReclaimPolicy;
-use crate::names::{CSI_DRIVER, Component, PORT_REDIS, REDIS_DB};
+use crate::names::{CSI_DRIVER, Component, PORT_REDIS, REDIS_DATA_DB, REDIS_DB};
 use crate::validate::{RedisSource, ValidatedCluster};
 
 /// The JuiceFS metadata URL for the cluster's Redis.
@@ -32,13 +33,28 @@ pub fn juicefs_meta_url(vc: &ValidatedCluster, inputs: &Inputs) -> String {
     }
 }
 
+/// The JuiceFS bucket: as given, or, for `redis` storage with no bucket (validation allows that
+/// only with the managed Redis), a separate database of the managed Redis.
+pub fn juicefs_bucket(vc: &ValidatedCluster, inputs: &Inputs) -> String {
+    let os = &vc.spec.storage.object_storage;
+    if os.type_ == ObjectStorageType::Redis && os.bucket.trim().is_empty() {
+        format!(
+            "redis://:{}@{}:{PORT_REDIS}/{REDIS_DATA_DB}",
+            inputs.credentials.redis_password,
+            vc.names.svc_host(&vc.names.redis())
+        )
+    } else {
+        os.bucket.clone()
+    }
+}
+
 pub fn build_juicefs_secret(vc: &ValidatedCluster, inputs: &Inputs) -> Secret {
     let os = &vc.spec.storage.object_storage;
     let mut data = BTreeMap::from([
         ("name".to_string(), vc.names.juicefs_name()),
         ("metaurl".to_string(), juicefs_meta_url(vc, inputs)),
         ("storage".to_string(), os.type_.as_str().to_string()),
-        ("bucket".to_string(), os.bucket.clone()),
+        ("bucket".to_string(), juicefs_bucket(vc, inputs)),
     ]);
     if let Some((ak, sk)) = &inputs.object_keys {
         data.insert("access-key".into(), ak.clone());
