@@ -2,9 +2,9 @@
 //! dependencies; the role and API adapters live beside it.
 
 pub mod api;
-pub mod config;
-pub mod cluster;
-pub mod core;
-pub mod standalone;
 pub mod bench;
+pub mod cluster;
+pub mod config;
+pub mod core;
 pub mod gpu;
+pub mod standalone;

@@ -18,6 +18,9 @@ use std::time::Duration;
 
 const DIM: usize = 24;
 
+/// The oracle's version of a filter: (id, the row's numeric field) -> kept.
+type RowPredicate = fn(i64, f64) -> bool;
+
 fn oracle_score(metric: Metric, q: &[f32], v: &[f32]) -> f32 {
     let dot: f32 = q.iter().zip(v).map(|(a, b)| a * b).sum();
     match metric {
@@ -56,7 +59,7 @@ fn check(
     c: &dyn CollectionRead,
     m: &Model,
     queries: &[Vec<f32>],
-    filter: Option<(&str, fn(i64, f64) -> bool)>,
+    filter: Option<(&str, RowPredicate)>,
     k: usize,
 ) {
     let parsed = filter.map(|(s, _)| Filter::parse(s).unwrap());

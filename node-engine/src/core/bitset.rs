@@ -11,22 +11,28 @@ pub struct Bitset {
 impl Bitset {
     /// All `len` bits cleared.
     pub fn new_empty(len: usize) -> Self {
-        Self { words: vec![0; len.div_ceil(64)], len }
+        Self {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
     }
 
     /// All `len` bits set.
     pub fn new_full(len: usize) -> Self {
-        let mut b = Self { words: vec![u64::MAX; len.div_ceil(64)], len };
+        let mut b = Self {
+            words: vec![u64::MAX; len.div_ceil(64)],
+            len,
+        };
         b.clear_tail();
         b
     }
 
     fn clear_tail(&mut self) {
         let rem = self.len % 64;
-        if rem != 0 {
-            if let Some(last) = self.words.last_mut() {
-                *last &= (1u64 << rem) - 1;
-            }
+        if rem != 0
+            && let Some(last) = self.words.last_mut()
+        {
+            *last &= (1u64 << rem) - 1;
         }
     }
 
@@ -96,7 +102,10 @@ mod tests {
         let b = Bitset::new_full(130);
         assert_eq!(b.count_ones(), 130);
         assert!(!b.contains(130));
-        assert_eq!(b.iter_ones().collect::<Vec<_>>(), (0..130).collect::<Vec<_>>());
+        assert_eq!(
+            b.iter_ones().collect::<Vec<_>>(),
+            (0..130).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -3,9 +3,9 @@
 
 pub mod bitset;
 pub mod distance;
+pub mod engine;
 pub mod filter;
 pub mod index;
-pub mod types;
-pub mod engine;
 pub mod meta;
 pub mod storage;
+pub mod types;

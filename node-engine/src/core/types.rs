@@ -57,7 +57,9 @@ impl FromStr for Metric {
             "L2" => Ok(Metric::L2),
             "IP" => Ok(Metric::IP),
             "COSINE" => Ok(Metric::COSINE),
-            other => Err(format!("unknown metric type {other:?}; expected L2, IP or COSINE")),
+            other => Err(format!(
+                "unknown metric type {other:?}; expected L2, IP or COSINE"
+            )),
         }
     }
 }
@@ -120,6 +122,8 @@ pub struct Neighbor {
 impl Neighbor {
     /// Total order used everywhere results are ranked: by distance, ties by smaller row.
     pub fn cmp_rank(&self, other: &Self) -> Ordering {
-        self.dist.total_cmp(&other.dist).then(self.row.cmp(&other.row))
+        self.dist
+            .total_cmp(&other.dist)
+            .then(self.row.cmp(&other.row))
     }
 }

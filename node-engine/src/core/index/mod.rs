@@ -21,7 +21,8 @@ pub mod persist;
 mod registry;
 
 pub use registry::{
-    INDEX_FILE, MAX_EF, build, load, validate_build_params, validate_build_params_for_dim, validate_search_params,
+    INDEX_FILE, MAX_EF, build, load, validate_build_params, validate_build_params_for_dim,
+    validate_search_params,
 };
 
 use crate::core::bitset::Bitset;
