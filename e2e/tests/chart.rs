@@ -892,7 +892,7 @@ fn every_example_says_when_to_use_it_parses_validates_and_brings_its_secrets() {
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    for wanted in ["gpu-readers.yaml", "external-services.yaml"] {
+    for wanted in ["minimal.yaml", "gpu-readers.yaml", "external-services.yaml"] {
         assert!(
             names.iter().any(|n| n == wanted),
             "examples/{wanted} is missing"
