@@ -24,10 +24,11 @@ lint:
 run:
 	cargo run --release -p shoal-engine -- standalone
 
-## crds: regenerate crds/ and the chart's copy from the operator's types
+## crds: regenerate crds/, the chart's copy and the README's CRD reference from the operator's types
 crds:
 	cargo run -q -p shoal-operator -- crd > crds/vectorcluster.yaml
 	cp crds/vectorcluster.yaml charts/shoal/crds/vectorcluster.yaml
+	cargo run -q -p shoal-operator -- crd-docs --update README.md
 
 ## bench-peers: datasets + faiss/hnswlib/usearch figures via ../shared/bench
 bench-peers:

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod crd_docs;
 pub mod leader;
 pub mod metrics;
 pub mod names;

@@ -1,5 +1,6 @@
 //! `shoal-operator`: `run` reconciles VectorClusters (in-cluster config or `KUBECONFIG`);
-//! `crd` prints the CustomResourceDefinition YAML that `crds/` holds.
+//! `crd` prints the CustomResourceDefinition YAML that `crds/` holds; `crd-docs` prints (or
+//! updates the README's copy of) the configuration reference generated from it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use shoal_operator::{controller, crd, leader::LeaderElector, metrics};
+use shoal_operator::{controller, crd, crd_docs, leader::LeaderElector, metrics};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +26,13 @@ struct Cli {
 enum Command {
     /// Print the VectorCluster CustomResourceDefinition as YAML.
     Crd,
+    /// Print the VectorCluster configuration reference (Markdown), generated from the CRD schema.
+    CrdDocs {
+        /// Rewrite the generated section of this Markdown file (between the crd-reference markers)
+        /// instead of printing.
+        #[arg(long, value_name = "FILE")]
+        update: Option<std::path::PathBuf>,
+    },
     /// Reconcile VectorClusters in every namespace (in-cluster config, or KUBECONFIG).
     Run(RunArgs),
 }
@@ -57,6 +65,20 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crd => {
             print!("{}", crd::crd_yaml().context("serialising the CRD")?);
+            Ok(())
+        }
+        Command::CrdDocs { update } => {
+            let md = crd_docs::markdown().context("generating the CRD reference")?;
+            match update {
+                None => print!("{md}"),
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let new = crd_docs::splice(&text, &md, &path.display().to_string())?;
+                    std::fs::write(&path, new)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
             Ok(())
         }
         Command::Run(args) => run(args).await,

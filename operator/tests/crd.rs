@@ -32,6 +32,18 @@ fn checked_in_crd_matches_the_generated_one() {
 }
 
 #[test]
+fn readme_crd_reference_matches_the_generated_one() {
+    let path = repo().join("README.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let generated = shoal_operator::crd_docs::markdown().unwrap();
+    let expected = shoal_operator::crd_docs::splice(&text, &generated, "README.md").unwrap();
+    assert!(
+        text == expected,
+        "README.md's CRD reference differs from `shoal-operator crd-docs`; run `make crds` and commit"
+    );
+}
+
+#[test]
 fn chart_crd_copy_matches_the_generated_one() {
     check_copy("charts/shoal/crds/vectorcluster.yaml");
 }
