@@ -1,7 +1,7 @@
 //! The standalone role: writer, reader and router in one process — the engine over SQLite and
 //! a local data directory, the REST API and the health/metrics listener.
 
-use crate::api::{self, metrics::Metrics, rest::AppState};
+use crate::api::{self, backend::LocalBackend, metrics::Metrics, rest::AppState};
 use crate::config::StandaloneConfig;
 use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::storage::collection::StorageOptions;
@@ -35,10 +35,9 @@ pub async fn build(
     })
     .await?;
     let state = Arc::new(AppState {
-        engine: engine.clone(),
+        backend: Arc::new(LocalBackend::new(engine)),
         auth_token: cfg.auth_token.clone(),
         metrics: Arc::new(Metrics::new()),
-        indexes: api::indexes::IndexService::new(engine),
     });
     let rest = api::rest::router(state.clone());
     let ops = api::ops_router(state.clone());

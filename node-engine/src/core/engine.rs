@@ -71,6 +71,27 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), EngineError> {
 /// Largest vector dimension accepted (Milvus's limit).
 pub const MAX_DIM: usize = 32_768;
 
+/// Check a new collection's names and dimension (what `create_collection` accepts), so a
+/// front end can reject a bad definition before forwarding it. Errors: `InvalidParam`.
+pub fn validate_schema(schema: &Schema) -> Result<(), EngineError> {
+    validate_name("collectionName", &schema.name)?;
+    validate_name("primaryFieldName", &schema.pk_field)?;
+    validate_name("vectorFieldName", &schema.vector_field)?;
+    if schema.pk_field == schema.vector_field {
+        return Err(EngineError::InvalidParam {
+            name: "vectorFieldName".into(),
+            reason: "must differ from primaryFieldName".into(),
+        });
+    }
+    if schema.dim == 0 || schema.dim > MAX_DIM {
+        return Err(EngineError::InvalidParam {
+            name: "dimension".into(),
+            reason: format!("{} is outside [1, {MAX_DIM}]", schema.dim),
+        });
+    }
+    Ok(())
+}
+
 /// The catalogue of open collections.
 pub struct Engine {
     meta: MetaStore,
@@ -152,21 +173,7 @@ impl Engine {
 
     /// Create and open a collection. Errors: `CollectionExists`, `InvalidParam`.
     pub async fn create_collection(&self, schema: Schema) -> Result<Arc<Collection>, EngineError> {
-        validate_name("collectionName", &schema.name)?;
-        validate_name("primaryFieldName", &schema.pk_field)?;
-        validate_name("vectorFieldName", &schema.vector_field)?;
-        if schema.pk_field == schema.vector_field {
-            return Err(EngineError::InvalidParam {
-                name: "vectorFieldName".into(),
-                reason: "must differ from primaryFieldName".into(),
-            });
-        }
-        if schema.dim == 0 || schema.dim > MAX_DIM {
-            return Err(EngineError::InvalidParam {
-                name: "dimension".into(),
-                reason: format!("{} is outside [1, {MAX_DIM}]", schema.dim),
-            });
-        }
+        validate_schema(&schema)?;
         let _g = self.ddl.lock().await;
         if self.collections.read().contains_key(&schema.name) {
             return Err(EngineError::CollectionExists(schema.name));
