@@ -20,7 +20,9 @@ use shoal_engine::cluster::pb::*;
 use shoal_engine::config::{LogFormat, RouterConfig};
 use shoal_engine::core::distance::{dot, l2_sq, norm_sq};
 use shoal_engine::core::filter::Filter;
-use shoal_engine::core::meta::{CollectionRecord, FlushCommit, IndexRecord, MetaStore, SegmentRecord};
+use shoal_engine::core::meta::{
+    CollectionRecord, FlushCommit, IndexRecord, MetaStore, SegmentRecord,
+};
 use shoal_engine::core::types::Metric;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -105,7 +107,11 @@ impl Writer for FakeWriter {
             flushed_seq: 0,
             created_ms: 0,
         };
-        let id = self.meta.create_collection(&rec).await.map_err(st_internal)?;
+        let id = self
+            .meta
+            .create_collection(&rec)
+            .await
+            .map_err(st_internal)?;
         self.meta
             .put_index(&IndexRecord {
                 collection_id: id,
@@ -255,7 +261,10 @@ impl Writer for FakeWriter {
             .get(&r.collection)
             .ok_or_else(|| not_found(&r.collection))?
             .id;
-        self.meta.set_loaded(id, r.loaded).await.map_err(st_internal)?;
+        self.meta
+            .set_loaded(id, r.loaded)
+            .await
+            .map_err(st_internal)?;
         Ok(Response::new(SetLoadedResponse {
             catalog_version: bump(&self.store),
         }))
@@ -332,7 +341,9 @@ fn internal_dist(m: Metric, q: &[f32], v: &[f32]) -> f32 {
     match m {
         Metric::L2 => l2_sq(q, v),
         Metric::IP => -dot(q, v),
-        Metric::COSINE => -dot(q, v) / (norm_sq(q).sqrt() * norm_sq(v).sqrt()).max(f32::MIN_POSITIVE),
+        Metric::COSINE => {
+            -dot(q, v) / (norm_sq(q).sqrt() * norm_sq(v).sqrt()).max(f32::MIN_POSITIVE)
+        }
     }
 }
 
@@ -691,7 +702,13 @@ fn vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
 }
 
 /// Exact top-k (id, user score) over `rows` for one query.
-fn oracle(metric: Metric, rows: &[(i64, Vec<f32>, i64)], q: &[f32], k: usize, tag: Option<i64>) -> Vec<(i64, f32)> {
+fn oracle(
+    metric: Metric,
+    rows: &[(i64, Vec<f32>, i64)],
+    q: &[f32],
+    k: usize,
+    tag: Option<i64>,
+) -> Vec<(i64, f32)> {
     let mut all: Vec<(f32, i64)> = rows
         .iter()
         .filter(|r| tag.is_none_or(|t| r.2 == t))
@@ -709,7 +726,12 @@ fn hits_of(v: &Value) -> Vec<(i64, f32)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|h| (h["id"].as_i64().unwrap(), h["distance"].as_f64().unwrap() as f32))
+        .map(|h| {
+            (
+                h["id"].as_i64().unwrap(),
+                h["distance"].as_f64().unwrap() as f32,
+            )
+        })
         .collect()
 }
 
@@ -733,7 +755,13 @@ const DIM: usize = 16;
 
 /// Create `name`, insert `n` rows in batches, flushing every `per_segment` rows (several
 /// segments), return the rows (id, vector, tag).
-async fn load(c: &Cluster, name: &str, metric: &str, n: usize, per_segment: usize) -> Vec<(i64, Vec<f32>, i64)> {
+async fn load(
+    c: &Cluster,
+    name: &str,
+    metric: &str,
+    n: usize,
+    per_segment: usize,
+) -> Vec<(i64, Vec<f32>, i64)> {
     c.ok(
         "collections/create",
         json!({"collectionName": name, "dimension": DIM, "metricType": metric}),
@@ -748,13 +776,19 @@ async fn load(c: &Cluster, name: &str, metric: &str, n: usize, per_segment: usiz
     for chunk in rows.chunks(per_segment) {
         let data: Vec<Value> = chunk
             .iter()
-            .map(|(id, v, tag)| json!({"id": id, "vector": v, "tag": tag, "name": format!("r{id}")}))
+            .map(
+                |(id, v, tag)| json!({"id": id, "vector": v, "tag": tag, "name": format!("r{id}")}),
+            )
             .collect();
         let r = c
-            .ok("entities/insert", json!({"collectionName": name, "data": data}))
+            .ok(
+                "entities/insert",
+                json!({"collectionName": name, "data": data}),
+            )
             .await;
         assert_eq!(r["data"]["insertCount"], chunk.len());
-        c.ok("collections/flush", json!({"collectionName": name})).await;
+        c.ok("collections/flush", json!({"collectionName": name}))
+            .await;
     }
     rows
 }
@@ -767,9 +801,18 @@ async fn router_search_equals_the_exact_oracle_for_every_metric_with_paging_filt
     let (c, _) = cluster(3, 0, 1).await;
     c.wait_live(3).await;
     let queries = vectors(4, DIM, 99);
-    for (name, metric) in [("l2c", Metric::L2), ("ipc", Metric::IP), ("cosc", Metric::COSINE)] {
+    for (name, metric) in [
+        ("l2c", Metric::L2),
+        ("ipc", Metric::IP),
+        ("cosc", Metric::COSINE),
+    ] {
         let rows = load(&c, name, metric.as_str(), 2000, 400).await;
-        assert_eq!(c.router.state.backend.catalog().collections[name].segments.len(), 5);
+        assert_eq!(
+            c.router.state.backend.catalog().collections[name]
+                .segments
+                .len(),
+            5
+        );
         // Several queries at once, limit 10.
         let v = c
             .ok(
@@ -793,7 +836,11 @@ async fn router_search_equals_the_exact_oracle_for_every_metric_with_paging_filt
                 json!({"collectionName": name, "data": [queries[0]], "limit": 7, "offset": 5}),
             )
             .await;
-        assert_same(&hits_of(&v), &oracle(metric, &rows, &queries[0], 12, None)[5..], "offset");
+        assert_same(
+            &hits_of(&v),
+            &oracle(metric, &rows, &queries[0], 12, None)[5..],
+            "offset",
+        );
         // filter + output fields.
         let v = c
             .ok(
@@ -801,7 +848,11 @@ async fn router_search_equals_the_exact_oracle_for_every_metric_with_paging_filt
                 json!({"collectionName": name, "data": [queries[1]], "limit": 5, "filter": "tag == 3", "outputFields": ["name", "tag"]}),
             )
             .await;
-        assert_same(&hits_of(&v), &oracle(metric, &rows, &queries[1], 5, Some(3)), "filter");
+        assert_same(
+            &hits_of(&v),
+            &oracle(metric, &rows, &queries[1], 5, Some(3)),
+            "filter",
+        );
         for h in v["data"].as_array().unwrap() {
             assert_eq!(h["tag"], 3);
             assert_eq!(h["name"], format!("r{}", h["id"]));
@@ -810,12 +861,19 @@ async fn router_search_equals_the_exact_oracle_for_every_metric_with_paging_filt
     }
     // The planned readers all served (segments spread over them).
     for r in &c.readers {
-        assert!(r.calls.load(Ordering::SeqCst) > 0, "reader {} got no call", r.addr);
+        assert!(
+            r.calls.load(Ordering::SeqCst) > 0,
+            "reader {} got no call",
+            r.addr
+        );
     }
     let (status, body) = c.get_ops("/readyz").await;
     assert_eq!(status, 200, "{body}");
     let (_, metrics) = c.get_ops("/metrics").await;
-    assert!(metrics.contains("shoal_router_readers{state=\"live\"} 3"), "{metrics}");
+    assert!(
+        metrics.contains("shoal_router_readers{state=\"live\"} 3"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -824,9 +882,7 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
     let (c, _) = cluster(3, 0, 2).await;
     c.wait_live(3).await;
     let rows = load(&c, "docs", "L2", 1500, 300).await;
-    let count = |filter: &str| {
-        json!({"collectionName": "docs", "filter": filter, "outputFields": ["count(*)"]})
-    };
+    let count = |filter: &str| json!({"collectionName": "docs", "filter": filter, "outputFields": ["count(*)"]});
     let v = c.ok("entities/query", count("")).await;
     assert_eq!(v["data"][0]["count(*)"], 1500);
     let v = c.ok("entities/query", count("tag == 2")).await;
@@ -842,21 +898,37 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
             json!({"collectionName": "docs", "filter": "id >= 100", "limit": 20, "offset": 290, "outputFields": ["tag"]}),
         )
         .await;
-    let ids: Vec<i64> = v["data"].as_array().unwrap().iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    let ids: Vec<i64> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(ids, (390..410).collect::<Vec<_>>());
     assert_eq!(v["data"][0]["tag"], 0);
     // get keeps request order, skips unknown ids, returns the vector by default.
     let v = c
-        .ok("entities/get", json!({"collectionName": "docs", "id": [1203, 5, 999_999, 77]}))
+        .ok(
+            "entities/get",
+            json!({"collectionName": "docs", "id": [1203, 5, 999_999, 77]}),
+        )
         .await;
     let got = v["data"].as_array().unwrap();
-    assert_eq!(got.iter().map(|r| r["id"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1203, 5, 77]);
+    assert_eq!(
+        got.iter()
+            .map(|r| r["id"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1203, 5, 77]
+    );
     let v5: Vec<f32> = serde_json::from_value(got[1]["vector"].clone()).unwrap();
     assert_eq!(v5, rows[5].1);
     assert_eq!(got[1]["name"], "r5");
     // Delete and upsert, then flush: visible through every path.
     let v = c
-        .ok("entities/delete", json!({"collectionName": "docs", "filter": "id in [0, 1, 2]"}))
+        .ok(
+            "entities/delete",
+            json!({"collectionName": "docs", "filter": "id in [0, 1, 2]"}),
+        )
         .await;
     assert_eq!(v["data"]["deleteCount"], 3);
     let newv = vec![0.5f32; DIM];
@@ -865,11 +937,15 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
         json!({"collectionName": "docs", "data": [{"id": 10, "vector": newv, "tag": 42}]}),
     )
     .await;
-    c.ok("collections/flush", json!({"collectionName": "docs"})).await;
+    c.ok("collections/flush", json!({"collectionName": "docs"}))
+        .await;
     let v = c.ok("entities/query", count("")).await;
     assert_eq!(v["data"][0]["count(*)"], 1497);
     let v = c
-        .ok("entities/get", json!({"collectionName": "docs", "id": [0, 10]}))
+        .ok(
+            "entities/get",
+            json!({"collectionName": "docs", "id": [0, 10]}),
+        )
         .await;
     assert_eq!(v["data"].as_array().unwrap().len(), 1);
     assert_eq!(v["data"][0]["tag"], 42);
@@ -881,32 +957,47 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
         .await;
     assert_eq!(hits_of(&v)[0].0, 10);
     // Release: searches refuse with 101, get_load_state follows; load brings them back.
-    c.ok("collections/release", json!({"collectionName": "docs"})).await;
+    c.ok("collections/release", json!({"collectionName": "docs"}))
+        .await;
     let v = c
-        .post("entities/search", json!({"collectionName": "docs", "data": [newv]}))
+        .post(
+            "entities/search",
+            json!({"collectionName": "docs", "data": [newv]}),
+        )
         .await;
     assert_eq!(v["code"], 101, "{v}");
     let v = c
-        .ok("collections/get_load_state", json!({"collectionName": "docs"}))
+        .ok(
+            "collections/get_load_state",
+            json!({"collectionName": "docs"}),
+        )
         .await;
     assert_eq!(v["data"]["loadState"], "LoadStateNotLoad");
-    c.ok("collections/load", json!({"collectionName": "docs"})).await;
-    c.ok("entities/search", json!({"collectionName": "docs", "data": [newv]}))
+    c.ok("collections/load", json!({"collectionName": "docs"}))
         .await;
+    c.ok(
+        "entities/search",
+        json!({"collectionName": "docs", "data": [newv]}),
+    )
+    .await;
     // Index DDL goes through the writer and shows in the cached catalogue.
     c.ok(
         "indexes/drop",
         json!({"collectionName": "docs", "indexName": "vector"}),
     )
     .await;
-    let v = c.ok("indexes/list", json!({"collectionName": "docs"})).await;
+    let v = c
+        .ok("indexes/list", json!({"collectionName": "docs"}))
+        .await;
     assert_eq!(v["data"], json!([]));
     c.ok(
         "indexes/create",
         json!({"collectionName": "docs", "indexParams": [{"fieldName": "vector", "indexName": "vidx", "metricType": "L2", "indexType": "FLAT"}]}),
     )
     .await;
-    let v = c.ok("indexes/list", json!({"collectionName": "docs"})).await;
+    let v = c
+        .ok("indexes/list", json!({"collectionName": "docs"}))
+        .await;
     assert_eq!(v["data"], json!(["vidx"]));
     let v = c
         .ok("collections/describe", json!({"collectionName": "docs"}))
@@ -914,8 +1005,11 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
     assert_eq!(v["data"]["indexes"][0]["indexName"], "vidx");
     assert_eq!(v["data"]["load"], "LoadStateLoaded");
     // Drop through the router.
-    c.ok("collections/drop", json!({"collectionName": "docs"})).await;
-    let v = c.ok("collections/has", json!({"collectionName": "docs"})).await;
+    c.ok("collections/drop", json!({"collectionName": "docs"}))
+        .await;
+    let v = c
+        .ok("collections/has", json!({"collectionName": "docs"}))
+        .await;
     assert_eq!(v["data"]["has"], false);
 }
 
@@ -932,8 +1026,12 @@ async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_
     let mut tasks = Vec::new();
     for t in 0..4 {
         let rest = c.router.rest.clone();
-        let (rows, queries, stop, answered) =
-            (rows.clone(), queries.clone(), stop.clone(), answered.clone());
+        let (rows, queries, stop, answered) = (
+            rows.clone(),
+            queries.clone(),
+            stop.clone(),
+            answered.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut i = t;
             while !stop.load(Ordering::SeqCst) {
@@ -941,7 +1039,11 @@ async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_
                 let body = json!({"collectionName": "f", "data": [q], "limit": 10});
                 let v = raw(&rest, "entities/search", &body.to_string()).await;
                 assert_eq!(v["code"], 0, "search during failover: {v}");
-                assert_same(&hits_of(&v), &oracle(Metric::IP, &rows, q, 10, None), "failover");
+                assert_same(
+                    &hits_of(&v),
+                    &oracle(Metric::IP, &rows, q, 10, None),
+                    "failover",
+                );
                 answered.fetch_add(1, Ordering::SeqCst);
                 i += 4;
             }
@@ -979,21 +1081,37 @@ async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_
         .collect();
     let plan = shoal_engine::cluster::hrw::plan(&segs, &routable, 1, 0).unwrap();
     let idx = routable.iter().position(|a| *a == joined.addr).unwrap();
-    assert!(plan.per_reader.contains_key(&idx), "20 segments, none on the new reader: {plan:?}");
+    assert!(
+        plan.per_reader.contains_key(&idx),
+        "20 segments, none on the new reader: {plan:?}"
+    );
     for q in queries.iter() {
         let v = c
-            .ok("entities/search", json!({"collectionName": "f", "data": [q], "limit": 10}))
+            .ok(
+                "entities/search",
+                json!({"collectionName": "f", "data": [q], "limit": 10}),
+            )
             .await;
-        assert_same(&hits_of(&v), &oracle(Metric::IP, &rows, q, 10, None), "after join");
+        assert_same(
+            &hits_of(&v),
+            &oracle(Metric::IP, &rows, q, 10, None),
+            "after join",
+        );
     }
-    assert!(joined.calls.load(Ordering::SeqCst) > 0, "the new reader got no search");
+    assert!(
+        joined.calls.load(Ordering::SeqCst) > 0,
+        "the new reader got no search"
+    );
     c.readers.push(joined);
     // Every reader dead: a clear 65535, never a hang.
     for r in &c.readers {
         r.kill();
     }
     let v = c
-        .post("entities/search", json!({"collectionName": "f", "data": [queries[0]]}))
+        .post(
+            "entities/search",
+            json!({"collectionName": "f", "data": [queries[0]]}),
+        )
         .await;
     assert_eq!(v["code"], 65535, "{v}");
 }
@@ -1011,25 +1129,61 @@ async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
     let v4 = "[0.1, 0.2, 0.3, 0.4]";
     let good = format!("{{\"id\": 100, \"vector\": {v4}}}");
     let mut cases: Vec<(&str, String)> = vec![
-        ("entities/insert", "{\"collectionName\": \"c\", \"data\": [".into()),
+        (
+            "entities/insert",
+            "{\"collectionName\": \"c\", \"data\": [".into(),
+        ),
         ("collections/create", "[1, 2]".into()),
         ("collections/create", "{\"dimension\": 4}".into()),
-        ("collections/create", "{\"collectionName\": \"c\", \"dimension\": 4}".into()),
-        ("collections/create", "{\"collectionName\": \"d\", \"dimension\": 40000}".into()),
-        ("collections/create", "{\"collectionName\": \"1bad\", \"dimension\": 4}".into()),
-        ("collections/create", "{\"collectionName\": \"d\", \"dimension\": 4, \"metricType\": \"HAMMING\"}".into()),
+        (
+            "collections/create",
+            "{\"collectionName\": \"c\", \"dimension\": 4}".into(),
+        ),
+        (
+            "collections/create",
+            "{\"collectionName\": \"d\", \"dimension\": 40000}".into(),
+        ),
+        (
+            "collections/create",
+            "{\"collectionName\": \"1bad\", \"dimension\": 4}".into(),
+        ),
+        (
+            "collections/create",
+            "{\"collectionName\": \"d\", \"dimension\": 4, \"metricType\": \"HAMMING\"}".into(),
+        ),
         ("entities/insert", "{\"collectionName\": \"c\"}".into()),
         ("entities/search", "{\"collectionName\": \"c\"}".into()),
         ("entities/get", "{\"collectionName\": \"c\"}".into()),
         ("entities/delete", "{\"collectionName\": \"c\"}".into()),
         ("collections/describe", "{}".into()),
-        ("entities/search", "{\"collectionName\": \"c\", \"data\": [[0.1, 0.2]]}".into()),
-        ("entities/search", format!("{{\"collectionName\": \"c\", \"data\": [{v4}], \"limit\": 0}}")),
-        ("entities/search", format!("{{\"collectionName\": \"c\", \"data\": [{v4}], \"filter\": \"id >\"}}")),
-        ("entities/query", "{\"collectionName\": \"c\", \"filter\": \"(tag == 1\"}".into()),
-        ("entities/delete", "{\"collectionName\": \"c\", \"filter\": \"tag === 1\"}".into()),
-        ("indexes/create", "{\"collectionName\": \"c\", \"indexParams\": [{\"fieldName\": \"other\"}]}".into()),
-        ("indexes/describe", "{\"collectionName\": \"c\", \"indexName\": \"nope\"}".into()),
+        (
+            "entities/search",
+            "{\"collectionName\": \"c\", \"data\": [[0.1, 0.2]]}".into(),
+        ),
+        (
+            "entities/search",
+            format!("{{\"collectionName\": \"c\", \"data\": [{v4}], \"limit\": 0}}"),
+        ),
+        (
+            "entities/search",
+            format!("{{\"collectionName\": \"c\", \"data\": [{v4}], \"filter\": \"id >\"}}"),
+        ),
+        (
+            "entities/query",
+            "{\"collectionName\": \"c\", \"filter\": \"(tag == 1\"}".into(),
+        ),
+        (
+            "entities/delete",
+            "{\"collectionName\": \"c\", \"filter\": \"tag === 1\"}".into(),
+        ),
+        (
+            "indexes/create",
+            "{\"collectionName\": \"c\", \"indexParams\": [{\"fieldName\": \"other\"}]}".into(),
+        ),
+        (
+            "indexes/describe",
+            "{\"collectionName\": \"c\", \"indexName\": \"nope\"}".into(),
+        ),
     ];
     for bad in [
         "{\"id\": 101, \"vector\": [0.1, 0.2, 0.3]}".to_string(),
@@ -1064,8 +1218,14 @@ async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
     for (ep, body) in &cases {
         let via_router = raw(&c.router.rest, ep, body).await;
         let (_, standalone) = app.raw(ep, body, &[]).await;
-        assert_ne!(standalone["code"], 0, "{ep} {body}: the case must be an error");
-        assert_eq!(via_router["code"], standalone["code"], "{ep} {body}: router {via_router} vs standalone {standalone}");
+        assert_ne!(
+            standalone["code"], 0,
+            "{ep} {body}: the case must be an error"
+        );
+        assert_eq!(
+            via_router["code"], standalone["code"],
+            "{ep} {body}: router {via_router} vs standalone {standalone}"
+        );
     }
     // Nothing reached the data: the collection is still empty and alone.
     let v = c.ok("collections/list", json!({})).await;
