@@ -7,4 +7,6 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod gpu;
+pub mod reader;
 pub mod standalone;
+pub mod writer;

@@ -34,15 +34,24 @@ pub async fn build(
         storage: StorageOptions::default(),
     })
     .await?;
+    Ok(build_with_engine(engine, cfg.auth_token.clone()))
+}
+
+/// The REST and ops routers over an open engine (the writer role serves the same REST API
+/// over its fenced engine).
+pub fn build_with_engine(
+    engine: Arc<Engine>,
+    auth_token: Option<String>,
+) -> (Arc<AppState>, axum::Router, axum::Router) {
     let state = Arc::new(AppState {
         engine: engine.clone(),
-        auth_token: cfg.auth_token.clone(),
+        auth_token,
         metrics: Arc::new(Metrics::new()),
         indexes: api::indexes::IndexService::new(engine),
     });
     let rest = api::rest::router(state.clone());
     let ops = api::ops_router(state.clone());
-    Ok((state, rest, ops))
+    (state, rest, ops)
 }
 
 /// Serve until `shutdown` resolves, then flush every collection and stop.

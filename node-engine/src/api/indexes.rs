@@ -121,7 +121,8 @@ fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexReco
     })
 }
 
-pub(super) async fn create(
+/// REST `indexes/create` (also called by the writer role's gRPC `CreateIndex`).
+pub(crate) async fn create(
     st: Arc<AppState>,
     _ctx: Ctx,
     m: Map<String, Value>,
@@ -209,7 +210,8 @@ pub(super) async fn list(
     )))
 }
 
-pub(super) async fn drop(
+/// REST `indexes/drop` (also called by the writer role's gRPC `DropIndex`).
+pub(crate) async fn drop(
     st: Arc<AppState>,
     _ctx: Ctx,
     m: Map<String, Value>,
