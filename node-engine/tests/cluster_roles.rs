@@ -177,6 +177,15 @@ fn row(id: i64) -> Row {
     }
 }
 
+/// A JSON number array as f32s (JSON carries them as f64 text).
+fn as_f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
+}
+
 fn l2(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
@@ -455,7 +464,7 @@ async fn writer_and_two_read_only_readers_serve_the_flat_oracle_and_see_deletes(
     assert_eq!(got_ids, want_ids, "deleted rows must not be returned");
     for r in &got.rows {
         let f: Value = serde_json::from_slice(&r.fields_json).unwrap();
-        assert_eq!(f["vector"], json!(vector_of(r.id)));
+        assert_eq!(as_f32s(&f["vector"]), vector_of(r.id));
     }
     let h = c1.health(HealthRequest {}).await.unwrap().into_inner();
     assert!(h.ready && h.role == "reader" && h.catalog_version >= v2);
@@ -621,7 +630,7 @@ async fn a_waiting_writer_takes_over_after_kill_9_replays_the_wal_and_fences_the
         .unwrap();
     for r in got["data"].as_array().unwrap() {
         let id = r["id"].as_i64().unwrap();
-        assert_eq!(r["vector"], json!(vector_of(id)), "vector of {id}");
+        assert_eq!(as_f32s(&r["vector"]), vector_of(id), "vector of {id}");
     }
 
     // The old epoch's commits are refused by the store itself and leave nothing behind.
