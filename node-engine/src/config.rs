@@ -131,6 +131,40 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Read a role's TOML file (`deny_unknown_fields` structs reject misspelt keys).
+///
+/// Errors: `ReadFile`, `ParseFile`.
+pub fn load_toml<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&std::path::Path>,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str::<T>(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A cluster node's default id: `$POD_NAME` (Kubernetes), else `$HOSTNAME`, else
+/// `/etc/hostname`, else `shoal-<pid>`.
+pub fn default_node_id() -> String {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    env("POD_NAME")
+        .or_else(|| env("HOSTNAME"))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| format!("shoal-{}", std::process::id()))
+}
+
 impl StandaloneArgs {
     /// Merge flags/env with the TOML file and defaults.
     pub fn resolve(self) -> Result<StandaloneConfig, ConfigError> {

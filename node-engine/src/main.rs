@@ -17,6 +17,11 @@ struct Cli {
 enum Command {
     /// Run writer, reader and router in one process (SQLite metadata, local data directory).
     Standalone(StandaloneArgs),
+    /// The cluster's single writer: takes the metadata lease, replays the WAL, serves the Writer
+    /// gRPC service and the REST API; exits non-zero when another writer takes the lease.
+    Writer(shoal_engine::writer::WriterArgs),
+    /// A read-only search node over the shared data directory (Reader gRPC service).
+    Reader(shoal_engine::reader::ReaderArgs),
     /// Cluster front end: REST API; writes to the writer, searches fanned out to the readers.
     Router(RouterArgs),
     /// Insert benchmark client: stream an .fvecs file into a running server through REST.
@@ -69,6 +74,22 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(shoal_engine::standalone::run(cfg, shutdown_signal()))
                 .context("standalone server failed")?;
+            Ok(())
+        }
+        Command::Writer(args) => {
+            let cfg = args.resolve().context("invalid configuration")?;
+            init_logging(cfg.log_format);
+            let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+            rt.block_on(shoal_engine::writer::run(cfg, shutdown_signal()))
+                .context("writer failed")?;
+            Ok(())
+        }
+        Command::Reader(args) => {
+            let cfg = args.resolve().context("invalid configuration")?;
+            init_logging(cfg.log_format);
+            let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+            rt.block_on(shoal_engine::reader::run(cfg, shutdown_signal()))
+                .context("reader failed")?;
             Ok(())
         }
         Command::Router(args) => {

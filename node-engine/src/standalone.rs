@@ -34,14 +34,23 @@ pub async fn build(
         storage: StorageOptions::default(),
     })
     .await?;
+    Ok(build_with_engine(engine, cfg.auth_token.clone()))
+}
+
+/// The REST and ops routers over an open engine (the writer role serves the same REST API
+/// over its fenced engine).
+pub fn build_with_engine(
+    engine: Arc<Engine>,
+    auth_token: Option<String>,
+) -> (Arc<AppState>, axum::Router, axum::Router) {
     let state = Arc::new(AppState {
         backend: Arc::new(LocalBackend::new(engine)),
-        auth_token: cfg.auth_token.clone(),
+        auth_token,
         metrics: Arc::new(Metrics::new()),
     });
     let rest = api::rest::router(state.clone());
     let ops = api::ops_router(state.clone());
-    Ok((state, rest, ops))
+    (state, rest, ops)
 }
 
 /// Serve until `shutdown` resolves, then flush every collection and stop.

@@ -1,15 +1,23 @@
-//! A hang guard for integration tests: if the test is still running after `limit`, print which
-//! test hung and exit the whole test process with status 1, so CI fails with output instead of
-//! running into its global timeout.
+//! A test watchdog: fail loudly instead of letting a hung test run into the CI time limit.
 
 use std::time::Duration;
 
-/// Start the guard for test `name`; it never fires if the process ends first.
+/// Start a detached thread that, once `limit` has passed, prints which test hung and exits
+/// the whole test process with status 1 (so CI fails with output instead of timing out).
+/// Call it first in every test that starts processes; it never fires in a test that finishes.
 pub fn watchdog(name: &str, limit: Duration) {
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        eprintln!("watchdog: test {name:?} still running after {limit:?}; exiting with failure");
-        std::process::exit(1);
-    });
+    let test = name.to_string();
+    let spawned = std::thread::Builder::new()
+        .name(format!("watchdog-{name}"))
+        .spawn(move || {
+            let name = test;
+            std::thread::sleep(limit);
+            eprintln!(
+                "WATCHDOG: test {name} still running after {limit:?}; aborting the test process"
+            );
+            std::process::exit(1);
+        });
+    if let Err(e) = spawned {
+        eprintln!("WATCHDOG: could not start the watchdog thread for {name}: {e}");
+    }
 }

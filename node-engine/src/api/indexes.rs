@@ -114,7 +114,8 @@ fn parse_index_param(c: &CollectionMeta, p: &Map<String, Value>) -> Result<Index
     })
 }
 
-pub(super) async fn create<B: Backend>(
+/// REST `indexes/create` (also called by the writer role's gRPC `CreateIndex`).
+pub(crate) async fn create<B: Backend>(
     st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
@@ -204,7 +205,8 @@ pub(super) async fn list<B: Backend>(
     )))
 }
 
-pub(super) async fn drop<B: Backend>(
+/// REST `indexes/drop` (also called by the writer role's gRPC `DropIndex`).
+pub(crate) async fn drop<B: Backend>(
     st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,

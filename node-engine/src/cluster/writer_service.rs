@@ -13,9 +13,9 @@ use super::lease::{LeaseError, LeaseKeeper};
 use super::pb::writer_server::Writer;
 use super::pb::{
     CreateCollectionRequest, CreateCollectionResponse, CreateIndexRequest, CreateIndexResponse,
-    DeleteRequest, DeleteResponse, DropCollectionRequest, DropCollectionResponse,
-    DropIndexRequest, DropIndexResponse, FlushRequest, FlushResponse, HealthRequest,
-    HealthResponse, InsertRequest, InsertResponse, SetLoadedRequest, SetLoadedResponse,
+    DeleteRequest, DeleteResponse, DropCollectionRequest, DropCollectionResponse, DropIndexRequest,
+    DropIndexResponse, FlushRequest, FlushResponse, HealthRequest, HealthResponse, InsertRequest,
+    InsertResponse, SetLoadedRequest, SetLoadedResponse,
 };
 use std::future::Future;
 use std::sync::Arc;
