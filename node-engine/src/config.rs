@@ -131,6 +131,40 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Read a role's TOML file (`deny_unknown_fields` structs reject misspelt keys).
+///
+/// Errors: `ReadFile`, `ParseFile`.
+pub fn load_toml<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&std::path::Path>,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str::<T>(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A cluster node's default id: `$POD_NAME` (Kubernetes), else `$HOSTNAME`, else
+/// `/etc/hostname`, else `shoal-<pid>`.
+pub fn default_node_id() -> String {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    env("POD_NAME")
+        .or_else(|| env("HOSTNAME"))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| format!("shoal-{}", std::process::id()))
+}
+
 impl StandaloneArgs {
     /// Merge flags/env with the TOML file and defaults.
     pub fn resolve(self) -> Result<StandaloneConfig, ConfigError> {
@@ -188,6 +222,232 @@ impl StandaloneArgs {
     }
 }
 
+/// `shoal-engine router`: the public REST API of a cluster; writes go to the writer, searches
+/// fan out to the readers.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RouterArgs {
+    /// TOML file with any of the keys below (snake_case: meta, writer, readers, readers_dns,
+    /// listen, metrics_listen, replication, auth_token, log_format, request_timeout,
+    /// flush_timeout, catalog_poll, health_interval).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Metadata store URL (`mysql://...`; the router only reads the catalogue from it).
+    #[arg(long, env = "SHOAL_META", hide_env_values = true)]
+    pub meta: Option<String>,
+    /// `host:port` of the writer's internal gRPC service.
+    #[arg(long, env = "SHOAL_WRITER")]
+    pub writer: Option<String>,
+    /// Static reader list: `a:19531,b:19531`.
+    #[arg(long, env = "SHOAL_READERS", conflicts_with = "readers_dns")]
+    pub readers: Option<String>,
+    /// Readers from DNS: every address of `NAME:PORT` (a Kubernetes headless Service).
+    #[arg(long, env = "SHOAL_READERS_DNS")]
+    pub readers_dns: Option<String>,
+    /// Address of the public REST API (Milvus REST v2) [default: 127.0.0.1:19530].
+    #[arg(long, env = "SHOAL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address of /healthz, /readyz and /metrics [default: 127.0.0.1:9091].
+    #[arg(long, env = "SHOAL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Readers that serve each segment [default: 1].
+    #[arg(long, env = "SHOAL_REPLICATION")]
+    pub replication: Option<usize>,
+    /// Require `Authorization: Bearer <user:password>` on every REST request.
+    #[arg(long, env = "SHOAL_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Deadline of one call to a reader or the writer, e.g. `10s` [default: 10s].
+    #[arg(long, env = "SHOAL_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+    /// How long `collections/flush` waits for the readers to serve the flush [default: 60s].
+    #[arg(long, env = "SHOAL_FLUSH_TIMEOUT")]
+    pub flush_timeout: Option<String>,
+    /// Catalogue poll interval [default: 1s].
+    #[arg(long, env = "SHOAL_CATALOG_POLL")]
+    pub catalog_poll: Option<String>,
+    /// Reader discovery and health-check interval [default: 1s].
+    #[arg(long, env = "SHOAL_HEALTH_INTERVAL")]
+    pub health_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouterFileConfig {
+    meta: Option<String>,
+    writer: Option<String>,
+    readers: Option<String>,
+    readers_dns: Option<String>,
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    replication: Option<usize>,
+    auth_token: Option<String>,
+    log_format: Option<LogFormat>,
+    request_timeout: Option<String>,
+    flush_timeout: Option<String>,
+    catalog_poll: Option<String>,
+    health_interval: Option<String>,
+}
+
+/// Resolved router configuration.
+#[derive(Clone)]
+pub struct RouterConfig {
+    pub meta_url: String,
+    pub writer: String,
+    pub discovery: crate::cluster::membership::Discovery,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub replication: usize,
+    pub auth_token: Option<String>,
+    pub log_format: LogFormat,
+    pub request_timeout: Duration,
+    pub flush_timeout: Duration,
+    pub catalog_poll: Duration,
+    pub health_interval: Duration,
+}
+
+impl std::fmt::Debug for RouterConfig {
+    // Never print the token or the metadata URL's password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterConfig")
+            .field("meta_url", &crate::core::meta::redact(&self.meta_url))
+            .field("writer", &self.writer)
+            .field("discovery", &self.discovery)
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("replication", &self.replication)
+            .field("auth", &self.auth_token.is_some())
+            .field("request_timeout", &self.request_timeout)
+            .field("flush_timeout", &self.flush_timeout)
+            .finish()
+    }
+}
+
+fn read_toml<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&PathBuf>,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.clone(),
+        source,
+    })?;
+    toml::from_str::<T>(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.clone(),
+        source,
+    })
+}
+
+fn duration_key(
+    key: &'static str,
+    flag: Option<String>,
+    file: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let s = flag.or(file).unwrap_or_else(|| default.to_string());
+    parse_duration(&s).map_err(|reason| ConfigError::Invalid { key, reason })
+}
+
+impl RouterArgs {
+    /// Merge flags/env with the TOML file and defaults.
+    pub fn resolve(self) -> Result<RouterConfig, ConfigError> {
+        use crate::cluster::membership::Discovery;
+        let file: RouterFileConfig = read_toml(self.config.as_ref())?;
+        let meta_url =
+            self.meta
+                .or(file.meta)
+                .filter(|s| !s.is_empty())
+                .ok_or(ConfigError::Invalid {
+                    key: "meta",
+                    reason: "required (--meta or SHOAL_META)".into(),
+                })?;
+        let writer = self
+            .writer
+            .or(file.writer)
+            .filter(|s| !s.is_empty())
+            .ok_or(ConfigError::Invalid {
+                key: "writer",
+                reason: "required: host:port of the writer's gRPC service".into(),
+            })?;
+        let discovery = match (
+            self.readers.or(file.readers),
+            self.readers_dns.or(file.readers_dns),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "readers",
+                    reason: "give either readers or readers_dns, not both".into(),
+                });
+            }
+            (Some(list), None) => Discovery::static_list(&list),
+            (None, Some(dns)) => Discovery::dns(&dns).map_err(|e| ConfigError::Invalid {
+                key: "readers_dns",
+                reason: e.to_string(),
+            })?,
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    key: "readers",
+                    reason: "required: --readers a:19531,b:19531 or --readers-dns NAME:PORT".into(),
+                });
+            }
+        };
+        let replication = self.replication.or(file.replication).unwrap_or(1);
+        if replication == 0 {
+            return Err(ConfigError::Invalid {
+                key: "replication",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let auth_token = self
+            .auth_token
+            .or(file.auth_token)
+            .filter(|t| !t.is_empty());
+        if auth_token.as_ref().is_some_and(|t| !t.contains(':')) {
+            return Err(ConfigError::Invalid {
+                key: "auth_token",
+                reason: "must be user:password".into(),
+            });
+        }
+        Ok(RouterConfig {
+            meta_url,
+            writer,
+            discovery,
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19530))),
+            metrics_listen: self
+                .metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+            replication,
+            auth_token,
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            request_timeout: duration_key(
+                "request_timeout",
+                self.request_timeout,
+                file.request_timeout,
+                "10s",
+            )?,
+            flush_timeout: duration_key(
+                "flush_timeout",
+                self.flush_timeout,
+                file.flush_timeout,
+                "60s",
+            )?,
+            catalog_poll: duration_key("catalog_poll", self.catalog_poll, file.catalog_poll, "1s")?,
+            health_interval: duration_key(
+                "health_interval",
+                self.health_interval,
+                file.health_interval,
+                "1s",
+            )?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +489,55 @@ mod tests {
         assert!(parse_duration("2h").is_err());
         assert!(parse_duration("0s").is_err());
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn router_needs_meta_writer_and_readers_and_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("router.toml");
+        std::fs::write(
+            &p,
+            "meta = \"mysql://u:p@db/shoal\"\nwriter = \"w:19531\"\nreaders_dns = \"readers:19531\"\nreplication = 2\n",
+        )
+        .unwrap();
+        let c = RouterArgs {
+            config: Some(p.clone()),
+            request_timeout: Some("250ms".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.writer, "w:19531");
+        assert_eq!(c.replication, 2);
+        assert_eq!(c.request_timeout, Duration::from_millis(250));
+        assert_eq!(
+            c.discovery,
+            crate::cluster::membership::Discovery::Dns {
+                name: "readers".into(),
+                port: 19531
+            }
+        );
+        assert!(!format!("{c:?}").contains(":p@"), "{c:?}");
+        let no_readers = RouterArgs {
+            meta: Some("mysql://x/y".into()),
+            writer: Some("w:1".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            no_readers.clone().resolve(),
+            Err(ConfigError::Invalid { key: "readers", .. })
+        ));
+        assert!(matches!(
+            RouterArgs {
+                readers: Some("a:1".into()),
+                replication: Some(0),
+                ..no_readers
+            }
+            .resolve(),
+            Err(ConfigError::Invalid {
+                key: "replication",
+                ..
+            })
+        ));
     }
 }

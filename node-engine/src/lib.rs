@@ -7,4 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod gpu;
+pub mod reader;
+pub mod router;
 pub mod standalone;
+pub mod writer;

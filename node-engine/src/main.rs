@@ -4,7 +4,7 @@ mod bench_insert;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shoal_engine::config::{LogFormat, StandaloneArgs};
+use shoal_engine::config::{LogFormat, RouterArgs, StandaloneArgs};
 
 #[derive(Parser)]
 #[command(name = "shoal-engine", version, about = "Shoal vector search engine")]
@@ -17,6 +17,13 @@ struct Cli {
 enum Command {
     /// Run writer, reader and router in one process (SQLite metadata, local data directory).
     Standalone(StandaloneArgs),
+    /// The cluster's single writer: takes the metadata lease, replays the WAL, serves the Writer
+    /// gRPC service and the REST API; exits non-zero when another writer takes the lease.
+    Writer(shoal_engine::writer::WriterArgs),
+    /// A read-only search node over the shared data directory (Reader gRPC service).
+    Reader(shoal_engine::reader::ReaderArgs),
+    /// Cluster front end: REST API; writes to the writer, searches fanned out to the readers.
+    Router(RouterArgs),
     /// Insert benchmark client: stream an .fvecs file into a running server through REST.
     BenchInsert(bench_insert::BenchInsertArgs),
     /// Search benchmark: build an index in-process from .fvecs/.ivecs files, sweep, print JSON lines.
@@ -67,6 +74,30 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(shoal_engine::standalone::run(cfg, shutdown_signal()))
                 .context("standalone server failed")?;
+            Ok(())
+        }
+        Command::Writer(args) => {
+            let cfg = args.resolve().context("invalid configuration")?;
+            init_logging(cfg.log_format);
+            let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+            rt.block_on(shoal_engine::writer::run(cfg, shutdown_signal()))
+                .context("writer failed")?;
+            Ok(())
+        }
+        Command::Reader(args) => {
+            let cfg = args.resolve().context("invalid configuration")?;
+            init_logging(cfg.log_format);
+            let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+            rt.block_on(shoal_engine::reader::run(cfg, shutdown_signal()))
+                .context("reader failed")?;
+            Ok(())
+        }
+        Command::Router(args) => {
+            let cfg = args.resolve().context("invalid configuration")?;
+            init_logging(cfg.log_format);
+            let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+            rt.block_on(shoal_engine::router::run(cfg, shutdown_signal()))
+                .context("router failed")?;
             Ok(())
         }
         Command::BenchInsert(args) => {

@@ -1,7 +1,7 @@
 //! The standalone role: writer, reader and router in one process — the engine over SQLite and
 //! a local data directory, the REST API and the health/metrics listener.
 
-use crate::api::{self, metrics::Metrics, rest::AppState};
+use crate::api::{self, backend::LocalBackend, metrics::Metrics, rest::AppState};
 use crate::config::StandaloneConfig;
 use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::storage::collection::StorageOptions;
@@ -34,15 +34,23 @@ pub async fn build(
         storage: StorageOptions::default(),
     })
     .await?;
+    Ok(build_with_engine(engine, cfg.auth_token.clone()))
+}
+
+/// The REST and ops routers over an open engine (the writer role serves the same REST API
+/// over its fenced engine).
+pub fn build_with_engine(
+    engine: Arc<Engine>,
+    auth_token: Option<String>,
+) -> (Arc<AppState>, axum::Router, axum::Router) {
     let state = Arc::new(AppState {
-        engine: engine.clone(),
-        auth_token: cfg.auth_token.clone(),
+        backend: Arc::new(LocalBackend::new(engine)),
+        auth_token,
         metrics: Arc::new(Metrics::new()),
-        indexes: api::indexes::IndexService::new(engine),
     });
     let rest = api::rest::router(state.clone());
     let ops = api::ops_router(state.clone());
-    Ok((state, rest, ops))
+    (state, rest, ops)
 }
 
 /// Serve until `shutdown` resolves, then flush every collection and stop.

@@ -161,6 +161,16 @@ pub fn is_juicefs_mount(path: &Path) -> bool {
 impl JuiceFsMount {
     /// Mounts `meta_url` at `at` (or a new temp dir), waiting up to 60 s for the mount.
     pub fn mount(meta_url: &str, at: Option<&Path>) -> Result<Self, TestkitError> {
+        Self::mount_with(meta_url, at, &[])
+    }
+
+    /// [`Self::mount`] with `juicefs mount --read-only`: every write fails with EROFS, even
+    /// for root (what a reader pod's read-only volume gives).
+    pub fn mount_read_only(meta_url: &str, at: Option<&Path>) -> Result<Self, TestkitError> {
+        Self::mount_with(meta_url, at, &["--read-only"])
+    }
+
+    fn mount_with(meta_url: &str, at: Option<&Path>, extra: &[&str]) -> Result<Self, TestkitError> {
         require_fuse()?;
         let bin = juicefs_binary()?;
         let (dir, mountpoint) = match at {
@@ -192,6 +202,7 @@ impl JuiceFsMount {
         })?;
         let child = Command::new(&bin)
             .args(["mount", "--no-usage-report", "--metrics=127.0.0.1:0"])
+            .args(extra)
             .arg(meta_url)
             .arg(&mountpoint)
             .stdin(Stdio::null())

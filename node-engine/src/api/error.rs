@@ -123,7 +123,8 @@ impl From<MetaError> for ApiError {
             MetaError::Connect { .. }
             | MetaError::Migrate { .. }
             | MetaError::Query { .. }
-            | MetaError::UnsupportedUrl(_) => ApiError::internal(chain(&e)),
+            | MetaError::UnsupportedUrl(_)
+            | MetaError::Fenced { .. } => ApiError::internal(chain(&e)),
         }
     }
 }

@@ -1,9 +1,11 @@
-//! `indexes/create|describe|list|drop`: index definitions per collection, kept in the metadata
+//! `indexes/create|describe|list|drop`: parsing and validating index definitions (shared by
+//! every backend), and [`IndexService`], the local engine's index bookkeeping in the metadata
 //! store. FLAT (exact search over every segment) needs no build, so its progress is always
 //! complete; ANN types are accepted once the index module can build them.
 
+use super::backend::{Backend, CollectionMeta};
 use super::error::ApiError;
-use super::rest::{AppState, Ctx, Reply, opt_str, req_str};
+use super::rest::{Ctx, Reply, RestState, collection, opt_str, req_str};
 use crate::core::engine::Engine;
 use crate::core::meta::IndexRecord;
 use crate::core::storage::collection::{Collection, CollectionRead};
@@ -39,15 +41,6 @@ impl IndexService {
         Ok(())
     }
 
-    /// Every index of `c` as `collections/describe` lists them.
-    pub async fn describe_all(&self, c: &Collection) -> Result<Vec<Value>, ApiError> {
-        let recs = self.engine.meta().indexes(c.collection_id()).await?;
-        Ok(recs
-            .iter()
-            .map(|r| json!({"fieldName": r.field_name, "indexName": r.index_name, "metricType": r.metric}))
-            .collect())
-    }
-
     /// A collection was dropped: nothing to cancel while only FLAT exists.
     pub fn forget(&self, _c: &Collection) {}
 
@@ -57,8 +50,8 @@ impl IndexService {
     pub fn maybe_kick(&self, _c: &Collection) {}
 }
 
-fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexRecord, ApiError> {
-    let s = c.schema();
+fn parse_index_param(c: &CollectionMeta, p: &Map<String, Value>) -> Result<IndexRecord, ApiError> {
+    let s = &c.schema;
     let field = req_str(p, "fieldName")?;
     if field != s.vector_field {
         return Err(ApiError::invalid(
@@ -112,7 +105,7 @@ fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexReco
         }
     }
     Ok(IndexRecord {
-        collection_id: c.collection_id(),
+        collection_id: c.id,
         index_name,
         field_name: field.to_string(),
         index_type: index_type.as_str().into(),
@@ -121,12 +114,13 @@ fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexReco
     })
 }
 
-pub(super) async fn create(
-    st: Arc<AppState>,
+/// REST `indexes/create` (also called by the writer role's gRPC `CreateIndex`).
+pub(crate) async fn create<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = super::rest_collection(&st, &m)?;
+    let c = collection(&st, &m).await?;
     let list = match m.get("indexParams") {
         None | Some(Value::Null) => return Err(ApiError::missing("indexParams")),
         Some(Value::Array(a)) if !a.is_empty() => a,
@@ -145,7 +139,7 @@ pub(super) async fn create(
             .ok_or_else(|| ApiError::invalid("indexParams", "each entry must be an object"))?;
         recs.push(parse_index_param(&c, p)?);
     }
-    let existing = st.engine.meta().indexes(c.collection_id()).await?;
+    let existing = st.backend.indexes(&c).await?;
     for r in &recs {
         if existing
             .iter()
@@ -160,48 +154,50 @@ pub(super) async fn create(
             ));
         }
     }
-    for r in &recs {
-        st.engine.meta().put_index(r).await?;
-    }
-    st.indexes.kick(&c);
+    st.backend.create_indexes(&c, recs).await?;
     Ok(Reply::data(json!({})))
 }
 
-pub(super) async fn describe(
-    st: Arc<AppState>,
+pub(super) async fn describe<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = super::rest_collection(&st, &m)?;
+    let c = collection(&st, &m).await?;
     let name = req_str(&m, "indexName")?;
-    let recs = st.engine.meta().indexes(c.collection_id()).await?;
+    let recs = st.backend.indexes(&c).await?;
     let r = recs
         .iter()
         .find(|r| r.index_name == name)
         .ok_or_else(|| ApiError::invalid("indexName", format!("index {name:?} does not exist")))?;
-    let total = c.stats().live_rows;
+    let p = st.backend.index_progress(&c, r).await?;
     let params: Value = serde_json::from_str(&r.params).unwrap_or(json!({}));
+    let state = if p.pending_rows == 0 {
+        "Finished"
+    } else {
+        "InProgress"
+    };
     Ok(Reply::data(json!([{
         "indexName": r.index_name,
         "fieldName": r.field_name,
         "indexType": r.index_type,
         "metricType": r.metric,
         "params": params,
-        "indexState": "Finished",
-        "indexedRows": total,
-        "totalRows": total,
-        "pendingRows": 0,
+        "indexState": state,
+        "indexedRows": p.indexed_rows,
+        "totalRows": p.total_rows,
+        "pendingRows": p.pending_rows,
         "failReason": "",
     }])))
 }
 
-pub(super) async fn list(
-    st: Arc<AppState>,
+pub(super) async fn list<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = super::rest_collection(&st, &m)?;
-    let recs = st.engine.meta().indexes(c.collection_id()).await?;
+    let c = collection(&st, &m).await?;
+    let recs = st.backend.indexes(&c).await?;
     Ok(Reply::data(json!(
         recs.iter()
             .map(|r| r.index_name.clone())
@@ -209,20 +205,21 @@ pub(super) async fn list(
     )))
 }
 
-pub(super) async fn drop(
-    st: Arc<AppState>,
+/// REST `indexes/drop` (also called by the writer role's gRPC `DropIndex`).
+pub(crate) async fn drop<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = super::rest_collection(&st, &m)?;
+    let c = collection(&st, &m).await?;
     let name = req_str(&m, "indexName")?;
-    let recs = st.engine.meta().indexes(c.collection_id()).await?;
+    let recs = st.backend.indexes(&c).await?;
     if !recs.iter().any(|r| r.index_name == name) {
         return Err(ApiError::invalid(
             "indexName",
             format!("index {name:?} does not exist"),
         ));
     }
-    st.engine.meta().drop_index(c.collection_id(), name).await?;
+    st.backend.drop_index(&c, name).await?;
     Ok(Reply::data(json!({})))
 }

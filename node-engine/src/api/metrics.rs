@@ -23,6 +23,11 @@ struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReaderLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CollectionLabels {
     collection: String,
 }
@@ -38,6 +43,8 @@ pub struct Metrics {
     corrupt_segments: Family<CollectionLabels, Gauge>,
     wal_bytes: Family<CollectionLabels, Gauge<u64, AtomicU64>>,
     memory_bytes: Family<CollectionLabels, Gauge>,
+    readers: Family<ReaderLabels, Gauge>,
+    catalog_version: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -65,6 +72,8 @@ impl Metrics {
         let corrupt_segments = Family::default();
         let wal_bytes = Family::default();
         let memory_bytes = Family::default();
+        let readers = Family::default();
+        let catalog_version = Gauge::default();
         registry.register(
             "rest_requests",
             "REST requests by endpoint and result",
@@ -101,6 +110,16 @@ impl Metrics {
             "Bytes held in memory or mapped per collection",
             memory_bytes.clone(),
         );
+        registry.register(
+            "router_readers",
+            "Readers known to the router by health state (router only)",
+            readers.clone(),
+        );
+        registry.register(
+            "router_catalog_version",
+            "Catalogue version the router's cache reflects (router only)",
+            catalog_version.clone(),
+        );
         Self {
             registry,
             requests,
@@ -111,6 +130,8 @@ impl Metrics {
             corrupt_segments,
             wal_bytes,
             memory_bytes,
+            readers,
+            catalog_version,
         }
     }
 
@@ -127,8 +148,8 @@ impl Metrics {
         self.rows_inserted.inc_by(n as u64);
     }
 
-    /// Refresh the per-collection gauges and render the text exposition format.
-    pub fn render(&self, engine: &Engine) -> String {
+    /// Set the per-collection gauges from the local engine.
+    pub fn update_collections(&self, engine: &Engine) {
         self.rows.clear();
         self.segments.clear();
         self.corrupt_segments.clear();
@@ -151,6 +172,34 @@ impl Metrics {
                 .get_or_create(&l)
                 .set(s.memory_bytes as i64);
         }
+    }
+
+    /// Set the router's gauges: readers per health state, catalogue version, sealed segments
+    /// per collection as the router's cached catalogue sees them.
+    pub fn update_router(
+        &self,
+        readers: &[(&'static str, usize)],
+        catalog_version: u64,
+        segments: &[(String, usize)],
+    ) {
+        for (state, n) in readers {
+            self.readers
+                .get_or_create(&ReaderLabels { state })
+                .set(*n as i64);
+        }
+        self.catalog_version.set(catalog_version as i64);
+        self.segments.clear();
+        for (collection, n) in segments {
+            self.segments
+                .get_or_create(&CollectionLabels {
+                    collection: collection.clone(),
+                })
+                .set(*n as i64);
+        }
+    }
+
+    /// Render the text exposition format (call an `update_*` first).
+    pub fn render(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");

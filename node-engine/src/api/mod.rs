@@ -1,6 +1,8 @@
 //! Network adapters over the core: the public REST API and the health/metrics listener.
-//! Everything HTTP lives here; `core` never sees axum types.
+//! Everything HTTP lives here; `core` never sees axum types. The REST handlers are generic over
+//! a [`backend::Backend`]: the local engine (standalone, writer) or the cluster (router).
 
+pub mod backend;
 pub mod error;
 pub mod indexes;
 pub mod metrics;
@@ -11,51 +13,34 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use backend::Backend;
+use rest::RestState;
 use std::sync::Arc;
 
-fn rest_collection(
-    st: &rest::AppState,
-    m: &serde_json::Map<String, serde_json::Value>,
-) -> Result<Arc<crate::core::storage::collection::Collection>, error::ApiError> {
-    match rest::opt_str(m, "dbName")? {
-        None | Some("" | "default" | "_default") => {}
-        Some(other) => {
-            return Err(error::ApiError::invalid(
-                "dbName",
-                format!("database {other:?} does not exist"),
-            ));
-        }
-    }
-    let name = rest::req_str(m, "collectionName")?;
-    Ok(st.engine.collection(name)?)
-}
-
-/// `/healthz` (process is up), `/readyz` (metadata store answers), `/metrics`.
-pub fn ops_router(state: Arc<rest::AppState>) -> Router {
+/// `/healthz` (process is up), `/readyz` (the backend can serve: metadata store answers, or for
+/// the router the writer and at least one reader), `/metrics`.
+pub fn ops_router<B: Backend>(state: Arc<RestState<B>>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
-            get(|State(s): State<Arc<rest::AppState>>| async move {
-                match s.engine.meta().ping().await {
+            get(|State(s): State<Arc<RestState<B>>>| async move {
+                match s.backend.ready().await {
                     Ok(()) => (StatusCode::OK, "ready".to_string()).into_response(),
-                    Err(e) => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("metadata store unavailable: {e}"),
-                    )
-                        .into_response(),
+                    Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
                 }
             }),
         )
         .route(
             "/metrics",
-            get(|State(s): State<Arc<rest::AppState>>| async move {
+            get(|State(s): State<Arc<RestState<B>>>| async move {
+                s.backend.update_gauges(&s.metrics);
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    s.metrics.render(&s.engine),
+                    s.metrics.render(),
                 )
             }),
         )

@@ -1,16 +1,19 @@
 //! The public REST API: the Milvus RESTful v2 subset (`POST /v2/vectordb/...`), its envelope,
 //! error codes, token auth and the `Accept-Type-Allow-Int64` rule. Request validation happens
-//! here in full before anything reaches the engine, so a rejected request changes nothing.
+//! here in full before anything reaches the backend, so a rejected request changes nothing, and
+//! every role (standalone over the local engine, router over the cluster) answers the same bad
+//! request with the same code: the handlers are generic over [`Backend`].
 
+use super::backend::{
+    Backend, CollectionMeta, FilterExpr, LocalBackend, QueryRequest, ReadFields, SearchRequest,
+    WriteRows,
+};
 use super::error::{ApiError, code};
 use super::indexes;
 use super::metrics::Metrics;
-use crate::core::engine::Engine;
 use crate::core::filter::Filter;
 use crate::core::index::SearchParams;
-use crate::core::storage::collection::{
-    Collection, CollectionRead, CollectionWrite, Output, RowOut, Schema,
-};
+use crate::core::storage::collection::{RowOut, Schema};
 use crate::core::storage::wal::RowBatch;
 use crate::core::types::Metric;
 use axum::Router;
@@ -27,14 +30,24 @@ use std::time::Instant;
 /// Largest `limit + offset` accepted by search and query (Milvus's max top-k).
 pub const MAX_TOPK: usize = 16_384;
 
-/// Shared state of the REST server.
-pub struct AppState {
-    pub engine: Arc<Engine>,
+/// Shared state of the REST server over backend `B`. Derefs to the backend, so the standalone
+/// state reads as the engine's (`state.engine`).
+pub struct RestState<B> {
+    pub backend: Arc<B>,
     /// `user:password` required as `Authorization: Bearer ...` when set.
     pub auth_token: Option<String>,
     pub metrics: Arc<Metrics>,
-    pub indexes: indexes::IndexService,
 }
+
+impl<B> std::ops::Deref for RestState<B> {
+    type Target = B;
+    fn deref(&self) -> &B {
+        &self.backend
+    }
+}
+
+/// The standalone (and writer) REST state: the local engine.
+pub type AppState = RestState<LocalBackend>;
 
 /// Per-request context from headers.
 #[derive(Debug, Clone, Copy)]
@@ -78,7 +91,7 @@ fn json_response(status: axum::http::StatusCode, v: Value) -> Response {
         .into_response()
 }
 
-fn check_auth(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+fn check_auth<B>(st: &RestState<B>, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &st.auth_token else {
         return Ok(());
     };
@@ -118,15 +131,15 @@ fn parse_body(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-async fn call<F, Fut>(
-    st: Arc<AppState>,
+async fn call<B, F, Fut>(
+    st: Arc<RestState<B>>,
     headers: HeaderMap,
     body: Bytes,
     endpoint: &'static str,
     f: F,
 ) -> Response
 where
-    F: FnOnce(Arc<AppState>, Ctx, Map<String, Value>) -> Fut,
+    F: FnOnce(Arc<RestState<B>>, Ctx, Map<String, Value>) -> Fut,
     Fut: Future<Output = Result<Reply, ApiError>>,
 {
     let started = Instant::now();
@@ -165,37 +178,41 @@ where
 }
 
 macro_rules! ep {
-    ($r:expr, $path:literal, $f:expr) => {
+    ($r:expr, $b:ty, $path:literal, $f:expr) => {
         $r.route(
             concat!("/v2/vectordb/", $path),
-            post(|State(s): State<Arc<AppState>>, h: HeaderMap, b: Bytes| call(s, h, b, $path, $f)),
+            post(
+                |State(s): State<Arc<RestState<$b>>>, h: HeaderMap, b: Bytes| {
+                    call(s, h, b, $path, $f)
+                },
+            ),
         )
     };
 }
 
-/// The REST router with every endpoint.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The REST router with every endpoint, over any backend.
+pub fn router<B: Backend>(state: Arc<RestState<B>>) -> Router {
     let r = Router::new();
-    let r = ep!(r, "collections/create", create_collection);
-    let r = ep!(r, "collections/describe", describe_collection);
-    let r = ep!(r, "collections/list", list_collections);
-    let r = ep!(r, "collections/has", has_collection);
-    let r = ep!(r, "collections/drop", drop_collection);
-    let r = ep!(r, "collections/get_stats", get_stats);
-    let r = ep!(r, "collections/load", load_collection);
-    let r = ep!(r, "collections/release", release_collection);
-    let r = ep!(r, "collections/get_load_state", get_load_state);
-    let r = ep!(r, "collections/flush", flush_collection);
-    let r = ep!(r, "entities/insert", insert);
-    let r = ep!(r, "entities/upsert", upsert);
-    let r = ep!(r, "entities/delete", delete);
-    let r = ep!(r, "entities/get", get);
-    let r = ep!(r, "entities/query", query);
-    let r = ep!(r, "entities/search", search);
-    let r = ep!(r, "indexes/create", indexes::create);
-    let r = ep!(r, "indexes/describe", indexes::describe);
-    let r = ep!(r, "indexes/list", indexes::list);
-    let r = ep!(r, "indexes/drop", indexes::drop);
+    let r = ep!(r, B, "collections/create", create_collection::<B>);
+    let r = ep!(r, B, "collections/describe", describe_collection::<B>);
+    let r = ep!(r, B, "collections/list", list_collections::<B>);
+    let r = ep!(r, B, "collections/has", has_collection::<B>);
+    let r = ep!(r, B, "collections/drop", drop_collection::<B>);
+    let r = ep!(r, B, "collections/get_stats", get_stats::<B>);
+    let r = ep!(r, B, "collections/load", load_collection::<B>);
+    let r = ep!(r, B, "collections/release", release_collection::<B>);
+    let r = ep!(r, B, "collections/get_load_state", get_load_state::<B>);
+    let r = ep!(r, B, "collections/flush", flush_collection::<B>);
+    let r = ep!(r, B, "entities/insert", insert::<B>);
+    let r = ep!(r, B, "entities/upsert", upsert::<B>);
+    let r = ep!(r, B, "entities/delete", delete::<B>);
+    let r = ep!(r, B, "entities/get", get::<B>);
+    let r = ep!(r, B, "entities/query", query::<B>);
+    let r = ep!(r, B, "entities/search", search::<B>);
+    let r = ep!(r, B, "indexes/create", indexes::create::<B>);
+    let r = ep!(r, B, "indexes/describe", indexes::describe::<B>);
+    let r = ep!(r, B, "indexes/list", indexes::list::<B>);
+    let r = ep!(r, B, "indexes/drop", indexes::drop::<B>);
     r.fallback(|| async {
         json_response(
             axum::http::StatusCode::NOT_FOUND,
@@ -244,7 +261,7 @@ fn opt_i64(m: &Map<String, Value>, k: &str) -> Result<Option<i64>, ApiError> {
     }
 }
 
-fn check_db(m: &Map<String, Value>) -> Result<(), ApiError> {
+pub fn check_db(m: &Map<String, Value>) -> Result<(), ApiError> {
     match opt_str(m, "dbName")? {
         None | Some("" | "default" | "_default") => Ok(()),
         Some(other) => Err(ApiError::invalid(
@@ -254,38 +271,34 @@ fn check_db(m: &Map<String, Value>) -> Result<(), ApiError> {
     }
 }
 
-fn collection(st: &AppState, m: &Map<String, Value>) -> Result<Arc<Collection>, ApiError> {
+/// Check `dbName`, read `collectionName` and look the collection up (code 100 when unknown).
+pub async fn collection<B: Backend>(
+    st: &RestState<B>,
+    m: &Map<String, Value>,
+) -> Result<CollectionMeta, ApiError> {
     check_db(m)?;
     let name = req_str(m, "collectionName")?;
-    Ok(st.engine.collection(name)?)
+    st.backend.collection(name).await
 }
 
-fn loaded(c: &Collection) -> Result<(), ApiError> {
-    if c.is_loaded() {
-        Ok(())
-    } else {
-        Err(
-            crate::core::storage::collection::CollectionError::NotLoaded(c.schema().name.clone())
-                .into(),
-        )
-    }
-}
-
-fn parse_filter(m: &Map<String, Value>) -> Result<Option<Filter>, ApiError> {
+fn parse_filter(m: &Map<String, Value>) -> Result<Option<FilterExpr>, ApiError> {
     match opt_str(m, "filter")? {
         None => Ok(None),
         Some(s) if s.trim().is_empty() => Ok(None),
         Some(s) => Filter::parse(s)
-            .map(Some)
+            .map(|parsed| {
+                Some(FilterExpr {
+                    text: s.to_string(),
+                    parsed,
+                })
+            })
             .map_err(|e| ApiError::invalid("filter", e)),
     }
 }
 
-/// Which fields a read returns.
+/// Which fields a read returns, and whether `count(*)` was asked.
 struct Fields {
-    vector: bool,
-    all_dynamic: bool,
-    names: Vec<String>,
+    read: ReadFields,
     count: bool,
 }
 
@@ -295,9 +308,7 @@ fn parse_output_fields(
     default_all: bool,
 ) -> Result<Fields, ApiError> {
     let mut f = Fields {
-        vector: false,
-        all_dynamic: false,
-        names: Vec::new(),
+        read: ReadFields::default(),
         count: false,
     };
     let list = match m.get("outputFields") {
@@ -325,15 +336,15 @@ fn parse_output_fields(
     };
     for name in list {
         if name == "*" {
-            f.vector = true;
-            f.all_dynamic = true;
+            f.read.vector = true;
+            f.read.all_dynamic = true;
         } else if name == s.vector_field {
-            f.vector = true;
+            f.read.vector = true;
         } else if name == s.pk_field {
         } else if name.eq_ignore_ascii_case("count(*)") {
             f.count = true;
         } else if s.dynamic {
-            f.names.push(name);
+            f.read.names.push(name);
         } else {
             return Err(ApiError::invalid(
                 "outputFields",
@@ -345,12 +356,6 @@ fn parse_output_fields(
 }
 
 impl Fields {
-    fn output(&self) -> Output {
-        Output {
-            vector: self.vector,
-            fields: self.all_dynamic || !self.names.is_empty(),
-        }
-    }
     fn render(&self, s: &Schema, ctx: Ctx, r: RowOut, distance: Option<f32>) -> Value {
         let mut o = Map::new();
         o.insert(s.pk_field.clone(), ctx.id(r.id));
@@ -360,13 +365,13 @@ impl Fields {
         if let Some(v) = r.vector {
             o.insert(s.vector_field.clone(), json!(v));
         }
-        if self.all_dynamic {
+        if self.read.all_dynamic {
             for (k, v) in r.fields {
                 o.entry(k).or_insert(v);
             }
         } else {
             let mut fields = r.fields;
-            for n in &self.names {
+            for n in &self.read.names {
                 if let Some(v) = fields.remove(n) {
                     o.insert(n.clone(), v);
                 }
@@ -378,8 +383,8 @@ impl Fields {
 
 // ---------- collections ----------
 
-async fn create_collection(
-    st: Arc<AppState>,
+async fn create_collection<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
@@ -432,23 +437,35 @@ async fn create_collection(
             .to_string(),
         dynamic,
     };
-    let c = st.engine.create_collection(schema).await?;
-    st.indexes.register_default(&c).await?;
+    crate::core::engine::validate_schema(&schema)?;
+    st.backend.create_collection(schema).await?;
     Ok(Reply::data(json!({})))
 }
 
-async fn describe_collection(
-    st: Arc<AppState>,
+fn load_state(c: &CollectionMeta) -> &'static str {
+    if c.loaded {
+        "LoadStateLoaded"
+    } else {
+        "LoadStateNotLoad"
+    }
+}
+
+async fn describe_collection<B: Backend>(
+    st: Arc<RestState<B>>,
     ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    let s = c.schema();
-    let stats = c.stats();
-    let idx = st.indexes.describe_all(&c).await?;
+    let c = collection(&st, &m).await?;
+    let d = st.backend.describe_collection(&c).await?;
+    let s = &c.schema;
+    let idx: Vec<Value> = d
+        .indexes
+        .iter()
+        .map(|r| json!({"fieldName": r.field_name, "indexName": r.index_name, "metricType": r.metric}))
+        .collect();
     Ok(Reply::data(json!({
         "collectionName": s.name,
-        "collectionID": ctx.id(c.collection_id()),
+        "collectionID": ctx.id(c.id),
         "description": "",
         "autoId": s.auto_id,
         "enableDynamicField": s.dynamic,
@@ -458,95 +475,97 @@ async fn describe_collection(
              "params": [{"key": "dim", "value": s.dim.to_string()}]},
         ],
         "indexes": idx,
-        "load": if c.is_loaded() { "LoadStateLoaded" } else { "LoadStateNotLoad" },
+        "load": load_state(&c),
         "shardsNum": 1,
         "consistencyLevel": "Strong",
         "properties": [],
         "metricType": s.metric.as_str(),
-        "memoryBytes": stats.memory_bytes,
-        "corruptSegments": stats.corrupt_segments.iter().map(|(id, r)| json!({"segmentID": id, "reason": r})).collect::<Vec<_>>(),
+        "memoryBytes": d.memory_bytes,
+        "corruptSegments": d.corrupt_segments.iter().map(|(id, r)| json!({"segmentID": id, "reason": r})).collect::<Vec<_>>(),
     })))
 }
 
-async fn list_collections(
-    st: Arc<AppState>,
+async fn list_collections<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
     check_db(&m)?;
-    Ok(Reply::data(json!(st.engine.list())))
+    Ok(Reply::data(json!(st.backend.list_collections().await?)))
 }
 
-async fn has_collection(
-    st: Arc<AppState>,
+async fn has_collection<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
     check_db(&m)?;
     let name = req_str(&m, "collectionName")?;
+    let has = match st.backend.collection(name).await {
+        Ok(_) => true,
+        Err(e) if e.code == code::COLLECTION_NOT_FOUND => false,
+        Err(e) => return Err(e),
+    };
+    Ok(Reply::data(json!({ "has": has })))
+}
+
+async fn drop_collection<B: Backend>(
+    st: Arc<RestState<B>>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
+    let c = collection(&st, &m).await?;
+    st.backend.drop_collection(&c).await?;
+    Ok(Reply::data(json!({})))
+}
+
+async fn get_stats<B: Backend>(
+    st: Arc<RestState<B>>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
+    let c = collection(&st, &m).await?;
     Ok(Reply::data(
-        json!({"has": st.engine.collection(name).is_ok()}),
+        json!({"rowCount": st.backend.row_count(&c).await?}),
     ))
 }
 
-async fn drop_collection(
-    st: Arc<AppState>,
+async fn load_collection<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    st.indexes.forget(&c);
-    st.engine.drop_collection(&c.schema().name).await?;
+    let c = collection(&st, &m).await?;
+    st.backend.set_loaded(&c, true).await?;
     Ok(Reply::data(json!({})))
 }
 
-async fn get_stats(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    Ok(Reply::data(json!({"rowCount": c.stats().live_rows})))
-}
-
-async fn load_collection(
-    st: Arc<AppState>,
+async fn release_collection<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    st.engine.set_loaded(&c.schema().name, true).await?;
+    let c = collection(&st, &m).await?;
+    st.backend.set_loaded(&c, false).await?;
     Ok(Reply::data(json!({})))
 }
 
-async fn release_collection(
-    st: Arc<AppState>,
+async fn get_load_state<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    st.engine.set_loaded(&c.schema().name, false).await?;
-    Ok(Reply::data(json!({})))
+    let c = collection(&st, &m).await?;
+    Ok(Reply::data(json!({"loadState": load_state(&c)})))
 }
 
-async fn get_load_state(
-    st: Arc<AppState>,
+async fn flush_collection<B: Backend>(
+    st: Arc<RestState<B>>,
     _ctx: Ctx,
     m: Map<String, Value>,
 ) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    let state = if c.is_loaded() {
-        "LoadStateLoaded"
-    } else {
-        "LoadStateNotLoad"
-    };
-    Ok(Reply::data(json!({"loadState": state})))
-}
-
-async fn flush_collection(
-    st: Arc<AppState>,
-    _ctx: Ctx,
-    m: Map<String, Value>,
-) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    c.flush().await?;
-    st.indexes.kick(&c);
+    let c = collection(&st, &m).await?;
+    st.backend.flush(&c).await?;
     Ok(Reply::data(json!({})))
 }
 
@@ -582,13 +601,9 @@ fn parse_vector(v: &Value, dim: usize, out: &mut Vec<f32>) -> Result<(), String>
     Ok(())
 }
 
-/// Validate and convert `data` rows into a batch. `need_id`: the row must carry its primary key.
-fn rows_to_batch(
-    c: &Collection,
-    m: &Map<String, Value>,
-    upsert: bool,
-) -> Result<RowBatch, ApiError> {
-    let s = c.schema();
+/// Validate and convert `data` rows into a batch. Ids are left empty when the collection
+/// assigns them (autoID insert); upserts always carry their primary key.
+fn rows_to_batch(s: &Schema, m: &Map<String, Value>, upsert: bool) -> Result<WriteRows, ApiError> {
     let rows: Vec<&Map<String, Value>> = match m.get("data") {
         None | Some(Value::Null) => return Err(ApiError::missing("data")),
         Some(Value::Array(a)) => a
@@ -673,43 +688,54 @@ fn rows_to_batch(
             serde_json::to_vec(&Value::Object(dynf)).unwrap_or_default()
         });
     }
-    if auto {
-        b.ids = c.alloc_ids(rows.len());
-    }
-    Ok(b)
+    Ok(WriteRows {
+        batch: b,
+        rows: rows.len(),
+        upsert,
+    })
 }
 
-async fn insert(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    let b = rows_to_batch(&c, &m, false)?;
-    let n = b.len();
-    let ids = c.upsert(b).await?;
+async fn insert<B: Backend>(
+    st: Arc<RestState<B>>,
+    ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
+    let c = collection(&st, &m).await?;
+    let rows = rows_to_batch(&c.schema, &m, false)?;
+    let n = rows.rows;
+    let ids = st.backend.write(&c, rows).await?;
     st.metrics.rows_inserted(n);
-    st.indexes.maybe_kick(&c);
     Ok(Reply::data(
         json!({"insertCount": n, "insertIds": ids.iter().map(|i| ctx.id(*i)).collect::<Vec<_>>()}),
     ))
 }
 
-async fn upsert(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    let b = rows_to_batch(&c, &m, true)?;
-    let n = b.len();
-    let ids = c.upsert(b).await?;
+async fn upsert<B: Backend>(
+    st: Arc<RestState<B>>,
+    ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
+    let c = collection(&st, &m).await?;
+    let rows = rows_to_batch(&c.schema, &m, true)?;
+    let n = rows.rows;
+    let ids = st.backend.write(&c, rows).await?;
     st.metrics.rows_inserted(n);
     Ok(Reply::data(
         json!({"upsertCount": n, "upsertIds": ids.iter().map(|i| ctx.id(*i)).collect::<Vec<_>>()}),
     ))
 }
 
-async fn delete(st: Arc<AppState>, _ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
+async fn delete<B: Backend>(
+    st: Arc<RestState<B>>,
+    _ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
+    let c = collection(&st, &m).await?;
     let filter = match parse_filter(&m)? {
         Some(f) => f,
         None => return Err(ApiError::missing("filter")),
     };
-    let ids = c.ids_matching(&filter);
-    let n = c.delete(ids).await?;
+    let n = st.backend.delete(&c, filter).await?;
     Ok(Reply::data(json!({"deleteCount": n})))
 }
 
@@ -726,15 +752,18 @@ fn parse_ids(m: &Map<String, Value>) -> Result<Vec<i64>, ApiError> {
     }
 }
 
-async fn get(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
+async fn get<B: Backend>(
+    st: Arc<RestState<B>>,
+    ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
+    let c = collection(&st, &m).await?;
     let ids = parse_ids(&m)?;
-    let f = parse_output_fields(c.schema(), &m, true)?;
-    loaded(&c)?;
-    let rows = c.get(&ids, f.output());
+    let f = parse_output_fields(&c.schema, &m, true)?;
+    let rows = st.backend.get(&c, ids, f.read.clone()).await?;
     Ok(Reply::data(Value::Array(
         rows.into_iter()
-            .map(|r| f.render(c.schema(), ctx, r, None))
+            .map(|r| f.render(&c.schema, ctx, r, None))
             .collect(),
     )))
 }
@@ -763,20 +792,34 @@ fn limit_offset(m: &Map<String, Value>, default_limit: usize) -> Result<(usize, 
     Ok((limit, offset))
 }
 
-async fn query(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
+async fn query<B: Backend>(
+    st: Arc<RestState<B>>,
+    ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
+    let c = collection(&st, &m).await?;
     let filter = parse_filter(&m)?;
-    let f = parse_output_fields(c.schema(), &m, false)?;
+    let f = parse_output_fields(&c.schema, &m, false)?;
     let (limit, offset) = limit_offset(&m, 100)?;
-    loaded(&c)?;
     if f.count {
-        let n = c.count(filter.as_ref());
+        let n = st.backend.count(&c, filter).await?;
         return Ok(Reply::data(json!([{"count(*)": n}])));
     }
-    let rows = c.query(filter.as_ref(), offset, limit, f.output());
+    let rows = st
+        .backend
+        .query(
+            &c,
+            QueryRequest {
+                filter,
+                offset,
+                limit,
+                fields: f.read.clone(),
+            },
+        )
+        .await?;
     Ok(Reply::data(Value::Array(
         rows.into_iter()
-            .map(|r| f.render(c.schema(), ctx, r, None))
+            .map(|r| f.render(&c.schema, ctx, r, None))
             .collect(),
     )))
 }
@@ -827,9 +870,13 @@ fn parse_search_params(m: &Map<String, Value>, metric: Metric) -> Result<SearchP
     Ok(p)
 }
 
-async fn search(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    let s = c.schema().clone();
+async fn search<B: Backend>(
+    st: Arc<RestState<B>>,
+    ctx: Ctx,
+    m: Map<String, Value>,
+) -> Result<Reply, ApiError> {
+    let c = collection(&st, &m).await?;
+    let s = &c.schema;
     if let Some(af) = opt_str(&m, "annsField")?.filter(|af| *af != s.vector_field) {
         return Err(ApiError::invalid(
             "annsField",
@@ -858,28 +905,35 @@ async fn search(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Re
     let (limit, offset) = limit_offset(&m, 100)?;
     let filter = parse_filter(&m)?;
     let params = parse_search_params(&m, s.metric)?;
-    let f = parse_output_fields(&s, &m, false)?;
+    let f = parse_output_fields(s, &m, false)?;
     if f.count {
         return Err(ApiError::invalid(
             "outputFields",
             "count(*) is only valid in query",
         ));
     }
-    loaded(&c)?;
-    let c2 = c.clone();
-    let out = f.output();
-    let hits = tokio::task::spawn_blocking(move || {
-        c2.search(&queries, limit + offset, &params, filter.as_ref(), out)
-    })
-    .await
-    .map_err(|e| ApiError::new(code::INTERNAL, format!("internal error: search task: {e}")))??;
+    let nq = queries.len() / s.dim.max(1);
+    let hits = st
+        .backend
+        .search(
+            &c,
+            SearchRequest {
+                queries,
+                nq,
+                top_k: limit + offset,
+                params,
+                filter,
+                fields: f.read.clone(),
+            },
+        )
+        .await?;
     let mut flat = Vec::new();
     let mut topks = Vec::with_capacity(hits.len());
     for q in hits {
-        let kept: Vec<_> = q.into_iter().skip(offset).collect();
+        let kept: Vec<_> = q.into_iter().skip(offset).take(limit).collect();
         topks.push(kept.len());
         for h in kept {
-            flat.push(f.render(&s, ctx, h.row, Some(h.score)));
+            flat.push(f.render(s, ctx, h.row, Some(h.score)));
         }
     }
     Ok(Reply {

@@ -13,21 +13,18 @@
 //! - A writer that cannot renew before its local deadline stops acknowledging writes
 //!   ([`LeaseKeeper::check`]).
 //!
-//! Must not depend on the network layers; the storage core's metadata module calls [`fence`].
+//! The lease table is created by the metadata migrations (step 2, `crate::core::meta`), and
+//! the epoch check itself lives in the core ([`crate::core::meta::fence`]) because every
+//! metadata commit runs it; this module owns taking, renewing and releasing the lease.
+//! Must not depend on the network layers.
 
+use crate::core::meta::MetaError;
 use sqlx::AnyConnection;
 use sqlx::{AnyPool, Row};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS shoal_writer_lease (\
-    id INTEGER NOT NULL PRIMARY KEY, \
-    holder VARCHAR(255) NOT NULL, \
-    epoch BIGINT NOT NULL, \
-    expires_at_ms BIGINT NOT NULL, \
-    commit_seq BIGINT NOT NULL)";
 
 /// Errors of the lease and fencing operations.
 #[derive(Debug, thiserror::Error)]
@@ -77,25 +74,25 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Create the lease table and its single row when missing. Idempotent and safe to race.
+/// Bring the metadata schema (which holds the lease row since migration step 2) up to date.
+/// Idempotent and safe to race on MySQL (migrations take a named lock).
 pub async fn ensure_schema(pool: &AnyPool) -> Result<(), LeaseError> {
-    sqlx::query(TABLE_DDL)
-        .execute(pool)
+    crate::core::meta::migrate_pool(pool)
         .await
-        .map_err(store("create the lease table"))?;
-    let inserted = sqlx::query(
-        "INSERT INTO shoal_writer_lease (id, holder, epoch, expires_at_ms, commit_seq) VALUES (1, '', 0, 0, 0)",
-    )
-    .execute(pool)
-    .await;
-    match inserted {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(()),
-        Err(e) => Err(LeaseError::Store {
-            action: "create the lease row",
-            source: e,
-        }),
-    }
+        .map_err(|e| match e {
+            MetaError::Migrate { source, .. }
+            | MetaError::Connect { source, .. }
+            | MetaError::Query { source, .. } => LeaseError::Store {
+                action: "migrate the metadata schema",
+                source,
+            },
+            other @ (MetaError::UnsupportedUrl(_) | MetaError::Fenced { .. }) => {
+                LeaseError::Store {
+                    action: "migrate the metadata schema",
+                    source: sqlx::Error::Configuration(other.to_string().into()),
+                }
+            }
+        })
 }
 
 /// Read the lease row as it is now.
@@ -205,35 +202,29 @@ pub async fn release(pool: &AnyPool, lease: &Lease) -> Result<(), LeaseError> {
 
 /// Check our epoch inside a metadata transaction and bump the commit counter; call it in every
 /// writer commit before `COMMIT`. Returns the new commit sequence number (monotonic across
-/// writers: usable as the catalogue version).
+/// writers: the catalogue version). The storage core does this itself for every commit once
+/// the writer calls [`crate::core::meta::MetaStore::set_fence`]; this wrapper maps the core's
+/// error into [`LeaseError`].
 ///
 /// Guarantees: on success the lease row stays write-locked by this transaction until it ends,
 /// so no takeover can interleave. Errors: `Fenced` when the epoch is no longer current; the
 /// caller must roll back (dropping the transaction does).
 pub async fn fence(conn: &mut AnyConnection, epoch: u64) -> Result<u64, LeaseError> {
-    let res = sqlx::query(
-        "UPDATE shoal_writer_lease SET commit_seq = commit_seq + 1 WHERE id = 1 AND epoch = ?",
-    )
-    .bind(epoch as i64)
-    .execute(&mut *conn)
-    .await
-    .map_err(store("check the writer epoch"))?;
-    let row = sqlx::query("SELECT epoch, commit_seq FROM shoal_writer_lease WHERE id = 1")
-        .fetch_one(&mut *conn)
+    crate::core::meta::fence(conn, epoch)
         .await
-        .map_err(store("read the commit sequence"))?;
-    let current: i64 = row.try_get(0).map_err(store("decode the lease epoch"))?;
-    let seq: i64 = row
-        .try_get(1)
-        .map_err(store("decode the commit sequence"))?;
-    if res.rows_affected() == 1 {
-        Ok(seq.max(0) as u64)
-    } else {
-        Err(LeaseError::Fenced {
-            epoch,
-            current: current.max(0) as u64,
+        .map_err(|e| match e {
+            MetaError::Fenced { epoch, current } => LeaseError::Fenced { epoch, current },
+            MetaError::Query { source, .. }
+            | MetaError::Migrate { source, .. }
+            | MetaError::Connect { source, .. } => LeaseError::Store {
+                action: "check the writer epoch",
+                source,
+            },
+            other @ MetaError::UnsupportedUrl(_) => LeaseError::Store {
+                action: "check the writer epoch",
+                source: sqlx::Error::Configuration(other.to_string().into()),
+            },
         })
-    }
 }
 
 /// Wait until the lease can be taken (polling every `poll`), then take it.

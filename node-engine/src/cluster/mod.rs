@@ -9,7 +9,9 @@
 //! - [`fanout`]: the router's parallel `SearchShard` calls with failover to the next reader;
 //! - [`catalog_sync`]: catalogue versions, `NotifySegments`, and flush waiting for readers;
 //! - [`reader_service`]: the reader's gRPC service over a [`reader_service::ShardBackend`];
-//! - [`writer_service`]: the writer's gRPC service, acknowledging only under a valid lease.
+//! - [`writer_service`]: the writer's gRPC service, acknowledging only under a valid lease;
+//! - [`router_backend`]: the router's REST backend (writes forwarded, reads fanned out, cached
+//!   catalogue).
 //!
 //! The storage core (`crate::core`) must not depend on this module; this module depends on it.
 
@@ -20,6 +22,7 @@ pub mod lease;
 pub mod membership;
 pub mod merge;
 pub mod reader_service;
+pub mod router_backend;
 pub mod writer_service;
 
 /// Messages and gRPC stubs generated from `proto/shoal_internal.proto` at build time.

@@ -12,9 +12,10 @@
 use super::lease::{LeaseError, LeaseKeeper};
 use super::pb::writer_server::Writer;
 use super::pb::{
-    CreateCollectionRequest, CreateCollectionResponse, DeleteRequest, DeleteResponse,
-    DropCollectionRequest, DropCollectionResponse, FlushRequest, FlushResponse, HealthRequest,
-    HealthResponse, InsertRequest, InsertResponse,
+    CreateCollectionRequest, CreateCollectionResponse, CreateIndexRequest, CreateIndexResponse,
+    DeleteRequest, DeleteResponse, DropCollectionRequest, DropCollectionResponse, DropIndexRequest,
+    DropIndexResponse, FlushRequest, FlushResponse, HealthRequest, HealthResponse, InsertRequest,
+    InsertResponse, SetLoadedRequest, SetLoadedResponse,
 };
 use std::future::Future;
 use std::sync::Arc;
@@ -93,6 +94,27 @@ pub trait WriterBackend: Send + Sync + 'static {
     fn flush(
         &self,
         collection: Option<String>,
+        epoch: u64,
+    ) -> impl Future<Output = Result<u64, WriteError>> + Send;
+    /// Load or release a collection; returns the catalogue version of the commit.
+    fn set_loaded(
+        &self,
+        collection: String,
+        loaded: bool,
+        epoch: u64,
+    ) -> impl Future<Output = Result<u64, WriteError>> + Send;
+    /// Create (or replace) an index definition, as REST `indexes/create` does for one entry;
+    /// returns the catalogue version of the commit.
+    fn create_index(
+        &self,
+        r: CreateIndexRequest,
+        epoch: u64,
+    ) -> impl Future<Output = Result<u64, WriteError>> + Send;
+    /// Drop an index definition, as REST `indexes/drop` does; returns the catalogue version.
+    fn drop_index(
+        &self,
+        collection: String,
+        index_name: String,
         epoch: u64,
     ) -> impl Future<Output = Result<u64, WriteError>> + Send;
     /// The latest committed catalogue version.
@@ -196,6 +218,47 @@ impl<B: WriterBackend> Writer for WriterService<B> {
         Ok(Response::new(FlushResponse { catalog_version: v }))
     }
 
+    async fn set_loaded(
+        &self,
+        req: Request<SetLoadedRequest>,
+    ) -> Result<Response<SetLoadedResponse>, Status> {
+        let epoch = self.epoch()?;
+        let r = req.into_inner();
+        let v = self
+            .backend
+            .set_loaded(r.collection, r.loaded, epoch)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(SetLoadedResponse { catalog_version: v }))
+    }
+
+    async fn create_index(
+        &self,
+        req: Request<CreateIndexRequest>,
+    ) -> Result<Response<CreateIndexResponse>, Status> {
+        let epoch = self.epoch()?;
+        let v = self
+            .backend
+            .create_index(req.into_inner(), epoch)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(CreateIndexResponse { catalog_version: v }))
+    }
+
+    async fn drop_index(
+        &self,
+        req: Request<DropIndexRequest>,
+    ) -> Result<Response<DropIndexResponse>, Status> {
+        let epoch = self.epoch()?;
+        let r = req.into_inner();
+        let v = self
+            .backend
+            .drop_index(r.collection, r.index_name, epoch)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(DropIndexResponse { catalog_version: v }))
+    }
+
     async fn health(
         &self,
         _req: Request<HealthRequest>,
@@ -265,6 +328,18 @@ mod tests {
                 .await
                 .map_err(|e| WriteError::Storage(e.to_string()))?;
             Ok(v)
+        }
+        async fn set_loaded(&self, c: String, _l: bool, _epoch: u64) -> Result<u64, WriteError> {
+            Err(WriteError::CollectionNotFound(c))
+        }
+        async fn create_index(&self, r: CreateIndexRequest, _e: u64) -> Result<u64, WriteError> {
+            Err(WriteError::InvalidRequest(format!(
+                "index type {:?} is not supported",
+                r.index_type
+            )))
+        }
+        async fn drop_index(&self, c: String, _i: String, _e: u64) -> Result<u64, WriteError> {
+            Err(WriteError::CollectionNotFound(c))
         }
         fn catalog_version(&self) -> u64 {
             0
@@ -346,6 +421,32 @@ mod tests {
             })
             .await;
         assert_eq!(nf.unwrap_err().code(), tonic::Code::NotFound);
+        // The catalogue RPCs carry backend errors through the same mapping.
+        let bad_index = c
+            .create_index(CreateIndexRequest {
+                collection: "c".into(),
+                index_type: "BOGUS".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad_index.code(), tonic::Code::InvalidArgument);
+        let nf = c
+            .set_loaded(SetLoadedRequest {
+                collection: "x".into(),
+                loaded: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(nf.code(), tonic::Code::NotFound);
+        let nf = c
+            .drop_index(DropIndexRequest {
+                collection: "x".into(),
+                index_name: "i".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(nf.code(), tonic::Code::NotFound);
         let h = c.health(HealthRequest {}).await.unwrap().into_inner();
         assert!(h.ready && h.epoch == l.epoch && h.role == "writer");
 

@@ -1,10 +1,14 @@
 //! The collection catalogue: creates, opens, drops and looks up collections, backed by the
 //! metadata store and the data directory, and runs the periodic flusher. The standalone role
 //! and the writer role build on this; it knows nothing of HTTP or gRPC.
+//!
+//! The writer role opens it with [`Engine::open_with_meta`]: a metadata store already fenced
+//! with the writer's lease epoch, and optionally a separate WAL root (`<wal_root>/c<id>`).
 
 use crate::core::meta::{CollectionRecord, MetaError, MetaStore};
 use crate::core::storage::collection::{
     Collection, CollectionError, CollectionWrite, Schema, StorageOptions, collection_dir,
+    wal_dir_of,
 };
 use crate::core::types::Metric;
 use parking_lot::RwLock;
@@ -71,6 +75,27 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), EngineError> {
 /// Largest vector dimension accepted (Milvus's limit).
 pub const MAX_DIM: usize = 32_768;
 
+/// Check a new collection's names and dimension (what `create_collection` accepts), so a
+/// front end can reject a bad definition before forwarding it. Errors: `InvalidParam`.
+pub fn validate_schema(schema: &Schema) -> Result<(), EngineError> {
+    validate_name("collectionName", &schema.name)?;
+    validate_name("primaryFieldName", &schema.pk_field)?;
+    validate_name("vectorFieldName", &schema.vector_field)?;
+    if schema.pk_field == schema.vector_field {
+        return Err(EngineError::InvalidParam {
+            name: "vectorFieldName".into(),
+            reason: "must differ from primaryFieldName".into(),
+        });
+    }
+    if schema.dim == 0 || schema.dim > MAX_DIM {
+        return Err(EngineError::InvalidParam {
+            name: "dimension".into(),
+            reason: format!("{} is outside [1, {MAX_DIM}]", schema.dim),
+        });
+    }
+    Ok(())
+}
+
 /// The catalogue of open collections.
 pub struct Engine {
     meta: MetaStore,
@@ -78,6 +103,8 @@ pub struct Engine {
     opts: StorageOptions,
     collections: RwLock<BTreeMap<String, Arc<Collection>>>,
     ddl: tokio::sync::Mutex<()>,
+    /// `None` = each collection's WAL inside its directory.
+    wal_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -88,7 +115,10 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn schema_of(r: &CollectionRecord) -> Result<Schema, EngineError> {
+/// The schema a collection record describes.
+///
+/// Errors: `InvalidParam` when the stored metric is unknown.
+pub fn schema_of(r: &CollectionRecord) -> Result<Schema, EngineError> {
     Ok(Schema {
         name: r.name.clone(),
         dim: r.dim as usize,
@@ -118,20 +148,39 @@ impl Engine {
             Some(url) => MetaStore::connect(url).await?,
             None => MetaStore::open_sqlite(&cfg.data_dir.join("meta.db")).await?,
         };
+        Self::open_with_meta(cfg, meta, None).await
+    }
+
+    /// Open every collection of an already connected (and, for a writer, fenced) metadata
+    /// store, with the WALs under `wal_root` when given (`cfg.meta_url` is ignored).
+    pub async fn open_with_meta(
+        cfg: &EngineConfig,
+        meta: MetaStore,
+        wal_root: Option<PathBuf>,
+    ) -> Result<Arc<Self>, EngineError> {
+        for dir in std::iter::once(&cfg.data_dir).chain(wal_root.as_ref()) {
+            std::fs::create_dir_all(dir).map_err(|source| EngineError::Io {
+                action: "create data directory",
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let engine = Arc::new(Self {
             meta: meta.clone(),
             data_dir: cfg.data_dir.clone(),
             opts: cfg.storage.clone(),
             collections: RwLock::new(BTreeMap::new()),
             ddl: tokio::sync::Mutex::new(()),
+            wal_root: wal_root.clone(),
         });
         for rec in meta.list_collections().await? {
             let schema = schema_of(&rec)?;
-            let c = Collection::open(
+            let c = Collection::open_with_wal(
                 meta.clone(),
                 &rec,
                 schema,
                 &cfg.data_dir,
+                wal_root.as_deref(),
                 cfg.storage.clone(),
             )
             .await?;
@@ -152,21 +201,7 @@ impl Engine {
 
     /// Create and open a collection. Errors: `CollectionExists`, `InvalidParam`.
     pub async fn create_collection(&self, schema: Schema) -> Result<Arc<Collection>, EngineError> {
-        validate_name("collectionName", &schema.name)?;
-        validate_name("primaryFieldName", &schema.pk_field)?;
-        validate_name("vectorFieldName", &schema.vector_field)?;
-        if schema.pk_field == schema.vector_field {
-            return Err(EngineError::InvalidParam {
-                name: "vectorFieldName".into(),
-                reason: "must differ from primaryFieldName".into(),
-            });
-        }
-        if schema.dim == 0 || schema.dim > MAX_DIM {
-            return Err(EngineError::InvalidParam {
-                name: "dimension".into(),
-                reason: format!("{} is outside [1, {MAX_DIM}]", schema.dim),
-            });
-        }
+        validate_schema(&schema)?;
         let _g = self.ddl.lock().await;
         if self.collections.read().contains_key(&schema.name) {
             return Err(EngineError::CollectionExists(schema.name));
@@ -189,20 +224,24 @@ impl Engine {
         };
         rec.id = self.meta.create_collection(&rec).await?;
         let dir = collection_dir(&self.data_dir, rec.id);
-        if dir.exists() {
-            // Leftover of a drop that crashed after its metadata commit.
-            std::fs::remove_dir_all(&dir).map_err(|source| EngineError::Io {
-                action: "remove",
-                path: dir.clone(),
-                source,
-            })?;
+        let wal_dir = wal_dir_of(&dir, self.wal_root.as_deref(), rec.id);
+        for d in [&dir, &wal_dir] {
+            if d.exists() {
+                // Leftover of a drop that crashed after its metadata commit.
+                std::fs::remove_dir_all(d).map_err(|source| EngineError::Io {
+                    action: "remove",
+                    path: d.clone(),
+                    source,
+                })?;
+            }
         }
         let c = Arc::new(
-            Collection::open(
+            Collection::open_with_wal(
                 self.meta.clone(),
                 &rec,
                 schema,
                 &self.data_dir,
+                self.wal_root.as_deref(),
                 self.opts.clone(),
             )
             .await?,
@@ -219,7 +258,13 @@ impl Engine {
         self.collections.write().remove(name);
         c.close().await;
         let dir = c.dir().to_path_buf();
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        let wal_dir = c.wal_dir().to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(dir);
+            // A WAL outside the collection directory goes too (inside, it is already gone).
+            let _ = std::fs::remove_dir_all(wal_dir);
+        })
+        .await;
         Ok(())
     }
 

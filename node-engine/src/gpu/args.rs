@@ -110,10 +110,11 @@ pub fn parse_bytes(input: &str) -> Result<u64, GpuArgsError> {
     }
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
+        // `Ki`/`Mi`/`Gi`/`Ti`: Kubernetes quantity spelling (the operator passes `8Gi`).
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "t" | "ti" | "tib" => 1 << 40,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
@@ -241,6 +242,8 @@ mod tests {
     fn byte_sizes_accept_binary_and_decimal_units() {
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert_eq!(parse_bytes("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_bytes("8Gi").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("512Mi").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("4g").unwrap(), 4 << 30);
         assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("8GB").unwrap(), 8_000_000_000);

@@ -4,12 +4,26 @@
 //! One code path for SQLite (standalone) and MySQL/MariaDB (cluster) through `sqlx::Any`; the
 //! only dialect-specific text is the DDL in [`migrations`]. Every statement uses `?`
 //! placeholders, which both backends accept. Must not depend on axum, tonic or kube.
+//!
+//! **Catalogue version and fencing.** The lease row (`shoal_writer_lease`, id 1, migration
+//! step 2) carries `commit_seq`. Every metadata commit (create/drop collection, flush, set
+//! loaded, put/drop index) first bumps it inside its own transaction, so `commit_seq` is a
+//! monotonically increasing catalogue version: whoever reads version V and then the catalogue
+//! sees everything committed up to V ([`MetaStore::catalog_version`],
+//! [`MetaStore::catalog_snapshot`]). A writer that holds the lease calls
+//! [`MetaStore::set_fence`] with its epoch; from then on the bump only matches while the row
+//! still carries that epoch ([`fence`]), so a stale writer's commit fails with
+//! [`MetaError::Fenced`] and rolls back. The standalone role never sets a fence (unfenced, but
+//! versioned). Taking the row lock first in every commit also gives all commits one lock order.
 
 mod migrations;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
-use sqlx::{AnyPool, Row};
+use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Errors from the metadata store. Every variant is a service error (the database), never a
 /// user error; callers map user-level conflicts before calling in.
@@ -35,6 +49,12 @@ pub enum MetaError {
     },
     #[error("metadata store URL {0:?} is not sqlite:// or mysql://")]
     UnsupportedUrl(String),
+    /// The commit carried a writer epoch that is no longer current: a newer writer took over.
+    /// Nothing of the transaction was committed.
+    #[error(
+        "metadata commit fenced: writer epoch {epoch} is stale, the current epoch is {current}"
+    )]
+    Fenced { epoch: u64, current: u64 },
 }
 
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> MetaError {
@@ -105,11 +125,68 @@ pub struct FlushCommit {
     pub flushed_seq: Option<i64>,
 }
 
-/// Handle to the metadata store (cheap to clone).
+/// The whole catalogue as of one catalogue version (one read transaction).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CatalogSnapshot {
+    /// Catalogue version (`commit_seq`) the snapshot includes everything up to.
+    pub version: u64,
+    pub collections: Vec<CollectionRecord>,
+    /// Committed segments per collection id, sorted by segment id (absent = none).
+    pub segments: BTreeMap<i64, Vec<SegmentRecord>>,
+}
+
+/// Bump the catalogue version inside `conn`'s transaction, checking that the lease row still
+/// carries `epoch`. Returns the new catalogue version.
+///
+/// Guarantees: on success the lease row stays write-locked by this transaction until it ends,
+/// so no takeover can interleave with the commit. Errors: `Fenced` when the epoch is no longer
+/// current; the caller must roll back (dropping the transaction does).
+pub async fn fence(conn: &mut AnyConnection, epoch: u64) -> Result<u64, MetaError> {
+    let res = sqlx::query(
+        "UPDATE shoal_writer_lease SET commit_seq = commit_seq + 1 WHERE id = 1 AND epoch = ?",
+    )
+    .bind(epoch as i64)
+    .execute(&mut *conn)
+    .await
+    .map_err(q("check the writer epoch"))?;
+    let (current, seq) = read_lease_seq(conn).await?;
+    // sqlx's MySQL driver sets CLIENT_FOUND_ROWS, so this counts matched rows on both stores.
+    if res.rows_affected() == 1 {
+        Ok(seq)
+    } else {
+        Err(MetaError::Fenced { epoch, current })
+    }
+}
+
+/// Bump the catalogue version without an epoch check (the standalone role).
+async fn bump(conn: &mut AnyConnection) -> Result<u64, MetaError> {
+    sqlx::query("UPDATE shoal_writer_lease SET commit_seq = commit_seq + 1 WHERE id = 1")
+        .execute(&mut *conn)
+        .await
+        .map_err(q("bump the catalogue version"))?;
+    Ok(read_lease_seq(conn).await?.1)
+}
+
+/// (epoch, commit_seq) of the lease row.
+async fn read_lease_seq(conn: &mut AnyConnection) -> Result<(u64, u64), MetaError> {
+    let row = sqlx::query("SELECT epoch, commit_seq FROM shoal_writer_lease WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(q("read the catalogue version"))?;
+    let epoch: i64 = row.try_get(0).map_err(q("decode the lease epoch"))?;
+    let seq: i64 = row.try_get(1).map_err(q("decode the catalogue version"))?;
+    Ok((epoch.max(0) as u64, seq.max(0) as u64))
+}
+
+/// Handle to the metadata store (cheap to clone; clones share the fence and the version).
 #[derive(Clone, Debug)]
 pub struct MetaStore {
     pool: AnyPool,
     dialect: Dialect,
+    /// Writer epoch every commit must carry; 0 = unfenced (standalone).
+    fence_epoch: Arc<AtomicU64>,
+    /// Highest catalogue version this process committed or read.
+    version: Arc<AtomicU64>,
 }
 
 impl MetaStore {
@@ -123,14 +200,32 @@ impl MetaStore {
     ///
     /// Errors: `UnsupportedUrl`, `Connect`, `Migrate`.
     pub async fn connect(url: &str) -> Result<Self, MetaError> {
+        let store = Self::connect_only(url).await?;
+        migrations::run(&store.pool, store.dialect).await?;
+        Ok(store)
+    }
+
+    /// Connect without touching the schema (the reader role never writes to the store). Reads
+    /// fail with `Query` errors until a writer has migrated the schema; see [`Self::schema_ready`].
+    ///
+    /// Errors: `UnsupportedUrl`, `Connect`.
+    pub async fn connect_read_only(url: &str) -> Result<Self, MetaError> {
+        Self::connect_only(url).await
+    }
+
+    /// Whether the store's schema is at least this build's newest migration.
+    pub async fn schema_ready(&self) -> Result<bool, MetaError> {
+        let v: Option<i64> = sqlx::query("SELECT MAX(version) FROM shoal_schema_version")
+            .fetch_one(&self.pool)
+            .await
+            .and_then(|r| r.try_get::<Option<i64>, _>(0))
+            .map_err(q("read the schema version"))?;
+        Ok(v.unwrap_or(0) >= migrations::latest())
+    }
+
+    async fn connect_only(url: &str) -> Result<Self, MetaError> {
         install_default_drivers();
-        let dialect = if url.starts_with("sqlite:") {
-            Dialect::Sqlite
-        } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
-            Dialect::Mysql
-        } else {
-            return Err(MetaError::UnsupportedUrl(url.to_string()));
-        };
+        let dialect = dialect_of(url)?;
         // SQLite serialises writers anyway; one connection avoids "database is locked".
         let max = match dialect {
             Dialect::Sqlite => 1,
@@ -144,13 +239,93 @@ impl MetaStore {
                 url: redact(url),
                 source,
             })?;
-        let store = Self { pool, dialect };
-        migrations::run(&store.pool, dialect).await?;
-        Ok(store)
+        Ok(Self {
+            pool,
+            dialect,
+            fence_epoch: Arc::new(AtomicU64::new(0)),
+            version: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// The connection pool (the cluster lease module runs its statements on it).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Fence every later commit of this store (and its clones) with the writer `epoch`; 0
+    /// removes the fence.
+    pub fn set_fence(&self, epoch: u64) {
+        self.fence_epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// The writer epoch commits carry, `None` when unfenced.
+    pub fn fence_epoch(&self) -> Option<u64> {
+        Some(self.fence_epoch.load(Ordering::SeqCst)).filter(|e| *e != 0)
+    }
+
+    /// The highest catalogue version this process committed or read (no query; 0 before any).
+    pub fn last_version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+
+    /// The catalogue version in the store now (one primary-key read).
+    pub async fn catalog_version(&self) -> Result<u64, MetaError> {
+        let mut conn = self.pool.acquire().await.map_err(q("acquire"))?;
+        let (_, v) = read_lease_seq(&mut conn).await?;
+        self.version.fetch_max(v, Ordering::SeqCst);
+        Ok(v)
+    }
+
+    /// Every collection and committed segment as of one catalogue version, read in one
+    /// transaction (readers and the router build their view from this).
+    pub async fn catalog_snapshot(&self) -> Result<CatalogSnapshot, MetaError> {
+        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        let (_, version) = read_lease_seq(&mut tx).await?;
+        let collections = list_collections_on(&mut tx).await?;
+        let rows = sqlx::query(
+            "SELECT collection_id, id, row_count, manifest_crc, tomb_seq, tomb_crc FROM shoal_segments \
+             ORDER BY collection_id, id",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("list segments"))?;
+        let mut segments: BTreeMap<i64, Vec<SegmentRecord>> = BTreeMap::new();
+        for r in &rows {
+            let s = segment_from_row(r).map_err(q("decode segments"))?;
+            segments.entry(s.collection_id).or_default().push(s);
+        }
+        tx.rollback().await.map_err(q("end snapshot"))?;
+        self.version.fetch_max(version, Ordering::SeqCst);
+        Ok(CatalogSnapshot {
+            version,
+            collections,
+            segments,
+        })
+    }
+
+    /// Begin a commit: bump the catalogue version first (fenced when a writer epoch is set).
+    async fn begin_commit(&self) -> Result<(Transaction<'static, Any>, u64), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        let v = match self.fence_epoch.load(Ordering::SeqCst) {
+            0 => bump(&mut tx).await?,
+            epoch => fence(&mut tx, epoch).await?,
+        };
+        Ok((tx, v))
+    }
+
+    async fn finish_commit(
+        &self,
+        tx: Transaction<'static, Any>,
+        v: u64,
+        what: &'static str,
+    ) -> Result<u64, MetaError> {
+        tx.commit().await.map_err(q(what))?;
+        self.version.fetch_max(v, Ordering::SeqCst);
+        Ok(v)
     }
 
     /// Cheap liveness probe for `/readyz`.
@@ -163,36 +338,13 @@ impl MetaStore {
     }
 
     pub async fn list_collections(&self) -> Result<Vec<CollectionRecord>, MetaError> {
-        let rows = sqlx::query(
-            "SELECT id, name, dim, metric, auto_id, pk_field, vector_field, dynamic_field, loaded, \
-             flushed_seq, created_ms FROM shoal_collections ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(q("list collections"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(CollectionRecord {
-                    id: r.try_get(0)?,
-                    name: r.try_get(1)?,
-                    dim: r.try_get(2)?,
-                    metric: r.try_get(3)?,
-                    auto_id: r.try_get::<i64, _>(4)? != 0,
-                    pk_field: r.try_get(5)?,
-                    vector_field: r.try_get(6)?,
-                    dynamic: r.try_get::<i64, _>(7)? != 0,
-                    loaded: r.try_get::<i64, _>(8)? != 0,
-                    flushed_seq: r.try_get(9)?,
-                    created_ms: r.try_get(10)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(q("decode collections"))
+        let mut conn = self.pool.acquire().await.map_err(q("acquire"))?;
+        list_collections_on(&mut conn).await
     }
 
     /// Insert a new collection; `id` is assigned by the store and returned.
     pub async fn create_collection(&self, c: &CollectionRecord) -> Result<i64, MetaError> {
-        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        let (mut tx, v) = self.begin_commit().await?;
         let next: Option<i64> = sqlx::query("SELECT MAX(id) FROM shoal_collections")
             .fetch_one(&mut *tx)
             .await
@@ -231,13 +383,14 @@ impl MetaStore {
         .execute(&mut *tx)
         .await
         .map_err(q("insert collection"))?;
-        tx.commit().await.map_err(q("commit create collection"))?;
+        self.finish_commit(tx, v, "commit create collection")
+            .await?;
         Ok(id)
     }
 
     /// Remove a collection with its segments and indexes in one transaction.
     pub async fn drop_collection(&self, id: i64) -> Result<(), MetaError> {
-        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        let (mut tx, v) = self.begin_commit().await?;
         for stmt in [
             "DELETE FROM shoal_segments WHERE collection_id = ?",
             "DELETE FROM shoal_indexes WHERE collection_id = ?",
@@ -249,17 +402,22 @@ impl MetaStore {
                 .await
                 .map_err(q("drop collection"))?;
         }
-        tx.commit().await.map_err(q("commit drop collection"))
+        self.finish_commit(tx, v, "commit drop collection")
+            .await
+            .map(|_| ())
     }
 
     pub async fn set_loaded(&self, id: i64, loaded: bool) -> Result<(), MetaError> {
+        let (mut tx, v) = self.begin_commit().await?;
         sqlx::query("UPDATE shoal_collections SET loaded = ? WHERE id = ?")
             .bind(i64::from(loaded))
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(q("set loaded"))?;
-        Ok(())
+        self.finish_commit(tx, v, "commit set loaded")
+            .await
+            .map(|_| ())
     }
 
     pub async fn segments(&self, collection_id: i64) -> Result<Vec<SegmentRecord>, MetaError> {
@@ -272,23 +430,14 @@ impl MetaStore {
         .await
         .map_err(q("list segments"))?;
         rows.iter()
-            .map(|r| {
-                Ok(SegmentRecord {
-                    collection_id: r.try_get(0)?,
-                    id: r.try_get(1)?,
-                    rows: r.try_get(2)?,
-                    manifest_crc: r.try_get(3)?,
-                    tomb_seq: r.try_get(4)?,
-                    tomb_crc: r.try_get(5)?,
-                })
-            })
+            .map(segment_from_row)
             .collect::<Result<_, sqlx::Error>>()
             .map_err(q("decode segments"))
     }
 
     /// Commit a flush (new segment, tombstone versions, compaction drops, WAL mark) atomically.
     pub async fn commit_flush(&self, c: &FlushCommit) -> Result<(), MetaError> {
-        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        let (mut tx, v) = self.begin_commit().await?;
         for s in &c.new_segments {
             sqlx::query(
                 "INSERT INTO shoal_segments (collection_id, id, row_count, manifest_crc, tomb_seq, tomb_crc) \
@@ -332,7 +481,7 @@ impl MetaStore {
                 .await
                 .map_err(q("update flushed seq"))?;
         }
-        tx.commit().await.map_err(q("commit flush"))
+        self.finish_commit(tx, v, "commit flush").await.map(|_| ())
     }
 
     pub async fn indexes(&self, collection_id: i64) -> Result<Vec<IndexRecord>, MetaError> {
@@ -361,7 +510,7 @@ impl MetaStore {
 
     /// Replace the collection's index definition named `index_name`.
     pub async fn put_index(&self, i: &IndexRecord) -> Result<(), MetaError> {
-        let mut tx = self.pool.begin().await.map_err(q("begin"))?;
+        let (mut tx, v) = self.begin_commit().await?;
         sqlx::query("DELETE FROM shoal_indexes WHERE collection_id = ? AND index_name = ?")
             .bind(i.collection_id)
             .bind(i.index_name.clone())
@@ -381,18 +530,79 @@ impl MetaStore {
         .execute(&mut *tx)
         .await
         .map_err(q("insert index"))?;
-        tx.commit().await.map_err(q("commit index"))
+        self.finish_commit(tx, v, "commit index").await.map(|_| ())
     }
 
     pub async fn drop_index(&self, collection_id: i64, index_name: &str) -> Result<(), MetaError> {
+        let (mut tx, v) = self.begin_commit().await?;
         sqlx::query("DELETE FROM shoal_indexes WHERE collection_id = ? AND index_name = ?")
             .bind(collection_id)
             .bind(index_name.to_string())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(q("drop index"))?;
-        Ok(())
+        self.finish_commit(tx, v, "commit drop index")
+            .await
+            .map(|_| ())
     }
+}
+
+fn dialect_of(url: &str) -> Result<Dialect, MetaError> {
+    if url.starts_with("sqlite:") {
+        Ok(Dialect::Sqlite)
+    } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+        Ok(Dialect::Mysql)
+    } else {
+        Err(MetaError::UnsupportedUrl(redact(url)))
+    }
+}
+
+/// Bring the schema of an existing pool up to date (for code that manages its own pool, e.g.
+/// tests of the lease module). `MetaStore::connect` does this itself.
+///
+/// Errors: `UnsupportedUrl`, `Migrate`.
+pub async fn migrate_pool(pool: &AnyPool) -> Result<(), MetaError> {
+    let url = pool.connect_options().database_url.to_string();
+    migrations::run(pool, dialect_of(&url)?).await
+}
+
+async fn list_collections_on(conn: &mut AnyConnection) -> Result<Vec<CollectionRecord>, MetaError> {
+    let rows = sqlx::query(
+        "SELECT id, name, dim, metric, auto_id, pk_field, vector_field, dynamic_field, loaded, \
+         flushed_seq, created_ms FROM shoal_collections ORDER BY name",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(q("list collections"))?;
+    rows.iter()
+        .map(|r| {
+            Ok(CollectionRecord {
+                id: r.try_get(0)?,
+                name: r.try_get(1)?,
+                dim: r.try_get(2)?,
+                metric: r.try_get(3)?,
+                auto_id: r.try_get::<i64, _>(4)? != 0,
+                pk_field: r.try_get(5)?,
+                vector_field: r.try_get(6)?,
+                dynamic: r.try_get::<i64, _>(7)? != 0,
+                loaded: r.try_get::<i64, _>(8)? != 0,
+                flushed_seq: r.try_get(9)?,
+                created_ms: r.try_get(10)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(q("decode collections"))
+}
+
+fn segment_from_row(r: &sqlx::any::AnyRow) -> Result<SegmentRecord, sqlx::Error> {
+    Ok(SegmentRecord {
+        collection_id: r.try_get(0)?,
+        id: r.try_get(1)?,
+        rows: r.try_get(2)?,
+        manifest_crc: r.try_get(3)?,
+        tomb_seq: r.try_get(4)?,
+        tomb_crc: r.try_get(5)?,
+    })
 }
 
 /// Hide a password in a connection URL before it reaches an error or a log line.
@@ -484,5 +694,163 @@ mod tests {
         assert!(m.list_collections().await.unwrap().is_empty());
         // A re-created name gets a fresh id (its directory never collides with the old one).
         assert!(m.create_collection(&rec).await.unwrap() > id);
+    }
+
+    fn record(name: &str) -> CollectionRecord {
+        CollectionRecord {
+            id: 0,
+            name: name.into(),
+            dim: 4,
+            metric: "L2".into(),
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+            loaded: true,
+            flushed_seq: 0,
+            created_ms: 1,
+        }
+    }
+
+    fn seg(collection_id: i64, id: i64) -> SegmentRecord {
+        SegmentRecord {
+            collection_id,
+            id,
+            rows: 10,
+            manifest_crc: 7,
+            tomb_seq: 0,
+            tomb_crc: 0,
+        }
+    }
+
+    /// Step 2 is applied, every commit bumps the catalogue version, and once a newer epoch owns
+    /// the lease row every commit of the old one is refused and leaves nothing behind.
+    async fn versions_and_fencing(old: MetaStore, new: MetaStore) {
+        let v: i64 = sqlx::query("SELECT MAX(version) FROM shoal_schema_version")
+            .fetch_one(old.pool())
+            .await
+            .unwrap()
+            .get(0);
+        assert!(v >= 2, "migration step 2 missing (schema version {v})");
+        assert!(old.schema_ready().await.unwrap());
+        // Re-running the migrations changes nothing.
+        migrate_pool(old.pool()).await.unwrap();
+
+        // Unfenced (standalone): commits still bump the version.
+        let v0 = old.catalog_version().await.unwrap();
+        let id = old.create_collection(&record("c")).await.unwrap();
+        assert_eq!(old.last_version(), v0 + 1);
+        assert_eq!(new.catalog_version().await.unwrap(), v0 + 1);
+
+        // Writer "old" holds epoch 1 and commits under its fence.
+        sqlx::query("UPDATE shoal_writer_lease SET holder = 'old', epoch = 1 WHERE id = 1")
+            .execute(old.pool())
+            .await
+            .unwrap();
+        old.set_fence(1);
+        assert_eq!(old.fence_epoch(), Some(1));
+        old.commit_flush(&FlushCommit {
+            collection_id: id,
+            new_segments: vec![seg(id, 1)],
+            flushed_seq: Some(5),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let v1 = old.last_version();
+        assert_eq!(v1, v0 + 2);
+
+        // Writer "new" takes over with epoch 2.
+        sqlx::query("UPDATE shoal_writer_lease SET holder = 'new', epoch = 2 WHERE id = 1")
+            .execute(new.pool())
+            .await
+            .unwrap();
+        new.set_fence(2);
+        let fenced = |r: Result<(), MetaError>| {
+            assert!(
+                matches!(
+                    r,
+                    Err(MetaError::Fenced {
+                        epoch: 1,
+                        current: 2
+                    })
+                ),
+                "{r:?}"
+            );
+        };
+        fenced(
+            old.commit_flush(&FlushCommit {
+                collection_id: id,
+                new_segments: vec![seg(id, 2)],
+                flushed_seq: Some(9),
+                ..Default::default()
+            })
+            .await,
+        );
+        fenced(old.set_loaded(id, false).await);
+        fenced(
+            old.put_index(&IndexRecord {
+                collection_id: id,
+                index_name: "i".into(),
+                field_name: "vector".into(),
+                index_type: "FLAT".into(),
+                metric: "L2".into(),
+                params: "{}".into(),
+            })
+            .await,
+        );
+        fenced(old.drop_index(id, "i").await);
+        fenced(old.drop_collection(id).await);
+        fenced(old.create_collection(&record("d")).await.map(|_| ()));
+        // Nothing of the refused commits is visible, and the version did not move.
+        let snap = new.catalog_snapshot().await.unwrap();
+        assert_eq!(snap.version, v1);
+        assert_eq!(snap.collections.len(), 1);
+        assert!(snap.collections[0].loaded);
+        assert_eq!(snap.collections[0].flushed_seq, 5);
+        assert_eq!(snap.segments.get(&id), Some(&vec![seg(id, 1)]));
+        assert!(new.indexes(id).await.unwrap().is_empty());
+
+        // The new writer commits; the version keeps increasing across writers.
+        new.commit_flush(&FlushCommit {
+            collection_id: id,
+            new_segments: vec![seg(id, 2)],
+            flushed_seq: Some(9),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(new.last_version(), v1 + 1);
+        let snap = old.catalog_snapshot().await.unwrap();
+        assert_eq!(snap.version, v1 + 1);
+        assert_eq!(snap.segments.get(&id).map(Vec::len), Some(2));
+    }
+
+    #[tokio::test]
+    async fn sqlite_migrations_version_every_commit_and_fence_a_stale_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let old = MetaStore::open_sqlite(&path).await.unwrap();
+        let new = MetaStore::open_sqlite(&path).await.unwrap();
+        versions_and_fencing(old, new).await;
+    }
+
+    #[tokio::test]
+    async fn mariadb_migrations_version_every_commit_and_fence_a_stale_epoch() {
+        let db = shoal_testkit::mariadb::MariaDb::start().unwrap();
+        let url = db.url();
+        // Processes starting together migrate one at a time (named lock), none fails.
+        let (a, b, c) = tokio::join!(
+            MetaStore::connect(&url),
+            MetaStore::connect(&url),
+            MetaStore::connect(&url)
+        );
+        let (old, new) = (a.unwrap(), b.unwrap());
+        drop(c.unwrap());
+        // A read-only connection (readers) sees the same catalogue without migrating.
+        let ro = MetaStore::connect_read_only(&url).await.unwrap();
+        assert!(ro.schema_ready().await.unwrap());
+        versions_and_fencing(old, new).await;
+        assert_eq!(ro.catalog_snapshot().await.unwrap().collections.len(), 1);
     }
 }

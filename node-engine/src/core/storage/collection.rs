@@ -13,6 +13,10 @@
 //!
 //! Lock order: `wal` before `state`. No network types here.
 
+mod replica;
+
+pub use replica::{RefreshOutcome, SegmentSelection, ShardHit};
+
 use super::segment::{self, SegmentData, SegmentError};
 use super::wal::{self, RowBatch, WalError, WalOp, WalWriter};
 use crate::core::bitset::Bitset;
@@ -297,7 +301,9 @@ struct Inner {
     schema: Schema,
     collection_id: i64,
     dir: PathBuf,
-    wal: Mutex<WalWriter>,
+    wal_dir: PathBuf,
+    /// `None` for a read-only (reader role) collection.
+    wal: Mutex<Option<WalWriter>>,
     state: RwLock<State>,
     wal_bytes: AtomicU64,
     /// The WAL mark last committed in the metadata store.
@@ -329,6 +335,10 @@ pub struct Collection {
     loaded: AtomicBool,
     closed: AtomicBool,
     corrupt: Mutex<Vec<(u64, String)>>,
+    /// Read-only replica (reader role): no WAL, no committer, never writes the data directory.
+    read_only: bool,
+    /// Read-only replica: manifest CRC of every served segment (a re-used id is reloaded).
+    served: Mutex<HashMap<u64, u32>>,
 }
 
 impl std::fmt::Debug for Collection {
@@ -341,6 +351,14 @@ impl std::fmt::Debug for Collection {
 
 fn join_err(e: tokio::task::JoinError) -> CollectionError {
     CollectionError::Task(e.to_string())
+}
+
+/// Where a collection's WAL lives: `<wal_root>/c<id>`, or `<collection dir>/wal` by default.
+pub fn wal_dir_of(collection_dir: &Path, wal_root: Option<&Path>, collection_id: i64) -> PathBuf {
+    match wal_root {
+        Some(r) => r.join(format!("c{collection_id}")),
+        None => collection_dir.join("wal"),
+    }
 }
 
 /// Directory of a collection under the data root.
@@ -370,12 +388,27 @@ impl Collection {
         data_root: &Path,
         opts: StorageOptions,
     ) -> Result<Self, CollectionError> {
+        Self::open_with_wal(meta, rec, schema, data_root, None, opts).await
+    }
+
+    /// [`Self::open`] with the WAL under `wal_root` (`<wal_root>/c<id>`) instead of inside the
+    /// collection directory (`None`). A writer that takes over after a failover must see the
+    /// same WAL directory to replay what its predecessor acknowledged.
+    pub async fn open_with_wal(
+        meta: MetaStore,
+        rec: &CollectionRecord,
+        schema: Schema,
+        data_root: &Path,
+        wal_root: Option<&Path>,
+        opts: StorageOptions,
+    ) -> Result<Self, CollectionError> {
         let dir = collection_dir(data_root, rec.id);
+        let wal_dir = wal_dir_of(&dir, wal_root, rec.id);
+        let wal_dir2 = wal_dir.clone();
         let seg_root = dir.join("segments");
         let records = meta.segments(rec.id).await?;
         let metric = schema.metric;
         let flushed = rec.flushed_seq.max(0) as u64;
-        let dir2 = dir.clone();
         let (sealed, corrupt, replay) = tokio::task::spawn_blocking(move || {
             let mut sealed = BTreeMap::new();
             let mut corrupt = Vec::new();
@@ -402,7 +435,7 @@ impl Collection {
                     Err(e) => return Err(CollectionError::Segment(e)),
                 }
             }
-            let replay = wal::replay(&dir2.join("wal"), flushed)?;
+            let replay = wal::replay(&wal_dir2, flushed)?;
             Ok::<_, CollectionError>((sealed, corrupt, replay))
         })
         .await
@@ -447,13 +480,14 @@ impl Collection {
             state.apply(*seq, op);
         }
         let next_seq = replay.last_seq.max(flushed) + 1;
-        let wal = WalWriter::open(&dir.join("wal"), next_seq)?;
+        let wal = WalWriter::open(&wal_dir, next_seq)?;
         tracing::info!(collection = %schema.name, segments = state.sealed.len(), replayed, next_seq, "collection opened");
         let inner = Arc::new(Inner {
             schema,
             collection_id: rec.id,
             dir,
-            wal: Mutex::new(wal),
+            wal_dir,
+            wal: Mutex::new(Some(wal)),
             state: RwLock::new(state),
             wal_bytes: AtomicU64::new(0),
             flushed_seq: AtomicU64::new(flushed),
@@ -477,6 +511,8 @@ impl Collection {
             loaded: AtomicBool::new(rec.loaded),
             closed: AtomicBool::new(false),
             corrupt: Mutex::new(corrupt),
+            read_only: false,
+            served: Mutex::new(HashMap::new()),
         })
     }
 
@@ -485,6 +521,13 @@ impl Collection {
     }
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+    /// The directory holding this collection's WAL (nothing is written there when read-only).
+    pub fn wal_dir(&self) -> &Path {
+        &self.inner.wal_dir
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::SeqCst)
@@ -703,7 +746,14 @@ fn committer(inner: Arc<Inner>, rx: mpsc::Receiver<Req>) {
             }
         }
         let ops: Vec<&WalOp> = reqs.iter().map(|r| &r.op).collect();
-        let mut wal = inner.wal.lock();
+        let mut guard = inner.wal.lock();
+        let Some(wal) = guard.as_mut() else {
+            drop(guard);
+            for r in reqs {
+                let _ = r.done.send(Err(CollectionError::WriterStopped));
+            }
+            continue;
+        };
         let before = wal.bytes_written();
         match wal.append(&ops) {
             Ok(first_seq) => {
@@ -718,13 +768,13 @@ fn committer(inner: Arc<Inner>, rx: mpsc::Receiver<Req>) {
                     inner.flush_wanted.store(true, Ordering::Relaxed);
                 }
                 drop(st);
-                drop(wal);
+                drop(guard);
                 for r in reqs {
                     let _ = r.done.send(Ok(()));
                 }
             }
             Err(e) => {
-                drop(wal);
+                drop(guard);
                 tracing::error!(error = %e, "WAL append failed; writes in this group are rejected");
                 let msg = e.to_string();
                 for r in reqs {
@@ -768,6 +818,10 @@ impl CollectionWrite for Collection {
         // 1. Freeze: under both locks, so the cut is exactly at `seal_seq`.
         let (seal_seq, to_write, tombs) = {
             let mut wal = inner.wal.lock();
+            let Some(wal) = wal.as_mut() else {
+                // A read-only replica never writes segments.
+                return Err(CollectionError::WriterStopped);
+            };
             let mut st = inner.state.write();
             let seal_seq = st.applied_seq;
             if !st.growing.rows.is_empty() {
@@ -928,7 +982,9 @@ impl CollectionWrite for Collection {
             }
         }
         inner.flushed_seq.store(seal_seq, Ordering::SeqCst);
-        inner.wal.lock().remove_upto(seal_seq)?;
+        if let Some(w) = inner.wal.lock().as_ref() {
+            w.remove_upto(seal_seq)?;
+        }
         for (id, _) in &ts {
             segment::remove_old_tombstones(&seg_root, *id, seal_seq);
         }

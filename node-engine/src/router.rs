@@ -1,0 +1,147 @@
+//! The router role: the public REST API (and /healthz, /readyz, /metrics) of a cluster over
+//! [`RouterBackend`]. It connects to the metadata store (read-only use: the catalogue), waits
+//! for nothing else at start-up (the writer and readers may come later: `/readyz` says when it
+//! can serve), runs the catalogue poll and the reader membership loop, and stops on signal.
+
+use crate::api::{self, metrics::Metrics, rest::RestState};
+use crate::cluster::router_backend::{RouterBackend, RouterError, RouterOptions};
+use crate::config::RouterConfig;
+use crate::core::meta::{MetaError, MetaStore};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterServeError {
+    #[error("metadata store unreachable for {waited:?}")]
+    Meta {
+        waited: Duration,
+        #[source]
+        source: MetaError,
+    },
+    #[error(transparent)]
+    Backend(#[from] RouterError),
+    #[error("failed to listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// How long start-up retries the metadata store before giving up.
+const META_STARTUP: Duration = Duration::from_secs(60);
+
+async fn connect_meta(url: &str) -> Result<MetaStore, RouterServeError> {
+    let started = Instant::now();
+    loop {
+        match MetaStore::connect(url).await {
+            Ok(m) => return Ok(m),
+            Err(source) if started.elapsed() >= META_STARTUP => {
+                return Err(RouterServeError::Meta {
+                    waited: started.elapsed(),
+                    source,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata store not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The router's REST state and routers, and its background loops (abort them to stop).
+pub struct Built {
+    pub state: Arc<RestState<RouterBackend>>,
+    pub rest: axum::Router,
+    pub ops: axum::Router,
+    pub loops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Connect to the metadata store, read the catalogue once, probe the readers once, start the
+/// loops and build the HTTP routers.
+pub async fn build(cfg: &RouterConfig) -> Result<Built, RouterServeError> {
+    let meta = connect_meta(&cfg.meta_url).await?;
+    let backend = Arc::new(RouterBackend::new(
+        meta,
+        RouterOptions {
+            writer: cfg.writer.clone(),
+            discovery: cfg.discovery.clone(),
+            replication: cfg.replication,
+            request_timeout: cfg.request_timeout,
+            flush_timeout: cfg.flush_timeout,
+            catalog_poll: cfg.catalog_poll,
+            health_interval: cfg.health_interval,
+            connect_timeout: cfg.request_timeout.min(Duration::from_secs(3)),
+        },
+    )?);
+    if let Err(e) = backend.refresh(0).await {
+        tracing::warn!(error = %e.message, "first catalogue read failed; the poll retries");
+    }
+    backend.refresh_membership().await;
+    let loops = backend.spawn_loops();
+    let state = Arc::new(RestState {
+        backend,
+        auth_token: cfg.auth_token.clone(),
+        metrics: Arc::new(Metrics::new()),
+    });
+    let rest = api::rest::router(state.clone());
+    let ops = api::ops_router(state.clone());
+    Ok(Built {
+        state,
+        rest,
+        ops,
+        loops,
+    })
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn run(
+    cfg: RouterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterServeError> {
+    let b = build(&cfg).await?;
+    let rest_l = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RouterServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let ops_l = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .map_err(|source| RouterServeError::Bind {
+            addr: cfg.metrics_listen,
+            source,
+        })?;
+    tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, writer = %cfg.writer, discovery = ?cfg.discovery, replication = cfg.replication, "shoal router listening");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let mut rx2 = rx.clone();
+    let mut rx3 = rx;
+    let ops = b.ops;
+    let ops_task = tokio::spawn(async move {
+        axum::serve(ops_l, ops)
+            .with_graceful_shutdown(async move {
+                let _ = rx2.wait_for(|v| *v).await;
+            })
+            .await
+    });
+    let res = axum::serve(rest_l, b.rest)
+        .with_graceful_shutdown(async move {
+            let _ = rx3.wait_for(|v| *v).await;
+        })
+        .await
+        .map_err(RouterServeError::Serve);
+    let _ = ops_task.await;
+    for l in b.loops {
+        l.abort();
+    }
+    res
+}

@@ -1,0 +1,819 @@
+//! The writer role (`shoal-engine writer`): the one process of a cluster that writes.
+//!
+//! Startup: connect to the metadata store (migrating it), wait for the writer lease (another
+//! writer holding an unexpired one keeps us waiting), fence the store with the lease epoch so
+//! every metadata commit checks it, open the engine (replaying each collection's WAL: the WAL
+//! must live where a successor sees it, the shared data directory by default or `--wal-dir`),
+//! then serve the Writer gRPC service, the standalone REST API over the same engine, and
+//! `/healthz`, `/readyz`, `/metrics`.
+//!
+//! While running: the lease is renewed every `ttl / 3`; a write is acknowledged (gRPC and REST)
+//! only while the lease is valid locally. When the lease is lost (a successor took it), the
+//! process exits non-zero without flushing (its commits would be fenced anyway). On SIGTERM it
+//! flushes, releases the lease (so a successor need not wait for the expiry) and exits 0.
+
+use crate::api::error::{ApiError, code};
+use crate::api::rest::{AppState, Ctx};
+use crate::cluster::lease::{self, LeaseError, LeaseKeeper};
+use crate::cluster::pb::writer_server::WriterServer;
+use crate::cluster::pb::{CreateCollectionRequest, CreateIndexRequest, InsertRequest, Row};
+use crate::cluster::writer_service::{WriteError, WriterBackend, WriterService};
+use crate::config::{ConfigError, LogFormat, default_node_id, load_toml, parse_duration};
+use crate::core::engine::{Engine, EngineConfig, EngineError};
+use crate::core::filter::Filter;
+use crate::core::index::IndexError;
+use crate::core::meta::{MetaError, MetaStore, redact};
+use crate::core::storage::collection::{
+    Collection, CollectionError, CollectionRead, CollectionWrite, Schema, StorageOptions,
+};
+use crate::core::storage::wal::RowBatch;
+use crate::core::types::Metric;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use clap::Args;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `shoal-engine writer`: the cluster's single, fenced writer.
+#[derive(Debug, Clone, Default, Args)]
+pub struct WriterArgs {
+    /// TOML file with any of the keys below (snake_case: meta, data_dir, wal_dir, listen,
+    /// grpc_listen, metrics_listen, node_id, lease_ttl, flush_interval, log_format, auth_token).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Metadata store URL: `mysql://user:password@host:3306/db` or `sqlite:///path/meta.db`.
+    #[arg(long, env = "SHOAL_META", hide_env_values = true)]
+    pub meta: Option<String>,
+    /// Shared data directory (segments; the WALs too unless --wal-dir) [default: ./shoal-data].
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory for the collections' WALs (`<dir>/c<id>`) [default: inside each collection's
+    /// directory under --data-dir]. A writer taking over after a failover must see the same
+    /// WAL directory (shared filesystem, or the same volume re-attached).
+    #[arg(long, env = "SHOAL_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// Address of the REST API (Milvus REST v2, as standalone) [default: 127.0.0.1:19530].
+    #[arg(long, env = "SHOAL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address of the internal Writer gRPC service [default: 127.0.0.1:19531].
+    #[arg(long, env = "SHOAL_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Address of /healthz, /readyz and /metrics [default: 127.0.0.1:9091].
+    #[arg(long, env = "SHOAL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Lease holder name [default: $POD_NAME, else the host name]. A restarted writer with the
+    /// same id takes the lease over at once.
+    #[arg(long, env = "SHOAL_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Writer lease time-to-live, renewed every third of it, e.g. `10s` [default: 10s].
+    #[arg(long, env = "SHOAL_LEASE_TTL")]
+    pub lease_ttl: Option<String>,
+    /// How often the growing buffer is sealed into a segment [default: 1s].
+    #[arg(long, env = "SHOAL_FLUSH_INTERVAL")]
+    pub flush_interval: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Require `Authorization: Bearer <user:password>` on every REST request.
+    #[arg(long, env = "SHOAL_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriterFile {
+    meta: Option<String>,
+    data_dir: Option<PathBuf>,
+    wal_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    grpc_listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    node_id: Option<String>,
+    lease_ttl: Option<String>,
+    flush_interval: Option<String>,
+    log_format: Option<LogFormat>,
+    auth_token: Option<String>,
+}
+
+/// Resolved writer configuration.
+#[derive(Clone)]
+pub struct WriterConfig {
+    pub meta_url: String,
+    pub data_dir: PathBuf,
+    pub wal_dir: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub grpc_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub node_id: String,
+    pub lease_ttl: Duration,
+    pub flush_interval: Duration,
+    pub log_format: LogFormat,
+    pub auth_token: Option<String>,
+}
+
+impl std::fmt::Debug for WriterConfig {
+    // Never print the token or the metadata URL's password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterConfig")
+            .field("meta_url", &redact(&self.meta_url))
+            .field("data_dir", &self.data_dir)
+            .field("wal_dir", &self.wal_dir)
+            .field("listen", &self.listen)
+            .field("grpc_listen", &self.grpc_listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("node_id", &self.node_id)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("flush_interval", &self.flush_interval)
+            .field("auth", &self.auth_token.is_some())
+            .finish()
+    }
+}
+
+fn duration(key: &'static str, v: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    parse_duration(v.as_deref().unwrap_or(default))
+        .map_err(|reason| ConfigError::Invalid { key, reason })
+}
+
+/// The metadata URL is required for the cluster roles; say where to put it when missing.
+pub(crate) fn require_meta(v: Option<String>) -> Result<String, ConfigError> {
+    match v.filter(|m| !m.trim().is_empty()) {
+        Some(m)
+            if m.starts_with("sqlite:") || m.starts_with("mysql:") || m.starts_with("mariadb:") =>
+        {
+            Ok(m)
+        }
+        Some(m) => Err(ConfigError::Invalid {
+            key: "meta",
+            reason: format!("{:?} is not a mysql:// or sqlite: URL", redact(&m)),
+        }),
+        None => Err(ConfigError::Invalid {
+            key: "meta",
+            reason: "required: pass --meta or set SHOAL_META (mysql://... or sqlite://...)".into(),
+        }),
+    }
+}
+
+impl WriterArgs {
+    /// Merge flags/env with the TOML file and defaults.
+    pub fn resolve(self) -> Result<WriterConfig, ConfigError> {
+        let file: WriterFile = load_toml(self.config.as_deref())?;
+        let lease_ttl = duration("lease_ttl", self.lease_ttl.or(file.lease_ttl), "10s")?;
+        if lease_ttl < Duration::from_millis(300) {
+            return Err(ConfigError::Invalid {
+                key: "lease_ttl",
+                reason: "must be at least 300ms".into(),
+            });
+        }
+        let auth_token = self
+            .auth_token
+            .or(file.auth_token)
+            .filter(|t| !t.is_empty());
+        if auth_token.as_ref().is_some_and(|t| !t.contains(':')) {
+            return Err(ConfigError::Invalid {
+                key: "auth_token",
+                reason: "must be user:password".into(),
+            });
+        }
+        Ok(WriterConfig {
+            meta_url: require_meta(self.meta.or(file.meta))?,
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./shoal-data")),
+            wal_dir: self.wal_dir.or(file.wal_dir),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19530))),
+            grpc_listen: self
+                .grpc_listen
+                .or(file.grpc_listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19531))),
+            metrics_listen: self
+                .metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+            node_id: self
+                .node_id
+                .or(file.node_id)
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or_else(default_node_id),
+            lease_ttl,
+            flush_interval: duration(
+                "flush_interval",
+                self.flush_interval.or(file.flush_interval),
+                "1s",
+            )?,
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            auth_token,
+        })
+    }
+}
+
+/// Why the writer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterRunError {
+    #[error("failed to open the metadata store")]
+    Meta(#[from] MetaError),
+    #[error("writer lease failed")]
+    Lease(#[from] LeaseError),
+    #[error("failed to open the engine")]
+    Engine(#[from] EngineError),
+    #[error("failed to listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} server failed: {detail}")]
+    Serve { what: &'static str, detail: String },
+    /// Another writer took the lease: this process must stop (the exit status is non-zero).
+    #[error("writer lease lost (epoch {epoch}); stopped acknowledging writes")]
+    LeaseLost { epoch: u64 },
+}
+
+// ---------------------------------------------------------------- the gRPC backend
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn meta_err(e: MetaError) -> WriteError {
+    match &e {
+        MetaError::Fenced { .. } => WriteError::Fenced(e.to_string()),
+        MetaError::Connect { .. }
+        | MetaError::Migrate { .. }
+        | MetaError::Query { .. }
+        | MetaError::UnsupportedUrl(_) => WriteError::Storage(chain(&e)),
+    }
+}
+
+fn collection_err(e: CollectionError) -> WriteError {
+    match e {
+        e @ (CollectionError::InvalidRow { .. }
+        | CollectionError::InvalidParam { .. }
+        | CollectionError::NotLoaded(_)
+        | CollectionError::Index(IndexError::InvalidParam { .. })
+        | CollectionError::Index(IndexError::DimensionMismatch { .. })) => {
+            WriteError::InvalidRequest(e.to_string())
+        }
+        CollectionError::Meta(m) => meta_err(m),
+        e @ (CollectionError::Index(IndexError::Corrupt { .. } | IndexError::Io { .. })
+        | CollectionError::Wal(_)
+        | CollectionError::Segment(_)
+        | CollectionError::WriterStopped
+        | CollectionError::Task(_)) => WriteError::Storage(chain(&e)),
+    }
+}
+
+fn engine_err(e: EngineError) -> WriteError {
+    match e {
+        EngineError::CollectionNotFound(n) => WriteError::CollectionNotFound(n),
+        EngineError::CollectionExists(n) => WriteError::CollectionExists(n),
+        EngineError::InvalidParam { name, reason } => {
+            WriteError::InvalidRequest(format!("{name}: {reason}"))
+        }
+        EngineError::Meta(m) => meta_err(m),
+        EngineError::Collection(c) => collection_err(c),
+        e @ EngineError::Io { .. } => WriteError::Storage(chain(&e)),
+    }
+}
+
+/// REST-layer errors from the shared index handlers.
+fn api_err(e: ApiError) -> WriteError {
+    match e.code {
+        code::COLLECTION_NOT_FOUND => WriteError::CollectionNotFound(e.message),
+        // The REST layer flattens a fenced commit into an internal error; keep it recognisable
+        // so the router learns that this process is no longer the writer.
+        code::INTERNAL if e.message.contains("metadata commit fenced") => {
+            WriteError::Fenced(e.message)
+        }
+        code::INTERNAL => WriteError::Storage(e.message),
+        _ => WriteError::InvalidRequest(e.message),
+    }
+}
+
+/// Convert gRPC rows to a batch with the same rules as REST `entities/insert|upsert`.
+fn rows_to_batch(c: &Collection, rows: &[Row], upsert: bool) -> Result<RowBatch, WriteError> {
+    let s = c.schema();
+    if rows.is_empty() {
+        return Err(WriteError::InvalidRequest(
+            "rows: must contain at least one row".into(),
+        ));
+    }
+    let auto = s.auto_id && !upsert;
+    let mut b = RowBatch::new(s.dim);
+    b.vectors.reserve(rows.len() * s.dim);
+    let mut seen = std::collections::HashSet::new();
+    for (i, row) in rows.iter().enumerate() {
+        let bad = |reason: String| WriteError::InvalidRequest(format!("invalid row {i}: {reason}"));
+        match (auto, row.id) {
+            (true, Some(_)) => {
+                return Err(bad(format!(
+                    "{} is generated (autoID); do not send it",
+                    s.pk_field
+                )));
+            }
+            (true, None) => {}
+            (false, None) => return Err(bad(format!("missing primary key {}", s.pk_field))),
+            (false, Some(id)) => {
+                if !seen.insert(id) {
+                    return Err(bad(format!("duplicate primary key {id} in one request")));
+                }
+                b.ids.push(id);
+            }
+        }
+        if row.vector.len() != s.dim {
+            return Err(bad(format!(
+                "vector has {} components, the collection's dimension is {}",
+                row.vector.len(),
+                s.dim
+            )));
+        }
+        b.vectors.extend_from_slice(&row.vector);
+        let fields = if row.dynamic_json.is_empty() {
+            Map::new()
+        } else {
+            match serde_json::from_slice::<Value>(&row.dynamic_json) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => return Err(bad("dynamic_json must be a JSON object".into())),
+                Err(e) => return Err(bad(format!("dynamic_json is not valid JSON: {e}"))),
+            }
+        };
+        if !fields.is_empty() && !s.dynamic {
+            return Err(bad(
+                "the collection has no dynamic fields; send only the id and the vector".into(),
+            ));
+        }
+        if let Some(k) = fields
+            .keys()
+            .find(|k| **k == s.pk_field || **k == s.vector_field)
+        {
+            return Err(bad(format!(
+                "{k:?} must not appear among the dynamic fields"
+            )));
+        }
+        b.fields.push(if fields.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&Value::Object(fields))
+                .map_err(|e| bad(format!("dynamic fields: {e}")))?
+        });
+    }
+    if auto {
+        b.ids = c.alloc_ids(rows.len());
+    }
+    Ok(b)
+}
+
+/// [`WriterBackend`] over the engine and the REST state it shares with the REST API, so both
+/// front doors run the same code (index definitions go through the REST index handlers).
+pub struct EngineWriter {
+    state: Arc<AppState>,
+}
+
+impl EngineWriter {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    fn engine(&self) -> &Engine {
+        &self.state.engine
+    }
+
+    fn version(&self) -> u64 {
+        self.engine().meta().last_version()
+    }
+
+    fn collection(&self, name: &str) -> Result<Arc<Collection>, WriteError> {
+        self.engine().collection(name).map_err(engine_err)
+    }
+}
+
+const CTX: Ctx = Ctx {
+    int64_numbers: true,
+};
+
+impl WriterBackend for EngineWriter {
+    async fn create_collection(
+        &self,
+        r: CreateCollectionRequest,
+        _epoch: u64,
+    ) -> Result<u64, WriteError> {
+        let metric = if r.metric_type.trim().is_empty() {
+            Metric::COSINE
+        } else {
+            r.metric_type
+                .parse::<Metric>()
+                .map_err(|e| WriteError::InvalidRequest(format!("metric_type: {e}")))?
+        };
+        let or = |v: String, d: &str| if v.is_empty() { d.to_string() } else { v };
+        let schema = Schema {
+            name: r.collection,
+            dim: r.dimension as usize,
+            metric,
+            auto_id: r.auto_id,
+            pk_field: or(r.primary_field_name, "id"),
+            vector_field: or(r.vector_field_name, "vector"),
+            dynamic: r.enable_dynamic_field,
+        };
+        let c = self
+            .engine()
+            .create_collection(schema)
+            .await
+            .map_err(engine_err)?;
+        self.state
+            .indexes
+            .register_default(&c)
+            .await
+            .map_err(api_err)?;
+        Ok(self.version())
+    }
+
+    async fn drop_collection(&self, name: String, _epoch: u64) -> Result<u64, WriteError> {
+        let c = self.collection(&name)?;
+        self.state.indexes.forget(&c);
+        self.engine()
+            .drop_collection(&name)
+            .await
+            .map_err(engine_err)?;
+        Ok(self.version())
+    }
+
+    async fn insert(&self, r: InsertRequest, _epoch: u64) -> Result<Vec<i64>, WriteError> {
+        let c = self.collection(&r.collection)?;
+        let b = rows_to_batch(&c, &r.rows, r.upsert)?;
+        let n = b.len();
+        let ids = c.upsert(b).await.map_err(collection_err)?;
+        self.state.metrics.rows_inserted(n);
+        self.state.indexes.maybe_kick(&c);
+        Ok(ids)
+    }
+
+    async fn delete(
+        &self,
+        collection: String,
+        filter: String,
+        _epoch: u64,
+    ) -> Result<u64, WriteError> {
+        let c = self.collection(&collection)?;
+        if filter.trim().is_empty() {
+            return Err(WriteError::InvalidRequest(
+                "filter: required (e.g. \"id in [1, 2]\")".into(),
+            ));
+        }
+        let f = Filter::parse(&filter)
+            .map_err(|e| WriteError::InvalidRequest(format!("filter: {e}")))?;
+        let ids = c.ids_matching(&f);
+        let n = c.delete(ids).await.map_err(collection_err)?;
+        Ok(n as u64)
+    }
+
+    async fn flush(&self, collection: Option<String>, _epoch: u64) -> Result<u64, WriteError> {
+        let targets = match collection {
+            Some(name) => vec![self.collection(&name)?],
+            None => self.engine().all(),
+        };
+        for c in targets {
+            c.flush().await.map_err(collection_err)?;
+            self.state.indexes.kick(&c);
+        }
+        Ok(self.version())
+    }
+
+    async fn set_loaded(
+        &self,
+        collection: String,
+        loaded: bool,
+        _epoch: u64,
+    ) -> Result<u64, WriteError> {
+        self.engine()
+            .set_loaded(&collection, loaded)
+            .await
+            .map_err(engine_err)?;
+        Ok(self.version())
+    }
+
+    async fn create_index(&self, r: CreateIndexRequest, _epoch: u64) -> Result<u64, WriteError> {
+        let mut p = Map::new();
+        p.insert("fieldName".into(), Value::from(r.field_name));
+        for (k, v) in [
+            ("indexName", r.index_name),
+            ("indexType", r.index_type),
+            ("metricType", r.metric_type),
+        ] {
+            if !v.trim().is_empty() {
+                p.insert(k.into(), Value::from(v));
+            }
+        }
+        let params = if r.params_json.is_empty() {
+            Value::Object(Map::new())
+        } else {
+            serde_json::from_slice::<Value>(&r.params_json)
+                .map_err(|e| WriteError::InvalidRequest(format!("params_json: {e}")))?
+        };
+        p.insert("params".into(), params);
+        let mut m = Map::new();
+        m.insert("collectionName".into(), Value::from(r.collection));
+        m.insert("indexParams".into(), json!([Value::Object(p)]));
+        crate::api::indexes::create(self.state.clone(), CTX, m)
+            .await
+            .map_err(api_err)?;
+        Ok(self.version())
+    }
+
+    async fn drop_index(
+        &self,
+        collection: String,
+        index_name: String,
+        _epoch: u64,
+    ) -> Result<u64, WriteError> {
+        let mut m = Map::new();
+        m.insert("collectionName".into(), Value::from(collection));
+        m.insert("indexName".into(), Value::from(index_name));
+        crate::api::indexes::drop(self.state.clone(), CTX, m)
+            .await
+            .map_err(api_err)?;
+        Ok(self.version())
+    }
+
+    fn catalog_version(&self) -> u64 {
+        self.version()
+    }
+}
+
+// ---------------------------------------------------------------- the process
+
+/// REST answer while this process may not acknowledge writes.
+fn not_the_writer(e: &LeaseError) -> axum::response::Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        json!({"code": code::INTERNAL, "message": format!("this process is not the writer: {e}")})
+            .to_string(),
+    )
+        .into_response()
+}
+
+struct Ops {
+    state: Arc<AppState>,
+    keeper: LeaseKeeper,
+}
+
+/// `/healthz`, `/readyz` (holds the lease and the metadata store answers), `/metrics`.
+fn ops_router(ops: Arc<Ops>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(o): State<Arc<Ops>>| async move {
+                if let Err(e) = o.keeper.check() {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not the writer: {e}"),
+                    );
+                }
+                match o.state.engine.meta().ping().await {
+                    Ok(()) => (StatusCode::OK, "ready".to_string()),
+                    Err(e) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("metadata store unavailable: {e}"),
+                    ),
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(o): State<Arc<Ops>>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    {
+                        o.state.metrics.update_collections(&o.state.engine);
+                        o.state.metrics.render()
+                    },
+                )
+            }),
+        )
+        .with_state(ops)
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, WriterRunError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| WriterRunError::Bind { addr, source })
+}
+
+/// A TCP listener as the stream of connections tonic serves.
+pub(crate) fn incoming(
+    l: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(l, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}
+
+/// Wait (bounded) for servers told to stop; a server that does not stop is logged, not awaited.
+pub(crate) async fn stop_servers<const N: usize>(
+    tasks: [(&'static str, tokio::task::JoinHandle<Result<(), String>>); N],
+) {
+    let grace = Duration::from_secs(10);
+    for (what, task) in tasks {
+        match tokio::time::timeout(grace, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(server = what, error = %e, "server stopped with an error")
+            }
+            Ok(Err(e)) => tracing::warn!(server = what, error = %e, "server task failed"),
+            Err(_) => tracing::warn!(server = what, "server did not stop within the grace period"),
+        }
+    }
+}
+
+/// Wait until the lease can be taken, then take it; also returns the instant from before the
+/// successful attempt (the keeper's local deadline counts from it).
+async fn acquire(
+    pool: &sqlx::AnyPool,
+    node_id: &str,
+    ttl: Duration,
+    poll: Duration,
+) -> Result<(lease::Lease, tokio::time::Instant), LeaseError> {
+    let mut logged = false;
+    loop {
+        let t = tokio::time::Instant::now();
+        match lease::try_acquire(pool, node_id, ttl, lease::now_ms()).await {
+            Ok(l) => return Ok((l, t)),
+            Err(LeaseError::Held {
+                holder,
+                expires_at_ms,
+            }) => {
+                if !logged {
+                    tracing::info!(%holder, expires_at_ms, "writer lease held by another writer; waiting");
+                    logged = true;
+                }
+                tokio::time::sleep(poll).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Resolves when the keeper reports that another writer took the lease.
+async fn lease_lost(keeper: LeaseKeeper) -> u64 {
+    loop {
+        if let Err(LeaseError::Lost { epoch }) = keeper.check() {
+            return epoch;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Run the writer until `shutdown` resolves (clean exit, lease released) or the lease is lost
+/// (`Err(LeaseLost)`: the caller exits non-zero).
+pub async fn run(
+    cfg: WriterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WriterRunError> {
+    let meta = MetaStore::connect(&cfg.meta_url).await?;
+    let pool = meta.pool().clone();
+    let poll = (cfg.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    tracing::info!(node_id = %cfg.node_id, meta = %redact(&cfg.meta_url), "waiting for the writer lease");
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (lease, taken_at) = tokio::select! {
+        l = acquire(&pool, &cfg.node_id, cfg.lease_ttl, poll) => l?,
+        () = &mut shutdown => {
+            tracing::info!("stopped while waiting for the writer lease");
+            return Ok(());
+        }
+    };
+    // The successor's renewals must never outlive the store's expiry: stop acknowledging a
+    // quarter of the TTL before it.
+    let keeper = LeaseKeeper::new(&lease, cfg.lease_ttl, cfg.lease_ttl / 4, taken_at);
+    let renewer = tokio::spawn(keeper.clone().run(pool.clone(), lease.clone()));
+    meta.set_fence(lease.epoch);
+    meta.catalog_version().await?;
+    tracing::info!(epoch = lease.epoch, node_id = %cfg.node_id, "writer lease acquired; opening collections (replaying WALs)");
+    let engine = Engine::open_with_meta(
+        &EngineConfig {
+            data_dir: cfg.data_dir.clone(),
+            meta_url: None,
+            flush_interval: cfg.flush_interval,
+            storage: StorageOptions::default(),
+        },
+        meta.clone(),
+        cfg.wal_dir.clone(),
+    )
+    .await?;
+    let (state, rest, _standalone_ops) =
+        crate::standalone::build_with_engine(engine.clone(), cfg.auth_token.clone());
+    let flusher = engine.spawn_flusher(cfg.flush_interval);
+
+    // REST acknowledges writes only under a valid lease, like gRPC.
+    let k = keeper.clone();
+    let rest = rest.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let k = k.clone();
+            async move {
+                if let Err(e) = k.check() {
+                    return not_the_writer(&e);
+                }
+                let resp = next.run(req).await;
+                match k.check() {
+                    Ok(_) => resp,
+                    Err(e) => not_the_writer(&e),
+                }
+            }
+        },
+    ));
+    let ops = ops_router(Arc::new(Ops {
+        state: state.clone(),
+        keeper: keeper.clone(),
+    }));
+    let svc = WriterService::new(
+        Arc::new(EngineWriter::new(state.clone())),
+        keeper.clone(),
+        cfg.node_id.clone(),
+    );
+    let rest_l = bind(cfg.listen).await?;
+    let grpc_l = bind(cfg.grpc_listen).await?;
+    let ops_l = bind(cfg.metrics_listen).await?;
+    tracing::info!(rest = %cfg.listen, grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen,
+        data_dir = %cfg.data_dir.display(), epoch = lease.epoch, "shoal writer ready");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    };
+    let rest_task = tokio::spawn({
+        let stop = stopped();
+        async move {
+            axum::serve(rest_l, rest)
+                .with_graceful_shutdown(stop)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    });
+    let ops_task = tokio::spawn({
+        let stop = stopped();
+        async move {
+            axum::serve(ops_l, ops)
+                .with_graceful_shutdown(stop)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    });
+    let grpc_task = tokio::spawn({
+        let stop = stopped();
+        async move {
+            tonic::transport::Server::builder()
+                .add_service(WriterServer::new(svc))
+                .serve_with_incoming_shutdown(incoming(grpc_l), stop)
+                .await
+                .map_err(|e| chain(&e))
+        }
+    });
+
+    let outcome = tokio::select! {
+        () = &mut shutdown => Ok(()),
+        epoch = lease_lost(keeper.clone()) => Err(WriterRunError::LeaseLost { epoch }),
+    };
+    let _ = stop_tx.send(true);
+    flusher.abort();
+    stop_servers([("REST", rest_task), ("ops", ops_task), ("gRPC", grpc_task)]).await;
+    match outcome {
+        Ok(()) => {
+            tracing::info!("shutting down: flushing collections and releasing the lease");
+            engine.shutdown().await;
+            renewer.abort();
+            if let Err(e) = lease::release(&pool, &lease).await {
+                tracing::warn!(error = %e, "releasing the writer lease failed; a successor waits for its expiry");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "writer lease lost; exiting without flushing (the WAL keeps acknowledged writes for the new writer)");
+            renewer.abort();
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,681 @@
+//! The cluster roles as real processes: `shoal-engine writer` and `shoal-engine reader` over a
+//! real MariaDB metadata store (and a real JuiceFS volume for the shared data directory).
+//!
+//! - a writer and two readers: rows inserted through the Writer gRPC service and flushed are
+//!   served by each reader's `SearchShard` exactly as a brute-force FLAT oracle ranks them, also
+//!   when the segments are split between the readers, with filters, and after a delete; the
+//!   readers run on a `juicefs mount --read-only` of the writer's volume, so any write to their
+//!   data directory would fail;
+//! - failover: a second writer waits while the first holds the lease; after the first is
+//!   `kill -9`ed it takes over, replays the shared WAL, and every acknowledged id is present
+//!   exactly once; the old epoch's commits are fenced; SIGTERM releases the lease; a writer whose
+//!   lease is taken exits non-zero.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{Value, json};
+use shoal_engine::cluster::lease;
+use shoal_engine::cluster::pb::reader_client::ReaderClient;
+use shoal_engine::cluster::pb::writer_client::WriterClient;
+use shoal_engine::cluster::pb::{
+    CreateCollectionRequest, DeleteRequest, FlushRequest, GetRowsRequest, HealthRequest,
+    InsertRequest, NotifySegmentsRequest, QueryShardRequest, Row, SearchShardRequest,
+};
+use shoal_engine::core::meta::{MetaError, MetaStore};
+use shoal_testkit::mariadb::MariaDb;
+use shoal_testkit::{JuiceFs, JuiceFsMount, RedisServer, free_port, watchdog};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+const DIM: usize = 8;
+
+/// An engine process, killed on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    grpc: String,
+    rest: String,
+    ops: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ports() -> (u16, u16, u16) {
+    (
+        free_port().unwrap(),
+        free_port().unwrap(),
+        free_port().unwrap(),
+    )
+}
+
+fn spawn(name: &'static str, role: &str, args: &[String]) -> Proc {
+    let (g, r, o) = ports();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-engine"));
+    cmd.arg(role)
+        .args(args)
+        .args(["--grpc-listen", &format!("127.0.0.1:{g}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{o}")])
+        .args(["--node-id", name])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if role == "writer" {
+        cmd.args(["--listen", &format!("127.0.0.1:{r}")]);
+    }
+    Proc {
+        name,
+        child: cmd.spawn().unwrap(),
+        grpc: format!("http://127.0.0.1:{g}"),
+        rest: format!("http://127.0.0.1:{r}"),
+        ops: format!("http://127.0.0.1:{o}"),
+    }
+}
+
+fn writer(name: &'static str, meta: &str, data: &Path, wal: Option<&Path>) -> Proc {
+    let mut args = vec![
+        "--meta".to_string(),
+        meta.to_string(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--lease-ttl".into(),
+        "2s".into(),
+        "--flush-interval".into(),
+        "300ms".into(),
+    ];
+    if let Some(w) = wal {
+        args.extend(["--wal-dir".into(), w.display().to_string()]);
+    }
+    spawn(name, "writer", &args)
+}
+
+fn reader(name: &'static str, meta: &str, data: &Path) -> Proc {
+    spawn(
+        name,
+        "reader",
+        &[
+            "--meta".to_string(),
+            meta.to_string(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--poll-interval".into(),
+            "200ms".into(),
+            // What the operator passes to GPU readers; accepted, CPU search here.
+            "--gpu-devices".into(),
+            "0,1".into(),
+            "--gpu-memory-budget".into(),
+            "8Gi".into(),
+        ],
+    )
+}
+
+impl Proc {
+    /// Wait (bounded) until `/readyz` answers 200.
+    async fn ready(&mut self, within: Duration) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("{} exited with {status} before it was ready", self.name);
+            }
+            let r = http.get(format!("{}/readyz", self.ops)).send().await;
+            if r.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within {within:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait (bounded) for the process to exit.
+    fn exit_status(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {within:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    async fn writer_client(&self) -> WriterClient<Channel> {
+        WriterClient::connect(self.grpc.clone()).await.unwrap()
+    }
+
+    async fn reader_client(&self) -> ReaderClient<Channel> {
+        ReaderClient::connect(self.grpc.clone()).await.unwrap()
+    }
+}
+
+fn vector_of(id: i64) -> Vec<f32> {
+    (0..DIM)
+        .map(|j| ((id * 37 + j as i64 * 11) as f32 * 0.0173).sin())
+        .collect()
+}
+
+fn row(id: i64) -> Row {
+    Row {
+        id: Some(id),
+        vector: vector_of(id),
+        dynamic_json: json!({"tag": id % 5}).to_string().into_bytes(),
+    }
+}
+
+/// A JSON number array as f32s (JSON carries them as f64 text).
+fn as_f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+fn l2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// Exact top-k ids by (squared L2, id) over `live` ids passing `keep`.
+fn oracle(
+    q: &[f32],
+    live: &BTreeSet<i64>,
+    k: usize,
+    keep: impl Fn(i64) -> bool,
+) -> Vec<(i64, f32)> {
+    let mut all: Vec<(f32, i64)> = live
+        .iter()
+        .filter(|id| keep(**id))
+        .map(|id| (l2(q, &vector_of(*id)), *id))
+        .collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    all.truncate(k);
+    all.into_iter().map(|(d, id)| (id, d)).collect()
+}
+
+fn queries() -> Vec<Vec<f32>> {
+    (0..4)
+        .map(|i| vector_of(100_000 + i).iter().map(|x| x * 0.9).collect())
+        .collect()
+}
+
+/// SearchShard on each (reader, segments) part, merged by (distance, id): what a router does.
+async fn search(
+    parts: &mut [(&mut ReaderClient<Channel>, Vec<u64>)],
+    q: &[f32],
+    k: usize,
+    filter: &str,
+    min_version: u64,
+) -> Vec<(i64, f32)> {
+    let mut merged = Vec::new();
+    for (client, segs) in parts.iter_mut() {
+        let r = client
+            .search_shard(SearchShardRequest {
+                collection: "docs".into(),
+                segment_ids: segs.clone(),
+                dimension: DIM as u32,
+                queries: q.to_vec(),
+                top_k: k as u32,
+                filter: filter.into(),
+                output_fields: vec!["tag".into()],
+                min_catalog_version: min_version,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.unknown_segments.is_empty(), "{:?}", r.unknown_segments);
+        assert!(r.catalog_version >= min_version);
+        for h in &r.results[0].hits {
+            let fields: Value = serde_json::from_slice(&h.fields_json).unwrap();
+            assert_eq!(fields["tag"], json!(h.id % 5), "output field of {}", h.id);
+            merged.push((h.id, h.distance));
+        }
+    }
+    merged.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    merged.truncate(k);
+    merged
+}
+
+fn assert_same(got: &[(i64, f32)], want: &[(i64, f32)], what: &str) {
+    let ids = |v: &[(i64, f32)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+    assert_eq!(
+        ids(got),
+        ids(want),
+        "{what}: ids differ from the FLAT oracle"
+    );
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g.1 - w.1).abs() <= 1e-4 * (1.0 + w.1.abs()),
+            "{what}: distance of {} is {} instead of {}",
+            g.0,
+            g.1,
+            w.1
+        );
+    }
+}
+
+async fn segment_ids(meta: &MetaStore, collection: &str) -> Vec<u64> {
+    let snap = meta.catalog_snapshot().await.unwrap();
+    let c = snap
+        .collections
+        .iter()
+        .find(|c| c.name == collection)
+        .unwrap();
+    snap.segments
+        .get(&c.id)
+        .map(|s| s.iter().map(|s| s.id as u64).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writer_and_two_read_only_readers_serve_the_flat_oracle_and_see_deletes() {
+    watchdog(
+        "writer_and_two_read_only_readers_serve_the_flat_oracle_and_see_deletes",
+        Duration::from_secs(240),
+    );
+    let db = MariaDb::start().expect("MariaDB");
+    let redis = RedisServer::start().expect("Redis");
+    let jfs = JuiceFs::format(&redis.url(1), "shoal-roles").expect("juicefs format");
+    let rw = jfs.mount().expect("juicefs mount");
+    let ro = JuiceFsMount::mount_read_only(&jfs.meta_url, None).expect("juicefs mount --read-only");
+    let url = db.url();
+
+    let mut w = writer("w1", &url, &rw.path().join("data"), None);
+    w.ready(Duration::from_secs(60)).await;
+    // The readers' mount refuses writes even for root: a reader that wrote would fail.
+    assert!(std::fs::write(ro.path().join("probe"), b"x").is_err());
+    let mut r1 = reader("r1", &url, &ro.path().join("data"));
+    let mut r2 = reader("r2", &url, &ro.path().join("data"));
+    r1.ready(Duration::from_secs(60)).await;
+    r2.ready(Duration::from_secs(60)).await;
+
+    let mut wc = w.writer_client().await;
+    wc.create_collection(CreateCollectionRequest {
+        collection: "docs".into(),
+        dimension: DIM as u32,
+        metric_type: "L2".into(),
+        enable_dynamic_field: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut live = BTreeSet::new();
+    let mut version = 0;
+    // Three flushed batches = three segments.
+    for batch in 0..3i64 {
+        let ids: Vec<i64> = (batch * 400..(batch + 1) * 400).collect();
+        let resp = wc
+            .insert(InsertRequest {
+                collection: "docs".into(),
+                rows: ids.iter().map(|i| row(*i)).collect(),
+                upsert: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.ids, ids);
+        live.extend(ids);
+        let v = wc
+            .flush(FlushRequest {
+                collection: "docs".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .catalog_version;
+        assert!(v > version, "flush did not advance the catalogue version");
+        version = v;
+    }
+    let meta = MetaStore::connect_read_only(&url).await.unwrap();
+    let segs = segment_ids(&meta, "docs").await;
+    assert!(segs.len() >= 3, "{segs:?}");
+
+    let mut c1 = r1.reader_client().await;
+    let mut c2 = r2.reader_client().await;
+    for c in [&mut c1, &mut c2] {
+        let v = c
+            .notify_segments(NotifySegmentsRequest {
+                catalog_version: version,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .catalog_version;
+        assert!(v >= version);
+    }
+    let half = segs.len() / 2;
+    let k = 10;
+    for (qi, q) in queries().iter().enumerate() {
+        let want = oracle(q, &live, k, |_| true);
+        // Each reader alone over every segment.
+        for (name, c) in [("r1", &mut c1), ("r2", &mut c2)] {
+            let got = search(&mut [(c, segs.clone())], q, k, "", version).await;
+            assert_same(&got, &want, &format!("{name} q{qi}"));
+        }
+        // Segments split between the readers and merged.
+        let got = search(
+            &mut [
+                (&mut c1, segs[..half].to_vec()),
+                (&mut c2, segs[half..].to_vec()),
+            ],
+            q,
+            k,
+            "",
+            version,
+        )
+        .await;
+        assert_same(&got, &want, &format!("split q{qi}"));
+        let want = oracle(q, &live, k, |id| id % 5 == 3);
+        let got = search(&mut [(&mut c1, segs.clone())], q, k, "tag == 3", version).await;
+        assert_same(&got, &want, &format!("filtered q{qi}"));
+    }
+
+    // Delete the best hits of every query; after the flush the readers no longer return them.
+    let deleted: BTreeSet<i64> = queries()
+        .iter()
+        .flat_map(|q| oracle(q, &live, 3, |_| true))
+        .map(|(id, _)| id)
+        .collect();
+    let n = wc
+        .delete(DeleteRequest {
+            collection: "docs".into(),
+            filter: format!(
+                "id in [{}]",
+                deleted
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .delete_count;
+    assert_eq!(n as usize, deleted.len());
+    let v2 = wc
+        .flush(FlushRequest {
+            collection: "docs".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .catalog_version;
+    assert!(v2 > version);
+    for id in &deleted {
+        live.remove(id);
+    }
+    let segs = segment_ids(&meta, "docs").await;
+    for (qi, q) in queries().iter().enumerate() {
+        let want = oracle(q, &live, k, |_| true);
+        // No push: `min_catalog_version` makes each reader catch up before answering.
+        for (name, c) in [("r1", &mut c1), ("r2", &mut c2)] {
+            let got = search(&mut [(c, segs.clone())], q, k, "", v2).await;
+            assert_same(&got, &want, &format!("{name} after delete q{qi}"));
+        }
+    }
+    let counted = c2
+        .query_shard(QueryShardRequest {
+            collection: "docs".into(),
+            segment_ids: segs.clone(),
+            filter: "tag == 1".into(),
+            output_fields: vec!["tag".into()],
+            limit: 5,
+            min_catalog_version: v2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let want: Vec<i64> = live.iter().copied().filter(|id| id % 5 == 1).collect();
+    assert_eq!(counted.match_count as usize, want.len());
+    assert_eq!(
+        counted.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+        want[..5].to_vec()
+    );
+    let probe: Vec<i64> = deleted.iter().copied().chain([1, 2]).collect();
+    let got = c1
+        .get_rows(GetRowsRequest {
+            collection: "docs".into(),
+            segment_ids: segs.clone(),
+            ids: probe,
+            output_fields: vec!["vector".into()],
+            min_catalog_version: v2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got_ids: Vec<i64> = got.rows.iter().map(|r| r.id).collect();
+    let want_ids: Vec<i64> = [1, 2].into_iter().filter(|id| live.contains(id)).collect();
+    assert_eq!(got_ids, want_ids, "deleted rows must not be returned");
+    for r in &got.rows {
+        let f: Value = serde_json::from_slice(&r.fields_json).unwrap();
+        assert_eq!(as_f32s(&f["vector"]), vector_of(r.id));
+    }
+    let h = c1.health(HealthRequest {}).await.unwrap().into_inner();
+    assert!(h.ready && h.role == "reader" && h.catalog_version >= v2);
+    let metrics = reqwest::get(format!("{}/metrics", r1.ops))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("shoal_reader_segments{collection=\"docs\"}"),
+        "{metrics}"
+    );
+    // Teardown order: engine processes, then the mounts, then Redis and MariaDB (locals drop
+    // in reverse order of declaration).
+    drop((r1, r2, w));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_writer_takes_over_after_kill_9_replays_the_wal_and_fences_the_old_epoch() {
+    watchdog(
+        "a_waiting_writer_takes_over_after_kill_9_replays_the_wal_and_fences_the_old_epoch",
+        Duration::from_secs(240),
+    );
+    let db = MariaDb::start().expect("MariaDB");
+    let url = db.url();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, wal) = (dir.path().join("data"), dir.path().join("wal"));
+    let meta = MetaStore::connect(&url).await.unwrap();
+
+    let mut w1 = writer("w1", &url, &data, Some(&wal));
+    w1.ready(Duration::from_secs(60)).await;
+    let mut c1 = w1.writer_client().await;
+    let e1 = c1
+        .health(HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .epoch;
+    assert!(e1 > 0);
+    c1.create_collection(CreateCollectionRequest {
+        collection: "fo".into(),
+        dimension: DIM as u32,
+        metric_type: "L2".into(),
+        enable_dynamic_field: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // A second writer waits while the first holds the lease.
+    let mut w2 = writer("w2", &url, &data, Some(&wal));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        w2.child.try_wait().unwrap().is_none(),
+        "w2 exited while waiting"
+    );
+    assert_eq!(lease::current(meta.pool()).await.unwrap().holder, "w1");
+    assert!(
+        reqwest::get(format!("{}/readyz", w2.ops)).await.is_err(),
+        "a waiting writer must not serve"
+    );
+
+    // Acknowledged writes, some flushed into segments and some only in the WAL, then more
+    // writes in flight while w1 is killed.
+    let acked: Arc<Mutex<BTreeSet<i64>>> = Arc::default();
+    let attempted: Arc<Mutex<BTreeSet<i64>>> = Arc::default();
+    for batch in 0..12i64 {
+        let ids: Vec<i64> = (batch * 50..(batch + 1) * 50).collect();
+        let r = c1
+            .insert(InsertRequest {
+                collection: "fo".into(),
+                rows: ids.iter().map(|i| row(*i)).collect(),
+                upsert: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.epoch, e1);
+        acked.lock().unwrap().extend(ids.iter().copied());
+        attempted.lock().unwrap().extend(ids);
+        if batch == 5 {
+            c1.flush(FlushRequest {
+                collection: "fo".into(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let (a2, t2) = (acked.clone(), attempted.clone());
+    let mut c1b = c1.clone();
+    let inflight = tokio::spawn(async move {
+        for batch in 12..200i64 {
+            let ids: Vec<i64> = (batch * 50..(batch + 1) * 50).collect();
+            t2.lock().unwrap().extend(ids.iter().copied());
+            let r = c1b
+                .insert(InsertRequest {
+                    collection: "fo".into(),
+                    rows: ids.iter().map(|i| row(*i)).collect(),
+                    upsert: false,
+                })
+                .await;
+            match r {
+                Ok(_) => a2.lock().unwrap().extend(ids),
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w1.child.kill().unwrap(); // SIGKILL
+    w1.child.wait().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), inflight)
+        .await
+        .expect("the client did not notice the kill")
+        .unwrap();
+
+    // w2 takes over once the lease expires and replays the WAL.
+    w2.ready(Duration::from_secs(60)).await;
+    let mut c2 = w2.writer_client().await;
+    let h = c2.health(HealthRequest {}).await.unwrap().into_inner();
+    assert_eq!(h.epoch, e1 + 1);
+    let http = reqwest::Client::new();
+    let listed: Value = http
+        .post(format!("{}/v2/vectordb/entities/query", w2.rest))
+        .json(&json!({"collectionName": "fo", "filter": "id >= 0", "limit": 16384, "outputFields": ["id"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["code"], 0, "{listed}");
+    let mut seen: BTreeMap<i64, usize> = BTreeMap::new();
+    for r in listed["data"].as_array().unwrap() {
+        *seen.entry(r["id"].as_i64().unwrap()).or_default() += 1;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let attempted = attempted.lock().unwrap().clone();
+    assert!(acked.len() >= 600);
+    for id in &acked {
+        assert_eq!(
+            seen.get(id),
+            Some(&1),
+            "acknowledged id {id} not present exactly once"
+        );
+    }
+    for (id, n) in &seen {
+        assert!(
+            attempted.contains(id) && *n == 1,
+            "id {id} appeared {n} times"
+        );
+    }
+    // Vectors survived the replay.
+    let sample: Vec<i64> = acked.iter().copied().step_by(97).collect();
+    let got: Value = http
+        .post(format!("{}/v2/vectordb/entities/get", w2.rest))
+        .json(&json!({"collectionName": "fo", "id": sample, "outputFields": ["vector"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for r in got["data"].as_array().unwrap() {
+        let id = r["id"].as_i64().unwrap();
+        assert_eq!(as_f32s(&r["vector"]), vector_of(id), "vector of {id}");
+    }
+
+    // The old epoch's commits are refused by the store itself and leave nothing behind.
+    let stale = MetaStore::connect(&url).await.unwrap();
+    stale.set_fence(e1);
+    let cid = meta.list_collections().await.unwrap()[0].id;
+    match stale.set_loaded(cid, false).await {
+        Err(MetaError::Fenced { epoch, current }) => assert_eq!((epoch, current), (e1, e1 + 1)),
+        other => panic!("expected a fenced commit, got {other:?}"),
+    }
+    assert!(meta.list_collections().await.unwrap()[0].loaded);
+    // The new writer commits normally.
+    let before = meta.catalog_version().await.unwrap();
+    let v = c2
+        .flush(FlushRequest {
+            collection: "fo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .catalog_version;
+    assert!(v >= before);
+
+    // SIGTERM: flush, release the lease, exit 0.
+    let term = Command::new("timeout")
+        .args(["10", "kill", "-TERM", &w2.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(w2.exit_status(Duration::from_secs(30)).success());
+    assert_eq!(lease::current(meta.pool()).await.unwrap().holder, "");
+
+    // A writer whose lease is taken away stops and exits non-zero.
+    let mut w3 = writer("w3", &url, &data, Some(&wal));
+    w3.ready(Duration::from_secs(60)).await;
+    sqlx::query(
+        "UPDATE shoal_writer_lease SET holder = 'intruder', epoch = epoch + 1 WHERE id = 1",
+    )
+    .execute(meta.pool())
+    .await
+    .unwrap();
+    let status = w3.exit_status(Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "a writer that lost its lease exited with {status}"
+    );
+    drop(w3);
+}

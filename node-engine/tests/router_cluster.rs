@@ -1,0 +1,1233 @@
+//! The router role end to end over gRPC: search through the router equals the exact oracle
+//! (L2, IP, COSINE; offset/limit, filter, outputFields), get/query/count merged across readers,
+//! delete/upsert visible after flush, flush waiting for readers, failover when a reader dies
+//! mid-load, a late reader joining, and bad requests answered with the same Milvus codes as the
+//! standalone role.
+//!
+//! The writer and readers here are small in-process gRPC services (the real `Writer`/`Reader`
+//! protocol over loopback TCP) over an in-memory segment store and a real SQLite metadata store,
+//! so the router's own logic is tested without the writer/reader roles; the router itself is
+//! the real one (`shoal_engine::router::build`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use serde_json::{Map, Value, json};
+use shoal_engine::cluster::membership::Discovery;
+use shoal_engine::cluster::pb::reader_server::{Reader, ReaderServer};
+use shoal_engine::cluster::pb::writer_server::{Writer, WriterServer};
+use shoal_engine::cluster::pb::*;
+use shoal_engine::config::{LogFormat, RouterConfig};
+use shoal_engine::core::distance::{dot, l2_sq, norm_sq};
+use shoal_engine::core::filter::Filter;
+use shoal_engine::core::meta::{
+    CollectionRecord, FlushCommit, IndexRecord, MetaStore, SegmentRecord,
+};
+use shoal_engine::core::types::Metric;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+use tower::ServiceExt;
+
+// ------------------------------------------------------------------ in-memory cluster doubles
+
+#[derive(Clone, Debug)]
+struct FRow {
+    id: i64,
+    v: Vec<f32>,
+    fields: Map<String, Value>,
+}
+
+struct FColl {
+    id: i64,
+    metric: Metric,
+    vector_field: String,
+    growing: Vec<FRow>,
+    sealed: BTreeMap<u64, Vec<FRow>>,
+}
+
+/// What the fake writer commits and the fake readers serve (the "shared filesystem").
+#[derive(Default)]
+struct Store {
+    version: AtomicU64,
+    next_seg: AtomicU64,
+    next_id: AtomicI64,
+    colls: parking_lot::Mutex<HashMap<String, FColl>>,
+}
+
+struct FakeWriter {
+    store: Arc<Store>,
+    meta: MetaStore,
+}
+
+fn bump(s: &Store) -> u64 {
+    s.version.fetch_add(1, Ordering::SeqCst) + 1
+}
+
+fn st_internal<E: std::fmt::Display>(e: E) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn not_found(name: &str) -> Status {
+    Status::not_found(format!("collection not found: {name}"))
+}
+
+fn row_source(r: &FRow) -> Map<String, Value> {
+    let mut m = r.fields.clone();
+    m.insert("id".into(), json!(r.id));
+    m
+}
+
+#[tonic::async_trait]
+impl Writer for FakeWriter {
+    async fn create_collection(
+        &self,
+        req: Request<CreateCollectionRequest>,
+    ) -> Result<Response<CreateCollectionResponse>, Status> {
+        let r = req.into_inner();
+        if self.store.colls.lock().contains_key(&r.collection) {
+            return Err(Status::already_exists(format!(
+                "collection {:?} already exists",
+                r.collection
+            )));
+        }
+        let metric: Metric = r.metric_type.parse().map_err(Status::invalid_argument)?;
+        let rec = CollectionRecord {
+            id: 0,
+            name: r.collection.clone(),
+            dim: i64::from(r.dimension),
+            metric: r.metric_type.clone(),
+            auto_id: r.auto_id,
+            pk_field: r.primary_field_name.clone(),
+            vector_field: r.vector_field_name.clone(),
+            dynamic: r.enable_dynamic_field,
+            loaded: true,
+            flushed_seq: 0,
+            created_ms: 0,
+        };
+        let id = self
+            .meta
+            .create_collection(&rec)
+            .await
+            .map_err(st_internal)?;
+        self.meta
+            .put_index(&IndexRecord {
+                collection_id: id,
+                index_name: r.vector_field_name.clone(),
+                field_name: r.vector_field_name.clone(),
+                index_type: "FLAT".into(),
+                metric: r.metric_type.clone(),
+                params: "{}".into(),
+            })
+            .await
+            .map_err(st_internal)?;
+        self.store.colls.lock().insert(
+            r.collection,
+            FColl {
+                id,
+                metric,
+                vector_field: r.vector_field_name,
+                growing: Vec::new(),
+                sealed: BTreeMap::new(),
+            },
+        );
+        Ok(Response::new(CreateCollectionResponse {
+            catalog_version: bump(&self.store),
+        }))
+    }
+
+    async fn drop_collection(
+        &self,
+        req: Request<DropCollectionRequest>,
+    ) -> Result<Response<DropCollectionResponse>, Status> {
+        let name = req.into_inner().collection;
+        let id = self
+            .store
+            .colls
+            .lock()
+            .remove(&name)
+            .ok_or_else(|| not_found(&name))?
+            .id;
+        self.meta.drop_collection(id).await.map_err(st_internal)?;
+        Ok(Response::new(DropCollectionResponse {
+            catalog_version: bump(&self.store),
+        }))
+    }
+
+    async fn insert(
+        &self,
+        req: Request<InsertRequest>,
+    ) -> Result<Response<InsertResponse>, Status> {
+        let r = req.into_inner();
+        let mut colls = self.store.colls.lock();
+        let c = colls
+            .get_mut(&r.collection)
+            .ok_or_else(|| not_found(&r.collection))?;
+        let mut ids = Vec::new();
+        for row in r.rows {
+            let id = row
+                .id
+                .unwrap_or_else(|| self.store.next_id.fetch_add(1, Ordering::SeqCst) + 1_000_000);
+            if r.upsert {
+                c.growing.retain(|x| x.id != id);
+                for seg in c.sealed.values_mut() {
+                    seg.retain(|x| x.id != id);
+                }
+            }
+            let fields = match serde_json::from_slice::<Value>(&row.dynamic_json) {
+                Ok(Value::Object(m)) => m,
+                _ => Map::new(),
+            };
+            c.growing.push(FRow {
+                id,
+                v: row.vector,
+                fields,
+            });
+            ids.push(id);
+        }
+        Ok(Response::new(InsertResponse { ids, epoch: 1 }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let r = req.into_inner();
+        let f = Filter::parse(&r.filter).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut colls = self.store.colls.lock();
+        let c = colls
+            .get_mut(&r.collection)
+            .ok_or_else(|| not_found(&r.collection))?;
+        let mut n = 0u64;
+        let mut keep = |x: &FRow| {
+            let hit = f.matches(&row_source(x));
+            n += u64::from(hit);
+            !hit
+        };
+        c.growing.retain(&mut keep);
+        for seg in c.sealed.values_mut() {
+            seg.retain(&mut keep);
+        }
+        Ok(Response::new(DeleteResponse { delete_count: n }))
+    }
+
+    async fn flush(&self, req: Request<FlushRequest>) -> Result<Response<FlushResponse>, Status> {
+        let name = req.into_inner().collection;
+        let (cid, seg, rows) = {
+            let mut colls = self.store.colls.lock();
+            let c = colls.get_mut(&name).ok_or_else(|| not_found(&name))?;
+            if c.growing.is_empty() {
+                return Ok(Response::new(FlushResponse {
+                    catalog_version: self.store.version.load(Ordering::SeqCst),
+                }));
+            }
+            let seg = self.store.next_seg.fetch_add(1, Ordering::SeqCst) + 1;
+            let rows = std::mem::take(&mut c.growing);
+            let n = rows.len();
+            c.sealed.insert(seg, rows);
+            (c.id, seg, n)
+        };
+        self.meta
+            .commit_flush(&FlushCommit {
+                collection_id: cid,
+                new_segments: vec![SegmentRecord {
+                    collection_id: cid,
+                    id: seg as i64,
+                    rows: rows as i64,
+                    manifest_crc: 0,
+                    tomb_seq: 0,
+                    tomb_crc: 0,
+                }],
+                ..Default::default()
+            })
+            .await
+            .map_err(st_internal)?;
+        Ok(Response::new(FlushResponse {
+            catalog_version: bump(&self.store),
+        }))
+    }
+
+    async fn set_loaded(
+        &self,
+        req: Request<SetLoadedRequest>,
+    ) -> Result<Response<SetLoadedResponse>, Status> {
+        let r = req.into_inner();
+        let id = self
+            .store
+            .colls
+            .lock()
+            .get(&r.collection)
+            .ok_or_else(|| not_found(&r.collection))?
+            .id;
+        self.meta
+            .set_loaded(id, r.loaded)
+            .await
+            .map_err(st_internal)?;
+        Ok(Response::new(SetLoadedResponse {
+            catalog_version: bump(&self.store),
+        }))
+    }
+
+    async fn create_index(
+        &self,
+        req: Request<CreateIndexRequest>,
+    ) -> Result<Response<CreateIndexResponse>, Status> {
+        let r = req.into_inner();
+        let id = self
+            .store
+            .colls
+            .lock()
+            .get(&r.collection)
+            .ok_or_else(|| not_found(&r.collection))?
+            .id;
+        self.meta
+            .put_index(&IndexRecord {
+                collection_id: id,
+                index_name: r.index_name,
+                field_name: r.field_name,
+                index_type: r.index_type,
+                metric: r.metric_type,
+                params: String::from_utf8_lossy(&r.params_json).into_owned(),
+            })
+            .await
+            .map_err(st_internal)?;
+        Ok(Response::new(CreateIndexResponse {
+            catalog_version: bump(&self.store),
+        }))
+    }
+
+    async fn drop_index(
+        &self,
+        req: Request<DropIndexRequest>,
+    ) -> Result<Response<DropIndexResponse>, Status> {
+        let r = req.into_inner();
+        let id = self
+            .store
+            .colls
+            .lock()
+            .get(&r.collection)
+            .ok_or_else(|| not_found(&r.collection))?
+            .id;
+        self.meta
+            .drop_index(id, &r.index_name)
+            .await
+            .map_err(st_internal)?;
+        Ok(Response::new(DropIndexResponse {
+            catalog_version: bump(&self.store),
+        }))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse {
+            node_id: "fake-writer".into(),
+            role: "writer".into(),
+            ready: true,
+            catalog_version: self.store.version.load(Ordering::SeqCst),
+            epoch: 1,
+        }))
+    }
+}
+
+/// A reader over the shared store; `dead` makes every call fail like a killed process.
+struct FakeReader {
+    store: Arc<Store>,
+    dead: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+}
+
+fn internal_dist(m: Metric, q: &[f32], v: &[f32]) -> f32 {
+    match m {
+        Metric::L2 => l2_sq(q, v),
+        Metric::IP => -dot(q, v),
+        Metric::COSINE => {
+            -dot(q, v) / (norm_sq(q).sqrt() * norm_sq(v).sqrt()).max(f32::MIN_POSITIVE)
+        }
+    }
+}
+
+fn fields_json(r: &FRow, vector_field: &str, out: &[String]) -> Vec<u8> {
+    if out.is_empty() {
+        return Vec::new();
+    }
+    let mut m = Map::new();
+    for o in out {
+        if o == "*" {
+            m.extend(r.fields.clone());
+            m.insert(vector_field.into(), json!(r.v));
+        } else if o == vector_field {
+            m.insert(vector_field.into(), json!(r.v));
+        } else if let Some(v) = r.fields.get(o) {
+            m.insert(o.clone(), v.clone());
+        }
+    }
+    serde_json::to_vec(&m).unwrap()
+}
+
+impl FakeReader {
+    fn check(&self) -> Result<(), Status> {
+        if self.dead.load(Ordering::SeqCst) {
+            Err(Status::unavailable("reader is gone"))
+        } else {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// Rows of the given segments matching the filter, sorted by id; and unknown segments.
+    fn rows(
+        &self,
+        coll: &str,
+        segs: &[u64],
+        filter: &str,
+    ) -> Result<(Vec<FRow>, String, Metric, Vec<u64>), Status> {
+        let f = if filter.trim().is_empty() {
+            None
+        } else {
+            Some(Filter::parse(filter).map_err(|e| Status::invalid_argument(e.to_string()))?)
+        };
+        let colls = self.store.colls.lock();
+        let c = colls.get(coll).ok_or_else(|| not_found(coll))?;
+        let mut out = Vec::new();
+        let mut unknown = Vec::new();
+        for s in segs {
+            match c.sealed.get(s) {
+                None => unknown.push(*s),
+                Some(rows) => out.extend(
+                    rows.iter()
+                        .filter(|r| f.as_ref().is_none_or(|f| f.matches(&row_source(r))))
+                        .cloned(),
+                ),
+            }
+        }
+        out.sort_by_key(|r| r.id);
+        Ok((out, c.vector_field.clone(), c.metric, unknown))
+    }
+}
+
+#[tonic::async_trait]
+impl Reader for FakeReader {
+    async fn search_shard(
+        &self,
+        req: Request<SearchShardRequest>,
+    ) -> Result<Response<SearchShardResponse>, Status> {
+        self.check()?;
+        let r = req.into_inner();
+        let (rows, vf, metric, unknown) = self.rows(&r.collection, &r.segment_ids, &r.filter)?;
+        let dim = r.dimension as usize;
+        let results = r
+            .queries
+            .chunks(dim)
+            .map(|q| {
+                let mut hits: Vec<Hit> = rows
+                    .iter()
+                    .map(|x| Hit {
+                        id: x.id,
+                        distance: internal_dist(metric, q, &x.v),
+                        fields_json: fields_json(x, &vf, &r.output_fields),
+                    })
+                    .collect();
+                hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
+                hits.truncate(r.top_k as usize);
+                QueryHits { hits }
+            })
+            .collect();
+        Ok(Response::new(SearchShardResponse {
+            results,
+            unknown_segments: unknown,
+            catalog_version: self.store.version.load(Ordering::SeqCst),
+        }))
+    }
+
+    async fn get_rows(
+        &self,
+        req: Request<GetRowsRequest>,
+    ) -> Result<Response<RowsResponse>, Status> {
+        self.check()?;
+        let r = req.into_inner();
+        let (rows, vf, _, unknown) = self.rows(&r.collection, &r.segment_ids, "")?;
+        let rows: Vec<ResultRow> = rows
+            .iter()
+            .filter(|x| r.ids.contains(&x.id))
+            .map(|x| ResultRow {
+                id: x.id,
+                fields_json: fields_json(x, &vf, &r.output_fields),
+            })
+            .collect();
+        Ok(Response::new(RowsResponse {
+            match_count: rows.len() as u64,
+            rows,
+            unknown_segments: unknown,
+            catalog_version: self.store.version.load(Ordering::SeqCst),
+        }))
+    }
+
+    async fn query_shard(
+        &self,
+        req: Request<QueryShardRequest>,
+    ) -> Result<Response<RowsResponse>, Status> {
+        self.check()?;
+        let r = req.into_inner();
+        let (rows, vf, _, unknown) = self.rows(&r.collection, &r.segment_ids, &r.filter)?;
+        Ok(Response::new(RowsResponse {
+            match_count: rows.len() as u64,
+            rows: rows
+                .iter()
+                .take(r.limit as usize)
+                .map(|x| ResultRow {
+                    id: x.id,
+                    fields_json: fields_json(x, &vf, &r.output_fields),
+                })
+                .collect(),
+            unknown_segments: unknown,
+            catalog_version: self.store.version.load(Ordering::SeqCst),
+        }))
+    }
+
+    async fn notify_segments(
+        &self,
+        _: Request<NotifySegmentsRequest>,
+    ) -> Result<Response<NotifySegmentsResponse>, Status> {
+        self.check()?;
+        Ok(Response::new(NotifySegmentsResponse {
+            catalog_version: self.store.version.load(Ordering::SeqCst),
+        }))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        self.check()?;
+        Ok(Response::new(HealthResponse {
+            node_id: "fake-reader".into(),
+            role: "reader".into(),
+            ready: true,
+            catalog_version: self.store.version.load(Ordering::SeqCst),
+            epoch: 0,
+        }))
+    }
+}
+
+fn incoming(
+    l: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    futures::stream::unfold(l, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}
+
+struct ReaderHandle {
+    addr: String,
+    dead: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReaderHandle {
+    /// Stop accepting connections and fail every call on the open ones (a killed process).
+    fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.task.abort();
+    }
+}
+
+async fn serve_reader(store: Arc<Store>, listener: tokio::net::TcpListener) -> ReaderHandle {
+    let addr = listener.local_addr().unwrap().to_string();
+    let dead = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ReaderServer::new(FakeReader {
+        store,
+        dead: dead.clone(),
+        calls: calls.clone(),
+    });
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming(listener))
+            .await;
+    });
+    ReaderHandle {
+        addr,
+        dead,
+        calls,
+        task,
+    }
+}
+
+/// A fake cluster (writer + readers over SQLite) and the real router in front of it.
+struct Cluster {
+    store: Arc<Store>,
+    readers: Vec<ReaderHandle>,
+    router: shoal_engine::router::Built,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for l in &self.router.loops {
+            l.abort();
+        }
+        for r in &self.readers {
+            r.task.abort();
+        }
+    }
+}
+
+async fn bind() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// `late`: reader listeners that are in the static list but not started yet (returned).
+async fn cluster(
+    n_readers: usize,
+    late: usize,
+    replication: usize,
+) -> (Cluster, Vec<tokio::net::TcpListener>) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display());
+    let meta = MetaStore::connect(&url).await.unwrap();
+    let store = Arc::new(Store::default());
+    let wl = bind().await;
+    let writer_addr = wl.local_addr().unwrap().to_string();
+    let w = WriterServer::new(FakeWriter {
+        store: store.clone(),
+        meta,
+    });
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(w)
+            .serve_with_incoming(incoming(wl))
+            .await;
+    });
+    let mut readers = Vec::new();
+    for _ in 0..n_readers {
+        readers.push(serve_reader(store.clone(), bind().await).await);
+    }
+    let mut pending = Vec::new();
+    for _ in 0..late {
+        pending.push(bind().await);
+    }
+    let mut list: Vec<String> = readers.iter().map(|r| r.addr.clone()).collect();
+    list.extend(pending.iter().map(|l| l.local_addr().unwrap().to_string()));
+    let cfg = RouterConfig {
+        meta_url: url,
+        writer: writer_addr,
+        discovery: Discovery::Static(list),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        replication,
+        auth_token: None,
+        log_format: LogFormat::Text,
+        request_timeout: Duration::from_secs(2),
+        flush_timeout: Duration::from_secs(10),
+        catalog_poll: Duration::from_millis(200),
+        health_interval: Duration::from_millis(100),
+    };
+    let router = shoal_engine::router::build(&cfg).await.unwrap();
+    (
+        Cluster {
+            store,
+            readers,
+            router,
+            _dir: dir,
+        },
+        pending,
+    )
+}
+
+async fn raw(r: &axum::Router, path: &str, body: &str) -> Value {
+    let req = axum::http::Request::post(format!("/v2/vectordb/{path}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let resp = r.clone().oneshot(req).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+impl Cluster {
+    async fn post(&self, path: &str, body: Value) -> Value {
+        raw(&self.router.rest, path, &body.to_string()).await
+    }
+    async fn ok(&self, path: &str, body: Value) -> Value {
+        let v = self.post(path, body.clone()).await;
+        assert_eq!(v["code"], 0, "{path} {body} -> {v}");
+        v
+    }
+    async fn get_ops(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .router
+            .ops
+            .clone()
+            .oneshot(
+                axum::http::Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+    /// Wait (with a deadline) until the router routes to `n` readers.
+    async fn wait_live(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let live = self.router.state.backend.routable_readers().len();
+            if live == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "router routes to {live} readers, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+// ------------------------------------------------------------------ data and oracle
+
+fn vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+        .collect()
+}
+
+/// Exact top-k (id, user score) over `rows` for one query.
+fn oracle(
+    metric: Metric,
+    rows: &[(i64, Vec<f32>, i64)],
+    q: &[f32],
+    k: usize,
+    tag: Option<i64>,
+) -> Vec<(i64, f32)> {
+    let mut all: Vec<(f32, i64)> = rows
+        .iter()
+        .filter(|r| tag.is_none_or(|t| r.2 == t))
+        .map(|(id, v, _)| (internal_dist(metric, q, v), *id))
+        .collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    all.into_iter()
+        .take(k)
+        .map(|(d, id)| (id, metric.user_score(d)))
+        .collect()
+}
+
+fn hits_of(v: &Value) -> Vec<(i64, f32)> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["id"].as_i64().unwrap(),
+                h["distance"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect()
+}
+
+fn assert_same(got: &[(i64, f32)], want: &[(i64, f32)], what: &str) {
+    assert_eq!(
+        got.iter().map(|h| h.0).collect::<Vec<_>>(),
+        want.iter().map(|h| h.0).collect::<Vec<_>>(),
+        "{what}: ids differ"
+    );
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g.1 - w.1).abs() <= 1e-4 * w.1.abs().max(1.0),
+            "{what}: score {} vs {}",
+            g.1,
+            w.1
+        );
+    }
+}
+
+const DIM: usize = 16;
+
+/// Create `name`, insert `n` rows in batches, flushing every `per_segment` rows (several
+/// segments), return the rows (id, vector, tag).
+async fn load(
+    c: &Cluster,
+    name: &str,
+    metric: &str,
+    n: usize,
+    per_segment: usize,
+) -> Vec<(i64, Vec<f32>, i64)> {
+    c.ok(
+        "collections/create",
+        json!({"collectionName": name, "dimension": DIM, "metricType": metric}),
+    )
+    .await;
+    let vs = vectors(n, DIM, 7);
+    let rows: Vec<(i64, Vec<f32>, i64)> = vs
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (i as i64, v, (i % 5) as i64))
+        .collect();
+    for chunk in rows.chunks(per_segment) {
+        let data: Vec<Value> = chunk
+            .iter()
+            .map(
+                |(id, v, tag)| json!({"id": id, "vector": v, "tag": tag, "name": format!("r{id}")}),
+            )
+            .collect();
+        let r = c
+            .ok(
+                "entities/insert",
+                json!({"collectionName": name, "data": data}),
+            )
+            .await;
+        assert_eq!(r["data"]["insertCount"], chunk.len());
+        c.ok("collections/flush", json!({"collectionName": name}))
+            .await;
+    }
+    rows
+}
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test]
+async fn router_search_equals_the_exact_oracle_for_every_metric_with_paging_filter_and_fields() {
+    shoal_testkit::watchdog("router search oracle", Duration::from_secs(120));
+    let (c, _) = cluster(3, 0, 1).await;
+    c.wait_live(3).await;
+    let queries = vectors(4, DIM, 99);
+    for (name, metric) in [
+        ("l2c", Metric::L2),
+        ("ipc", Metric::IP),
+        ("cosc", Metric::COSINE),
+    ] {
+        let rows = load(&c, name, metric.as_str(), 2000, 400).await;
+        assert_eq!(
+            c.router.state.backend.catalog().collections[name]
+                .segments
+                .len(),
+            5
+        );
+        // Several queries at once, limit 10.
+        let v = c
+            .ok(
+                "entities/search",
+                json!({"collectionName": name, "data": queries, "limit": 10}),
+            )
+            .await;
+        assert_eq!(v["topks"], json!([10, 10, 10, 10]));
+        let got = hits_of(&v);
+        for (qi, q) in queries.iter().enumerate() {
+            assert_same(
+                &got[qi * 10..(qi + 1) * 10],
+                &oracle(metric, &rows, q, 10, None),
+                &format!("{name} query {qi}"),
+            );
+        }
+        // offset + limit is a window of the global order.
+        let v = c
+            .ok(
+                "entities/search",
+                json!({"collectionName": name, "data": [queries[0]], "limit": 7, "offset": 5}),
+            )
+            .await;
+        assert_same(
+            &hits_of(&v),
+            &oracle(metric, &rows, &queries[0], 12, None)[5..],
+            "offset",
+        );
+        // filter + output fields.
+        let v = c
+            .ok(
+                "entities/search",
+                json!({"collectionName": name, "data": [queries[1]], "limit": 5, "filter": "tag == 3", "outputFields": ["name", "tag"]}),
+            )
+            .await;
+        assert_same(
+            &hits_of(&v),
+            &oracle(metric, &rows, &queries[1], 5, Some(3)),
+            "filter",
+        );
+        for h in v["data"].as_array().unwrap() {
+            assert_eq!(h["tag"], 3);
+            assert_eq!(h["name"], format!("r{}", h["id"]));
+            assert!(h.get("vector").is_none(), "{h}");
+        }
+    }
+    // The planned readers all served (segments spread over them).
+    for r in &c.readers {
+        assert!(
+            r.calls.load(Ordering::SeqCst) > 0,
+            "reader {} got no call",
+            r.addr
+        );
+    }
+    let (status, body) = c.get_ops("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = c.get_ops("/metrics").await;
+    assert!(
+        metrics.contains("shoal_router_readers{state=\"live\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after_flush() {
+    shoal_testkit::watchdog("router get/query/count", Duration::from_secs(120));
+    let (c, _) = cluster(3, 0, 2).await;
+    c.wait_live(3).await;
+    let rows = load(&c, "docs", "L2", 1500, 300).await;
+    let count = |filter: &str| json!({"collectionName": "docs", "filter": filter, "outputFields": ["count(*)"]});
+    let v = c.ok("entities/query", count("")).await;
+    assert_eq!(v["data"][0]["count(*)"], 1500);
+    let v = c.ok("entities/query", count("tag == 2")).await;
+    assert_eq!(v["data"][0]["count(*)"], 300);
+    let v = c
+        .ok("collections/get_stats", json!({"collectionName": "docs"}))
+        .await;
+    assert_eq!(v["data"]["rowCount"], 1500);
+    // Query pages are windows of the id order across every segment.
+    let v = c
+        .ok(
+            "entities/query",
+            json!({"collectionName": "docs", "filter": "id >= 100", "limit": 20, "offset": 290, "outputFields": ["tag"]}),
+        )
+        .await;
+    let ids: Vec<i64> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (390..410).collect::<Vec<_>>());
+    assert_eq!(v["data"][0]["tag"], 0);
+    // get keeps request order, skips unknown ids, returns the vector by default.
+    let v = c
+        .ok(
+            "entities/get",
+            json!({"collectionName": "docs", "id": [1203, 5, 999_999, 77]}),
+        )
+        .await;
+    let got = v["data"].as_array().unwrap();
+    assert_eq!(
+        got.iter()
+            .map(|r| r["id"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1203, 5, 77]
+    );
+    let v5: Vec<f32> = serde_json::from_value(got[1]["vector"].clone()).unwrap();
+    assert_eq!(v5, rows[5].1);
+    assert_eq!(got[1]["name"], "r5");
+    // Delete and upsert, then flush: visible through every path.
+    let v = c
+        .ok(
+            "entities/delete",
+            json!({"collectionName": "docs", "filter": "id in [0, 1, 2]"}),
+        )
+        .await;
+    assert_eq!(v["data"]["deleteCount"], 3);
+    let newv = vec![0.5f32; DIM];
+    c.ok(
+        "entities/upsert",
+        json!({"collectionName": "docs", "data": [{"id": 10, "vector": newv, "tag": 42}]}),
+    )
+    .await;
+    c.ok("collections/flush", json!({"collectionName": "docs"}))
+        .await;
+    let v = c.ok("entities/query", count("")).await;
+    assert_eq!(v["data"][0]["count(*)"], 1497);
+    let v = c
+        .ok(
+            "entities/get",
+            json!({"collectionName": "docs", "id": [0, 10]}),
+        )
+        .await;
+    assert_eq!(v["data"].as_array().unwrap().len(), 1);
+    assert_eq!(v["data"][0]["tag"], 42);
+    let v = c
+        .ok(
+            "entities/search",
+            json!({"collectionName": "docs", "data": [newv], "limit": 1}),
+        )
+        .await;
+    assert_eq!(hits_of(&v)[0].0, 10);
+    // Release: searches refuse with 101, get_load_state follows; load brings them back.
+    c.ok("collections/release", json!({"collectionName": "docs"}))
+        .await;
+    let v = c
+        .post(
+            "entities/search",
+            json!({"collectionName": "docs", "data": [newv]}),
+        )
+        .await;
+    assert_eq!(v["code"], 101, "{v}");
+    let v = c
+        .ok(
+            "collections/get_load_state",
+            json!({"collectionName": "docs"}),
+        )
+        .await;
+    assert_eq!(v["data"]["loadState"], "LoadStateNotLoad");
+    c.ok("collections/load", json!({"collectionName": "docs"}))
+        .await;
+    c.ok(
+        "entities/search",
+        json!({"collectionName": "docs", "data": [newv]}),
+    )
+    .await;
+    // Index DDL goes through the writer and shows in the cached catalogue.
+    c.ok(
+        "indexes/drop",
+        json!({"collectionName": "docs", "indexName": "vector"}),
+    )
+    .await;
+    let v = c
+        .ok("indexes/list", json!({"collectionName": "docs"}))
+        .await;
+    assert_eq!(v["data"], json!([]));
+    c.ok(
+        "indexes/create",
+        json!({"collectionName": "docs", "indexParams": [{"fieldName": "vector", "indexName": "vidx", "metricType": "L2", "indexType": "FLAT"}]}),
+    )
+    .await;
+    let v = c
+        .ok("indexes/list", json!({"collectionName": "docs"}))
+        .await;
+    assert_eq!(v["data"], json!(["vidx"]));
+    let v = c
+        .ok("collections/describe", json!({"collectionName": "docs"}))
+        .await;
+    assert_eq!(v["data"]["indexes"][0]["indexName"], "vidx");
+    assert_eq!(v["data"]["load"], "LoadStateLoaded");
+    // Drop through the router.
+    c.ok("collections/drop", json!({"collectionName": "docs"}))
+        .await;
+    let v = c
+        .ok("collections/has", json!({"collectionName": "docs"}))
+        .await;
+    assert_eq!(v["data"]["has"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_segments() {
+    shoal_testkit::watchdog("router failover", Duration::from_secs(120));
+    let (mut c, mut late) = cluster(3, 1, 1).await;
+    c.wait_live(3).await;
+    let rows = Arc::new(load(&c, "f", "IP", 2000, 100).await);
+    let queries = Arc::new(vectors(8, DIM, 5));
+    // Search load from several tasks while one reader is killed: every answer stays exact.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let rest = c.router.rest.clone();
+        let (rows, queries, stop, answered) = (
+            rows.clone(),
+            queries.clone(),
+            stop.clone(),
+            answered.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while !stop.load(Ordering::SeqCst) {
+                let q = &queries[i % queries.len()];
+                let body = json!({"collectionName": "f", "data": [q], "limit": 10});
+                let v = raw(&rest, "entities/search", &body.to_string()).await;
+                assert_eq!(v["code"], 0, "search during failover: {v}");
+                assert_same(
+                    &hits_of(&v),
+                    &oracle(Metric::IP, &rows, q, 10, None),
+                    "failover",
+                );
+                answered.fetch_add(1, Ordering::SeqCst);
+                i += 4;
+            }
+        }));
+    }
+    let wait_answers = |n: usize| {
+        let answered = answered.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while answered.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "search load stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_answers(20).await;
+    let victim = c.readers.remove(1);
+    victim.kill();
+    let before = answered.load(Ordering::SeqCst);
+    wait_answers(before + 40).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.expect("search task panicked");
+    }
+    // The dead reader leaves the routable set; the late reader joins once it listens.
+    c.wait_live(2).await;
+    let joined = serve_reader(c.store.clone(), late.remove(0)).await;
+    c.wait_live(3).await;
+    let routable = c.router.state.backend.routable_readers();
+    assert!(routable.contains(&joined.addr), "{routable:?}");
+    let segs: Vec<u64> = c.router.state.backend.catalog().collections["f"]
+        .segments
+        .iter()
+        .map(|s| s.id as u64)
+        .collect();
+    let plan = shoal_engine::cluster::hrw::plan(&segs, &routable, 1, 0).unwrap();
+    let idx = routable.iter().position(|a| *a == joined.addr).unwrap();
+    assert!(
+        plan.per_reader.contains_key(&idx),
+        "20 segments, none on the new reader: {plan:?}"
+    );
+    for q in queries.iter() {
+        let v = c
+            .ok(
+                "entities/search",
+                json!({"collectionName": "f", "data": [q], "limit": 10}),
+            )
+            .await;
+        assert_same(
+            &hits_of(&v),
+            &oracle(Metric::IP, &rows, q, 10, None),
+            "after join",
+        );
+    }
+    assert!(
+        joined.calls.load(Ordering::SeqCst) > 0,
+        "the new reader got no search"
+    );
+    c.readers.push(joined);
+    // Every reader dead: a clear 65535, never a hang.
+    for r in &c.readers {
+        r.kill();
+    }
+    let v = c
+        .post(
+            "entities/search",
+            json!({"collectionName": "f", "data": [queries[0]]}),
+        )
+        .await;
+    assert_eq!(v["code"], 65535, "{v}");
+}
+
+/// Every bad request gets the same Milvus code from the router as from the standalone role.
+#[tokio::test]
+async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
+    shoal_testkit::watchdog("router codes", Duration::from_secs(120));
+    let (c, _) = cluster(2, 0, 1).await;
+    c.wait_live(2).await;
+    let app = common::App::new(None).await;
+    let setup = json!({"collectionName": "c", "dimension": 4, "metricType": "L2"});
+    c.ok("collections/create", setup.clone()).await;
+    app.ok("collections/create", setup).await;
+    let v4 = "[0.1, 0.2, 0.3, 0.4]";
+    let good = format!("{{\"id\": 100, \"vector\": {v4}}}");
+    let mut cases: Vec<(&str, String)> = vec![
+        (
+            "entities/insert",
+            "{\"collectionName\": \"c\", \"data\": [".into(),
+        ),
+        ("collections/create", "[1, 2]".into()),
+        ("collections/create", "{\"dimension\": 4}".into()),
+        (
+            "collections/create",
+            "{\"collectionName\": \"c\", \"dimension\": 4}".into(),
+        ),
+        (
+            "collections/create",
+            "{\"collectionName\": \"d\", \"dimension\": 40000}".into(),
+        ),
+        (
+            "collections/create",
+            "{\"collectionName\": \"1bad\", \"dimension\": 4}".into(),
+        ),
+        (
+            "collections/create",
+            "{\"collectionName\": \"d\", \"dimension\": 4, \"metricType\": \"HAMMING\"}".into(),
+        ),
+        ("entities/insert", "{\"collectionName\": \"c\"}".into()),
+        ("entities/search", "{\"collectionName\": \"c\"}".into()),
+        ("entities/get", "{\"collectionName\": \"c\"}".into()),
+        ("entities/delete", "{\"collectionName\": \"c\"}".into()),
+        ("collections/describe", "{}".into()),
+        (
+            "entities/search",
+            "{\"collectionName\": \"c\", \"data\": [[0.1, 0.2]]}".into(),
+        ),
+        (
+            "entities/search",
+            format!("{{\"collectionName\": \"c\", \"data\": [{v4}], \"limit\": 0}}"),
+        ),
+        (
+            "entities/search",
+            format!("{{\"collectionName\": \"c\", \"data\": [{v4}], \"filter\": \"id >\"}}"),
+        ),
+        (
+            "entities/query",
+            "{\"collectionName\": \"c\", \"filter\": \"(tag == 1\"}".into(),
+        ),
+        (
+            "entities/delete",
+            "{\"collectionName\": \"c\", \"filter\": \"tag === 1\"}".into(),
+        ),
+        (
+            "indexes/create",
+            "{\"collectionName\": \"c\", \"indexParams\": [{\"fieldName\": \"other\"}]}".into(),
+        ),
+        (
+            "indexes/describe",
+            "{\"collectionName\": \"c\", \"indexName\": \"nope\"}".into(),
+        ),
+    ];
+    for bad in [
+        "{\"id\": 101, \"vector\": [0.1, 0.2, 0.3]}".to_string(),
+        "{\"id\": 101, \"vector\": [0.1, 0.2, 0.3, 1e39]}".to_string(),
+        format!("{{\"vector\": {v4}}}"),
+        format!("{{\"id\": 100, \"vector\": {v4}}}"),
+    ] {
+        cases.push((
+            "entities/insert",
+            format!("{{\"collectionName\": \"c\", \"data\": [{good}, {bad}]}}"),
+        ));
+    }
+    for ep in [
+        "collections/describe",
+        "collections/drop",
+        "collections/get_stats",
+        "collections/load",
+        "collections/flush",
+        "entities/insert",
+        "entities/delete",
+        "entities/get",
+        "entities/query",
+        "entities/search",
+        "indexes/list",
+        "indexes/create",
+    ] {
+        cases.push((
+            ep,
+            format!("{{\"collectionName\": \"nope\", \"data\": [{good}], \"id\": 1, \"filter\": \"id > 0\", \"indexName\": \"vector\"}}"),
+        ));
+    }
+    for (ep, body) in &cases {
+        let via_router = raw(&c.router.rest, ep, body).await;
+        let (_, standalone) = app.raw(ep, body, &[]).await;
+        assert_ne!(
+            standalone["code"], 0,
+            "{ep} {body}: the case must be an error"
+        );
+        assert_eq!(
+            via_router["code"], standalone["code"],
+            "{ep} {body}: router {via_router} vs standalone {standalone}"
+        );
+    }
+    // Nothing reached the data: the collection is still empty and alone.
+    let v = c.ok("collections/list", json!({})).await;
+    assert_eq!(v["data"], json!(["c"]));
+}
