@@ -11,6 +11,10 @@
 //! - [`reader_service`]: the reader's gRPC service over a [`reader_service::ShardBackend`];
 //! - [`writer_service`]: the writer's gRPC service, acknowledging only under a valid lease.
 //!
+//! The role processes built from these live in `crate::writer` (`shoal-engine writer`) and
+//! `crate::reader` (`shoal-engine reader`). The catalogue version every message carries is the
+//! metadata store's `commit_seq` (`crate::core::meta::MetaStore::catalog_version`).
+//!
 //! The storage core (`crate::core`) must not depend on this module; this module depends on it.
 
 pub mod catalog_sync;
