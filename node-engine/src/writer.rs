@@ -817,3 +817,90 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        role: Role,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Role {
+        Writer(WriterArgs),
+        Reader(crate::reader::ReaderArgs),
+    }
+
+    fn parse(args: &[&str]) -> Role {
+        Cli::try_parse_from(std::iter::once("shoal-engine").chain(args.iter().copied()))
+            .unwrap()
+            .role
+    }
+
+    #[test]
+    fn writer_flags_file_and_defaults_resolve_and_the_metadata_url_is_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.toml");
+        std::fs::write(&p, "wal_dir = \"/wal\"\nlease_ttl = \"4s\"\n").unwrap();
+        let Role::Writer(w) = parse(&[
+            "writer",
+            "--meta",
+            "mysql://u:secret@db:3306/shoal",
+            "--config",
+            p.to_str().unwrap(),
+            "--node-id",
+            "w-0",
+        ]) else {
+            panic!("not the writer");
+        };
+        let c = w.resolve().unwrap();
+        assert_eq!(c.wal_dir, Some(PathBuf::from("/wal")));
+        assert_eq!(c.lease_ttl, Duration::from_secs(4));
+        assert_eq!(c.grpc_listen.port(), 19531);
+        assert_eq!(c.node_id, "w-0");
+        assert!(!format!("{c:?}").contains("secret"), "{c:?}");
+
+        let missing = WriterArgs::default().resolve().unwrap_err().to_string();
+        assert!(missing.contains("meta"), "{missing}");
+        let bad = WriterArgs {
+            meta: Some("postgres://x".into()),
+            ..Default::default()
+        };
+        assert!(bad.resolve().is_err());
+        let short = WriterArgs {
+            meta: Some("sqlite://m.db".into()),
+            lease_ttl: Some("100ms".into()),
+            ..Default::default()
+        };
+        assert!(short.resolve().is_err());
+    }
+
+    #[test]
+    fn reader_accepts_the_operators_gpu_flags() {
+        let Role::Reader(r) = parse(&[
+            "reader",
+            "--meta",
+            "mysql://u:p@db/shoal",
+            "--node-id",
+            "reader-abc",
+            "--gpu-devices",
+            "0,1",
+            "--gpu-memory-budget",
+            "8Gi",
+        ]) else {
+            panic!("not the reader");
+        };
+        let c = r.resolve().unwrap();
+        assert_eq!(
+            c.gpu.gpu_devices,
+            crate::gpu::args::DeviceSelection::List(vec![0, 1])
+        );
+        assert_eq!(c.gpu.gpu_memory_budget, 8 << 30);
+        assert_eq!(c.poll_interval, Duration::from_secs(1));
+        assert_eq!(c.node_id, "reader-abc");
+    }
+}

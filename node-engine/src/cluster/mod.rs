@@ -13,6 +13,10 @@
 //! - [`router_backend`]: the router's REST backend (writes forwarded, reads fanned out, cached
 //!   catalogue).
 //!
+//! The role processes built from these live in `crate::writer` (`shoal-engine writer`) and
+//! `crate::reader` (`shoal-engine reader`). The catalogue version every message carries is the
+//! metadata store's `commit_seq` (`crate::core::meta::MetaStore::catalog_version`).
+//!
 //! The storage core (`crate::core`) must not depend on this module; this module depends on it.
 
 pub mod catalog_sync;

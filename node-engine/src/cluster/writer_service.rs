@@ -7,7 +7,8 @@
 //! to gRPC codes.
 //!
 //! Does not own the WAL, segments or metadata: a [`WriterBackend`] does (the adapter over the
-//! storage core, whose metadata commits call [`super::lease::fence`] with the epoch).
+//! storage core is `crate::writer::EngineWriter`; its metadata store is fenced with the lease
+//! epoch via `MetaStore::set_fence`, so every commit runs [`super::lease::fence`]'s check).
 
 use super::lease::{LeaseError, LeaseKeeper};
 use super::pb::writer_server::Writer;

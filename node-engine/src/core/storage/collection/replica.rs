@@ -393,3 +393,181 @@ impl Collection {
         (rows, sel)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    /// Every file under `root` with its size and modification time.
+    fn listing(root: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    stack.push(e.path());
+                }
+                out.push((e.path(), m.len(), m.modified().unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn batch(ids: std::ops::Range<i64>) -> RowBatch {
+        let mut b = RowBatch::new(4);
+        for id in ids {
+            b.ids.push(id);
+            b.vectors.extend([id as f32, 1.0, 0.0, 0.0]);
+            b.fields.push(Vec::new());
+        }
+        b
+    }
+
+    fn all_ids(meta_segs: &[SegmentRecord]) -> Vec<u64> {
+        meta_segs.iter().map(|s| s.id as u64).collect()
+    }
+
+    #[tokio::test]
+    async fn a_replica_follows_flushes_deletes_and_compaction_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let meta = MetaStore::open_sqlite(&dir.path().join("meta.db"))
+            .await
+            .unwrap();
+        let mut rec = CollectionRecord {
+            id: 0,
+            name: "r".into(),
+            dim: 4,
+            metric: "L2".into(),
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+            loaded: true,
+            flushed_seq: 0,
+            created_ms: 0,
+        };
+        rec.id = meta.create_collection(&rec).await.unwrap();
+        let schema = Schema {
+            name: "r".into(),
+            dim: 4,
+            metric: Metric::L2,
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+        };
+        let opts = StorageOptions {
+            compact_deleted_fraction: 0.5,
+            ..StorageOptions::default()
+        };
+        let w = Collection::open(meta.clone(), &rec, schema.clone(), &data, opts)
+            .await
+            .unwrap();
+        w.upsert(batch(0..20)).await.unwrap();
+        w.flush().await.unwrap();
+        w.upsert(batch(20..40)).await.unwrap();
+        w.flush().await.unwrap();
+        let segs = meta.segments(rec.id).await.unwrap();
+        assert_eq!(segs.len(), 2);
+
+        let before = listing(&data);
+        let (r, out) = Collection::open_read_only(meta.clone(), &rec, schema, &data, &segs)
+            .await
+            .unwrap();
+        assert!(out.failed.is_empty() && out.changed, "{out:?}");
+        assert_eq!(
+            listing(&data),
+            before,
+            "opening a replica wrote to the data directory"
+        );
+        assert_eq!(r.segment_ids(), all_ids(&segs));
+        let (hits, sel) = r
+            .search_segments(
+                &all_ids(&segs),
+                &[5.0, 1.0, 0.0, 0.0],
+                3,
+                &SearchParams::default(),
+                None,
+                Output::default(),
+            )
+            .unwrap();
+        assert_eq!(sel, SegmentSelection::default());
+        let ids: Vec<i64> = hits[0].iter().map(|h| h.row.id).collect();
+        assert_eq!(ids, vec![5, 4, 6]);
+        assert_eq!(hits[0][0].distance, 0.0);
+        // Only the named segments are searched; unknown ids are reported.
+        let (rows, sel) = r.get_in_segments(&[segs[0].id as u64, 999], &[5, 25], Output::default());
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(sel.unknown, vec![999]);
+
+        // A delete reaches the replica as a new tombstone version.
+        w.delete(vec![5]).await.unwrap();
+        w.flush().await.unwrap();
+        let segs = meta.segments(rec.id).await.unwrap();
+        assert!(r.refresh(&rec, &segs).await.unwrap().changed);
+        assert!(
+            r.get_in_segments(&all_ids(&segs), &[5], Output::default())
+                .0
+                .is_empty()
+        );
+        let (first, count, _) = r.query_segments(&all_ids(&segs), None, 3, Output::default());
+        assert_eq!(count, 39);
+        assert_eq!(
+            first.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        // Nothing changed: a refresh is a no-op.
+        assert!(!r.refresh(&rec, &segs).await.unwrap().changed);
+
+        // Compaction replaces the first segment; the replica drops it and maps the new one.
+        w.delete((0..15).collect()).await.unwrap();
+        w.flush().await.unwrap();
+        let segs2 = meta.segments(rec.id).await.unwrap();
+        assert_ne!(all_ids(&segs2), all_ids(&segs), "no compaction happened");
+        let before = listing(&data);
+        r.refresh(&rec, &segs2).await.unwrap();
+        assert_eq!(
+            listing(&data),
+            before,
+            "a refresh wrote to the data directory"
+        );
+        assert_eq!(r.segment_ids(), all_ids(&segs2));
+        let (_, count, sel) = r.query_segments(&all_ids(&segs), None, 0, Output::default());
+        assert_eq!(count, 20, "the old segment id must not be served");
+        assert_eq!(sel.unknown, vec![segs[0].id as u64]);
+        assert_eq!(
+            r.query_segments(&all_ids(&segs2), None, 0, Output::default())
+                .1,
+            25
+        );
+
+        // A replica refuses writes.
+        assert!(matches!(
+            r.upsert(batch(100..101)).await,
+            Err(CollectionError::WriterStopped)
+        ));
+        assert!(r.flush().await.is_err());
+        // A released collection refuses searches.
+        let released = CollectionRecord {
+            loaded: false,
+            ..rec.clone()
+        };
+        r.refresh(&released, &segs2).await.unwrap();
+        assert!(matches!(
+            r.search_segments(
+                &all_ids(&segs2),
+                &[0.0; 4],
+                1,
+                &SearchParams::default(),
+                None,
+                Output::default()
+            ),
+            Err(CollectionError::NotLoaded(_))
+        ));
+        w.close().await;
+    }
+}
