@@ -310,7 +310,7 @@ fn parse_filter(f: Option<&str>) -> Result<Option<Filter>, ShardError> {
 fn output_of(s: &Schema, names: &[String]) -> Output {
     let all = names.iter().any(|n| n == "*");
     Output {
-        vector: all || names.iter().any(|n| *n == s.vector_field),
+        vector: all || names.contains(&s.vector_field),
         fields: all
             || names
                 .iter()
