@@ -1,5 +1,6 @@
 //! The router role: the public REST API (and /healthz, /readyz, /metrics) of a cluster over
-//! [`RouterBackend`]. It connects to the metadata store (read-only use: the catalogue), waits
+//! [`RouterBackend`]. It connects to the metadata store without migrating it (it only reads the
+//! catalogue; the writer owns the schema), waits
 //! for nothing else at start-up (the writer and readers may come later: `/readyz` says when it
 //! can serve), runs the catalogue poll and the reader membership loop, and stops on signal.
 
@@ -38,7 +39,7 @@ const META_STARTUP: Duration = Duration::from_secs(60);
 async fn connect_meta(url: &str) -> Result<MetaStore, RouterServeError> {
     let started = Instant::now();
     loop {
-        match MetaStore::connect(url).await {
+        match MetaStore::connect_read_only(url).await {
             Ok(m) => return Ok(m),
             Err(source) if started.elapsed() >= META_STARTUP => {
                 return Err(RouterServeError::Meta {

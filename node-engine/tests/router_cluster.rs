@@ -62,8 +62,13 @@ struct FakeWriter {
     meta: MetaStore,
 }
 
-fn bump(s: &Store) -> u64 {
-    s.version.fetch_add(1, Ordering::SeqCst) + 1
+impl FakeWriter {
+    /// The metadata store's catalogue version after a commit (what a real writer returns).
+    async fn version(&self) -> Result<u64, Status> {
+        let v = self.meta.catalog_version().await.map_err(st_internal)?;
+        self.store.version.fetch_max(v, Ordering::SeqCst);
+        Ok(v)
+    }
 }
 
 fn st_internal<E: std::fmt::Display>(e: E) -> Status {
@@ -134,7 +139,7 @@ impl Writer for FakeWriter {
             },
         );
         Ok(Response::new(CreateCollectionResponse {
-            catalog_version: bump(&self.store),
+            catalog_version: self.version().await?,
         }))
     }
 
@@ -152,7 +157,7 @@ impl Writer for FakeWriter {
             .id;
         self.meta.drop_collection(id).await.map_err(st_internal)?;
         Ok(Response::new(DropCollectionResponse {
-            catalog_version: bump(&self.store),
+            catalog_version: self.version().await?,
         }))
     }
 
@@ -245,7 +250,7 @@ impl Writer for FakeWriter {
             .await
             .map_err(st_internal)?;
         Ok(Response::new(FlushResponse {
-            catalog_version: bump(&self.store),
+            catalog_version: self.version().await?,
         }))
     }
 
@@ -266,7 +271,7 @@ impl Writer for FakeWriter {
             .await
             .map_err(st_internal)?;
         Ok(Response::new(SetLoadedResponse {
-            catalog_version: bump(&self.store),
+            catalog_version: self.version().await?,
         }))
     }
 
@@ -294,7 +299,7 @@ impl Writer for FakeWriter {
             .await
             .map_err(st_internal)?;
         Ok(Response::new(CreateIndexResponse {
-            catalog_version: bump(&self.store),
+            catalog_version: self.version().await?,
         }))
     }
 
@@ -315,7 +320,7 @@ impl Writer for FakeWriter {
             .await
             .map_err(st_internal)?;
         Ok(Response::new(DropIndexResponse {
-            catalog_version: bump(&self.store),
+            catalog_version: self.version().await?,
         }))
     }
 
@@ -1116,19 +1121,11 @@ async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_
     assert_eq!(v["code"], 65535, "{v}");
 }
 
-/// Every bad request gets the same Milvus code from the router as from the standalone role.
-#[tokio::test]
-async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
-    shoal_testkit::watchdog("router codes", Duration::from_secs(120));
-    let (c, _) = cluster(2, 0, 1).await;
-    c.wait_live(2).await;
-    let app = common::App::new(None).await;
-    let setup = json!({"collectionName": "c", "dimension": 4, "metricType": "L2"});
-    c.ok("collections/create", setup.clone()).await;
-    app.ok("collections/create", setup).await;
+/// Requests every role must reject, against a collection `c` (dim 4, L2) and an unknown `nope`.
+fn bad_cases() -> Vec<(&'static str, String)> {
     let v4 = "[0.1, 0.2, 0.3, 0.4]";
     let good = format!("{{\"id\": 100, \"vector\": {v4}}}");
-    let mut cases: Vec<(&str, String)> = vec![
+    let mut cases: Vec<(&'static str, String)> = vec![
         (
             "entities/insert",
             "{\"collectionName\": \"c\", \"data\": [".into(),
@@ -1215,6 +1212,20 @@ async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
             format!("{{\"collectionName\": \"nope\", \"data\": [{good}], \"id\": 1, \"filter\": \"id > 0\", \"indexName\": \"vector\"}}"),
         ));
     }
+    cases
+}
+
+/// Every bad request gets the same Milvus code from the router as from the standalone role.
+#[tokio::test]
+async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
+    shoal_testkit::watchdog("router codes", Duration::from_secs(120));
+    let (c, _) = cluster(2, 0, 1).await;
+    c.wait_live(2).await;
+    let app = common::App::new(None).await;
+    let setup = json!({"collectionName": "c", "dimension": 4, "metricType": "L2"});
+    c.ok("collections/create", setup.clone()).await;
+    app.ok("collections/create", setup).await;
+    let cases = bad_cases();
     for (ep, body) in &cases {
         let via_router = raw(&c.router.rest, ep, body).await;
         let (_, standalone) = app.raw(ep, body, &[]).await;
@@ -1230,4 +1241,413 @@ async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
     // Nothing reached the data: the collection is still empty and alone.
     let v = c.ok("collections/list", json!({})).await;
     assert_eq!(v["data"], json!(["c"]));
+}
+
+// ------------------------------------------------------------------ the real processes
+
+/// An engine process, SIGKILLed on drop.
+struct Proc {
+    name: &'static str,
+    child: std::process::Child,
+    ops: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn port() -> u16 {
+    shoal_testkit::free_port().unwrap()
+}
+
+fn spawn(name: &'static str, role: &str, args: &[String]) -> Proc {
+    let o = port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-engine"))
+        .arg(role)
+        .args(args)
+        .args(["--metrics-listen", &format!("127.0.0.1:{o}")])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Proc {
+        name,
+        child,
+        ops: format!("http://127.0.0.1:{o}"),
+    }
+}
+
+impl Proc {
+    /// Wait (bounded) until `/readyz` answers 200.
+    async fn ready(&mut self, within: Duration) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("{} exited with {status} before it was ready", self.name);
+            }
+            let r = http.get(format!("{}/readyz", self.ops)).send().await;
+            if r.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within {within:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.ops))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Wait (bounded) until the router reports `n` live readers.
+    async fn wait_live_readers(&self, n: usize) {
+        let want = format!("shoal_router_readers{{state=\"live\"}} {n}\n");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = self.metrics().await;
+            if m.contains(&want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "router never had {n} live readers:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn reader_proc(name: &'static str, meta: &str, data: &std::path::Path, grpc: u16) -> Proc {
+    spawn(
+        name,
+        "reader",
+        &[
+            "--meta".into(),
+            meta.into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{grpc}"),
+            "--node-id".into(),
+            name.into(),
+            "--poll-interval".into(),
+            "200ms".into(),
+        ],
+    )
+}
+
+async fn post_http(http: &reqwest::Client, base: &str, path: &str, body: &str) -> Value {
+    http.post(format!("{base}/v2/vectordb/{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn ok_http(http: &reqwest::Client, base: &str, path: &str, body: Value) -> Value {
+    let v = post_http(http, base, path, &body.to_string()).await;
+    assert_eq!(v["code"], 0, "{path} {body} -> {v}");
+    v
+}
+
+/// `shoal-engine writer`, two `reader`s and `router` as processes on MariaDB: the router's
+/// answers equal the exact oracle (L2, IP), deletes/upserts show after flush, a reader killed
+/// with SIGKILL under search load changes no answer, a reader started later (already in the
+/// static list) takes over segments, and bad requests get the standalone role's codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_writer_readers_and_router_processes_on_mariadb() {
+    shoal_testkit::watchdog(
+        "real_writer_readers_and_router_processes_on_mariadb",
+        Duration::from_secs(240),
+    );
+    let db = shoal_testkit::mariadb::MariaDb::start().expect("MariaDB");
+    let url = db.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (wg, rest) = (port(), port());
+    let mut w = spawn(
+        "writer",
+        "writer",
+        &[
+            "--meta".into(),
+            url.clone(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{wg}"),
+            "--listen".into(),
+            format!("127.0.0.1:{}", port()),
+            "--node-id".into(),
+            "writer".into(),
+            "--flush-interval".into(),
+            "60s".into(),
+        ],
+    );
+    w.ready(Duration::from_secs(60)).await;
+    let (g1, g2, g3) = (port(), port(), port());
+    let mut r1 = reader_proc("r1", &url, &data, g1);
+    let mut r2 = reader_proc("r2", &url, &data, g2);
+    r1.ready(Duration::from_secs(60)).await;
+    r2.ready(Duration::from_secs(60)).await;
+    let mut router = spawn(
+        "router",
+        "router",
+        &[
+            "--meta".into(),
+            url.clone(),
+            "--writer".into(),
+            format!("127.0.0.1:{wg}"),
+            "--readers".into(),
+            format!("127.0.0.1:{g1},127.0.0.1:{g2},127.0.0.1:{g3}"),
+            "--listen".into(),
+            format!("127.0.0.1:{rest}"),
+            "--request-timeout".into(),
+            "3s".into(),
+            "--catalog-poll".into(),
+            "500ms".into(),
+            "--health-interval".into(),
+            "200ms".into(),
+        ],
+    );
+    router.ready(Duration::from_secs(60)).await;
+    router.wait_live_readers(2).await;
+    let base = format!("http://127.0.0.1:{rest}");
+    let http = reqwest::Client::new();
+
+    // Two metrics, 2000 rows each in four flushed batches (four segments).
+    let queries = vectors(6, DIM, 11);
+    let mut data_of = HashMap::new();
+    for (name, metric) in [("l2", Metric::L2), ("ip", Metric::IP)] {
+        ok_http(
+            &http,
+            &base,
+            "collections/create",
+            json!({"collectionName": name, "dimension": DIM, "metricType": metric.as_str()}),
+        )
+        .await;
+        let rows: Vec<(i64, Vec<f32>, i64)> = vectors(2000, DIM, 3)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i as i64, v, (i % 5) as i64))
+            .collect();
+        for chunk in rows.chunks(500) {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|(id, v, tag)| json!({"id": id, "vector": v, "tag": tag}))
+                .collect();
+            ok_http(
+                &http,
+                &base,
+                "entities/insert",
+                json!({"collectionName": name, "data": batch}),
+            )
+            .await;
+            ok_http(
+                &http,
+                &base,
+                "collections/flush",
+                json!({"collectionName": name}),
+            )
+            .await;
+        }
+        // flush returned: every reader serves the rows now.
+        for q in &queries {
+            let v = ok_http(
+                &http,
+                &base,
+                "entities/search",
+                json!({"collectionName": name, "data": [q], "limit": 10}),
+            )
+            .await;
+            assert_same(&hits_of(&v), &oracle(metric, &rows, q, 10, None), name);
+        }
+        let v = ok_http(
+            &http,
+            &base,
+            "entities/search",
+            json!({"collectionName": name, "data": [queries[0]], "limit": 5, "offset": 3, "filter": "tag in [1, 4]", "outputFields": ["tag"]}),
+        )
+        .await;
+        let mut want = oracle(metric, &rows, &queries[0], 200, None);
+        want.retain(|(id, _)| id % 5 == 1 || id % 5 == 4);
+        assert_same(&hits_of(&v), &want[3..8], "filter + offset");
+        data_of.insert(name, rows);
+    }
+
+    // Delete and upsert through the router, visible after flush.
+    let v = ok_http(
+        &http,
+        &base,
+        "entities/delete",
+        json!({"collectionName": "l2", "filter": "id < 10"}),
+    )
+    .await;
+    assert_eq!(v["data"]["deleteCount"], 10);
+    let target = vec![3.0f32; DIM];
+    ok_http(
+        &http,
+        &base,
+        "entities/upsert",
+        json!({"collectionName": "l2", "data": [{"id": 500, "vector": target, "tag": 99}]}),
+    )
+    .await;
+    ok_http(
+        &http,
+        &base,
+        "collections/flush",
+        json!({"collectionName": "l2"}),
+    )
+    .await;
+    let v = ok_http(
+        &http,
+        &base,
+        "entities/query",
+        json!({"collectionName": "l2", "filter": "", "outputFields": ["count(*)"]}),
+    )
+    .await;
+    assert_eq!(v["data"][0]["count(*)"], 1990);
+    let v = ok_http(
+        &http,
+        &base,
+        "entities/get",
+        json!({"collectionName": "l2", "id": [3, 500]}),
+    )
+    .await;
+    assert_eq!(v["data"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["data"][0]["tag"], 99);
+    let v = ok_http(
+        &http,
+        &base,
+        "entities/search",
+        json!({"collectionName": "l2", "data": [target], "limit": 1}),
+    )
+    .await;
+    assert_eq!(hits_of(&v)[0].0, 500);
+    let mut rows_l2: Vec<(i64, Vec<f32>, i64)> = data_of["l2"]
+        .iter()
+        .filter(|r| r.0 >= 10 && r.0 != 500)
+        .cloned()
+        .collect();
+    rows_l2.push((500, target.clone(), 99));
+    let rows_ip = data_of["ip"].clone();
+
+    // Bad requests: the standalone role's codes.
+    ok_http(
+        &http,
+        &base,
+        "collections/create",
+        json!({"collectionName": "c", "dimension": 4, "metricType": "L2"}),
+    )
+    .await;
+    let app = common::App::new(None).await;
+    app.ok(
+        "collections/create",
+        json!({"collectionName": "c", "dimension": 4, "metricType": "L2"}),
+    )
+    .await;
+    for (ep, body) in bad_cases() {
+        let via_router = post_http(&http, &base, ep, &body).await;
+        let (_, standalone) = app.raw(ep, &body, &[]).await;
+        assert_eq!(
+            via_router["code"], standalone["code"],
+            "{ep} {body}: router {via_router} vs standalone {standalone}"
+        );
+    }
+
+    // Search load while r1 is killed with SIGKILL: every answer stays exact.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..3usize {
+        let (http, base, stop, answered) =
+            (http.clone(), base.clone(), stop.clone(), answered.clone());
+        let (queries, rows_l2, rows_ip) = (queries.clone(), rows_l2.clone(), rows_ip.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while !stop.load(Ordering::SeqCst) {
+                let q = &queries[i % queries.len()];
+                let (name, metric, rows) = if i % 2 == 0 {
+                    ("l2", Metric::L2, &rows_l2)
+                } else {
+                    ("ip", Metric::IP, &rows_ip)
+                };
+                let v = post_http(
+                    &http,
+                    &base,
+                    "entities/search",
+                    &json!({"collectionName": name, "data": [q], "limit": 10}).to_string(),
+                )
+                .await;
+                assert_eq!(v["code"], 0, "search during failover: {v}");
+                assert_same(&hits_of(&v), &oracle(metric, rows, q, 10, None), "failover");
+                answered.fetch_add(1, Ordering::SeqCst);
+                i += 3;
+            }
+        }));
+    }
+    let wait_answers = |n: usize| {
+        let answered = answered.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while answered.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < deadline, "search load stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_answers(15).await;
+    r1.child.kill().unwrap();
+    let _ = r1.child.wait();
+    let before = answered.load(Ordering::SeqCst);
+    wait_answers(before + 30).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.expect("search task panicked");
+    }
+    router.wait_live_readers(1).await;
+
+    // r3 (in the static list from the start) comes up; then r2 goes too: r3 alone serves every
+    // segment, so it did get them.
+    let mut r3 = reader_proc("r3", &url, &data, g3);
+    r3.ready(Duration::from_secs(60)).await;
+    router.wait_live_readers(2).await;
+    drop(r2);
+    router.wait_live_readers(1).await;
+    for q in &queries {
+        let v = ok_http(
+            &http,
+            &base,
+            "entities/search",
+            json!({"collectionName": "l2", "data": [q], "limit": 10}),
+        )
+        .await;
+        assert_same(
+            &hits_of(&v),
+            &oracle(Metric::L2, &rows_l2, q, 10, None),
+            "r3 alone",
+        );
+    }
+    // Stop the processes before MariaDB (drop order: router, readers, writer, then db).
+    drop(router);
+    drop(r3);
+    drop(r1);
+    drop(w);
+    drop(db);
 }

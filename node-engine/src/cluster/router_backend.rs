@@ -251,24 +251,19 @@ impl RouterBackend {
         Ok(r.into_inner().catalog_version)
     }
 
-    /// Re-read the catalogue from the metadata store. `at_least`: the version the caller knows
-    /// was committed (from a forwarded write); the cache is replaced only by a newer view.
+    /// Re-read the catalogue from the metadata store (one snapshot transaction). `at_least`: the
+    /// version the caller knows was committed (from a forwarded write); nothing is read when the
+    /// cache already reflects it.
     pub async fn refresh(&self, at_least: u64) -> Result<Arc<Catalog>, ApiError> {
         let mut last = self.refresh_lock.lock().await;
         let cur = self.catalog();
         if at_least > 0 && cur.version >= at_least {
             return Ok(cur);
         }
-        // The version is read before the scan, so the scan includes everything up to it.
-        let version = match self.writer_version().await {
-            Ok(v) => v.max(at_least),
-            Err(e) => {
-                tracing::debug!(error = %e, "writer version unavailable; using the last known");
-                cur.version.max(at_least)
-            }
-        };
+        // One read transaction: the collections and segments as of exactly `snap.version`.
+        let snap = self.meta.catalog_snapshot().await?;
         let mut collections = BTreeMap::new();
-        for rec in self.meta.list_collections().await? {
+        for rec in snap.collections {
             let metric = rec
                 .metric
                 .parse::<Metric>()
@@ -282,7 +277,9 @@ impl RouterBackend {
                 vector_field: rec.vector_field.clone(),
                 dynamic: rec.dynamic,
             };
-            let segments = self.meta.segments(rec.id).await?;
+            let segments = snap.segments.get(&rec.id).cloned().unwrap_or_default();
+            // Index definitions change rarely and are not part of the snapshot transaction;
+            // an index committed after the snapshot shows at the next refresh.
             let indexes = self.meta.indexes(rec.id).await?;
             collections.insert(
                 rec.name.clone(),
@@ -297,6 +294,7 @@ impl RouterBackend {
                 },
             );
         }
+        let version = snap.version;
         let next = Arc::new(Catalog {
             version,
             collections,
@@ -391,9 +389,12 @@ impl RouterBackend {
         };
         let mut req = tonic::Request::new(HealthRequest {});
         req.set_timeout(timeout);
+        // Any answer counts as alive: `ready` is false on a fresh cluster whose catalogue
+        // version is still 0, and requests carry `min_catalog_version`, so a reader that is
+        // behind catches up (or fails over) per request anyway.
         matches!(
             tokio::time::timeout(timeout, c.health(req)).await,
-            Ok(Ok(r)) if r.get_ref().ready
+            Ok(Ok(_))
         )
     }
 

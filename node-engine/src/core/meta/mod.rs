@@ -501,7 +501,13 @@ impl MetaStore {
                     field_name: r.try_get(2)?,
                     index_type: r.try_get(3)?,
                     metric: r.try_get(4)?,
-                    params: r.try_get(5)?,
+                    // MySQL reports a TEXT column as BLOB through `sqlx::Any`: accept both.
+                    params: match r.try_get::<String, _>(5) {
+                        Ok(s) => s,
+                        Err(_) => {
+                            String::from_utf8_lossy(&r.try_get::<Vec<u8>, _>(5)?).into_owned()
+                        }
+                    },
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
