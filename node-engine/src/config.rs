@@ -227,7 +227,7 @@ impl StandaloneArgs {
 #[derive(Debug, Clone, Default, Args)]
 pub struct RouterArgs {
     /// TOML file with any of the keys below (snake_case: meta, writer, readers, readers_dns,
-    /// listen, metrics_listen, replication, auth_token, log_format, request_timeout,
+    /// readers_file, listen, metrics_listen, replication, auth_token, log_format, request_timeout,
     /// flush_timeout, catalog_poll, health_interval).
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -238,11 +238,15 @@ pub struct RouterArgs {
     #[arg(long, env = "SHOAL_WRITER")]
     pub writer: Option<String>,
     /// Static reader list: `a:19531,b:19531`.
-    #[arg(long, env = "SHOAL_READERS", conflicts_with = "readers_dns")]
+    #[arg(long, env = "SHOAL_READERS", conflicts_with_all = ["readers_dns", "readers_file"])]
     pub readers: Option<String>,
     /// Readers from DNS: every address of `NAME:PORT` (a Kubernetes headless Service).
-    #[arg(long, env = "SHOAL_READERS_DNS")]
+    #[arg(long, env = "SHOAL_READERS_DNS", conflicts_with = "readers_file")]
     pub readers_dns: Option<String>,
+    /// Readers from a file of `host:port` lines, re-read at every health interval (outside
+    /// Kubernetes: rewrite it to add or remove readers).
+    #[arg(long, env = "SHOAL_READERS_FILE")]
+    pub readers_file: Option<PathBuf>,
     /// Address of the public REST API (Milvus REST v2) [default: 127.0.0.1:19530].
     #[arg(long, env = "SHOAL_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -279,6 +283,7 @@ struct RouterFileConfig {
     writer: Option<String>,
     readers: Option<String>,
     readers_dns: Option<String>,
+    readers_file: Option<PathBuf>,
     listen: Option<SocketAddr>,
     metrics_listen: Option<SocketAddr>,
     replication: Option<usize>,
@@ -374,22 +379,25 @@ impl RouterArgs {
         let discovery = match (
             self.readers.or(file.readers),
             self.readers_dns.or(file.readers_dns),
+            self.readers_file.or(file.readers_file),
         ) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid {
-                    key: "readers",
-                    reason: "give either readers or readers_dns, not both".into(),
-                });
-            }
-            (Some(list), None) => Discovery::static_list(&list),
-            (None, Some(dns)) => Discovery::dns(&dns).map_err(|e| ConfigError::Invalid {
+            (Some(list), None, None) => Discovery::static_list(&list),
+            (None, Some(dns), None) => Discovery::dns(&dns).map_err(|e| ConfigError::Invalid {
                 key: "readers_dns",
                 reason: e.to_string(),
             })?,
-            (None, None) => {
+            (None, None, Some(path)) => Discovery::File(path),
+            (None, None, None) => {
                 return Err(ConfigError::Invalid {
                     key: "readers",
-                    reason: "required: --readers a:19531,b:19531 or --readers-dns NAME:PORT".into(),
+                    reason: "required: --readers a:19531,b:19531, --readers-dns NAME:PORT or --readers-file PATH"
+                        .into(),
+                });
+            }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "readers",
+                    reason: "give only one of readers, readers_dns and readers_file".into(),
                 });
             }
         };

@@ -626,3 +626,34 @@ async fn health_ready_and_metrics_endpoints_report_requests_rows_and_segments() 
     );
     assert!(text.contains("shoal_rest_request_seconds_bucket"), "{text}");
 }
+
+#[tokio::test]
+async fn a_ten_thousand_row_insert_is_accepted_and_an_oversized_body_gets_1100() {
+    let app = App::new(None).await;
+    app.ok(
+        "collections/create",
+        json!({"collectionName": "big", "dimension": 128, "metricType": "L2"}),
+    )
+    .await;
+    // ~7 MiB of JSON: more than axum's 2 MiB default, well inside our limit.
+    let rows: Vec<Value> = vecs(10_000, 128, 0.5)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| json!({"id": i, "vector": v}))
+        .collect();
+    let body = json!({"collectionName": "big", "data": rows}).to_string();
+    assert!(body.len() > 2 << 20, "the body must exceed 2 MiB");
+    let (_, v) = app.raw("entities/insert", &body, &[]).await;
+    assert_eq!(v["code"], 0, "{}", v["message"]);
+    assert_eq!(v["data"]["insertCount"], 10_000);
+    let limit = shoal_engine::api::rest::MAX_BODY_BYTES;
+    let huge = format!(
+        "{{\"collectionName\": \"big\", \"data\": [], \"pad\": \"{}\"}}",
+        "x".repeat(limit)
+    );
+    let v = assert_rejected(&app, "entities/insert", &huge, 1100).await;
+    assert!(
+        v["message"].as_str().is_some_and(|m| m.contains("MiB")),
+        "{v}"
+    );
+}

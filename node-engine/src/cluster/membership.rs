@@ -24,6 +24,10 @@ pub enum Discovery {
     Static(Vec<String>),
     /// Every A/AAAA record of `name` (a headless Service), each with `port`.
     Dns { name: String, port: u16 },
+    /// `host:port` lines of a file, re-read at every discovery round (`#` starts a comment):
+    /// for deployments outside Kubernetes, where a supervisor rewrites the file (atomically, by
+    /// rename) as readers come and go.
+    File(std::path::PathBuf),
 }
 
 /// Discovery failed.
@@ -32,6 +36,13 @@ pub enum DiscoveryError {
     /// `--readers-dns` was not `NAME:PORT`.
     #[error("invalid reader DNS name {value:?}: expected NAME:PORT")]
     ParseDnsTarget { value: String },
+    /// The readers file could not be read (the router keeps its last known reader set).
+    #[error("reading the readers file {path} failed")]
+    ReadFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The resolver failed (the router keeps its last known reader set).
     #[error("resolving readers at {name}:{port} failed")]
     Resolve {
@@ -70,9 +81,20 @@ impl Discovery {
         )
     }
 
+    /// Parse the contents of a readers file: one `host:port` per line, blank lines and `#`
+    /// comments ignored.
+    pub fn parse_file(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
     /// Current reader addresses, sorted and without duplicates.
     ///
-    /// Errors: `Resolve` when the DNS lookup fails (callers keep the previous set).
+    /// Errors: `Resolve` when the DNS lookup fails, `ReadFile` when the readers file cannot be
+    /// read (callers keep the previous set).
     pub async fn resolve(&self) -> Result<Vec<String>, DiscoveryError> {
         let mut out: Vec<String> = match self {
             Discovery::Static(list) => list.clone(),
@@ -85,6 +107,15 @@ impl Discovery {
                 })?
                 .map(|a| a.to_string())
                 .collect(),
+            Discovery::File(path) => {
+                let text = tokio::fs::read_to_string(path).await.map_err(|source| {
+                    DiscoveryError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                Self::parse_file(&text)
+            }
         };
         out.sort();
         out.dedup();
@@ -365,6 +396,29 @@ mod tests {
             Discovery::static_list(" a:1, ,b:2,"),
             Discovery::Static(addrs(&["a:1", "b:2"]))
         );
+    }
+
+    #[tokio::test]
+    async fn file_discovery_rereads_the_file_and_keeps_errors_visible() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("readers.txt");
+        std::fs::write(
+            &path,
+            "# readers\n127.0.0.1:2 \n\n127.0.0.1:1 # first\n127.0.0.1:2\n",
+        )
+        .expect("write");
+        let d = Discovery::File(path.clone());
+        assert_eq!(
+            d.resolve().await.expect("resolve"),
+            addrs(&["127.0.0.1:1", "127.0.0.1:2"])
+        );
+        std::fs::write(&path, "127.0.0.1:3\n").expect("rewrite");
+        assert_eq!(d.resolve().await.expect("resolve"), addrs(&["127.0.0.1:3"]));
+        std::fs::remove_file(&path).expect("remove");
+        assert!(matches!(
+            d.resolve().await,
+            Err(DiscoveryError::ReadFile { .. })
+        ));
     }
 
     #[tokio::test]

@@ -501,13 +501,7 @@ impl MetaStore {
                     field_name: r.try_get(2)?,
                     index_type: r.try_get(3)?,
                     metric: r.try_get(4)?,
-                    // MySQL reports a TEXT column as BLOB through `sqlx::Any`: accept both.
-                    params: match r.try_get::<String, _>(5) {
-                        Ok(s) => s,
-                        Err(_) => {
-                            String::from_utf8_lossy(&r.try_get::<Vec<u8>, _>(5)?).into_owned()
-                        }
-                    },
+                    params: text_column(r, 5)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -612,6 +606,17 @@ fn segment_from_row(r: &sqlx::any::AnyRow) -> Result<SegmentRecord, sqlx::Error>
 }
 
 /// Hide a password in a connection URL before it reaches an error or a log line.
+/// A `TEXT` column: SQLite reports it as text, MySQL/MariaDB through `sqlx::Any` as a BLOB.
+pub(crate) fn text_column(r: &sqlx::any::AnyRow, i: usize) -> Result<String, sqlx::Error> {
+    match r.try_get::<String, _>(i) {
+        Ok(s) => Ok(s),
+        Err(_) => {
+            let b: Vec<u8> = r.try_get(i)?;
+            String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        }
+    }
+}
+
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {

@@ -413,6 +413,13 @@ impl Collection {
             let mut sealed = BTreeMap::new();
             let mut corrupt = Vec::new();
             let committed: Vec<u64> = records.iter().map(|r| r.id as u64).collect();
+            std::fs::create_dir_all(&seg_root).map_err(|source| {
+                segment::SegmentError::Io {
+                    action: "create",
+                    path: seg_root.clone(),
+                    source,
+                }
+            })?;
             segment::remove_strays(&seg_root, &committed)?;
             for r in &records {
                 let id = r.id as u64;

@@ -215,8 +215,18 @@ fn le_bytes<T: Copy, const N: usize>(xs: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<
 ///
 /// Guarantees: the directory appears under its final name only complete and fsynced; a crash
 /// leaves at most a `.tmp-*` directory, which [`remove_strays`] deletes.
+///
+/// Errors: the segments directory must already exist (the collection creates it when it opens).
+/// It is never re-created here: if the shared filesystem is briefly unmounted (a CSI driver
+/// re-binding a healed mount), recreating the path would write the segment into the bare mount
+/// point, where the new mount then hides it after its metadata commit.
 pub fn write_segment(root: &Path, seg: &SegmentData) -> Result<u32, SegmentError> {
-    fs::create_dir_all(root).map_err(io_err("create", root))?;
+    if !root.is_dir() {
+        return Err(io_err(
+            "find the segments directory (is the data directory's filesystem mounted?)",
+            root,
+        )(io::Error::from(io::ErrorKind::NotFound)));
+    }
     let tmp = root.join(format!(".tmp-{:020}", seg.id));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io_err("remove", &tmp))?;
