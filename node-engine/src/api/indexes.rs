@@ -1,6 +1,7 @@
-//! `indexes/create|describe|list|drop`: index definitions per collection, kept in the metadata
-//! store. FLAT (exact search over every segment) needs no build, so its progress is always
-//! complete; ANN types are accepted once the index module can build them.
+//! `indexes/create|describe|list|drop`: REST adapters over the engine's index definitions
+//! ([`Engine::put_indexes`], [`Engine::drop_index`]) and build progress
+//! ([`Collection::index_progress`]). FLAT is exact and needs no build; IVF_FLAT, IVF_SQ8, IVF_PQ
+//! and HNSW are built per sealed segment in the background and searched once committed.
 
 use super::error::ApiError;
 use super::rest::{AppState, Ctx, Reply, opt_str, req_str};
@@ -42,44 +43,44 @@ impl IndexService {
     /// Every index of `c` as `collections/describe` lists them.
     pub async fn describe_all(&self, c: &Collection) -> Result<Vec<Value>, ApiError> {
         let recs = self.engine.meta().indexes(c.collection_id()).await?;
+        let p = c.index_progress();
         Ok(recs
             .iter()
-            .map(|r| json!({"fieldName": r.field_name, "indexName": r.index_name, "metricType": r.metric}))
+            .map(|r| {
+                let bytes = match &p.index {
+                    Some((name, _)) if *name == r.index_name => p.index_bytes,
+                    _ => 0,
+                };
+                json!({"fieldName": r.field_name, "indexName": r.index_name, "metricType": r.metric,
+                       "indexType": r.index_type, "indexBytes": bytes})
+            })
             .collect())
     }
 
-    /// A collection was dropped: nothing to cancel while only FLAT exists.
+    /// A collection was dropped: its builds stop at the next claim (the collection is closed).
     pub fn forget(&self, _c: &Collection) {}
 
-    /// New data arrived or a flush sealed segments: FLAT searches them directly.
-    pub fn kick(&self, _c: &Collection) {}
+    /// A flush sealed segments: let the builder look for work now.
+    pub fn kick(&self, _c: &Collection) {
+        self.engine.index_builder().kick();
+    }
 
+    /// New rows arrived: only sealed segments are indexed, and the flusher wakes the builder.
     pub fn maybe_kick(&self, _c: &Collection) {}
 }
 
+/// Turn one `indexParams` entry into a definition (shape only: values are checked by
+/// [`Engine::put_indexes`], which names the parameter and its range).
 fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexRecord, ApiError> {
     let s = c.schema();
     let field = req_str(p, "fieldName")?;
-    if field != s.vector_field {
-        return Err(ApiError::invalid(
-            "indexParams.fieldName",
-            format!("{field:?} is not the vector field {:?}", s.vector_field),
-        ));
-    }
     let index_name = opt_str(p, "indexName")?.unwrap_or(field).to_string();
-    crate::core::engine::validate_name("indexParams.indexName", &index_name)?;
     let metric = match opt_str(p, "metricType")? {
         None => s.metric,
         Some(m) => m
             .parse::<Metric>()
             .map_err(|e| ApiError::invalid("indexParams.metricType", e))?,
     };
-    if metric != s.metric {
-        return Err(ApiError::invalid(
-            "indexParams.metricType",
-            format!("{metric} differs from the collection's {}", s.metric),
-        ));
-    }
     let index_type = match opt_str(p, "indexType")? {
         None => IndexType::FLAT,
         Some(t) if t.eq_ignore_ascii_case("AUTOINDEX") => IndexType::FLAT,
@@ -87,30 +88,14 @@ fn parse_index_param(c: &Collection, p: &Map<String, Value>) -> Result<IndexReco
             .parse::<IndexType>()
             .map_err(|e| ApiError::invalid("indexParams.indexType", e))?,
     };
-    let params = match p.get("params") {
+    let mut params = match p.get("params") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(o)) => o.clone(),
         Some(_) => return Err(ApiError::invalid("indexParams.params", "must be an object")),
     };
-    match index_type {
-        IndexType::FLAT => {
-            if let Some(k) = params
-                .keys()
-                .find(|k| k.as_str() != "metric_type" && k.as_str() != "index_type")
-            {
-                return Err(ApiError::invalid(
-                    &format!("indexParams.params.{k}"),
-                    "FLAT takes no build parameters",
-                ));
-            }
-        }
-        IndexType::IVF_FLAT | IndexType::IVF_SQ8 | IndexType::IVF_PQ | IndexType::HNSW => {
-            return Err(ApiError::invalid(
-                "indexParams.indexType",
-                format!("{index_type} cannot be built by this server yet; FLAT is available"),
-            ));
-        }
-    }
+    // Milvus clients repeat these inside params; they are not build parameters.
+    params.remove("metric_type");
+    params.remove("index_type");
     Ok(IndexRecord {
         collection_id: c.collection_id(),
         index_name,
@@ -137,7 +122,7 @@ pub(super) async fn create(
             ));
         }
     };
-    // Validate every definition before writing any, so a bad one changes nothing.
+    // Every definition is validated before any is written, so a bad one changes nothing.
     let mut recs = Vec::new();
     for p in list {
         let p = p
@@ -145,25 +130,20 @@ pub(super) async fn create(
             .ok_or_else(|| ApiError::invalid("indexParams", "each entry must be an object"))?;
         recs.push(parse_index_param(&c, p)?);
     }
-    let existing = st.engine.meta().indexes(c.collection_id()).await?;
-    for r in &recs {
-        if existing
-            .iter()
-            .any(|e| e.field_name == r.field_name && e.index_name != r.index_name)
-        {
-            return Err(ApiError::invalid(
-                "indexParams.indexName",
-                format!(
-                    "field {:?} already has an index with another name; drop it first",
-                    r.field_name
+    st.engine
+        .put_indexes(&c.schema().name, &recs)
+        .await
+        .map_err(|e| match e {
+            crate::core::engine::EngineError::InvalidParam { name, reason } => {
+                ApiError::invalid(&format!("indexParams.{name}"), reason)
+            }
+            crate::core::engine::EngineError::Collection(
+                crate::core::storage::collection::CollectionError::Index(
+                    crate::core::index::IndexError::InvalidParam { name, reason },
                 ),
-            ));
-        }
-    }
-    for r in &recs {
-        st.engine.meta().put_index(r).await?;
-    }
-    st.indexes.kick(&c);
+            ) => ApiError::invalid(&format!("indexParams.params.{name}"), reason),
+            other => other.into(),
+        })?;
     Ok(Reply::data(json!({})))
 }
 
@@ -179,19 +159,47 @@ pub(super) async fn describe(
         .iter()
         .find(|r| r.index_name == name)
         .ok_or_else(|| ApiError::invalid("indexName", format!("index {name:?} does not exist")))?;
-    let total = c.stats().live_rows;
     let params: Value = serde_json::from_str(&r.params).unwrap_or(json!({}));
+    let p = c.index_progress();
+    let is_ann = p.index.as_ref().is_some_and(|(n, _)| *n == r.index_name);
+    let (indexed, pending) = if is_ann {
+        (p.indexed_rows, p.pending_rows)
+    } else {
+        // FLAT searches every row exactly as soon as it is written.
+        (p.total_rows, 0)
+    };
+    let state = if pending == 0 {
+        "Finished"
+    } else {
+        "InProgress"
+    };
+    let fail_reason = if is_ann {
+        p.failed
+            .iter()
+            .map(|(seg, why)| format!("segment {seg}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    } else {
+        String::new()
+    };
     Ok(Reply::data(json!([{
         "indexName": r.index_name,
         "fieldName": r.field_name,
         "indexType": r.index_type,
         "metricType": r.metric,
         "params": params,
-        "indexState": "Finished",
-        "indexedRows": total,
-        "totalRows": total,
-        "pendingRows": 0,
-        "failReason": "",
+        "indexState": state,
+        "indexedRows": indexed,
+        "totalRows": p.total_rows,
+        "pendingIndexRows": pending,
+        "pendingRows": pending,
+        "failReason": fail_reason,
+        "indexBytes": if is_ann { p.index_bytes } else { 0 },
+        "indexedSegments": if is_ann { p.indexed_segments } else { 0 },
+        "flatSegments": if is_ann { p.flat_segments } else { 0 },
+        "indexLoadFailures": if is_ann { p.load_failures } else { 0 },
+        "indexLoadFailureReasons": p.load_failure_reasons.iter()
+            .map(|(seg, why)| json!({"segmentID": seg, "reason": why})).collect::<Vec<_>>(),
     }])))
 }
 
@@ -216,13 +224,6 @@ pub(super) async fn drop(
 ) -> Result<Reply, ApiError> {
     let c = super::rest_collection(&st, &m)?;
     let name = req_str(&m, "indexName")?;
-    let recs = st.engine.meta().indexes(c.collection_id()).await?;
-    if !recs.iter().any(|r| r.index_name == name) {
-        return Err(ApiError::invalid(
-            "indexName",
-            format!("index {name:?} does not exist"),
-        ));
-    }
-    st.engine.meta().drop_index(c.collection_id(), name).await?;
+    st.engine.drop_index(&c.schema().name, name).await?;
     Ok(Reply::data(json!({})))
 }

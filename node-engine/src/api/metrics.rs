@@ -38,6 +38,15 @@ pub struct Metrics {
     corrupt_segments: Family<CollectionLabels, Gauge>,
     wal_bytes: Family<CollectionLabels, Gauge<u64, AtomicU64>>,
     memory_bytes: Family<CollectionLabels, Gauge>,
+    index_bytes: Family<CollectionLabels, Gauge>,
+    index_pending_rows: Family<CollectionLabels, Gauge>,
+    index_load_failures: Family<CollectionLabels, Gauge<u64, AtomicU64>>,
+    index_builds: Family<BuildLabels, Gauge<u64, AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    result: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -65,6 +74,30 @@ impl Metrics {
         let corrupt_segments = Family::default();
         let wal_bytes = Family::default();
         let memory_bytes = Family::default();
+        let index_bytes = Family::default();
+        let index_pending_rows = Family::default();
+        let index_load_failures = Family::default();
+        let index_builds = Family::default();
+        registry.register(
+            "collection_index_bytes",
+            "Bytes of loaded ANN indexes per collection (part of collection_memory_bytes)",
+            index_bytes.clone(),
+        );
+        registry.register(
+            "collection_index_pending_rows",
+            "Rows in sealed segments waiting for their ANN index (searched with FLAT meanwhile)",
+            index_pending_rows.clone(),
+        );
+        registry.register(
+            "collection_index_load_failures",
+            "Index files that failed verification at load since start (searched with FLAT, rebuilt)",
+            index_load_failures.clone(),
+        );
+        registry.register(
+            "index_builds",
+            "Segment index builds since start by result (built, failed, discarded)",
+            index_builds.clone(),
+        );
         registry.register(
             "rest_requests",
             "REST requests by endpoint and result",
@@ -111,6 +144,10 @@ impl Metrics {
             corrupt_segments,
             wal_bytes,
             memory_bytes,
+            index_bytes,
+            index_pending_rows,
+            index_load_failures,
+            index_builds,
         }
     }
 
@@ -134,6 +171,19 @@ impl Metrics {
         self.corrupt_segments.clear();
         self.wal_bytes.clear();
         self.memory_bytes.clear();
+        self.index_bytes.clear();
+        self.index_pending_rows.clear();
+        self.index_load_failures.clear();
+        let b = &engine.index_builder().stats;
+        for (result, v) in [
+            ("built", &b.built),
+            ("failed", &b.failed),
+            ("discarded", &b.discarded),
+        ] {
+            self.index_builds
+                .get_or_create(&BuildLabels { result })
+                .set(v.load(std::sync::atomic::Ordering::Relaxed));
+        }
         for c in engine.all() {
             let s = c.stats();
             let l = CollectionLabels {
@@ -150,6 +200,14 @@ impl Metrics {
             self.memory_bytes
                 .get_or_create(&l)
                 .set(s.memory_bytes as i64);
+            let p = c.index_progress();
+            self.index_bytes.get_or_create(&l).set(p.index_bytes as i64);
+            self.index_pending_rows
+                .get_or_create(&l)
+                .set(p.pending_rows as i64);
+            self.index_load_failures
+                .get_or_create(&l)
+                .set(p.load_failures);
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
