@@ -169,10 +169,11 @@ pub fn remove_stale_index_dirs(seg_dir: &Path, keep: Option<&str>) {
     };
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().to_string();
-        if n.starts_with(INDEX_DIR_PREFIX) && Some(n.as_str()) != keep {
-            if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                tracing::warn!(dir = %e.path().display(), error = %err, "could not remove a stale index directory");
-            }
+        if n.starts_with(INDEX_DIR_PREFIX)
+            && Some(n.as_str()) != keep
+            && let Err(err) = std::fs::remove_dir_all(e.path())
+        {
+            tracing::warn!(dir = %e.path().display(), error = %err, "could not remove a stale index directory");
         }
     }
 }
