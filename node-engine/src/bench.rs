@@ -44,7 +44,8 @@ pub struct BenchArgs {
     /// one-value list. Every combination is measured.
     #[arg(long, default_value = "{}")]
     pub search_params: String,
-    /// single: one query per call on one thread; batch: all queries in one call.
+    /// single: one query per call on one thread; batch: all queries in one call; both: single
+    /// then batch over the same build (one line per mode and setting).
     #[arg(long, value_enum, default_value_t = Mode::Single)]
     pub mode: Mode,
     /// Threads for the search pool (default: 1 for single, 2 for batch).
@@ -69,6 +70,7 @@ pub struct BenchArgs {
 pub enum Mode {
     Single,
     Batch,
+    Both,
 }
 
 fn parse_metric(s: &str) -> Result<Metric, String> {
@@ -258,9 +260,11 @@ fn build_index(
             }
             Ok(Box::new(FlatIndex::new(base.data, base.dim, args.metric)?))
         }
-        other
-        @ (IndexType::IVF_FLAT | IndexType::IVF_SQ8 | IndexType::IVF_PQ | IndexType::HNSW) => {
-            anyhow::bail!("index {other} is not available to bench in this build yet")
+        t @ (IndexType::IVF_FLAT | IndexType::IVF_SQ8 | IndexType::IVF_PQ | IndexType::HNSW) => {
+            // The registry the background builder uses: same validation, same code.
+            let ix: Box<dyn VectorIndexRead> =
+                crate::core::index::build(t, args.metric, base.dim, params, &base.data)?;
+            Ok(ix)
         }
     }
 }
@@ -298,11 +302,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.build_threads >= 1,
         "--build-threads must be at least 1"
     );
-    let threads = args.threads.unwrap_or(match args.mode {
-        Mode::Single => 1,
-        Mode::Batch => 2,
-    });
-    anyhow::ensure!(threads >= 1, "--threads must be at least 1");
+    anyhow::ensure!(
+        args.threads.is_none_or(|t| t >= 1),
+        "--threads must be at least 1"
+    );
     let params: Value = serde_json::from_str(&args.params)
         .with_context(|| format!("--params is not JSON: {}", args.params))?;
     anyhow::ensure!(
@@ -332,7 +335,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         truth.dim,
         args.k
     );
-    let (n_base, dim) = (base.rows(), base.dim);
+    let n_base = base.rows();
     if let Some(bad) = truth
         .data
         .iter()
@@ -349,21 +352,53 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let build_s = t.elapsed().as_secs_f64();
     drop(build_pool);
 
+    let modes: &[Mode] = match args.mode {
+        Mode::Single => &[Mode::Single],
+        Mode::Batch => &[Mode::Batch],
+        Mode::Both => &[Mode::Single, Mode::Batch],
+    };
+    for &mode in modes {
+        let threads = args.threads.unwrap_or(match mode {
+            Mode::Batch => 2,
+            Mode::Single | Mode::Both => 1,
+        });
+        run_mode(
+            &args, mode, threads, &*index, &queries, &truth, &settings, &params, build_s, n_base,
+        )?;
+    }
+    Ok(())
+}
+
+/// Time every search setting in one mode and print its JSON line.
+#[allow(clippy::too_many_arguments)]
+fn run_mode(
+    args: &BenchArgs,
+    mode: Mode,
+    threads: usize,
+    index: &dyn VectorIndexRead,
+    queries: &Vecs<f32>,
+    truth: &Vecs<i32>,
+    settings: &[(SearchParams, Value)],
+    params: &Value,
+    build_s: f64,
+    n_base: usize,
+) -> anyhow::Result<()> {
+    let dim = queries.dim;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let nq = match args.mode {
-        Mode::Single => args.single_queries.min(queries.rows()),
+    let nq = match mode {
+        Mode::Single | Mode::Both => args.single_queries.min(queries.rows()),
         Mode::Batch => queries.rows(),
     };
     anyhow::ensure!(nq >= 1, "no queries to run");
     let qdata = &queries.data[..nq * dim];
     for (sp, sp_json) in settings {
         let (runs, cpu, lat_sorted, found) = pool.install(|| -> anyhow::Result<_> {
-            match args.mode {
-                Mode::Single => {
+            match mode {
+                Mode::Single | Mode::Both => {
                     for q in qdata.chunks_exact(dim).take(10) {
-                        index.search(q, args.k, &sp, None)?;
+                        index.search(q, args.k, sp, None)?;
                     }
                     let mut runs = Vec::new();
                     let mut cpu = Vec::new();
@@ -375,7 +410,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         let t0 = Instant::now();
                         for q in qdata.chunks_exact(dim) {
                             let t = Instant::now();
-                            let mut r = index.search(q, args.k, &sp, None)?;
+                            let mut r = index.search(q, args.k, sp, None)?;
                             lat.push(t.elapsed().as_secs_f64());
                             if rep == 0 {
                                 found.push(r.pop().unwrap_or_default());
@@ -393,14 +428,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     Ok((runs, cpu, lat, found))
                 }
                 Mode::Batch => {
-                    index.search(&qdata[..dim * nq.min(200)], args.k, &sp, None)?;
+                    index.search(&qdata[..dim * nq.min(200)], args.k, sp, None)?;
                     let mut runs = Vec::new();
                     let mut cpu = Vec::new();
                     let mut found = Vec::new();
                     for _ in 0..args.reps {
                         let c0 = process_cpu_s();
                         let t0 = Instant::now();
-                        let r = index.search(qdata, args.k, &sp, None)?;
+                        let r = index.search(qdata, args.k, sp, None)?;
                         runs.push(t0.elapsed().as_secs_f64());
                         cpu.push(process_cpu_s().zip(c0).map(|(b, a)| b - a));
                         found = r;
@@ -414,9 +449,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let flop = 2.0 * dim as f64 * n_base as f64 * nq as f64;
         let gflops_per_cpu_s = (cpu_known.len() == runs.len() && median(&cpu_known) > 0.0)
             .then(|| round(flop / median(&cpu_known) / 1e9, 1));
-        let recall = recall_at_k(&ids(&found), &truth, args.k);
-        let (p50, p99) = match args.mode {
-            Mode::Single => (
+        let recall = recall_at_k(&ids(&found), truth, args.k);
+        let (p50, p99) = match mode {
+            Mode::Single | Mode::Both => (
                 json!(round(percentile_us(&lat_sorted, 0.5), 1)),
                 json!(round(percentile_us(&lat_sorted, 0.99), 1)),
             ),
@@ -427,7 +462,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "metric": args.metric.as_str(),
             "params": params,
             "search_params": sp_json,
-            "mode": match args.mode { Mode::Single => "single", Mode::Batch => "batch" },
+            "mode": match mode { Mode::Single | Mode::Both => "single", Mode::Batch => "batch" },
             "threads": threads,
             "k": args.k,
             "n_base": n_base,

@@ -120,6 +120,7 @@ async fn run_metric(metric: Metric) {
         storage: StorageOptions {
             flush_bytes: 64 << 20,
             compact_deleted_fraction: 0.3,
+            ..StorageOptions::default()
         },
     };
     let engine = Engine::open(&cfg).await.unwrap();

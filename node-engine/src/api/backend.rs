@@ -100,11 +100,21 @@ pub struct QueryRequest {
 }
 
 /// `indexes/describe` progress.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IndexProgress {
     pub indexed_rows: u64,
     pub total_rows: u64,
     pub pending_rows: u64,
+    /// Segments whose build failed for the current definition, with the reason.
+    pub fail_reason: String,
+    /// Bytes of loaded ANN indexes.
+    pub index_bytes: u64,
+    pub indexed_segments: u64,
+    /// Sealed segments searched with FLAT (small, pending, failed or corrupt).
+    pub flat_segments: u64,
+    /// Index files that failed verification at load since start, and the latest reasons.
+    pub load_failures: u64,
+    pub load_failure_reasons: Vec<(u64, String)>,
 }
 
 /// Everything the REST API does, over some storage. Methods get validated input; every error
@@ -369,29 +379,59 @@ impl Backend for LocalBackend {
         c: &CollectionMeta,
         recs: Vec<IndexRecord>,
     ) -> Result<(), ApiError> {
-        let col = self.open(c)?;
-        for r in &recs {
-            self.engine.meta().put_index(r).await?;
-        }
-        self.indexes.kick(&col);
-        Ok(())
+        use crate::core::engine::EngineError;
+        use crate::core::index::IndexError;
+        use crate::core::storage::collection::CollectionError;
+        self.engine
+            .put_indexes(&c.schema.name, &recs)
+            .await
+            .map_err(|e| match e {
+                EngineError::InvalidParam { name, reason } => {
+                    ApiError::invalid(&format!("indexParams.{name}"), reason)
+                }
+                EngineError::Collection(CollectionError::Index(IndexError::InvalidParam {
+                    name,
+                    reason,
+                })) => ApiError::invalid(&format!("indexParams.params.{name}"), reason),
+                other => other.into(),
+            })
     }
 
     async fn drop_index(&self, c: &CollectionMeta, index_name: &str) -> Result<(), ApiError> {
-        self.engine.meta().drop_index(c.id, index_name).await?;
+        self.engine.drop_index(&c.schema.name, index_name).await?;
         Ok(())
     }
 
     async fn index_progress(
         &self,
         c: &CollectionMeta,
-        _index: &IndexRecord,
+        index: &IndexRecord,
     ) -> Result<IndexProgress, ApiError> {
-        let total = self.open(c)?.stats().live_rows as u64;
+        let p = self.open(c)?.index_progress();
+        let is_ann = p.index.as_ref().is_some_and(|(n, _)| *n == index.index_name);
+        if !is_ann {
+            // FLAT searches every row exactly as soon as it is written.
+            return Ok(IndexProgress {
+                indexed_rows: p.total_rows as u64,
+                total_rows: p.total_rows as u64,
+                ..IndexProgress::default()
+            });
+        }
         Ok(IndexProgress {
-            indexed_rows: total,
-            total_rows: total,
-            pending_rows: 0,
+            indexed_rows: p.indexed_rows as u64,
+            total_rows: p.total_rows as u64,
+            pending_rows: p.pending_rows as u64,
+            fail_reason: p
+                .failed
+                .iter()
+                .map(|(seg, why)| format!("segment {seg}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+            index_bytes: p.index_bytes as u64,
+            indexed_segments: p.indexed_segments as u64,
+            flat_segments: p.flat_segments as u64,
+            load_failures: p.load_failures,
+            load_failure_reasons: p.load_failure_reasons,
         })
     }
 

@@ -1,7 +1,7 @@
 //! `indexes/create|describe|list|drop`: parsing and validating index definitions (shared by
-//! every backend), and [`IndexService`], the local engine's index bookkeeping in the metadata
-//! store. FLAT (exact search over every segment) needs no build, so its progress is always
-//! complete; ANN types are accepted once the index module can build them.
+//! every backend), and [`IndexService`], the local engine's index bookkeeping. FLAT is exact and
+//! needs no build; IVF_FLAT, IVF_SQ8, IVF_PQ and HNSW are built per sealed segment in the
+//! background ([`Engine::put_indexes`], [`Engine::drop_index`]) and searched once committed.
 
 use super::backend::{Backend, CollectionMeta};
 use super::error::ApiError;
@@ -41,11 +41,13 @@ impl IndexService {
         Ok(())
     }
 
-    /// A collection was dropped: nothing to cancel while only FLAT exists.
+    /// A collection was dropped: its builds stop at the next claim (the collection is closed).
     pub fn forget(&self, _c: &Collection) {}
 
-    /// New data arrived or a flush sealed segments: FLAT searches them directly.
-    pub fn kick(&self, _c: &Collection) {}
+    /// A flush sealed segments: let the index builder look for work now.
+    pub fn kick(&self, _c: &Collection) {
+        self.engine.index_builder().kick();
+    }
 
     pub fn maybe_kick(&self, _c: &Collection) {}
 }
@@ -85,24 +87,18 @@ fn parse_index_param(c: &CollectionMeta, p: &Map<String, Value>) -> Result<Index
         Some(Value::Object(o)) => o.clone(),
         Some(_) => return Err(ApiError::invalid("indexParams.params", "must be an object")),
     };
-    match index_type {
-        IndexType::FLAT => {
-            if let Some(k) = params
-                .keys()
-                .find(|k| k.as_str() != "metric_type" && k.as_str() != "index_type")
-            {
-                return Err(ApiError::invalid(
-                    &format!("indexParams.params.{k}"),
-                    "FLAT takes no build parameters",
-                ));
-            }
-        }
-        IndexType::IVF_FLAT | IndexType::IVF_SQ8 | IndexType::IVF_PQ | IndexType::HNSW => {
-            return Err(ApiError::invalid(
-                "indexParams.indexType",
-                format!("{index_type} cannot be built by this server yet; FLAT is available"),
-            ));
-        }
+    // Milvus clients repeat these inside params; they are not build parameters. The values of
+    // the rest are checked by the engine (`Engine::put_indexes`), which names each one's range.
+    let mut params = params;
+    params.remove("metric_type");
+    params.remove("index_type");
+    if index_type == IndexType::FLAT
+        && let Some(k) = params.keys().next()
+    {
+        return Err(ApiError::invalid(
+            &format!("indexParams.params.{k}"),
+            "FLAT takes no build parameters",
+        ));
     }
     Ok(IndexRecord {
         collection_id: c.id,
@@ -186,8 +182,15 @@ pub(super) async fn describe<B: Backend>(
         "indexState": state,
         "indexedRows": p.indexed_rows,
         "totalRows": p.total_rows,
+        "pendingIndexRows": p.pending_rows,
         "pendingRows": p.pending_rows,
-        "failReason": "",
+        "failReason": p.fail_reason,
+        "indexBytes": p.index_bytes,
+        "indexedSegments": p.indexed_segments,
+        "flatSegments": p.flat_segments,
+        "indexLoadFailures": p.load_failures,
+        "indexLoadFailureReasons": p.load_failure_reasons.iter()
+            .map(|(seg, why)| json!({"segmentID": seg, "reason": why})).collect::<Vec<_>>(),
     }])))
 }
 

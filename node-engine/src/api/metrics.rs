@@ -45,6 +45,15 @@ pub struct Metrics {
     memory_bytes: Family<CollectionLabels, Gauge>,
     readers: Family<ReaderLabels, Gauge>,
     catalog_version: Gauge,
+    index_bytes: Family<CollectionLabels, Gauge>,
+    index_pending_rows: Family<CollectionLabels, Gauge>,
+    index_load_failures: Family<CollectionLabels, Gauge<u64, AtomicU64>>,
+    index_builds: Family<BuildLabels, Gauge<u64, AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    result: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -74,6 +83,30 @@ impl Metrics {
         let memory_bytes = Family::default();
         let readers = Family::default();
         let catalog_version = Gauge::default();
+        let index_bytes = Family::default();
+        let index_pending_rows = Family::default();
+        let index_load_failures = Family::default();
+        let index_builds = Family::default();
+        registry.register(
+            "collection_index_bytes",
+            "Bytes of loaded ANN indexes per collection (part of collection_memory_bytes)",
+            index_bytes.clone(),
+        );
+        registry.register(
+            "collection_index_pending_rows",
+            "Rows in sealed segments waiting for their ANN index (searched with FLAT meanwhile)",
+            index_pending_rows.clone(),
+        );
+        registry.register(
+            "collection_index_load_failures",
+            "Index files that failed verification at load since start (searched with FLAT, rebuilt)",
+            index_load_failures.clone(),
+        );
+        registry.register(
+            "index_builds",
+            "Segment index builds since start by result (built, failed, discarded)",
+            index_builds.clone(),
+        );
         registry.register(
             "rest_requests",
             "REST requests by endpoint and result",
@@ -132,6 +165,10 @@ impl Metrics {
             memory_bytes,
             readers,
             catalog_version,
+            index_bytes,
+            index_pending_rows,
+            index_load_failures,
+            index_builds,
         }
     }
 
@@ -155,6 +192,19 @@ impl Metrics {
         self.corrupt_segments.clear();
         self.wal_bytes.clear();
         self.memory_bytes.clear();
+        self.index_bytes.clear();
+        self.index_pending_rows.clear();
+        self.index_load_failures.clear();
+        let b = &engine.index_builder().stats;
+        for (result, v) in [
+            ("built", &b.built),
+            ("failed", &b.failed),
+            ("discarded", &b.discarded),
+        ] {
+            self.index_builds
+                .get_or_create(&BuildLabels { result })
+                .set(v.load(std::sync::atomic::Ordering::Relaxed));
+        }
         for c in engine.all() {
             let s = c.stats();
             let l = CollectionLabels {
@@ -171,6 +221,14 @@ impl Metrics {
             self.memory_bytes
                 .get_or_create(&l)
                 .set(s.memory_bytes as i64);
+            let p = c.index_progress();
+            self.index_bytes.get_or_create(&l).set(p.index_bytes as i64);
+            self.index_pending_rows
+                .get_or_create(&l)
+                .set(p.pending_rows as i64);
+            self.index_load_failures
+                .get_or_create(&l)
+                .set(p.load_failures);
         }
     }
 

@@ -887,7 +887,7 @@ impl Backend for RouterBackend {
         Ok(IndexProgress {
             indexed_rows: total as u64,
             total_rows: total as u64,
-            pending_rows: 0,
+            ..IndexProgress::default()
         })
     }
 

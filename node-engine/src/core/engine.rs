@@ -5,12 +5,15 @@
 //! The writer role opens it with [`Engine::open_with_meta`]: a metadata store already fenced
 //! with the writer's lease epoch, and optionally a separate WAL root (`<wal_root>/c<id>`).
 
-use crate::core::meta::{CollectionRecord, MetaError, MetaStore};
+use crate::core::index::IndexError;
+use crate::core::indexer::IndexBuilder;
+use crate::core::meta::{CollectionRecord, IndexRecord, MetaError, MetaStore};
+use crate::core::storage::ann::AnnDef;
 use crate::core::storage::collection::{
-    Collection, CollectionError, CollectionWrite, Schema, StorageOptions, collection_dir,
-    wal_dir_of,
+    Collection, CollectionError, CollectionRead, CollectionWrite, Schema, StorageOptions,
+    collection_dir, wal_dir_of,
 };
-use crate::core::types::Metric;
+use crate::core::types::{IndexType, Metric};
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +39,12 @@ pub enum EngineError {
     Meta(#[from] MetaError),
     #[error(transparent)]
     Collection(#[from] CollectionError),
+}
+
+impl From<IndexError> for EngineError {
+    fn from(e: IndexError) -> Self {
+        EngineError::Collection(CollectionError::Index(e))
+    }
 }
 
 /// Where the engine keeps its data and how it flushes.
@@ -105,6 +114,7 @@ pub struct Engine {
     ddl: tokio::sync::Mutex<()>,
     /// `None` = each collection's WAL inside its directory.
     wal_root: Option<PathBuf>,
+    builder: Arc<IndexBuilder>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -165,6 +175,12 @@ impl Engine {
                 source,
             })?;
         }
+        let builder =
+            IndexBuilder::new(cfg.storage.index_build_threads).map_err(|e| EngineError::Io {
+                action: "start the index builder for",
+                path: cfg.data_dir.clone(),
+                source: std::io::Error::other(e),
+            })?;
         let engine = Arc::new(Self {
             meta: meta.clone(),
             data_dir: cfg.data_dir.clone(),
@@ -172,6 +188,7 @@ impl Engine {
             collections: RwLock::new(BTreeMap::new()),
             ddl: tokio::sync::Mutex::new(()),
             wal_root: wal_root.clone(),
+            builder,
         });
         for rec in meta.list_collections().await? {
             let schema = schema_of(&rec)?;
@@ -189,7 +206,147 @@ impl Engine {
                 .write()
                 .insert(rec.name.clone(), Arc::new(c));
         }
+        // Segments without a committed, verified index (new, or a build cut short by a restart,
+        // or a corrupt file) are picked up by the builder from here.
+        if cfg.storage.build_indexes {
+            engine.builder.start(Arc::downgrade(&engine));
+        }
         Ok(engine)
+    }
+
+    /// The background index builder (wake it after a flush; read its counters).
+    pub fn index_builder(&self) -> &IndexBuilder {
+        &self.builder
+    }
+
+    /// Check index definitions for collection `name` without storing them: the field is the
+    /// vector field, the metric is the collection's, FLAT takes no parameters, ANN parameters
+    /// are in range for the dimension, and a field keeps one index name.
+    ///
+    /// Errors: `CollectionNotFound`; `InvalidParam` naming the parameter and its allowed range.
+    pub async fn validate_indexes(
+        &self,
+        name: &str,
+        defs: &[IndexRecord],
+    ) -> Result<Arc<Collection>, EngineError> {
+        let c = self.collection(name)?;
+        let s = c.schema();
+        let bad = |name: &str, reason: String| EngineError::InvalidParam {
+            name: name.into(),
+            reason,
+        };
+        for d in defs {
+            if d.collection_id != c.collection_id() {
+                return Err(bad(
+                    "collectionName",
+                    format!("index {:?} belongs to another collection", d.index_name),
+                ));
+            }
+            validate_name("indexName", &d.index_name)?;
+            if d.field_name != s.vector_field {
+                return Err(bad(
+                    "fieldName",
+                    format!(
+                        "{:?} is not the vector field {:?}",
+                        d.field_name, s.vector_field
+                    ),
+                ));
+            }
+            let metric = d
+                .metric
+                .parse::<Metric>()
+                .map_err(|e| bad("metricType", e))?;
+            if metric != s.metric {
+                return Err(bad(
+                    "metricType",
+                    format!("{metric} differs from the collection's {}", s.metric),
+                ));
+            }
+            let t = d
+                .index_type
+                .parse::<IndexType>()
+                .map_err(|e| bad("indexType", e))?;
+            let params: serde_json::Value = serde_json::from_str(&d.params)
+                .map_err(|e| bad("params", format!("must be a JSON object: {e}")))?;
+            match t {
+                IndexType::FLAT => {
+                    if let Some(k) = params.as_object().and_then(|o| {
+                        o.keys()
+                            .find(|k| k.as_str() != "metric_type" && k.as_str() != "index_type")
+                    }) {
+                        return Err(bad(
+                            &format!("params.{k}"),
+                            "FLAT takes no build parameters".into(),
+                        ));
+                    }
+                }
+                IndexType::IVF_FLAT | IndexType::IVF_SQ8 | IndexType::IVF_PQ | IndexType::HNSW => {
+                    crate::core::index::validate_build_params_for_dim(t, s.dim, &params)?;
+                }
+            }
+        }
+        let existing = self.meta.indexes(c.collection_id()).await?;
+        for d in defs {
+            let clash = existing
+                .iter()
+                .map(|e| (&e.field_name, &e.index_name))
+                .chain(defs.iter().map(|e| (&e.field_name, &e.index_name)))
+                .any(|(f, n)| *f == d.field_name && *n != d.index_name);
+            if clash {
+                return Err(bad(
+                    "indexName",
+                    format!(
+                        "field {:?} already has an index with another name; drop it first",
+                        d.field_name
+                    ),
+                ));
+            }
+        }
+        Ok(c)
+    }
+
+    /// Create or replace index definitions of collection `name` (what `indexes/create` and
+    /// the cluster writer call). Validates everything first (see [`Engine::validate_indexes`]),
+    /// so a rejected call changes nothing; then commits the definitions, releases indexes built
+    /// from a replaced definition (those segments are searched with FLAT meanwhile), removes
+    /// their files and wakes the builder. An identical definition is a no-op.
+    pub async fn put_indexes(&self, name: &str, defs: &[IndexRecord]) -> Result<(), EngineError> {
+        let _g = self.ddl.lock().await;
+        let c = self.validate_indexes(name, defs).await?;
+        self.meta.put_indexes(defs).await?;
+        self.refresh_ann(&c).await?;
+        Ok(())
+    }
+
+    /// Drop index `index_name` of collection `name`: the definition and its segment index rows
+    /// go in one transaction, the collection falls back to FLAT, the files are removed.
+    ///
+    /// Errors: `CollectionNotFound`; `InvalidParam { name: "indexName" }` when it does not exist.
+    pub async fn drop_index(&self, name: &str, index_name: &str) -> Result<(), EngineError> {
+        let _g = self.ddl.lock().await;
+        let c = self.collection(name)?;
+        let recs = self.meta.indexes(c.collection_id()).await?;
+        if !recs.iter().any(|r| r.index_name == index_name) {
+            return Err(EngineError::InvalidParam {
+                name: "indexName".into(),
+                reason: format!("index {index_name:?} does not exist"),
+            });
+        }
+        self.meta.drop_index(c.collection_id(), index_name).await?;
+        self.refresh_ann(&c).await?;
+        Ok(())
+    }
+
+    /// Re-read the collection's ANN definition from the store and apply it.
+    async fn refresh_ann(&self, c: &Arc<Collection>) -> Result<(), EngineError> {
+        let recs = self.meta.indexes(c.collection_id()).await?;
+        let def = AnnDef::for_field(&recs, &c.schema().vector_field);
+        if c.set_ann_def(def) {
+            let c2 = c.clone();
+            let _ = tokio::task::spawn_blocking(move || c2.remove_stale_index_files()).await;
+        }
+        self.builder.kick();
+        Ok(())
     }
 
     pub fn meta(&self) -> &MetaStore {
@@ -299,8 +456,9 @@ impl Engine {
                 continue;
             }
             if let Err(e) = c.flush().await {
-                tracing::error!(collection = %crate::core::storage::collection::CollectionRead::schema(&*c).name, error = %e, "flush failed");
+                tracing::error!(collection = %c.schema().name, error = %e, "flush failed");
             }
+            self.builder.kick();
         }
     }
 
@@ -323,8 +481,9 @@ impl Engine {
         })
     }
 
-    /// Flush and stop every collection's committer.
+    /// Stop the index builder, flush and stop every collection's committer.
     pub async fn shutdown(&self) {
+        self.builder.stop().await;
         self.flush_all(false).await;
         for c in self.all() {
             c.close().await;

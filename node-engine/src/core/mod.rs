@@ -6,6 +6,7 @@ pub mod distance;
 pub mod engine;
 pub mod filter;
 pub mod index;
+pub mod indexer;
 pub mod meta;
 pub mod storage;
 pub mod types;

@@ -20,6 +20,7 @@ pub mod kmeans;
 pub mod persist;
 mod registry;
 
+pub use persist::stored_crc;
 pub use registry::{
     INDEX_FILE, MAX_EF, build, load, validate_build_params, validate_build_params_for_dim,
     validate_search_params,

@@ -212,6 +212,34 @@ impl<'a> FileWriter<'a> {
     }
 }
 
+/// The CRC32 recorded in `dir/INDEX_FILE`'s header and the file's size, read without mapping
+/// or verifying the body (what the metadata store records beside the file).
+///
+/// Errors: `Io` when the file cannot be read; `Corrupt` when the header is not an index header.
+pub fn stored_crc(dir: &Path) -> Result<(u32, u64), IndexError> {
+    use std::io::Read;
+    let p = dir.join(INDEX_FILE);
+    let path = p.display().to_string();
+    let io = |source| IndexError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut f = File::open(&p).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut head = [0u8; 12];
+    f.read_exact(&mut head).map_err(io)?;
+    if &head[..8] != MAGIC {
+        return Err(IndexError::Corrupt {
+            path,
+            reason: "bad magic".into(),
+        });
+    }
+    Ok((
+        u32::from_le_bytes([head[8], head[9], head[10], head[11]]),
+        len,
+    ))
+}
+
 /// A mapped, checksum-verified index file.
 pub struct FileReader {
     map: Arc<Mmap>,

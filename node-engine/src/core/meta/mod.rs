@@ -111,6 +111,35 @@ pub struct IndexRecord {
     pub params: String,
 }
 
+/// A built ANN index file of one sealed segment, committed after the file is durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentIndexRecord {
+    pub collection_id: i64,
+    pub segment_id: i64,
+    pub index_name: String,
+    /// The definition it was built from (a changed definition invalidates it).
+    pub index_type: String,
+    pub params: String,
+    /// Path of the index directory relative to the collection directory.
+    pub file: String,
+    /// CRC32 stored in the index file's header (checked again when it is mapped).
+    pub crc: i64,
+    pub bytes: i64,
+    pub rows: i64,
+    pub built_ms: i64,
+}
+
+/// Reads a text column. MySQL `TEXT` arrives through `sqlx::Any` as bytes, SQLite's as text.
+fn text(r: &sqlx::any::AnyRow, i: usize) -> Result<String, sqlx::Error> {
+    match r.try_get::<String, _>(i) {
+        Ok(s) => Ok(s),
+        Err(_) => {
+            let b: Vec<u8> = r.try_get(i)?;
+            String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        }
+    }
+}
+
 /// What one flush commits atomically.
 #[derive(Debug, Clone, Default)]
 pub struct FlushCommit {
@@ -393,6 +422,7 @@ impl MetaStore {
         let (mut tx, v) = self.begin_commit().await?;
         for stmt in [
             "DELETE FROM shoal_segments WHERE collection_id = ?",
+            "DELETE FROM shoal_segment_indexes WHERE collection_id = ?",
             "DELETE FROM shoal_indexes WHERE collection_id = ?",
             "DELETE FROM shoal_collections WHERE id = ?",
         ] {
@@ -460,6 +490,14 @@ impl MetaStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(q("drop segment"))?;
+            sqlx::query(
+                "DELETE FROM shoal_segment_indexes WHERE collection_id = ? AND segment_id = ?",
+            )
+            .bind(c.collection_id)
+            .bind(*id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("drop segment indexes"))?;
         }
         for (seg, seq, crc) in &c.tombstones {
             sqlx::query(
@@ -497,53 +535,189 @@ impl MetaStore {
             .map(|r| {
                 Ok(IndexRecord {
                     collection_id: r.try_get(0)?,
-                    index_name: r.try_get(1)?,
-                    field_name: r.try_get(2)?,
-                    index_type: r.try_get(3)?,
-                    metric: r.try_get(4)?,
-                    params: text_column(r, 5)?,
+                    index_name: text(r, 1)?,
+                    field_name: text(r, 2)?,
+                    index_type: text(r, 3)?,
+                    metric: text(r, 4)?,
+                    params: text(r, 5)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(q("decode indexes"))
     }
 
-    /// Replace the collection's index definition named `index_name`.
-    pub async fn put_index(&self, i: &IndexRecord) -> Result<(), MetaError> {
+    /// Replace the collection's index definitions in one transaction. A definition whose type
+    /// or parameters change loses its committed segment index files (their rows are deleted
+    /// here; the caller removes the files). Returns the names whose segment indexes were
+    /// invalidated.
+    pub async fn put_indexes(&self, defs: &[IndexRecord]) -> Result<Vec<String>, MetaError> {
         let (mut tx, v) = self.begin_commit().await?;
-        sqlx::query("DELETE FROM shoal_indexes WHERE collection_id = ? AND index_name = ?")
+        let mut changed = Vec::new();
+        for i in defs {
+            let old = sqlx::query(
+                "SELECT index_type, params FROM shoal_indexes WHERE collection_id = ? AND index_name = ?",
+            )
             .bind(i.collection_id)
             .bind(i.index_name.clone())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("read index"))?;
+            let same = match &old {
+                Some(r) => {
+                    let t = text(r, 0).map_err(q("decode index"))?;
+                    let p = text(r, 1).map_err(q("decode index"))?;
+                    t == i.index_type && p == i.params
+                }
+                None => false,
+            };
+            if !same {
+                sqlx::query(
+                    "DELETE FROM shoal_segment_indexes WHERE collection_id = ? AND index_name = ?",
+                )
+                .bind(i.collection_id)
+                .bind(i.index_name.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("invalidate segment indexes"))?;
+                changed.push(i.index_name.clone());
+            }
+            sqlx::query("DELETE FROM shoal_indexes WHERE collection_id = ? AND index_name = ?")
+                .bind(i.collection_id)
+                .bind(i.index_name.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("replace index"))?;
+            sqlx::query(
+                "INSERT INTO shoal_indexes (collection_id, index_name, field_name, index_type, metric, params) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(i.collection_id)
+            .bind(i.index_name.clone())
+            .bind(i.field_name.clone())
+            .bind(i.index_type.clone())
+            .bind(i.metric.clone())
+            .bind(i.params.clone())
             .execute(&mut *tx)
             .await
-            .map_err(q("replace index"))?;
-        sqlx::query(
-            "INSERT INTO shoal_indexes (collection_id, index_name, field_name, index_type, metric, params) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(i.collection_id)
-        .bind(i.index_name.clone())
-        .bind(i.field_name.clone())
-        .bind(i.index_type.clone())
-        .bind(i.metric.clone())
-        .bind(i.params.clone())
-        .execute(&mut *tx)
-        .await
-        .map_err(q("insert index"))?;
-        self.finish_commit(tx, v, "commit index").await.map(|_| ())
+            .map_err(q("insert index"))?;
+        }
+        self.finish_commit(tx, v, "commit index").await?;
+        Ok(changed)
     }
 
+    /// Replace the collection's index definition named `index_name`.
+    pub async fn put_index(&self, i: &IndexRecord) -> Result<(), MetaError> {
+        self.put_indexes(std::slice::from_ref(i)).await.map(|_| ())
+    }
+
+    /// Remove an index definition and every segment index built from it, atomically.
     pub async fn drop_index(&self, collection_id: i64, index_name: &str) -> Result<(), MetaError> {
         let (mut tx, v) = self.begin_commit().await?;
-        sqlx::query("DELETE FROM shoal_indexes WHERE collection_id = ? AND index_name = ?")
-            .bind(collection_id)
-            .bind(index_name.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("drop index"))?;
+        for stmt in [
+            "DELETE FROM shoal_segment_indexes WHERE collection_id = ? AND index_name = ?",
+            "DELETE FROM shoal_indexes WHERE collection_id = ? AND index_name = ?",
+        ] {
+            sqlx::query(stmt)
+                .bind(collection_id)
+                .bind(index_name.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("drop index"))?;
+        }
         self.finish_commit(tx, v, "commit drop index")
             .await
             .map(|_| ())
+    }
+
+    /// Every committed segment index of a collection.
+    pub async fn segment_indexes(
+        &self,
+        collection_id: i64,
+    ) -> Result<Vec<SegmentIndexRecord>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT collection_id, segment_id, index_name, index_type, params, file, crc, bytes, row_count, \
+             built_ms FROM shoal_segment_indexes WHERE collection_id = ? ORDER BY segment_id, index_name",
+        )
+        .bind(collection_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("list segment indexes"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(SegmentIndexRecord {
+                    collection_id: r.try_get(0)?,
+                    segment_id: r.try_get(1)?,
+                    index_name: text(r, 2)?,
+                    index_type: text(r, 3)?,
+                    params: text(r, 4)?,
+                    file: text(r, 5)?,
+                    crc: r.try_get(6)?,
+                    bytes: r.try_get(7)?,
+                    rows: r.try_get(8)?,
+                    built_ms: r.try_get(9)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(q("decode segment indexes"))
+    }
+
+    /// Commit a built segment index, replacing an older one of the same name — but only while
+    /// its segment is still committed and the index definition is still the one it was built
+    /// from. Returns `false` (nothing written) otherwise; the caller then deletes the file.
+    pub async fn commit_segment_index(&self, r: &SegmentIndexRecord) -> Result<bool, MetaError> {
+        let (mut tx, v) = self.begin_commit().await?;
+        let seg = sqlx::query("SELECT id FROM shoal_segments WHERE collection_id = ? AND id = ?")
+            .bind(r.collection_id)
+            .bind(r.segment_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("check segment"))?;
+        let def = sqlx::query(
+            "SELECT index_type, params FROM shoal_indexes WHERE collection_id = ? AND index_name = ?",
+        )
+        .bind(r.collection_id)
+        .bind(r.index_name.clone())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(q("check index definition"))?;
+        let current = match &def {
+            Some(d) => {
+                text(d, 0).map_err(q("decode index"))? == r.index_type
+                    && text(d, 1).map_err(q("decode index"))? == r.params
+            }
+            None => false,
+        };
+        if seg.is_none() || !current {
+            return Ok(false);
+        }
+        sqlx::query(
+            "DELETE FROM shoal_segment_indexes WHERE collection_id = ? AND segment_id = ? AND index_name = ?",
+        )
+        .bind(r.collection_id)
+        .bind(r.segment_id)
+        .bind(r.index_name.clone())
+        .execute(&mut *tx)
+        .await
+        .map_err(q("replace segment index"))?;
+        sqlx::query(
+            "INSERT INTO shoal_segment_indexes (collection_id, segment_id, index_name, index_type, params, \
+             file, crc, bytes, row_count, built_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(r.collection_id)
+        .bind(r.segment_id)
+        .bind(r.index_name.clone())
+        .bind(r.index_type.clone())
+        .bind(r.params.clone())
+        .bind(r.file.clone())
+        .bind(r.crc)
+        .bind(r.bytes)
+        .bind(r.rows)
+        .bind(r.built_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("insert segment index"))?;
+        self.finish_commit(tx, v, "commit segment index").await?;
+        Ok(true)
     }
 }
 
@@ -606,17 +780,6 @@ fn segment_from_row(r: &sqlx::any::AnyRow) -> Result<SegmentRecord, sqlx::Error>
 }
 
 /// Hide a password in a connection URL before it reaches an error or a log line.
-/// A `TEXT` column: SQLite reports it as text, MySQL/MariaDB through `sqlx::Any` as a BLOB.
-pub(crate) fn text_column(r: &sqlx::any::AnyRow, i: usize) -> Result<String, sqlx::Error> {
-    match r.try_get::<String, _>(i) {
-        Ok(s) => Ok(s),
-        Err(_) => {
-            let b: Vec<u8> = r.try_get(i)?;
-            String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e)))
-        }
-    }
-}
-
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
@@ -863,5 +1026,106 @@ mod tests {
         assert!(ro.schema_ready().await.unwrap());
         versions_and_fencing(old, new).await;
         assert_eq!(ro.catalog_snapshot().await.unwrap().collections.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn segment_indexes_commit_only_for_live_segments_and_current_definitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open_sqlite(&dir.path().join("meta.db"))
+            .await
+            .unwrap();
+        let rec = CollectionRecord {
+            id: 0,
+            name: "c".into(),
+            dim: 4,
+            metric: "L2".into(),
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+            loaded: true,
+            flushed_seq: 0,
+            created_ms: 1,
+        };
+        let cid = m.create_collection(&rec).await.unwrap();
+        let seg = |id| SegmentRecord {
+            collection_id: cid,
+            id,
+            rows: 10,
+            manifest_crc: 7,
+            tomb_seq: 0,
+            tomb_crc: 0,
+        };
+        m.commit_flush(&FlushCommit {
+            collection_id: cid,
+            new_segments: vec![seg(1), seg(2)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let def = IndexRecord {
+            collection_id: cid,
+            index_name: "vector".into(),
+            field_name: "vector".into(),
+            index_type: "HNSW".into(),
+            metric: "L2".into(),
+            params: "{\"M\":8}".into(),
+        };
+        assert_eq!(
+            m.put_indexes(std::slice::from_ref(&def)).await.unwrap(),
+            vec!["vector"]
+        );
+        let six = |segment_id, params: &str| SegmentIndexRecord {
+            collection_id: cid,
+            segment_id,
+            index_name: "vector".into(),
+            index_type: "HNSW".into(),
+            params: params.into(),
+            file: format!("segments/{segment_id}/ix"),
+            crc: 0xdead_beef,
+            bytes: 100,
+            rows: 10,
+            built_ms: 5,
+        };
+        assert!(m.commit_segment_index(&six(1, "{\"M\":8}")).await.unwrap());
+        assert!(m.commit_segment_index(&six(2, "{\"M\":8}")).await.unwrap());
+        // Re-committing replaces; a stale definition or a missing segment commits nothing.
+        assert!(m.commit_segment_index(&six(2, "{\"M\":8}")).await.unwrap());
+        assert!(!m.commit_segment_index(&six(2, "{\"M\":9}")).await.unwrap());
+        assert!(!m.commit_segment_index(&six(3, "{\"M\":8}")).await.unwrap());
+        assert_eq!(
+            m.segment_indexes(cid).await.unwrap(),
+            vec![six(1, "{\"M\":8}"), six(2, "{\"M\":8}")]
+        );
+        // The same definition again keeps the built files; a changed one invalidates them.
+        assert!(
+            m.put_indexes(std::slice::from_ref(&def))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(m.segment_indexes(cid).await.unwrap().len(), 2);
+        // Compaction dropping segment 1 drops its index row in the same commit.
+        m.commit_flush(&FlushCommit {
+            collection_id: cid,
+            dropped_segments: vec![1],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            m.segment_indexes(cid).await.unwrap(),
+            vec![six(2, "{\"M\":8}")]
+        );
+        let changed = IndexRecord {
+            params: "{\"M\":9}".into(),
+            ..def.clone()
+        };
+        assert_eq!(m.put_indexes(&[changed]).await.unwrap(), vec!["vector"]);
+        assert!(m.segment_indexes(cid).await.unwrap().is_empty());
+        assert!(m.commit_segment_index(&six(2, "{\"M\":9}")).await.unwrap());
+        m.drop_index(cid, "vector").await.unwrap();
+        assert!(m.segment_indexes(cid).await.unwrap().is_empty());
+        assert!(m.indexes(cid).await.unwrap().is_empty());
     }
 }

@@ -17,6 +17,7 @@ mod replica;
 
 pub use replica::{RefreshOutcome, SegmentSelection, ShardHit};
 
+use super::ann::{self, AnnDef, IndexJob, IndexProgress};
 use super::segment::{self, SegmentData, SegmentError};
 use super::wal::{self, RowBatch, WalError, WalOp, WalWriter};
 use crate::core::bitset::Bitset;
@@ -79,6 +80,13 @@ pub struct StorageOptions {
     pub flush_bytes: usize,
     /// Rewrite a sealed segment once this fraction of its rows is deleted.
     pub compact_deleted_fraction: f64,
+    /// Sealed segments with fewer rows stay FLAT (an index would not pay for itself).
+    pub index_min_rows: usize,
+    /// Threads of the background index builder; 0 = max(1, cores / 2).
+    pub index_build_threads: usize,
+    /// Run the background index builder (the writer and standalone do; a read-only reader
+    /// only maps committed index files).
+    pub build_indexes: bool,
 }
 
 impl Default for StorageOptions {
@@ -86,6 +94,9 @@ impl Default for StorageOptions {
         Self {
             flush_bytes: 64 << 20,
             compact_deleted_fraction: 0.3,
+            index_min_rows: 1024,
+            index_build_threads: 0,
+            build_indexes: true,
         }
     }
 }
@@ -121,7 +132,10 @@ pub struct CollectionStats {
     pub growing_rows: usize,
     pub corrupt_segments: Vec<(u64, String)>,
     pub wal_bytes: u64,
+    /// Everything held in memory or mapped, ANN indexes included.
     pub memory_bytes: usize,
+    /// The loaded ANN indexes' share of `memory_bytes`.
+    pub index_bytes: usize,
 }
 
 /// The read side.
@@ -170,6 +184,9 @@ struct SegEntry {
     deleted: Bitset,
     committed: bool,
     tomb_seq: u64,
+    /// The segment's ANN index for the collection's current definition, once built or mapped;
+    /// `None` = searched with FLAT.
+    ann: Option<Arc<dyn VectorIndexRead>>,
 }
 
 struct Growing {
@@ -339,6 +356,13 @@ pub struct Collection {
     read_only: bool,
     /// Read-only replica: manifest CRC of every served segment (a re-used id is reloaded).
     served: Mutex<HashMap<u64, u32>>,
+    ann_def: RwLock<Option<AnnDef>>,
+    /// Segments whose build failed for the current definition (not retried until it changes).
+    ann_failed: Mutex<BTreeMap<u64, String>>,
+    /// Segments a builder is working on.
+    ann_building: Mutex<BTreeSet<u64>>,
+    ann_load_failures: AtomicU64,
+    ann_load_reasons: Mutex<Vec<(u64, String)>>,
 }
 
 impl std::fmt::Debug for Collection {
@@ -407,9 +431,14 @@ impl Collection {
         let wal_dir2 = wal_dir.clone();
         let seg_root = dir.join("segments");
         let records = meta.segments(rec.id).await?;
+        let ann_def = AnnDef::for_field(&meta.indexes(rec.id).await?, &schema.vector_field);
+        let seg_indexes = meta.segment_indexes(rec.id).await?;
         let metric = schema.metric;
+        let dim = schema.dim;
+        let ann_def2 = ann_def.clone();
         let flushed = rec.flushed_seq.max(0) as u64;
-        let (sealed, corrupt, replay) = tokio::task::spawn_blocking(move || {
+        let dir2 = dir.clone();
+        let (sealed, corrupt, replay, ann_failures) = tokio::task::spawn_blocking(move || {
             let mut sealed = BTreeMap::new();
             let mut corrupt = Vec::new();
             let committed: Vec<u64> = records.iter().map(|r| r.id as u64).collect();
@@ -432,7 +461,7 @@ impl Collection {
                         segment::remove_old_tombstones(&seg_root, id, r.tomb_seq as u64);
                         sealed.insert(
                             id,
-                            SegEntry { data: Arc::new(d), deleted: del, committed: true, tomb_seq: r.tomb_seq as u64 },
+                            SegEntry { data: Arc::new(d), deleted: del, committed: true, tomb_seq: r.tomb_seq as u64, ann: None },
                         );
                     }
                     Err(SegmentError::Corrupt { segment, reason }) => {
@@ -442,8 +471,29 @@ impl Collection {
                     Err(e) => return Err(CollectionError::Segment(e)),
                 }
             }
+            // Committed index files are mapped, not rebuilt; one that fails verification is
+            // reported and its segment searched with FLAT until the builder replaces it.
+            let mut ann_failures = Vec::new();
+            let keep = ann_def2.as_ref().map(AnnDef::dir_name);
+            for id in sealed.keys() {
+                ann::remove_stale_index_dirs(&segment::segment_dir(&seg_root, *id), keep.as_deref());
+            }
+            if let Some(def) = &ann_def2 {
+                for r in seg_indexes.iter().filter(|r| def.matches(r)) {
+                    let Some(e) = sealed.get_mut(&(r.segment_id as u64)) else {
+                        continue;
+                    };
+                    match ann::load_committed(&dir2, r, e.data.rows(), dim, metric) {
+                        Ok(idx) => e.ann = Some(idx),
+                        Err(err) => {
+                            tracing::error!(segment = r.segment_id, index = %def.index_name, error = %err, "index file failed verification; searching the segment with FLAT and rebuilding it");
+                            ann_failures.push((r.segment_id as u64, err.to_string()));
+                        }
+                    }
+                }
+            }
             let replay = wal::replay(&wal_dir2, flushed)?;
-            Ok::<_, CollectionError>((sealed, corrupt, replay))
+            Ok::<_, CollectionError>((sealed, corrupt, replay, ann_failures))
         })
         .await
         .map_err(join_err)??;
@@ -520,6 +570,11 @@ impl Collection {
             corrupt: Mutex::new(corrupt),
             read_only: false,
             served: Mutex::new(HashMap::new()),
+            ann_def: RwLock::new(ann_def),
+            ann_failed: Mutex::new(BTreeMap::new()),
+            ann_building: Mutex::new(BTreeSet::new()),
+            ann_load_failures: AtomicU64::new(ann_failures.len() as u64),
+            ann_load_reasons: Mutex::new(ann_failures),
         })
     }
 
@@ -603,6 +658,156 @@ impl Collection {
             .into_iter()
             .map(|r| r.id)
             .collect()
+    }
+
+    /// The metadata store this collection commits to.
+    pub fn meta(&self) -> &MetaStore {
+        &self.meta
+    }
+
+    /// Let the builder try segment `id` again (its last attempt was superseded, not failed).
+    pub fn forget_index_failure(&self, id: u64) {
+        self.ann_failed.lock().remove(&id);
+    }
+
+    /// The active ANN index definition (`None`: every segment is searched with FLAT).
+    pub fn ann_def(&self) -> Option<AnnDef> {
+        self.ann_def.read().clone()
+    }
+
+    /// Switch to a new ANN definition (or none). When it differs from the current one every
+    /// loaded index is released (those segments are searched with FLAT at once) and build
+    /// failures are forgotten. Returns whether anything changed; the caller then removes stale
+    /// index directories ([`Collection::remove_stale_index_files`]) and wakes the builder.
+    pub fn set_ann_def(&self, def: Option<AnnDef>) -> bool {
+        let mut cur = self.ann_def.write();
+        if *cur == def {
+            return false;
+        }
+        // Lock order: definition, then state (the builder's install takes them the same way).
+        let mut st = self.inner.state.write();
+        for e in st.sealed.values_mut() {
+            e.ann = None;
+        }
+        *cur = def;
+        self.ann_failed.lock().clear();
+        true
+    }
+
+    /// Delete index directories of other definitions in every segment directory (blocking I/O).
+    pub fn remove_stale_index_files(&self) {
+        let keep = self.ann_def().map(|d| d.dir_name());
+        let seg_root = self.inner.seg_root();
+        let ids: Vec<u64> = self.inner.state.read().sealed.keys().copied().collect();
+        for id in ids {
+            ann::remove_stale_index_dirs(&segment::segment_dir(&seg_root, id), keep.as_deref());
+        }
+    }
+
+    /// The next committed segment that needs an ANN index (large enough, none loaded, no
+    /// failed build, not being built), claimed for the caller until [`Collection::finish_index`].
+    pub fn claim_index_job(&self) -> Option<IndexJob> {
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let def = self.ann_def.read().clone()?;
+        let st = self.inner.state.read();
+        let failed = self.ann_failed.lock();
+        let mut building = self.ann_building.lock();
+        let (id, e) = st.sealed.iter().find(|(id, e)| {
+            e.committed
+                && e.ann.is_none()
+                && e.data.rows() >= self.opts.index_min_rows.max(1)
+                && !failed.contains_key(id)
+                && !building.contains(id)
+        })?;
+        building.insert(*id);
+        let seg_dir = segment::segment_dir(&self.inner.seg_root(), *id);
+        let dir = seg_dir.join(def.dir_name());
+        let rel = dir
+            .strip_prefix(&self.inner.dir)
+            .map(|p| p.to_string_lossy().to_string())
+            .unwrap_or_else(|_| dir.to_string_lossy().to_string());
+        Some(IndexJob {
+            collection_id: self.inner.collection_id,
+            collection: self.inner.schema.name.clone(),
+            segment_id: *id,
+            def,
+            metric: self.inner.schema.metric,
+            dim: self.inner.schema.dim,
+            data: e.data.clone(),
+            dir,
+            rel,
+        })
+    }
+
+    /// Release a claimed job: serve `result`'s index for the segment if the definition is still
+    /// the one it was built for and the segment still exists, or record the failure. Returns
+    /// whether the index is now served.
+    pub fn finish_index(
+        &self,
+        job: &IndexJob,
+        result: Result<Arc<dyn VectorIndexRead>, String>,
+    ) -> bool {
+        let cur = self.ann_def.read();
+        let served = if cur.as_ref() == Some(&job.def) {
+            match result {
+                Ok(ix) => {
+                    let mut st = self.inner.state.write();
+                    match st.sealed.get_mut(&job.segment_id) {
+                        Some(e) if e.data.rows() == ix.len() => {
+                            e.ann = Some(ix);
+                            true
+                        }
+                        _ => false,
+                    }
+                }
+                Err(reason) => {
+                    self.ann_failed.lock().insert(job.segment_id, reason);
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        self.ann_building.lock().remove(&job.segment_id);
+        served
+    }
+
+    /// Build progress and memory of the ANN index, for `indexes/describe` and metrics.
+    pub fn index_progress(&self) -> IndexProgress {
+        let def = self.ann_def.read().clone();
+        let st = self.inner.state.read();
+        let failed = self.ann_failed.lock();
+        let mut p = IndexProgress {
+            index: def.as_ref().map(|d| (d.index_name.clone(), d.index_type)),
+            total_rows: st.growing.rows.len(),
+            failed: failed.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            load_failures: self.ann_load_failures.load(Ordering::Relaxed),
+            load_failure_reasons: self.ann_load_reasons.lock().clone(),
+            ..Default::default()
+        };
+        for (id, e) in &st.sealed {
+            let rows = e.data.rows();
+            p.total_rows += rows;
+            match &e.ann {
+                Some(ix) => {
+                    p.indexed_rows += rows;
+                    p.indexed_segments += 1;
+                    p.index_bytes += ix.memory_bytes();
+                }
+                None => {
+                    p.flat_segments += 1;
+                    if def.is_some()
+                        && rows >= self.opts.index_min_rows.max(1)
+                        && !failed.contains_key(id)
+                    {
+                        p.pending_rows += rows;
+                    }
+                }
+            }
+        }
+        p
     }
 
     fn compaction_candidates(&self) -> Vec<u64> {
@@ -701,6 +906,7 @@ impl Collection {
                         deleted: del,
                         committed: true,
                         tomb_seq: 0,
+                        ann: None,
                     },
                 );
             }
@@ -859,6 +1065,7 @@ impl CollectionWrite for Collection {
                             deleted: Bitset::new_empty(n),
                             committed: false,
                             tomb_seq: 0,
+                            ann: None,
                         },
                     );
                 }
@@ -1036,6 +1243,11 @@ impl CollectionRead for Collection {
             .into());
         }
         let nq = queries.len() / dim;
+        // Knobs are checked against the definition up front, so the answer does not depend on
+        // how far the builder has got.
+        if let Some(def) = self.ann_def.read().as_ref() {
+            crate::core::index::validate_search_params(def.index_type, &def.params, params, k)?;
+        }
         let pk_field = self.inner.schema.pk_field.as_str();
         let matcher = Matcher::new(filter, pk_field);
         let st = self.inner.state.read();
@@ -1062,10 +1274,12 @@ impl CollectionRead for Collection {
                 if allowed.as_ref().is_some_and(|b| b.count_ones() == 0) {
                     return Ok((*sid, vec![Vec::new(); nq]));
                 }
-                Ok((
-                    *sid,
-                    e.data.flat().search(queries, k, params, allowed.as_ref())?,
-                ))
+                // Filters and deletes travel into the index as the allow-bitset.
+                let res = match &e.ann {
+                    Some(ix) => ix.search(queries, k, params, allowed.as_ref())?,
+                    None => e.data.flat().search(queries, k, params, allowed.as_ref())?,
+                };
+                Ok((*sid, res))
             })
             .collect();
         let mut all: Vec<Vec<Candidate>> = vec![Vec::new(); nq];
@@ -1180,6 +1394,11 @@ impl CollectionRead for Collection {
 
     fn stats(&self) -> CollectionStats {
         let st = self.inner.state.read();
+        let index_bytes: usize = st
+            .sealed
+            .values()
+            .filter_map(|e| e.ann.as_ref().map(|a| a.memory_bytes()))
+            .sum();
         CollectionStats {
             live_rows: st.live_rows(),
             sealed_segments: st.sealed.len(),
@@ -1192,7 +1411,9 @@ impl CollectionRead for Collection {
                 .map(|e| e.data.memory_bytes())
                 .sum::<usize>()
                 + st.growing.rows.vectors.len() * 4
-                + st.pk.len() * 24,
+                + st.pk.len() * 24
+                + index_bytes,
+            index_bytes,
         }
     }
 }

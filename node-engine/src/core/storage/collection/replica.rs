@@ -102,6 +102,13 @@ impl Collection {
             corrupt: Mutex::new(Vec::new()),
             read_only: true,
             served: Mutex::new(HashMap::new()),
+            // Readers search sealed segments with FLAT for now; mapping the writer's committed
+            // index files here is the next step (the files and their metadata rows are shared).
+            ann_def: RwLock::new(None),
+            ann_failed: Mutex::new(BTreeMap::new()),
+            ann_building: Mutex::new(BTreeSet::new()),
+            ann_load_failures: AtomicU64::new(0),
+            ann_load_reasons: Mutex::new(Vec::new()),
         };
         let out = c.refresh(rec, segments).await?;
         Ok((c, out))
@@ -192,6 +199,7 @@ impl Collection {
                                 deleted,
                                 committed: true,
                                 tomb_seq: r.tomb_seq as u64,
+                                ann: None,
                             },
                         );
                         served.insert(id, r.manifest_crc as u32);
