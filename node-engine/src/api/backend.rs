@@ -36,6 +36,8 @@ pub struct CollectionMeta {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CollectionDetails {
     pub indexes: Vec<IndexRecord>,
+    /// Bytes of loaded ANN index files per index name (absent = none loaded here).
+    pub index_bytes: std::collections::BTreeMap<String, u64>,
     pub memory_bytes: usize,
     /// (segment id, reason) of segments that failed verification.
     pub corrupt_segments: Vec<(u64, String)>,
@@ -267,7 +269,13 @@ impl Backend for LocalBackend {
     async fn describe_collection(&self, c: &CollectionMeta) -> Result<CollectionDetails, ApiError> {
         let col = self.open(c)?;
         let stats = col.stats();
+        let p = col.index_progress();
         Ok(CollectionDetails {
+            index_bytes: p
+                .index
+                .map(|(name, _)| (name, p.index_bytes as u64))
+                .into_iter()
+                .collect(),
             indexes: self.engine.meta().indexes(c.id).await?,
             memory_bytes: stats.memory_bytes,
             corrupt_segments: stats.corrupt_segments,
@@ -408,7 +416,10 @@ impl Backend for LocalBackend {
         index: &IndexRecord,
     ) -> Result<IndexProgress, ApiError> {
         let p = self.open(c)?.index_progress();
-        let is_ann = p.index.as_ref().is_some_and(|(n, _)| *n == index.index_name);
+        let is_ann = p
+            .index
+            .as_ref()
+            .is_some_and(|(n, _)| *n == index.index_name);
         if !is_ann {
             // FLAT searches every row exactly as soon as it is written.
             return Ok(IndexProgress {

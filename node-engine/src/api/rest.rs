@@ -474,7 +474,11 @@ async fn describe_collection<B: Backend>(
     let idx: Vec<Value> = d
         .indexes
         .iter()
-        .map(|r| json!({"fieldName": r.field_name, "indexName": r.index_name, "metricType": r.metric}))
+        .map(|r| {
+            json!({"fieldName": r.field_name, "indexName": r.index_name, "metricType": r.metric,
+                   "indexType": r.index_type,
+                   "indexBytes": d.index_bytes.get(&r.index_name).copied().unwrap_or(0)})
+        })
         .collect();
     Ok(Reply::data(json!({
         "collectionName": s.name,

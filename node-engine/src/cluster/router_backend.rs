@@ -553,6 +553,7 @@ impl Backend for RouterBackend {
         let cc = self.cached(&c.schema.name).await?;
         Ok(CollectionDetails {
             indexes: cc.indexes,
+            index_bytes: Default::default(),
             memory_bytes: 0,
             corrupt_segments: Vec::new(),
         })

@@ -25,19 +25,19 @@ const STEP_1: Step = Step {
         "CREATE TABLE shoal_collections (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, dim INTEGER NOT NULL, \
          metric TEXT NOT NULL, auto_id INTEGER NOT NULL, pk_field TEXT NOT NULL, vector_field TEXT NOT NULL, \
          dynamic_field INTEGER NOT NULL, loaded INTEGER NOT NULL, flushed_seq INTEGER NOT NULL, created_ms INTEGER NOT NULL)",
-            "CREATE TABLE shoal_segments (collection_id INTEGER NOT NULL, id INTEGER NOT NULL, row_count INTEGER NOT NULL, \
+        "CREATE TABLE shoal_segments (collection_id INTEGER NOT NULL, id INTEGER NOT NULL, row_count INTEGER NOT NULL, \
          manifest_crc INTEGER NOT NULL, tomb_seq INTEGER NOT NULL, tomb_crc INTEGER NOT NULL, PRIMARY KEY (collection_id, id))",
-            "CREATE TABLE shoal_indexes (collection_id INTEGER NOT NULL, index_name TEXT NOT NULL, field_name TEXT NOT NULL, \
+        "CREATE TABLE shoal_indexes (collection_id INTEGER NOT NULL, index_name TEXT NOT NULL, field_name TEXT NOT NULL, \
          index_type TEXT NOT NULL, metric TEXT NOT NULL, params TEXT NOT NULL, PRIMARY KEY (collection_id, index_name))",
-            "CREATE TABLE shoal_sequences (last_id INTEGER NOT NULL)",
-        ],
-        mysql: &[
-            "CREATE TABLE shoal_collections (id BIGINT PRIMARY KEY, name VARCHAR(255) NOT NULL UNIQUE, dim BIGINT NOT NULL, \
+        "CREATE TABLE shoal_sequences (last_id INTEGER NOT NULL)",
+    ],
+    mysql: &[
+        "CREATE TABLE shoal_collections (id BIGINT PRIMARY KEY, name VARCHAR(255) NOT NULL UNIQUE, dim BIGINT NOT NULL, \
          metric VARCHAR(16) NOT NULL, auto_id BIGINT NOT NULL, pk_field VARCHAR(255) NOT NULL, vector_field VARCHAR(255) NOT NULL, \
          dynamic_field BIGINT NOT NULL, loaded BIGINT NOT NULL, flushed_seq BIGINT NOT NULL, created_ms BIGINT NOT NULL)",
-            "CREATE TABLE shoal_segments (collection_id BIGINT NOT NULL, id BIGINT NOT NULL, row_count BIGINT NOT NULL, \
+        "CREATE TABLE shoal_segments (collection_id BIGINT NOT NULL, id BIGINT NOT NULL, row_count BIGINT NOT NULL, \
          manifest_crc BIGINT NOT NULL, tomb_seq BIGINT NOT NULL, tomb_crc BIGINT NOT NULL, PRIMARY KEY (collection_id, id))",
-            "CREATE TABLE shoal_indexes (collection_id BIGINT NOT NULL, index_name VARCHAR(255) NOT NULL, field_name VARCHAR(255) NOT NULL, \
+        "CREATE TABLE shoal_indexes (collection_id BIGINT NOT NULL, index_name VARCHAR(255) NOT NULL, field_name VARCHAR(255) NOT NULL, \
          index_type VARCHAR(32) NOT NULL, metric VARCHAR(16) NOT NULL, params TEXT NOT NULL, PRIMARY KEY (collection_id, index_name))",
         "CREATE TABLE shoal_sequences (last_id BIGINT NOT NULL)",
     ],
