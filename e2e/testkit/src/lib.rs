@@ -7,9 +7,11 @@
 pub mod juicefs;
 pub mod mariadb;
 pub mod redis;
+pub mod watchdog;
 
 pub use juicefs::{JuiceFs, JuiceFsMount, juicefs_binary, require_fuse};
 pub use redis::{RedisOptions, RedisServer, free_port};
+pub use watchdog::watchdog;
 
 /// A test service could not be started.
 #[derive(Debug, thiserror::Error)]
