@@ -7,4 +7,5 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod gpu;
+pub mod memory;
 pub mod standalone;

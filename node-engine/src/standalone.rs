@@ -5,6 +5,7 @@ use crate::api::{self, metrics::Metrics, rest::AppState};
 use crate::config::StandaloneConfig;
 use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::storage::collection::StorageOptions;
+use crate::gpu::GpuRuntime;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,7 +38,10 @@ pub async fn build(
     let state = Arc::new(AppState {
         engine: engine.clone(),
         auth_token: cfg.auth_token.clone(),
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(Metrics::new().with_gpu(Arc::new(GpuRuntime::telemetry_only(
+            &cfg.gpu,
+            "standalone searches on the CPU; GPU search runs in the reader role",
+        )))),
         indexes: api::indexes::IndexService::new(engine),
     });
     let rest = api::rest::router(state.clone());

@@ -1,13 +1,16 @@
-//! Prometheus metrics: requests and latency per endpoint, rows, segments, WAL bytes.
+//! Prometheus metrics: requests and latency per endpoint, rows, segments, WAL bytes, and (when a
+//! [`GpuRuntime`] is attached with [`Metrics::with_gpu`]) the `shoal_gpu_*` NVML telemetry.
 
 use crate::core::engine::Engine;
 use crate::core::storage::collection::CollectionRead;
+use crate::gpu::{GpuRuntime, GpuStatus};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -38,6 +41,7 @@ pub struct Metrics {
     corrupt_segments: Family<CollectionLabels, Gauge>,
     wal_bytes: Family<CollectionLabels, Gauge<u64, AtomicU64>>,
     memory_bytes: Family<CollectionLabels, Gauge>,
+    gpu: Option<Arc<GpuRuntime>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -54,7 +58,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("shoal");
+        // The engine's metrics live under `shoal_`; the root stays unprefixed so the GPU gauges
+        // can register their own `shoal_gpu_` prefix later ([`Metrics::with_gpu`]).
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("shoal");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 20))
@@ -102,7 +109,7 @@ impl Metrics {
             memory_bytes.clone(),
         );
         Self {
-            registry,
+            registry: root,
             requests,
             latency,
             rows_inserted,
@@ -111,7 +118,21 @@ impl Metrics {
             corrupt_segments,
             wal_bytes,
             memory_bytes,
+            gpu: None,
         }
+    }
+
+    /// Attach a GPU runtime: its `shoal_gpu_*` gauges (GPU count, per-GPU info, memory,
+    /// utilisation, temperature, power, residency) are exported and refreshed on each scrape.
+    pub fn with_gpu(mut self, gpu: Arc<GpuRuntime>) -> Self {
+        gpu.register_metrics(&mut self.registry);
+        self.gpu = Some(gpu);
+        self
+    }
+
+    /// The GPU part of `/readyz` (samples NVML now), when a runtime is attached.
+    pub fn gpu_status(&self) -> Option<GpuStatus> {
+        self.gpu.as_ref().map(|g| g.status())
     }
 
     pub fn observe_request(&self, endpoint: &'static str, result: &'static str, took: Duration) {
@@ -129,6 +150,25 @@ impl Metrics {
 
     /// Refresh the per-collection gauges and render the text exposition format.
     pub fn render(&self, engine: &Engine) -> String {
+        self.refresh_collections(engine);
+        self.encode()
+    }
+
+    /// Refresh the GPU gauges (one NVML sample per GPU, microseconds to a few milliseconds) and
+    /// render everything registered, for roles without a local engine.
+    pub fn encode(&self) -> String {
+        if let Some(g) = &self.gpu {
+            // Sampling also refreshes the residency gauges; the status itself is not needed.
+            let _ = g.status();
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    fn refresh_collections(&self, engine: &Engine) {
         self.rows.clear();
         self.segments.clear();
         self.corrupt_segments.clear();
@@ -151,10 +191,5 @@ impl Metrics {
                 .get_or_create(&l)
                 .set(s.memory_bytes as i64);
         }
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "encoding metrics failed");
-        }
-        out
     }
 }

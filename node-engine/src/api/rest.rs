@@ -5,13 +5,13 @@
 use super::error::{ApiError, code};
 use super::indexes;
 use super::metrics::Metrics;
+use super::rows;
 use crate::core::engine::Engine;
 use crate::core::filter::Filter;
 use crate::core::index::SearchParams;
 use crate::core::storage::collection::{
     Collection, CollectionRead, CollectionWrite, Output, RowOut, Schema,
 };
-use crate::core::storage::wal::RowBatch;
 use crate::core::types::Metric;
 use axum::Router;
 use axum::body::Bytes;
@@ -26,6 +26,10 @@ use std::time::Instant;
 
 /// Largest `limit + offset` accepted by search and query (Milvus's max top-k).
 pub const MAX_TOPK: usize = 16_384;
+
+/// Largest request body accepted (Milvus's default gRPC receive size, 64 MiB). 10,000 rows of
+/// 128-d vectors as JSON text are about 14 MB; axum's own default (2 MiB) refuses ~1,500.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
 
 /// Shared state of the REST server.
 pub struct AppState {
@@ -129,6 +133,24 @@ where
     F: FnOnce(Arc<AppState>, Ctx, Map<String, Value>) -> Fut,
     Fut: Future<Output = Result<Reply, ApiError>>,
 {
+    call_with(st, headers, body, endpoint, |b| parse_body(&b), f).await
+}
+
+/// [`call`] with the body parser supplied (`entities/insert|upsert` take the raw body and parse
+/// it typed, see `rows`).
+async fn call_with<T, P, F, Fut>(
+    st: Arc<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+    endpoint: &'static str,
+    parse: P,
+    f: F,
+) -> Response
+where
+    P: FnOnce(Bytes) -> Result<T, ApiError>,
+    F: FnOnce(Arc<AppState>, Ctx, T) -> Fut,
+    Fut: Future<Output = Result<Reply, ApiError>>,
+{
     let started = Instant::now();
     let ctx = Ctx {
         int64_numbers: headers
@@ -137,7 +159,7 @@ where
             .is_none_or(|v| !v.trim().eq_ignore_ascii_case("false")),
     };
     let res = match check_auth(&st, &headers) {
-        Ok(()) => match parse_body(&body) {
+        Ok(()) => match parse(body) {
             Ok(req) => f(st.clone(), ctx, req).await,
             Err(e) => Err(e),
         },
@@ -171,6 +193,14 @@ macro_rules! ep {
             post(|State(s): State<Arc<AppState>>, h: HeaderMap, b: Bytes| call(s, h, b, $path, $f)),
         )
     };
+    ($r:expr, $path:literal, $f:expr, parse = $p:expr) => {
+        $r.route(
+            concat!("/v2/vectordb/", $path),
+            post(|State(s): State<Arc<AppState>>, h: HeaderMap, b: Bytes| {
+                call_with(s, h, b, $path, $p, $f)
+            }),
+        )
+    };
 }
 
 /// The REST router with every endpoint.
@@ -186,8 +216,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let r = ep!(r, "collections/release", release_collection);
     let r = ep!(r, "collections/get_load_state", get_load_state);
     let r = ep!(r, "collections/flush", flush_collection);
-    let r = ep!(r, "entities/insert", insert);
-    let r = ep!(r, "entities/upsert", upsert);
+    let r = ep!(r, "entities/insert", insert, parse = Ok);
+    let r = ep!(r, "entities/upsert", upsert, parse = Ok);
     let r = ep!(r, "entities/delete", delete);
     let r = ep!(r, "entities/get", get);
     let r = ep!(r, "entities/query", query);
@@ -196,7 +226,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let r = ep!(r, "indexes/describe", indexes::describe);
     let r = ep!(r, "indexes/list", indexes::list);
     let r = ep!(r, "indexes/drop", indexes::drop);
-    r.fallback(|| async {
+    r.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .fallback(|| async {
         json_response(
             axum::http::StatusCode::NOT_FOUND,
             json!({"code": code::INVALID_PARAMETER, "message": "unknown endpoint; see /v2/vectordb/..."}),
@@ -552,7 +583,7 @@ async fn flush_collection(
 
 // ---------- entities ----------
 
-fn parse_id(v: &Value) -> Option<i64> {
+pub(super) fn parse_id(v: &Value) -> Option<i64> {
     match v {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.trim().parse().ok(),
@@ -582,106 +613,9 @@ fn parse_vector(v: &Value, dim: usize, out: &mut Vec<f32>) -> Result<(), String>
     Ok(())
 }
 
-/// Validate and convert `data` rows into a batch. `need_id`: the row must carry its primary key.
-fn rows_to_batch(
-    c: &Collection,
-    m: &Map<String, Value>,
-    upsert: bool,
-) -> Result<RowBatch, ApiError> {
-    let s = c.schema();
-    let rows: Vec<&Map<String, Value>> = match m.get("data") {
-        None | Some(Value::Null) => return Err(ApiError::missing("data")),
-        Some(Value::Array(a)) => a
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_object()
-                    .ok_or_else(|| ApiError::bad_row(i, "each row must be a JSON object"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(Value::Object(o)) => vec![o],
-        Some(_) => return Err(ApiError::invalid("data", "must be a list of row objects")),
-    };
-    if rows.is_empty() {
-        return Err(ApiError::invalid("data", "must contain at least one row"));
-    }
-    let mut b = RowBatch::new(s.dim);
-    b.vectors.reserve(rows.len() * s.dim);
-    let auto = s.auto_id && !upsert;
-    let mut seen = std::collections::HashSet::new();
-    for (i, row) in rows.iter().enumerate() {
-        if auto {
-            if row.contains_key(&s.pk_field) {
-                return Err(ApiError::bad_row(
-                    i,
-                    format!("{} is generated (autoID); do not send it", s.pk_field),
-                ));
-            }
-        } else {
-            let id = match row.get(&s.pk_field) {
-                None | Some(Value::Null) => {
-                    return Err(ApiError::bad_row(
-                        i,
-                        format!("missing primary key {}", s.pk_field),
-                    ));
-                }
-                Some(v) => parse_id(v).ok_or_else(|| {
-                    ApiError::bad_row(i, format!("{} must be an int64", s.pk_field))
-                })?,
-            };
-            if !seen.insert(id) {
-                return Err(ApiError::bad_row(
-                    i,
-                    format!("duplicate primary key {id} in one request"),
-                ));
-            }
-            b.ids.push(id);
-        }
-        match row.get(&s.vector_field) {
-            None | Some(Value::Null) => {
-                return Err(ApiError::bad_row(
-                    i,
-                    format!("missing vector field {}", s.vector_field),
-                ));
-            }
-            Some(v) => {
-                parse_vector(v, s.dim, &mut b.vectors).map_err(|e| ApiError::bad_row(i, e))?
-            }
-        }
-        let mut dynf = Map::new();
-        for (k, v) in row.iter() {
-            if k == &s.pk_field || k == &s.vector_field {
-                continue;
-            }
-            if !s.dynamic {
-                return Err(ApiError::bad_row(
-                    i,
-                    format!("field {k:?} is not in the schema (dynamic fields are disabled)"),
-                ));
-            }
-            if let (true, Value::Object(inner)) = (k == "$meta", v) {
-                for (ik, iv) in inner {
-                    dynf.insert(ik.clone(), iv.clone());
-                }
-                continue;
-            }
-            dynf.insert(k.clone(), v.clone());
-        }
-        b.fields.push(if dynf.is_empty() {
-            Vec::new()
-        } else {
-            serde_json::to_vec(&Value::Object(dynf)).unwrap_or_default()
-        });
-    }
-    if auto {
-        b.ids = c.alloc_ids(rows.len());
-    }
-    Ok(b)
-}
-
-async fn insert(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    let b = rows_to_batch(&c, &m, false)?;
+async fn insert(st: Arc<AppState>, ctx: Ctx, body: Bytes) -> Result<Reply, ApiError> {
+    let (c, b) = rows::parse_rows(&body, false, |m| collection(&st, m))?;
+    drop(body);
     let n = b.len();
     let ids = c.upsert(b).await?;
     st.metrics.rows_inserted(n);
@@ -691,9 +625,9 @@ async fn insert(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Re
     ))
 }
 
-async fn upsert(st: Arc<AppState>, ctx: Ctx, m: Map<String, Value>) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m)?;
-    let b = rows_to_batch(&c, &m, true)?;
+async fn upsert(st: Arc<AppState>, ctx: Ctx, body: Bytes) -> Result<Reply, ApiError> {
+    let (c, b) = rows::parse_rows(&body, true, |m| collection(&st, m))?;
+    drop(body);
     let n = b.len();
     let ids = c.upsert(b).await?;
     st.metrics.rows_inserted(n);

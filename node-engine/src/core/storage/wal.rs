@@ -76,6 +76,8 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 const KIND_UPSERT: u8 = 1;
 const KIND_DELETE: u8 = 2;
 const HEADER: usize = 8;
+/// Encode-buffer capacity kept between appends (larger groups allocate afresh).
+const KEEP_BUF_BYTES: usize = 4 << 20;
 
 fn encode(seq: u64, op: &WalOp, out: &mut Vec<u8>) {
     let start = out.len();
@@ -371,6 +373,10 @@ impl WalWriter {
         self.len += self.buf.len() as u64;
         self.next_seq += ops.len() as u64;
         self.bytes_written += self.buf.len() as u64;
+        // A group of bulk inserts needs tens of MB here; do not keep that between groups.
+        if self.buf.capacity() > KEEP_BUF_BYTES {
+            self.buf = Vec::new();
+        }
         Ok(first)
     }
 
