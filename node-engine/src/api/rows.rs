@@ -115,11 +115,14 @@ impl<'de> Deserialize<'de> for Key<'de> {
 
 // ---------- one pass (the usual envelope: collectionName before data, no repeats) ----------
 
+/// The target looked up when `data` was reached and the rows read then.
+type AtData<T> = Result<(T, Walked), ApiError>;
+
 /// What the single pass saw.
 struct OnePass<T> {
     envelope: Map<String, Value>,
-    /// The envelope when `data` was reached, the target looked up then, and the rows read.
-    at_data: Option<(Map<String, Value>, Result<(T, Walked), ApiError>)>,
+    /// The envelope when `data` was reached, and what was done with `data` then.
+    at_data: Option<(Map<String, Value>, AtData<T>)>,
     /// `data` appeared twice: the single pass cannot tell which one counts.
     repeated_data: bool,
 }
@@ -1086,7 +1089,7 @@ mod tests {
             ),
             // A bad row 0 and a non-object row 1: the non-object is reported, as before.
             (
-                format!(r#"{{"data":[{{"id":1,"vector":[1]}},"x"]}}"#),
+                String::from(r#"{"data":[{"id":1,"vector":[1]},"x"]}"#),
                 code::BAD_INSERT_ROW,
             ),
             (
