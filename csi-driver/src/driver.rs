@@ -71,6 +71,20 @@ struct VolumeMeta {
 
 const META_DIR: &str = ".shoal-csi";
 
+/// How many times a busy (EBUSY) unmount is tried before detaching lazily.
+const BUSY_RETRIES: u32 = 40;
+/// Pause between busy unmount attempts.
+const BUSY_RETRY_DELAY: Duration = Duration::from_millis(25);
+
+/// How [`Driver::detach_all`] unmounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detach {
+    /// `MNT_DETACH` at once: for dead mounts the watchdog replaces.
+    Lazy,
+    /// A plain unmount, retried while busy, lazy only as the last resort (unpublish).
+    Patiently,
+}
+
 /// The driver: configuration, the mounter and all mutable state.
 pub struct Driver<M: Mounter> {
     /// Settings.
@@ -384,7 +398,7 @@ impl<M: Mounter> Driver<M> {
         };
         if !rec.bind_source().is_dir() {
             // The volume's directory is missing: it was never created or has been deleted.
-            self.release_staging(&staging)?;
+            self.unmount_patiently(&staging)?;
             return Err(CsiError::VolumeNotFound { volume_id });
         }
         self.store.save(&rec)?;
@@ -415,7 +429,7 @@ impl<M: Mounter> Driver<M> {
             }
         }
         match self.mounter.state(&staging)? {
-            MountState::Healthy(e) if e.is_juicefs() => self.release_staging(&staging)?,
+            MountState::Healthy(e) if e.is_juicefs() => self.unmount_patiently(&staging)?,
             MountState::Dead(e) if e.is_juicefs() => self.mounter.unmount(&staging, true)?,
             MountState::Healthy(_) | MountState::Dead(_) | MountState::NotMounted => {}
         }
@@ -476,7 +490,9 @@ impl<M: Mounter> Driver<M> {
         Ok(())
     }
 
-    /// NodeUnpublishVolume: unmounts the bind and removes the target directory.
+    /// NodeUnpublishVolume: unmounts the bind and removes the target directory. A busy bind (a
+    /// process still holds a file in it, as happens after the watchdog re-bound a healed
+    /// mount) is retried briefly, then detached lazily, so the call still succeeds.
     ///
     /// Spec (idempotency): "If the volume corresponding to the `volume_id` is not mounted at
     /// the specified `target_path`, the Plugin MUST reply 0 OK."
@@ -490,7 +506,7 @@ impl<M: Mounter> Driver<M> {
             .is_some_and(|r| r.targets.contains_key(&target));
         let table = self.mounter.mounts()?;
         if ours || crate::mountinfo::find(&table, &target).is_some_and(|e| e.is_juicefs()) {
-            self.detach_all(&target, false)?;
+            self.detach_all(&target, Detach::Patiently)?;
         }
         match fs::remove_dir(&target) {
             Ok(()) => {}
@@ -545,34 +561,41 @@ impl<M: Mounter> Driver<M> {
         ])
     }
 
-    /// Unmounts a staging JuiceFS mount. Right after a mount the `juicefs` supervisor can still
-    /// hold the mount point for its own readiness check (EBUSY), so a busy unmount is retried
-    /// for up to a second, then detached lazily: nothing of ours uses it any more (targets are
-    /// unpublished first), and the FUSE process exits once the last reference goes.
-    fn release_staging(&self, staging: &Path) -> Result<(), CsiError> {
-        for _ in 0..40 {
-            match self.mounter.unmount(staging, false) {
+    /// Unmounts `path` without forcing first: a busy unmount (EBUSY) is retried for up to
+    /// [`BUSY_RETRIES`] x [`BUSY_RETRY_DELAY`] (about a second), then the mount is detached
+    /// lazily (`MNT_DETACH`), which always succeeds. Busy happens right after a mount (the
+    /// `juicefs` supervisor still holds the mount point for its readiness check) and after the
+    /// watchdog re-bound a target (a process still holds a file of the healed mount). Lazy is
+    /// safe here: CSI no longer uses the mount, and the kernel keeps it alive only for the open
+    /// files, which go on working until closed. Other errors are returned as they are.
+    fn unmount_patiently(&self, path: &Path) -> Result<(), CsiError> {
+        for _ in 0..BUSY_RETRIES {
+            match self.mounter.unmount(path, false) {
                 Ok(()) => return Ok(()),
                 Err(CsiError::Unmount { source, .. })
                     if source.raw_os_error() == Some(libc::EBUSY) =>
                 {
-                    std::thread::sleep(Duration::from_millis(25));
+                    std::thread::sleep(BUSY_RETRY_DELAY);
                 }
                 Err(e) => return Err(e),
             }
         }
-        warn!(staging = %staging.display(), "staging mount still busy; detaching lazily");
-        self.mounter.unmount(staging, true)
+        warn!(path = %path.display(), "mount still busy; detaching lazily");
+        self.mounter.unmount(path, true)
     }
 
-    /// Unmounts every mount stacked at `path`.
-    fn detach_all(&self, path: &Path, lazy: bool) -> Result<(), CsiError> {
+    /// Unmounts every mount stacked at `path`, each [`Detach::Lazy`] or
+    /// [`Detach::Patiently`] (see [`Driver::unmount_patiently`]).
+    fn detach_all(&self, path: &Path, how: Detach) -> Result<(), CsiError> {
         for _ in 0..16 {
             let table = self.mounter.mounts()?;
             if crate::mountinfo::find(&table, path).is_none() {
                 return Ok(());
             }
-            self.mounter.unmount(path, lazy)?;
+            match how {
+                Detach::Lazy => self.mounter.unmount(path, true)?,
+                Detach::Patiently => self.unmount_patiently(path)?,
+            }
         }
         Err(CsiError::Unmount {
             path: path.to_path_buf(),
@@ -648,16 +671,16 @@ impl<M: Mounter> Driver<M> {
         if remount {
             warn!(volume_id = %rec.volume_id, staging = %rec.staging_path.display(), "staging mount is dead or gone; remounting");
             for target in rec.targets.keys() {
-                self.detach_all(target, true)?;
+                self.detach_all(target, Detach::Lazy)?;
             }
-            self.detach_all(&rec.staging_path, true)?;
+            self.detach_all(&rec.staging_path, Detach::Lazy)?;
             self.mounter
                 .mount_fs(&secrets, &rec.staging_path, &rec.mount_flags)?;
         }
         for (target, t) in &rec.targets {
             match self.mounter.state(target)? {
                 MountState::Healthy(_) => continue,
-                MountState::Dead(_) => self.detach_all(target, true)?,
+                MountState::Dead(_) => self.detach_all(target, Detach::Lazy)?,
                 MountState::NotMounted => {}
             }
             self.mounter.bind(&rec.bind_source(), target, t.read_only)?;
@@ -698,6 +721,10 @@ mod tests {
         fs_root: PathBuf,
         table: Mutex<Vec<FakeMount>>,
         fs_mounts: AtomicUsize,
+        /// Per path: how many more plain (non-lazy) unmounts fail, and with which errno.
+        refuse: Mutex<HashMap<PathBuf, (usize, i32)>>,
+        /// Every unmount attempt: (path, lazy).
+        unmounts: Mutex<Vec<(PathBuf, bool)>>,
     }
 
     impl TempDirMounter {
@@ -707,7 +734,25 @@ mod tests {
                 fs_root,
                 table: Mutex::new(Vec::new()),
                 fs_mounts: AtomicUsize::new(0),
+                refuse: Mutex::new(HashMap::new()),
+                unmounts: Mutex::new(Vec::new()),
             }
+        }
+        /// The next `times` plain unmounts of `path` fail with `errno`.
+        fn refuse_unmount(&self, path: &Path, times: usize, errno: i32) {
+            self.refuse
+                .lock()
+                .unwrap()
+                .insert(path.to_path_buf(), (times, errno));
+        }
+        fn unmount_attempts(&self, path: &Path) -> Vec<bool> {
+            self.unmounts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(p, _)| p == path)
+                .map(|(_, lazy)| *lazy)
+                .collect()
         }
         fn replace_with_link(at: &Path, to: &Path) {
             if let Some(parent) = at.parent() {
@@ -753,7 +798,21 @@ mod tests {
             });
             Ok(())
         }
-        fn unmount(&self, path: &Path, _lazy: bool) -> Result<(), CsiError> {
+        fn unmount(&self, path: &Path, lazy: bool) -> Result<(), CsiError> {
+            self.unmounts
+                .lock()
+                .unwrap()
+                .push((path.to_path_buf(), lazy));
+            if !lazy
+                && let Some((left, errno)) = self.refuse.lock().unwrap().get_mut(path)
+                && *left > 0
+            {
+                *left -= 1;
+                return Err(CsiError::Unmount {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::from_raw_os_error(*errno),
+                });
+            }
             let mut t = self.table.lock().unwrap();
             if let Some(i) = t.iter().rposition(|m| m.at == path) {
                 t.remove(i);
@@ -1023,5 +1082,79 @@ mod tests {
             .unwrap();
         unstage().unwrap();
         unstage().unwrap();
+    }
+
+    fn published_pvc(f: &Fixture, name: &str) -> csi::Volume {
+        let v = f.create(name, 0).unwrap();
+        f.stage(&v, "stage").unwrap();
+        f.publish(&v, "stage", "t", AccessMode::MultiNodeMultiWriter)
+            .unwrap();
+        v
+    }
+
+    fn unpublish_t(f: &Fixture, v: &csi::Volume) -> Result<(), CsiError> {
+        f.driver.unpublish(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: f.p("t").display().to_string(),
+        })
+    }
+
+    #[test]
+    fn unpublish_retries_a_briefly_busy_target_without_detaching_lazily() {
+        let f = fixture();
+        let v = published_pvc(&f, "pvc-busy");
+        f.mounter.refuse_unmount(&f.p("t"), 3, libc::EBUSY);
+        unpublish_t(&f, &v).unwrap();
+        assert_eq!(
+            f.mounter.unmount_attempts(&f.p("t")),
+            vec![false; 4],
+            "three busy attempts, the fourth plain unmount succeeds"
+        );
+        assert_eq!(f.mounter.state(&f.p("t")).unwrap(), MountState::NotMounted);
+        assert!(f.driver.staged_snapshot()["pvc-busy"].is_empty());
+    }
+
+    #[test]
+    fn unpublish_detaches_lazily_and_succeeds_when_the_target_stays_busy() {
+        let f = fixture();
+        let v = published_pvc(&f, "pvc-held");
+        // Healed by the watchdog, then held open by a process: busy on every plain unmount.
+        f.mounter.kill_all();
+        assert_eq!(f.driver.reconcile(), 1);
+        f.mounter.unmounts.lock().unwrap().clear();
+        f.mounter.refuse_unmount(&f.p("t"), usize::MAX, libc::EBUSY);
+        let started = std::time::Instant::now();
+        unpublish_t(&f, &v).unwrap();
+        let attempts = f.mounter.unmount_attempts(&f.p("t"));
+        let plain = attempts.iter().filter(|lazy| !**lazy).count();
+        assert_eq!(plain, BUSY_RETRIES as usize, "{attempts:?}");
+        assert_eq!(attempts.len(), plain + 1, "{attempts:?}");
+        assert_eq!(attempts.last(), Some(&true), "last resort is MNT_DETACH");
+        assert!(started.elapsed() >= BUSY_RETRY_DELAY * BUSY_RETRIES);
+        assert_eq!(f.mounter.state(&f.p("t")).unwrap(), MountState::NotMounted);
+        assert!(!f.p("t").exists(), "target directory removed");
+        assert!(f.driver.staged_snapshot()["pvc-held"].is_empty());
+        // Idempotent afterwards, and the volume can be unstaged.
+        unpublish_t(&f, &v).unwrap();
+        f.driver
+            .unstage(csi::NodeUnstageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: f.p("stage").display().to_string(),
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn unpublish_reports_an_unmount_error_other_than_busy_and_keeps_the_target() {
+        let f = fixture();
+        let v = published_pvc(&f, "pvc-eperm");
+        f.mounter.refuse_unmount(&f.p("t"), 1, libc::EPERM);
+        let err = unpublish_t(&f, &v).unwrap_err();
+        assert!(matches!(err, CsiError::Unmount { .. }), "{err}");
+        assert_eq!(f.mounter.unmount_attempts(&f.p("t")), vec![false]);
+        assert_eq!(f.driver.staged_snapshot()["pvc-eperm"], vec![f.p("t")]);
+        // The next try (the CO retries) succeeds.
+        unpublish_t(&f, &v).unwrap();
+        assert!(f.driver.staged_snapshot()["pvc-eperm"].is_empty());
     }
 }

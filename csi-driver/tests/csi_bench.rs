@@ -31,6 +31,7 @@ fn summary(name: &str, mut v: Vec<f64>) {
 }
 
 const FILE_MIB: usize = 256;
+const WRITE_ROUNDS: usize = 12;
 
 /// Writes FILE_MIB MiB in 1 MiB blocks and fsyncs; returns MiB/s.
 fn write_seq(path: &Path) -> f64 {
@@ -72,7 +73,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "benchmark: run with --ignored --nocapture (see the module doc)"]
 async fn csi_driver_figures() {
-    let env = Env::new("bench");
+    let env = Env::with_limit("bench", Duration::from_secs(900));
     let mut plugin = Plugin::spawn(&env.path("plugin"), "node-a");
     let mut c = plugin.clients().await;
 
@@ -80,14 +81,7 @@ async fn csi_driver_figures() {
     let mut cold = Vec::new();
     for i in 0..5 {
         let name = format!("pvc-cold-{i}");
-        let vol = c
-            .controller
-            .create_volume(create_req(&env, &name, 0))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let vol = create_volume(&mut c, &env, &name, 0).await;
         let staging = env.path(&format!("cold/{i}/staging"));
         let target = env.path(&format!("cold/{i}/target"));
         let t = Instant::now();
@@ -115,14 +109,7 @@ async fn csi_driver_figures() {
     );
 
     // Warm: publish onto an existing stage.
-    let vol = c
-        .controller
-        .create_volume(create_req(&env, "pvc-warm", 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let vol = create_volume(&mut c, &env, "pvc-warm", 0).await;
     let staging = env.path("warm/staging");
     c.node
         .node_stage_volume(stage_req(&env, &vol, &staging))
@@ -144,8 +131,8 @@ async fn csi_driver_figures() {
     let target = env.path("warm/t0");
     let direct = staging.join(&vol.volume_id);
     let (mut wt, mut wd, mut rt, mut rd) = (vec![], vec![], vec![], vec![]);
-    // Writes: 8 rounds in the order t d | d t | t d | ..., so neither path is favoured.
-    for round in 0..8 {
+    // Writes: WRITE_ROUNDS rounds in the order t d | d t | t d | ..., so neither path is favoured.
+    for round in 0..WRITE_ROUNDS {
         let ft = target.join(format!("seq-t-{round}.bin"));
         let fd = direct.join(format!("seq-d-{round}.bin"));
         if round % 2 == 0 {
@@ -190,9 +177,17 @@ async fn csi_driver_figures() {
         fmt(&rt),
         fmt(&rd)
     );
+    // Each round writes through both paths back to back, so the per-round ratio cancels most of
+    // the load drift of a shared machine; its median is the figure least moved by that drift.
+    let paired = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+    println!(
+        "paired per-round ratios (target/direct), median: write {:.3}, read {:.3}",
+        paired(&wt, &wd),
+        paired(&rt, &rd)
+    );
     let (wt, wd, rt, rd) = (median(wt), median(wd), median(rt), median(rd));
     println!(
-        "sequential write {FILE_MIB} MiB (1 MiB blocks + fsync), median of 8: target {wt:.0} MiB/s, direct {wd:.0} MiB/s, ratio {:.3}",
+        "sequential write {FILE_MIB} MiB (1 MiB blocks + fsync), median of {WRITE_ROUNDS}: target {wt:.0} MiB/s, direct {wd:.0} MiB/s, ratio {:.3}",
         wt / wd
     );
     println!(

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
@@ -12,13 +13,7 @@ use shoal_csi::csi;
 use tonic::Code;
 
 async fn create(c: &mut Clients, env: &Env, name: &str) -> csi::Volume {
-    c.controller
-        .create_volume(create_req(env, name, 1 << 30))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
+    create_volume(c, env, name, 1 << 30).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -527,7 +522,8 @@ async fn data_written_through_one_target_is_read_through_another_target_and_a_se
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn watchdog_remounts_and_rebinds_targets_after_the_juicefs_process_is_killed() {
+async fn watchdog_remounts_and_rebinds_targets_after_the_juicefs_process_is_killed_and_a_held_target_still_unpublishes()
+ {
     let env = Env::new("heal");
     let mut plugin = Plugin::spawn(&env.path("plugin"), "node-a");
     let mut c = plugin.clients().await;
@@ -579,6 +575,29 @@ async fn watchdog_remounts_and_rebinds_targets_after_the_juicefs_process_is_kill
     );
     assert!(juicefs_pids_for(&staging).iter().all(|p| !pids.contains(p)));
     assert!(plugin.metrics().contains("shoal_csi_remounts_total 1"));
+
+    // A process still holds a file in the healed rw target, so a plain unmount is busy:
+    // NodeUnpublish retries briefly, then detaches lazily, and succeeds; the holder keeps
+    // reading from its open file.
+    let mut held = std::fs::File::open(rw.join("before.txt")).unwrap();
+    c.node
+        .node_unpublish_volume(unpublish_req(&vol, &rw))
+        .await
+        .unwrap();
+    let table = shoal_csi::mountinfo::read_self().unwrap();
+    assert!(
+        shoal_csi::mountinfo::find(&table, &rw).is_none(),
+        "rw target detached"
+    );
+    assert!(!rw.exists(), "rw target directory removed");
+    let mut text = String::new();
+    held.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "before", "the holder's open file still works");
+    drop(held);
+    assert!(
+        plugin.log_text().contains("detaching lazily"),
+        "the busy target was detached lazily"
+    );
     c.node
         .node_unpublish_volume(unpublish_req(&vol, &rw))
         .await

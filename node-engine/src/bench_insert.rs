@@ -2,6 +2,10 @@
 //! file, creates a collection on a running server, streams the rows in fixed-size batches from
 //! several connections (so the WAL's group commit is exercised), then times a flush and reports
 //! the server's peak RSS (`VmHWM`) against the raw vector bytes. Prints one JSON line.
+//!
+//! Request bodies are rendered before the clock starts (`render_s` reports how long that took),
+//! so on a small machine the client's float formatting does not compete with the server for
+//! the CPU it measures; the server's own CPU seconds during the inserts are reported too.
 
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -112,14 +116,55 @@ fn read_fvecs(path: &PathBuf, limit: usize) -> anyhow::Result<(usize, Vec<f32>)>
     Ok((dim, out))
 }
 
-fn vm_hwm(pid: u32) -> Option<u64> {
+/// A `/proc/<pid>/status` size line (`VmHWM:`, `RssAnon:` ...) in bytes.
+fn status_bytes(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace()
         .nth(1)?
         .parse::<u64>()
         .ok()
         .map(|kb| kb * 1024)
+}
+
+/// User + system CPU seconds of a process so far (`/proc/<pid>/stat`, clock ticks).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ: 100 on every Linux architecture the project targets.
+    Some(ticks as f64 / 100.0)
+}
+
+/// One insert request body: `{"collectionName":..,"data":[{"id":i,"vector":[..]},..]}`.
+fn render_batch(
+    name: &str,
+    data: &[f32],
+    dim: usize,
+    lo: usize,
+    hi: usize,
+) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::with_capacity((hi - lo) * (dim * 12 + 24) + 64);
+    body.extend_from_slice(b"{\"collectionName\":");
+    serde_json::to_writer(&mut body, name)?;
+    body.extend_from_slice(b",\"data\":[");
+    for i in lo..hi {
+        if i > lo {
+            body.push(b',');
+        }
+        write!(body, "{{\"id\":{i},\"vector\":[")?;
+        for (j, x) in data[i * dim..(i + 1) * dim].iter().enumerate() {
+            if j > 0 {
+                body.push(b',');
+            }
+            serde_json::to_writer(&mut body, x)?;
+        }
+        body.extend_from_slice(b"]}");
+    }
+    body.extend_from_slice(b"]}");
+    Ok(body)
 }
 
 pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
@@ -141,40 +186,30 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
         )
         .as_bytes(),
     )?;
-    let data = Arc::new(data);
-    let next = Arc::new(AtomicUsize::new(0));
+    // Render every batch body up front (ryu float formatting through serde_json).
+    let r0 = Instant::now();
     let batches = n.div_ceil(a.batch);
+    let bodies: Vec<Vec<u8>> = (0..batches)
+        .map(|b| render_batch(name, &data, dim, b * a.batch, ((b + 1) * a.batch).min(n)))
+        .collect::<anyhow::Result<_>>()?;
+    drop(data);
+    let render_s = r0.elapsed().as_secs_f64();
+    let body_bytes: usize = bodies.iter().map(Vec::len).sum();
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu0 = a.server_pid.and_then(cpu_seconds);
     let started = Instant::now();
     let workers: Vec<_> = (0..a.connections.max(1))
         .map(|_| {
-            let (data, next, addr, name, batch) =
-                (data.clone(), next.clone(), a.addr, name.clone(), a.batch);
+            let (bodies, next, addr) = (bodies.clone(), next.clone(), a.addr);
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let mut conn = Conn::new(addr)?;
-                let mut body = String::new();
                 loop {
                     let b = next.fetch_add(1, Ordering::SeqCst);
-                    if b >= batches {
+                    let Some(body) = bodies.get(b) else {
                         return Ok(());
-                    }
-                    let (lo, hi) = (b * batch, ((b + 1) * batch).min(n));
-                    body.clear();
-                    body.push_str(&format!("{{\"collectionName\":\"{name}\",\"data\":["));
-                    for i in lo..hi {
-                        if i > lo {
-                            body.push(',');
-                        }
-                        body.push_str(&format!("{{\"id\":{i},\"vector\":["));
-                        for (j, x) in data[i * dim..(i + 1) * dim].iter().enumerate() {
-                            if j > 0 {
-                                body.push(',');
-                            }
-                            body.push_str(&x.to_string());
-                        }
-                        body.push_str("]}");
-                    }
-                    body.push_str("]}");
-                    conn.post("/v2/vectordb/entities/insert", body.as_bytes())?;
+                    };
+                    conn.post("/v2/vectordb/entities/insert", body)?;
                 }
             })
         })
@@ -184,6 +219,11 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("insert worker panicked"))??;
     }
     let insert_s = started.elapsed().as_secs_f64();
+    let server_cpu_s = a
+        .server_pid
+        .and_then(cpu_seconds)
+        .zip(cpu0)
+        .map(|(after, before)| after - before);
     let f0 = Instant::now();
     c.post(
         "/v2/vectordb/collections/flush",
@@ -195,15 +235,20 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
         format!("{{\"collectionName\":\"{name}\"}}").as_bytes(),
     )?;
     let raw = (n * dim * 4) as u64;
-    let rss = a.server_pid.and_then(vm_hwm);
+    let rss = a.server_pid.and_then(|p| status_bytes(p, "VmHWM:"));
+    let rss_anon = a.server_pid.and_then(|p| status_bytes(p, "RssAnon:"));
+    let rss_file = a.server_pid.and_then(|p| status_bytes(p, "RssFile:"));
     println!(
         "{}",
         serde_json::json!({
             "rows": n, "dim": dim, "batch": a.batch, "connections": a.connections,
+            "render_s": render_s, "body_bytes": body_bytes,
             "insert_s": insert_s, "rows_per_s": n as f64 / insert_s, "flush_s": flush_s,
+            "server_cpu_s": server_cpu_s,
             "row_count": stats["data"]["rowCount"],
             "raw_vector_bytes": raw, "server_peak_rss_bytes": rss,
             "rss_over_raw": rss.map(|r| r as f64 / raw as f64),
+            "server_rss_anon_bytes_at_end": rss_anon, "server_rss_file_bytes_at_end": rss_file,
         })
     );
     Ok(())

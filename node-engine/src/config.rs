@@ -2,6 +2,7 @@
 //! then `SHOAL_*` environment variable (clap merges those two), then the `--config` TOML file,
 //! then the built-in default.
 
+use crate::gpu::GpuArgs;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -65,6 +66,10 @@ pub struct StandaloneArgs {
     /// Metadata store URL (`sqlite://...` or `mysql://...`) [default: SQLite in the data dir].
     #[arg(long, env = "SHOAL_META_URL", hide_env_values = true)]
     pub meta_url: Option<String>,
+    /// GPU flags (command line and `SHOAL_GPU_*` only). Standalone searches on the CPU and uses
+    /// them for NVML telemetry (`--gpu-devices none` turns it off); readers search with them.
+    #[command(flatten)]
+    pub gpu: GpuArgs,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +94,7 @@ pub struct StandaloneConfig {
     pub auth_token: Option<String>,
     pub flush_interval: Duration,
     pub meta_url: Option<String>,
+    pub gpu: GpuArgs,
 }
 
 impl std::fmt::Debug for StandaloneConfig {
@@ -105,6 +111,7 @@ impl std::fmt::Debug for StandaloneConfig {
                 "meta_url",
                 &self.meta_url.as_deref().map(crate::core::meta::redact),
             )
+            .field("gpu", &self.gpu)
             .finish()
     }
 }
@@ -218,6 +225,7 @@ impl StandaloneArgs {
                 reason,
             })?,
             meta_url: self.meta_url.or(file.meta_url),
+            gpu: self.gpu,
         })
     }
 }

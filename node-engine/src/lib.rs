@@ -9,5 +9,6 @@ pub mod core;
 pub mod gpu;
 pub mod reader;
 pub mod router;
+pub mod memory;
 pub mod standalone;
 pub mod writer;

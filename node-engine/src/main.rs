@@ -71,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::Standalone(args) => {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
+            shoal_engine::memory::tune_allocator();
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(shoal_engine::standalone::run(cfg, shutdown_signal()))
                 .context("standalone server failed")?;

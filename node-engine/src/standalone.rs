@@ -5,6 +5,7 @@ use crate::api::{self, backend::LocalBackend, metrics::Metrics, rest::AppState};
 use crate::config::StandaloneConfig;
 use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::storage::collection::StorageOptions;
+use crate::gpu::GpuRuntime;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,7 +35,11 @@ pub async fn build(
         storage: StorageOptions::default(),
     })
     .await?;
-    Ok(build_with_engine(engine, cfg.auth_token.clone()))
+    let metrics = Metrics::new().with_gpu(Arc::new(GpuRuntime::telemetry_only(
+        &cfg.gpu,
+        "standalone searches on the CPU; GPU search runs in the reader role",
+    )));
+    Ok(build_with_engine(engine, cfg.auth_token.clone(), metrics))
 }
 
 /// The REST and ops routers over an open engine (the writer role serves the same REST API
@@ -42,11 +47,12 @@ pub async fn build(
 pub fn build_with_engine(
     engine: Arc<Engine>,
     auth_token: Option<String>,
+    metrics: Metrics,
 ) -> (Arc<AppState>, axum::Router, axum::Router) {
     let state = Arc::new(AppState {
         backend: Arc::new(LocalBackend::new(engine)),
         auth_token,
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(metrics),
     });
     let rest = api::rest::router(state.clone());
     let ops = api::ops_router(state.clone());

@@ -657,3 +657,53 @@ async fn a_ten_thousand_row_insert_is_accepted_and_an_oversized_body_gets_1100()
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn metrics_and_readyz_report_gpu_telemetry_and_cpu_mode_without_crashing() {
+    // Standalone with default GPU flags: NVML discovery runs for real. Where no NVML library is
+    // installed (CI, this project's build machines) that is the no-NVML path: 0 GPUs, CPU mode,
+    // a reason. On a GPU machine the same assertions hold with its GPU count.
+    let app = App::new(None).await;
+    let (status, ready) = app.get_ops("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("/readyz is JSON");
+    assert_eq!(ready["status"], "ready");
+    let gpu = &ready["gpu"];
+    assert_eq!(
+        gpu["mode"], "cpu",
+        "standalone searches on the CPU: {ready}"
+    );
+    let reasons = gpu["reasons"].as_array().expect("reasons for CPU mode");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.as_str().is_some_and(|r| r.contains("standalone"))),
+        "{ready}"
+    );
+    let devices = gpu["devices"].as_array().expect("devices list").len();
+    if devices == 0 {
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.as_str().is_some_and(|r| r.contains("NVML"))),
+            "no GPU must say why: {ready}"
+        );
+    }
+    let (status, text) = app.get_ops("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains(&format!("shoal_gpu_devices {devices}\n")),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("shoal_gpu_device_info{").count(),
+        devices,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("shoal_gpu_memory_total_bytes{").count(),
+        devices,
+        "one memory series per GPU, none without: {text}"
+    );
+    assert_eq!(text.matches("# EOF").count(), 1, "one exposition: {text}");
+}

@@ -156,15 +156,28 @@ impl Drop for Plugin {
     }
 }
 
-/// A test environment: Redis, a bucket, a root dir for staging paths and targets.
+/// A test environment: Redis, a bucket, a root dir for staging paths and targets, and a
+/// watchdog that ends the test process if the test hangs.
 pub struct Env {
     pub redis: RedisServer,
     pub root: tempfile::TempDir,
     pub fs_name: String,
+    _watchdog: std::sync::mpsc::Sender<()>,
 }
+
+/// How long one CSI test may run before its watchdog fails it (they take seconds).
+pub const TEST_LIMIT: Duration = Duration::from_secs(240);
 
 impl Env {
     pub fn new(fs_name: &str) -> Env {
+        Self::with_limit(fs_name, TEST_LIMIT)
+    }
+
+    /// [`Env::new`] with another watchdog limit (the benchmark runs for minutes).
+    pub fn with_limit(fs_name: &str, limit: Duration) -> Env {
+        // libtest names each test's thread after the test.
+        let test = std::thread::current().name().unwrap_or(fs_name).to_string();
+        let watchdog = shoal_testkit::watchdog(&test, limit);
         shoal_testkit::require_fuse().unwrap();
         let redis = RedisServer::start_with(RedisOptions {
             password: Some(REDIS_PASSWORD.to_string()),
@@ -179,6 +192,7 @@ impl Env {
             redis,
             root,
             fs_name: fs_name.to_string(),
+            _watchdog: watchdog,
         }
     }
 
@@ -293,6 +307,17 @@ pub fn create_req(env: &Env, name: &str, bytes: i64) -> csi::CreateVolumeRequest
         secrets: env.secrets(),
         ..Default::default()
     }
+}
+
+/// CreateVolume of `name` with `bytes` capacity (0: none); panics with the status on failure.
+pub async fn create_volume(c: &mut Clients, env: &Env, name: &str, bytes: i64) -> csi::Volume {
+    c.controller
+        .create_volume(create_req(env, name, bytes))
+        .await
+        .unwrap_or_else(|s| panic!("CreateVolume {name}: {s}"))
+        .into_inner()
+        .volume
+        .expect("CreateVolume returns the volume")
 }
 
 pub fn stage_req(env: &Env, vol: &csi::Volume, staging: &Path) -> csi::NodeStageVolumeRequest {

@@ -1,13 +1,16 @@
-//! Prometheus metrics: requests and latency per endpoint, rows, segments, WAL bytes.
+//! Prometheus metrics: requests and latency per endpoint, rows, segments, WAL bytes, and (when a
+//! [`GpuRuntime`] is attached with [`Metrics::with_gpu`]) the `shoal_gpu_*` NVML telemetry.
 
 use crate::core::engine::Engine;
 use crate::core::storage::collection::CollectionRead;
+use crate::gpu::{GpuRuntime, GpuStatus};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -49,6 +52,7 @@ pub struct Metrics {
     index_pending_rows: Family<CollectionLabels, Gauge>,
     index_load_failures: Family<CollectionLabels, Gauge<u64, AtomicU64>>,
     index_builds: Family<BuildLabels, Gauge<u64, AtomicU64>>,
+    gpu: Option<Arc<GpuRuntime>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,7 +74,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("shoal");
+        // The engine's metrics live under `shoal_`; the root stays unprefixed so the GPU gauges
+        // can register their own `shoal_gpu_` prefix later ([`Metrics::with_gpu`]).
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("shoal");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 20))
@@ -154,7 +161,7 @@ impl Metrics {
             catalog_version.clone(),
         );
         Self {
-            registry,
+            registry: root,
             requests,
             latency,
             rows_inserted,
@@ -169,7 +176,21 @@ impl Metrics {
             index_pending_rows,
             index_load_failures,
             index_builds,
+            gpu: None,
         }
+    }
+
+    /// Attach a GPU runtime: its `shoal_gpu_*` gauges (GPU count, per-GPU info, memory,
+    /// utilisation, temperature, power, residency) are exported and refreshed on each scrape.
+    pub fn with_gpu(mut self, gpu: Arc<GpuRuntime>) -> Self {
+        gpu.register_metrics(&mut self.registry);
+        self.gpu = Some(gpu);
+        self
+    }
+
+    /// The GPU part of `/readyz` (samples NVML now), when a runtime is attached.
+    pub fn gpu_status(&self) -> Option<GpuStatus> {
+        self.gpu.as_ref().map(|g| g.status())
     }
 
     pub fn observe_request(&self, endpoint: &'static str, result: &'static str, took: Duration) {
@@ -258,6 +279,10 @@ impl Metrics {
 
     /// Render the text exposition format (call an `update_*` first).
     pub fn render(&self) -> String {
+        if let Some(g) = &self.gpu {
+            // One NVML sample per GPU also refreshes the residency gauges.
+            let _ = g.status();
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");

@@ -17,6 +17,34 @@ use backend::Backend;
 use rest::RestState;
 use std::sync::Arc;
 
+/// The `/readyz` answer: ready (200) when the metadata store answers, else 503 with the reason.
+/// The GPU details (mode, reasons, devices, live samples) are reported either way and never
+/// decide readiness: a reader without a GPU serves from the CPU.
+pub fn readiness(
+    meta: Result<(), String>,
+    gpu: Option<crate::gpu::GpuStatus>,
+) -> (StatusCode, serde_json::Value) {
+    let (status, mut body) = match meta {
+        Ok(()) => (
+            StatusCode::OK,
+            serde_json::json!({"status": "ready", "metadata": "ok"}),
+        ),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "status": "unavailable",
+                "reason": reason,
+            }),
+        ),
+    };
+    if let Some(g) = gpu {
+        body["gpu"] = serde_json::to_value(g).unwrap_or_else(|e| {
+            serde_json::Value::String(format!("GPU status not serialisable: {e}"))
+        });
+    }
+    (status, body)
+}
+
 /// `/healthz` (process is up), `/readyz` (the backend can serve: metadata store answers, or for
 /// the router the writer and at least one reader), `/metrics`.
 pub fn ops_router<B: Backend>(state: Arc<RestState<B>>) -> Router {
@@ -25,10 +53,8 @@ pub fn ops_router<B: Backend>(state: Arc<RestState<B>>) -> Router {
         .route(
             "/readyz",
             get(|State(s): State<Arc<RestState<B>>>| async move {
-                match s.backend.ready().await {
-                    Ok(()) => (StatusCode::OK, "ready".to_string()).into_response(),
-                    Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
-                }
+                let (status, body) = readiness(s.backend.ready().await, s.metrics.gpu_status());
+                (status, axum::Json(body)).into_response()
             }),
         )
         .route(
@@ -45,4 +71,64 @@ pub fn ops_router<B: Backend>(state: Arc<RestState<B>>) -> Router {
             }),
         )
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuStatus;
+    use crate::gpu::telemetry::{GpuInfo, GpuSample};
+
+    fn fake_gpu() -> GpuStatus {
+        GpuStatus {
+            mode: "cpu",
+            reasons: vec!["standalone searches on the CPU".into()],
+            search_threshold: 1000,
+            driver_version: Some("550.54.15".into()),
+            cuda_driver_version: Some("12.4".into()),
+            devices: vec![GpuInfo {
+                index: 0,
+                name: "NVIDIA H200".into(),
+                uuid: "GPU-1234".into(),
+                memory_total_bytes: 150 << 30,
+                compute_capability: "9.0".into(),
+            }],
+            samples: vec![GpuSample {
+                index: 0,
+                memory_used_bytes: Some(1 << 30),
+                memory_total_bytes: Some(150 << 30),
+                utilization_percent: Some(7),
+                temperature_celsius: Some(33),
+                power_watts: Some(75.5),
+            }],
+            resident: vec![],
+        }
+    }
+
+    #[test]
+    fn readiness_reports_gpu_details_and_depends_only_on_the_metadata_store() {
+        let (status, body) = readiness(Ok(()), Some(fake_gpu()));
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "ready");
+        assert_eq!(body["gpu"]["mode"], "cpu");
+        assert_eq!(body["gpu"]["devices"][0]["name"], "NVIDIA H200");
+        assert_eq!(body["gpu"]["devices"][0]["compute_capability"], "9.0");
+        assert_eq!(body["gpu"]["driver_version"], "550.54.15");
+        assert_eq!(body["gpu"]["samples"][0]["utilization_percent"], 7);
+        assert_eq!(body["gpu"]["samples"][0]["power_watts"], 75.5);
+
+        let (status, body) = readiness(Err("database is locked".into()), Some(fake_gpu()));
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "unavailable");
+        assert!(
+            body["metadata"]
+                .as_str()
+                .is_some_and(|m| m.contains("database is locked")),
+            "{body}"
+        );
+        assert_eq!(body["gpu"]["devices"][0]["index"], 0);
+
+        let (_, body) = readiness(Ok(()), None);
+        assert!(body.get("gpu").is_none(), "{body}");
+    }
 }

@@ -92,8 +92,9 @@ impl DeviceSelection {
     }
 }
 
-/// Parse a byte size: a plain integer, or a number with a binary (`KiB`, `MiB`, `GiB`, `TiB`, or
-/// `K`, `M`, `G`, `T`) or decimal (`KB`, `MB`, `GB`, `TB`) suffix. Fractions are allowed with a
+/// Parse a byte size: a plain integer, or a number with a binary (`KiB`, `MiB`, `GiB`, `TiB`,
+/// Kubernetes' `Ki`, `Mi`, `Gi`, `Ti` as the operator passes `readers.gpu.memoryBudget`, or `K`,
+/// `M`, `G`, `T`) or decimal (`KB`, `MB`, `GB`, `TB`) suffix. Fractions are allowed with a
 /// suffix (`1.5GiB`).
 pub fn parse_bytes(input: &str) -> Result<u64, GpuArgsError> {
     let s = input.trim();
@@ -248,6 +249,9 @@ mod tests {
         assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("8GB").unwrap(), 8_000_000_000);
         assert_eq!(parse_bytes("1.5GiB").unwrap(), 3 << 29);
+        // Kubernetes quantities, as the operator passes readers.gpu.memoryBudget (e.g. 40Gi).
+        assert_eq!(parse_bytes("40Gi").unwrap(), 40 << 30);
+        assert_eq!(parse_bytes("512Mi").unwrap(), 512 << 20);
         for bad in ["", "GiB", "12XB", "1.5", "-3", "1e30TiB"] {
             assert!(
                 matches!(parse_bytes(bad), Err(GpuArgsError::ParseBytes { .. })),

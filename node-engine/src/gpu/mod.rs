@@ -116,6 +116,29 @@ impl GpuRuntime {
         }
     }
 
+    /// Telemetry without GPU search, for a role whose searches run on the CPU (standalone today):
+    /// NVML discovery as in [`GpuRuntime::start`] (skipped with `--gpu-devices none`), no CUDA
+    /// device is opened, and `/readyz` reports CPU mode with `why_cpu` as the reason.
+    pub fn telemetry_only(args: &GpuArgs, why_cpu: &str) -> Self {
+        let telemetry = if args.gpu_devices == DeviceSelection::None {
+            let reason = "GPU telemetry off (--gpu-devices none)".to_string();
+            tracing::info!("{reason}");
+            GpuTelemetry::off(reason)
+        } else {
+            GpuTelemetry::discover()
+        };
+        Self::without_search(args, Arc::new(telemetry), why_cpu.to_string())
+    }
+
+    fn without_search(args: &GpuArgs, telemetry: Arc<GpuTelemetry>, reason: String) -> Self {
+        Self {
+            telemetry,
+            searcher: None,
+            search_off_reason: Some(reason),
+            threshold: args.gpu_search_threshold,
+        }
+    }
+
     /// [`GpuRuntime::start`] with the device probe supplied (tests and other backends).
     pub fn start_with<B: GpuBackend>(
         args: &GpuArgs,
@@ -148,12 +171,7 @@ impl GpuRuntime {
             }
             Err(reason) => {
                 tracing::warn!("GPU search off, searching on the CPU: {reason}");
-                Self {
-                    telemetry,
-                    searcher: None,
-                    search_off_reason: Some(reason),
-                    threshold,
-                }
+                Self::without_search(args, telemetry, reason)
             }
         }
     }

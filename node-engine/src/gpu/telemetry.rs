@@ -54,10 +54,30 @@ pub struct GpuLabels {
     pub name: String,
 }
 
+/// Labels of `shoal_gpu_device_info`: the static facts of one GPU.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuInfoLabels {
+    pub gpu: String,
+    pub name: String,
+    pub uuid: String,
+    pub compute_capability: String,
+}
+
+/// Labels of `shoal_gpu_driver_info`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriverLabels {
+    pub driver_version: String,
+    pub cuda_driver_version: String,
+}
+
 /// The per-GPU gauges, registered under the `shoal_gpu` prefix.
 #[derive(Debug, Clone, Default)]
 pub struct GpuMetrics {
     pub devices: Gauge,
+    /// Always 1, one series per GPU; the labels carry model, UUID and compute capability.
+    pub device_info: Family<GpuInfoLabels, Gauge>,
+    /// Always 1 when NVML answered; the labels carry the driver and its CUDA version.
+    pub driver_info: Family<DriverLabels, Gauge>,
     pub memory_used_bytes: Family<GpuLabels, Gauge<f64, AtomicU64>>,
     pub memory_total_bytes: Family<GpuLabels, Gauge<f64, AtomicU64>>,
     pub utilization_ratio: Family<GpuLabels, Gauge<f64, AtomicU64>>,
@@ -75,6 +95,16 @@ impl GpuMetrics {
             "devices",
             "GPUs discovered through NVML",
             self.devices.clone(),
+        );
+        r.register(
+            "device_info",
+            "One series per discovered GPU (value 1): model, UUID, compute capability",
+            self.device_info.clone(),
+        );
+        r.register(
+            "driver_info",
+            "NVIDIA driver and the CUDA version it supports (value 1); absent without NVML",
+            self.driver_info.clone(),
         );
         r.register(
             "memory_used_bytes",
@@ -111,6 +141,32 @@ impl GpuMetrics {
             "GPU memory budget for resident vectors (--gpu-memory-budget)",
             self.resident_budget_bytes.clone(),
         );
+    }
+
+    /// Write what discovery found: the GPU count (0 without NVML) and the info series.
+    pub fn record_inventory(&self, inv: &GpuInventory) {
+        self.devices
+            .set(i64::try_from(inv.devices.len()).unwrap_or(i64::MAX));
+        self.device_info.clear();
+        for d in &inv.devices {
+            self.device_info
+                .get_or_create(&GpuInfoLabels {
+                    gpu: d.index.to_string(),
+                    name: d.name.clone(),
+                    uuid: d.uuid.clone(),
+                    compute_capability: d.compute_capability.clone(),
+                })
+                .set(1);
+        }
+        self.driver_info.clear();
+        if let Some(driver) = &inv.driver_version {
+            self.driver_info
+                .get_or_create(&DriverLabels {
+                    driver_version: driver.clone(),
+                    cuda_driver_version: inv.cuda_driver_version.clone().unwrap_or_default(),
+                })
+                .set(1);
+        }
     }
 
     /// Write one sample into the gauges.
@@ -166,7 +222,7 @@ impl GpuTelemetry {
             match builder.init() {
                 Ok(nvml) => {
                     let inventory = nvml_inventory(&nvml);
-                    metrics.devices.set(inventory.devices.len() as i64);
+                    metrics.record_inventory(&inventory);
                     for d in &inventory.devices {
                         tracing::info!(
                             gpu = d.index,
@@ -205,6 +261,17 @@ impl GpuTelemetry {
                 inventory: unavailable(reason),
                 metrics,
             }
+        }
+    }
+
+    /// Telemetry switched off without loading NVML (e.g. `--gpu-devices none`): no GPUs, the
+    /// gauges say 0, `reason` explains why. Logs nothing; the caller says why once.
+    pub fn off(reason: String) -> Self {
+        Self {
+            #[cfg(feature = "gpu")]
+            nvml: None,
+            inventory: unavailable(reason),
+            metrics: GpuMetrics::default(),
         }
     }
 
@@ -429,5 +496,71 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_fake_two_gpu_snapshot_renders_count_info_and_per_gpu_gauges() {
+        let m = GpuMetrics::default();
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let gpu = |index: u32| GpuInfo {
+            index,
+            name: "NVIDIA H200".into(),
+            uuid: format!("GPU-{index}"),
+            memory_total_bytes: 150 << 30,
+            compute_capability: "9.0".into(),
+        };
+        let inv = GpuInventory {
+            driver_version: Some("550.54.15".into()),
+            cuda_driver_version: Some("12.4".into()),
+            devices: vec![gpu(0), gpu(1)],
+            unavailable: None,
+        };
+        m.record_inventory(&inv);
+        m.record(
+            &inv.devices[1],
+            &GpuSample {
+                index: 1,
+                memory_used_bytes: Some(2048),
+                memory_total_bytes: Some(8192),
+                utilization_percent: Some(100),
+                temperature_celsius: None,
+                power_watts: None,
+            },
+        );
+        let mut text = String::new();
+        encode(&mut text, &reg).unwrap();
+        for want in [
+            "shoal_gpu_devices 2",
+            "shoal_gpu_device_info{gpu=\"0\",name=\"NVIDIA H200\",uuid=\"GPU-0\",compute_capability=\"9.0\"} 1",
+            "shoal_gpu_device_info{gpu=\"1\",name=\"NVIDIA H200\",uuid=\"GPU-1\",compute_capability=\"9.0\"} 1",
+            "shoal_gpu_driver_info{driver_version=\"550.54.15\",cuda_driver_version=\"12.4\"} 1",
+            "shoal_gpu_memory_used_bytes{gpu=\"1\",name=\"NVIDIA H200\"} 2048",
+            "shoal_gpu_utilization_ratio{gpu=\"1\",name=\"NVIDIA H200\"} 1",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        // A field NVML did not report is absent, not a made-up 0.
+        assert!(!text.contains("shoal_gpu_temperature_celsius{"), "{text}");
+
+        // Rediscovery that finds nothing (driver gone): count 0, no stale info series.
+        m.record_inventory(&unavailable("NVML unavailable; CPU mode".into()));
+        let mut text = String::new();
+        encode(&mut text, &reg).unwrap();
+        assert!(text.contains("shoal_gpu_devices 0"), "{text}");
+        assert!(!text.contains("shoal_gpu_device_info{"), "{text}");
+        assert!(!text.contains("shoal_gpu_driver_info{"), "{text}");
+    }
+
+    #[test]
+    fn switched_off_telemetry_loads_nothing_and_reports_zero_gpus() {
+        let t = GpuTelemetry::off("GPU telemetry off (--gpu-devices none)".into());
+        assert!(t.inventory().devices.is_empty());
+        assert!(t.sample().is_empty());
+        let mut reg = Registry::default();
+        t.register(&mut reg);
+        let mut text = String::new();
+        encode(&mut text, &reg).unwrap();
+        assert!(text.contains("shoal_gpu_devices 0"), "{text}");
     }
 }

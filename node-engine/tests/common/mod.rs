@@ -24,6 +24,7 @@ pub fn config(dir: &std::path::Path, token: Option<&str>) -> StandaloneConfig {
         auth_token: token.map(str::to_string),
         flush_interval: Duration::from_secs(3600),
         meta_url: None,
+        gpu: Default::default(),
     }
 }
 

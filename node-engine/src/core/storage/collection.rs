@@ -1045,16 +1045,23 @@ impl CollectionWrite for Collection {
                 };
                 st.next_segment_id += 1;
                 let g = std::mem::replace(&mut st.growing, new_growing);
-                let mut live = RowBatch::new(g.rows.dim);
-                for row in 0..g.rows.len() {
-                    if !g.deleted[row] {
-                        let id = g.rows.ids[row];
-                        st.pk.insert(id, (g.id, live.len() as u32));
-                        live.ids.push(id);
-                        live.vectors.extend_from_slice(g.rows.vector(row));
-                        live.fields.push(g.rows.fields[row].clone());
+                let live = if g.deleted.iter().any(|d| *d) {
+                    let mut live = RowBatch::new(g.rows.dim);
+                    for row in 0..g.rows.len() {
+                        if !g.deleted[row] {
+                            let id = g.rows.ids[row];
+                            st.pk.insert(id, (g.id, live.len() as u32));
+                            live.ids.push(id);
+                            live.vectors.extend_from_slice(g.rows.vector(row));
+                            live.fields.push(g.rows.fields[row].clone());
+                        }
                     }
-                }
+                    live
+                } else {
+                    // Nothing deleted: every row keeps its index, so the primary-key map is
+                    // already right and the buffer becomes the segment without a second copy.
+                    g.rows
+                };
                 if !live.is_empty() {
                     let n = live.len();
                     let data = SegmentData::from_batch(g.id, live, metric)?;
