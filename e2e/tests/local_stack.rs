@@ -346,7 +346,7 @@ struct LoadStats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_stack_stays_exact_through_scaling_a_reader_kill_and_a_mount_kill() {
-    shoal_testkit::watchdog("local_stack", Duration::from_secs(480));
+    let _watchdog = shoal_testkit::watchdog("local_stack", Duration::from_secs(480));
     shoal_testkit::require_fuse().unwrap();
     let t_start = Instant::now();
     let tmp = tempfile::Builder::new()

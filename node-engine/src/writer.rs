@@ -721,12 +721,11 @@ pub async fn run(
         cfg.wal_dir.clone(),
     )
     .await?;
-    let (state, rest, _standalone_ops) =
-        crate::standalone::build_with_engine(
-            engine.clone(),
-            cfg.auth_token.clone(),
-            crate::api::metrics::Metrics::new(),
-        );
+    let (state, rest, _standalone_ops) = crate::standalone::build_with_engine(
+        engine.clone(),
+        cfg.auth_token.clone(),
+        crate::api::metrics::Metrics::new(),
+    );
     let flusher = engine.spawn_flusher(cfg.flush_interval);
 
     // REST acknowledges writes only under a valid lease, like gRPC.

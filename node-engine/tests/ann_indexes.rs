@@ -164,7 +164,7 @@ fn schema(name: &str, metric: Metric) -> Schema {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_index_type_and_metric_recalls_flat_with_filters_and_deletes() {
-    shoal_testkit::watchdog("every_index_type_and_metric_recalls_flat", LIMIT);
+    let _watchdog = shoal_testkit::watchdog("every_index_type_and_metric_recalls_flat", LIMIT);
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(&engine_config(dir.path(), None))
         .await
@@ -336,7 +336,7 @@ async fn rest_search(app: &App, name: &str, queries: &[f32], params: Value) -> V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_index_is_mapped_after_restart_and_a_corrupt_one_is_rebuilt() {
-    shoal_testkit::watchdog("committed_index_is_mapped_after_restart", LIMIT);
+    let _watchdog = shoal_testkit::watchdog("committed_index_is_mapped_after_restart", LIMIT);
     let app = App::new(None).await;
     rest_collection_with_rows(&app, "p", "L2").await;
     let (_, queries) = clustered(22, 10);
@@ -436,7 +436,7 @@ async fn committed_index_is_mapped_after_restart_and_a_corrupt_one_is_rebuilt() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_index_parameters_are_rejected_with_1100_and_change_nothing() {
-    shoal_testkit::watchdog("bad_index_parameters_are_rejected", LIMIT);
+    let _watchdog = shoal_testkit::watchdog("bad_index_parameters_are_rejected", LIMIT);
     let app = App::new(None).await;
     app.ok(
         "collections/create",
@@ -518,7 +518,7 @@ async fn bad_index_parameters_are_rejected_with_1100_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_an_index_falls_back_to_flat_and_removes_its_files() {
-    shoal_testkit::watchdog("dropping_an_index_falls_back_to_flat", LIMIT);
+    let _watchdog = shoal_testkit::watchdog("dropping_an_index_falls_back_to_flat", LIMIT);
     let app = App::new(None).await;
     rest_collection_with_rows(&app, "d", "COSINE").await;
     let (_, queries) = clustered(23, 8);
@@ -563,7 +563,8 @@ async fn dropping_an_index_falls_back_to_flat_and_removes_its_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_indexes_commit_and_map_through_mariadb() {
-    shoal_testkit::watchdog("segment_indexes_commit_and_map_through_mariadb", LIMIT);
+    let _watchdog =
+        shoal_testkit::watchdog("segment_indexes_commit_and_map_through_mariadb", LIMIT);
     let db = shoal_testkit::mariadb::MariaDb::start().expect("start MariaDB");
     let dir = tempfile::tempdir().unwrap();
     let cfg = engine_config(dir.path(), Some(db.url()));

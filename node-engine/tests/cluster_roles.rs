@@ -284,7 +284,7 @@ async fn segment_ids(meta: &MetaStore, collection: &str) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writer_and_two_read_only_readers_serve_the_flat_oracle_and_see_deletes() {
-    watchdog(
+    let _watchdog = watchdog(
         "writer_and_two_read_only_readers_serve_the_flat_oracle_and_see_deletes",
         Duration::from_secs(240),
     );
@@ -485,7 +485,7 @@ async fn writer_and_two_read_only_readers_serve_the_flat_oracle_and_see_deletes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiting_writer_takes_over_after_kill_9_replays_the_wal_and_fences_the_old_epoch() {
-    watchdog(
+    let _watchdog = watchdog(
         "a_waiting_writer_takes_over_after_kill_9_replays_the_wal_and_fences_the_old_epoch",
         Duration::from_secs(240),
     );

@@ -802,7 +802,7 @@ async fn load(
 
 #[tokio::test]
 async fn router_search_equals_the_exact_oracle_for_every_metric_with_paging_filter_and_fields() {
-    shoal_testkit::watchdog("router search oracle", Duration::from_secs(120));
+    let _watchdog = shoal_testkit::watchdog("router search oracle", Duration::from_secs(120));
     let (c, _) = cluster(3, 0, 1).await;
     c.wait_live(3).await;
     let queries = vectors(4, DIM, 99);
@@ -883,7 +883,7 @@ async fn router_search_equals_the_exact_oracle_for_every_metric_with_paging_filt
 
 #[tokio::test]
 async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after_flush() {
-    shoal_testkit::watchdog("router get/query/count", Duration::from_secs(120));
+    let _watchdog = shoal_testkit::watchdog("router get/query/count", Duration::from_secs(120));
     let (c, _) = cluster(3, 0, 2).await;
     c.wait_live(3).await;
     let rows = load(&c, "docs", "L2", 1500, 300).await;
@@ -1020,7 +1020,7 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_segments() {
-    shoal_testkit::watchdog("router failover", Duration::from_secs(120));
+    let _watchdog = shoal_testkit::watchdog("router failover", Duration::from_secs(120));
     let (mut c, mut late) = cluster(3, 1, 1).await;
     c.wait_live(3).await;
     let rows = Arc::new(load(&c, "f", "IP", 2000, 100).await);
@@ -1218,7 +1218,7 @@ fn bad_cases() -> Vec<(&'static str, String)> {
 /// Every bad request gets the same Milvus code from the router as from the standalone role.
 #[tokio::test]
 async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
-    shoal_testkit::watchdog("router codes", Duration::from_secs(120));
+    let _watchdog = shoal_testkit::watchdog("router codes", Duration::from_secs(120));
     let (c, _) = cluster(2, 0, 1).await;
     c.wait_live(2).await;
     let app = common::App::new(None).await;
@@ -1373,7 +1373,7 @@ async fn ok_http(http: &reqwest::Client, base: &str, path: &str, body: Value) ->
 /// static list) takes over segments, and bad requests get the standalone role's codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_writer_readers_and_router_processes_on_mariadb() {
-    shoal_testkit::watchdog(
+    let _watchdog = shoal_testkit::watchdog(
         "real_writer_readers_and_router_processes_on_mariadb",
         Duration::from_secs(240),
     );

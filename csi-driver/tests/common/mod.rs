@@ -162,7 +162,7 @@ pub struct Env {
     pub redis: RedisServer,
     pub root: tempfile::TempDir,
     pub fs_name: String,
-    _watchdog: std::sync::mpsc::Sender<()>,
+    _watchdog: shoal_testkit::watchdog::Watchdog,
 }
 
 /// How long one CSI test may run before its watchdog fails it (they take seconds).

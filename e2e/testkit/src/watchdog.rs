@@ -2,17 +2,32 @@
 //! that hits it, so a test that hangs must fail loudly instead.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc;
 use std::time::Duration;
 
-/// Spawns a thread that, if the process is still running after `limit`, prints which test hung,
+/// Disarms its watchdog when dropped: keep it alive for the whole test
+/// (`let _watchdog = watchdog(..)`), so other tests of the same binary are not cut short.
+#[must_use = "the watchdog is disarmed as soon as this guard is dropped"]
+#[derive(Debug)]
+pub struct Watchdog {
+    _disarm: mpsc::Sender<()>,
+}
+
+/// Spawns a thread that, if the guard is still alive after `limit`, prints which test hung,
 /// kills every descendant process (servers and engines the test started; `Drop` will not run)
 /// and exits the test process with status 1.
-pub fn watchdog(name: &str, limit: Duration) {
+pub fn watchdog(name: &str, limit: Duration) -> Watchdog {
+    let (disarm, armed) = mpsc::channel::<()>();
     let test = name.to_string();
     let spawned = std::thread::Builder::new()
         .name(format!("watchdog-{name}"))
         .spawn(move || {
-            std::thread::sleep(limit);
+            if !matches!(
+                armed.recv_timeout(limit),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            ) {
+                return;
+            }
             eprintln!(
                 "WATCHDOG: test {test} still running after {limit:?}; killing its child processes and aborting"
             );
@@ -28,6 +43,7 @@ pub fn watchdog(name: &str, limit: Duration) {
     if let Err(e) = spawned {
         eprintln!("WATCHDOG: could not start the watchdog thread for {name}: {e}");
     }
+    Watchdog { _disarm: disarm }
 }
 
 /// Every process whose parent chain leads to `root` (read from `/proc/*/stat`).
