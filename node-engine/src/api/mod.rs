@@ -17,17 +17,18 @@ use backend::Backend;
 use rest::RestState;
 use std::sync::Arc;
 
-/// The `/readyz` answer: ready (200) when the metadata store answers, else 503 with the reason.
+/// The `/readyz` answer: ready (200) when the backend can serve (standalone/writer: the metadata
+/// store answers; router: the writer and a reader answer), else 503 with the backend's reason.
 /// The GPU details (mode, reasons, devices, live samples) are reported either way and never
 /// decide readiness: a reader without a GPU serves from the CPU.
 pub fn readiness(
-    meta: Result<(), String>,
+    backend: Result<(), String>,
     gpu: Option<crate::gpu::GpuStatus>,
 ) -> (StatusCode, serde_json::Value) {
-    let (status, mut body) = match meta {
+    let (status, mut body) = match backend {
         Ok(()) => (
             StatusCode::OK,
-            serde_json::json!({"status": "ready", "metadata": "ok"}),
+            serde_json::json!({"status": "ready"}),
         ),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -106,7 +107,7 @@ mod tests {
     }
 
     #[test]
-    fn readiness_reports_gpu_details_and_depends_only_on_the_metadata_store() {
+    fn readiness_reports_gpu_details_and_depends_only_on_the_backend() {
         let (status, body) = readiness(Ok(()), Some(fake_gpu()));
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "ready");
@@ -121,7 +122,7 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["status"], "unavailable");
         assert!(
-            body["metadata"]
+            body["reason"]
                 .as_str()
                 .is_some_and(|m| m.contains("database is locked")),
             "{body}"
