@@ -26,10 +26,7 @@ pub fn readiness(
     gpu: Option<crate::gpu::GpuStatus>,
 ) -> (StatusCode, serde_json::Value) {
     let (status, mut body) = match backend {
-        Ok(()) => (
-            StatusCode::OK,
-            serde_json::json!({"status": "ready"}),
-        ),
+        Ok(()) => (StatusCode::OK, serde_json::json!({"status": "ready"})),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({
