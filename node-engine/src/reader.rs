@@ -645,15 +645,7 @@ pub async fn run(
         }
     };
     let ops = ops_router(backend.clone());
-    let ops_task = tokio::spawn({
-        let stop = stopped();
-        async move {
-            axum::serve(ops_l, ops)
-                .with_graceful_shutdown(stop)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    });
+    let ops_task = crate::api::spawn_http(ops_l, ops, stopped());
     let grpc_task = tokio::spawn({
         let stop = stopped();
         async move {

@@ -767,24 +767,8 @@ pub async fn run(
             let _ = rx.wait_for(|v| *v).await;
         }
     };
-    let rest_task = tokio::spawn({
-        let stop = stopped();
-        async move {
-            axum::serve(rest_l, rest)
-                .with_graceful_shutdown(stop)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    });
-    let ops_task = tokio::spawn({
-        let stop = stopped();
-        async move {
-            axum::serve(ops_l, ops)
-                .with_graceful_shutdown(stop)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    });
+    let rest_task = crate::api::spawn_http(rest_l, rest, stopped());
+    let ops_task = crate::api::spawn_http(ops_l, ops, stopped());
     let grpc_task = tokio::spawn({
         let stop = stopped();
         async move {

@@ -17,6 +17,21 @@ use backend::Backend;
 use rest::RestState;
 use std::sync::Arc;
 
+/// Serve `router` on `listener` in a task until `stop` resolves (the cluster roles run several
+/// such listeners side by side with one stop signal).
+pub fn spawn_http(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// The `/readyz` answer: ready (200) when the backend can serve (standalone/writer: the metadata
 /// store answers; router: the writer and a reader answer), else 503 with the backend's reason.
 /// The GPU details (mode, reasons, devices, live samples) are reported either way and never
