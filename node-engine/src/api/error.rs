@@ -55,7 +55,7 @@ impl ApiError {
             message: "authentication failed: missing or wrong token".into(),
         }
     }
-    fn internal(what: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(what: impl std::fmt::Display) -> Self {
         Self::new(code::INTERNAL, format!("internal error: {what}"))
     }
     /// Label for metrics (never a Debug string).

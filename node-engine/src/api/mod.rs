@@ -7,6 +7,7 @@ pub mod error;
 pub mod indexes;
 pub mod metrics;
 pub mod rest;
+pub mod rows;
 
 use axum::Router;
 use axum::extract::State;

@@ -14,7 +14,6 @@ use super::metrics::Metrics;
 use crate::core::filter::Filter;
 use crate::core::index::SearchParams;
 use crate::core::storage::collection::{RowOut, Schema};
-use crate::core::storage::wal::RowBatch;
 use crate::core::types::Metric;
 use axum::Router;
 use axum::body::Bytes;
@@ -143,6 +142,24 @@ where
     F: FnOnce(Arc<RestState<B>>, Ctx, Map<String, Value>) -> Fut,
     Fut: Future<Output = Result<Reply, ApiError>>,
 {
+    call_with(st, headers, body, endpoint, |b| parse_body(&b), f).await
+}
+
+/// [`call`] with the body parser supplied: `entities/insert|upsert` take the raw body and parse
+/// it typed in one pass (see [`super::rows`]).
+async fn call_with<B, T, P, F, Fut>(
+    st: Arc<RestState<B>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: &'static str,
+    parse: P,
+    f: F,
+) -> Response
+where
+    P: FnOnce(Bytes) -> Result<T, ApiError>,
+    F: FnOnce(Arc<RestState<B>>, Ctx, T) -> Fut,
+    Fut: Future<Output = Result<Reply, ApiError>>,
+{
     let started = Instant::now();
     let ctx = Ctx {
         int64_numbers: headers
@@ -151,7 +168,7 @@ where
             .is_none_or(|v| !v.trim().eq_ignore_ascii_case("false")),
     };
     let res = match check_auth(&st, &headers) {
-        Ok(()) => match body.as_ref().map(|b| parse_body(b)) {
+        Ok(()) => match body.map(parse) {
             Ok(Ok(req)) => f(st.clone(), ctx, req).await,
             Ok(Err(e)) => Err(e),
             Err(rejection) => Err(ApiError::invalid(
@@ -196,6 +213,18 @@ macro_rules! ep {
             ),
         )
     };
+    ($r:expr, $b:ty, $path:literal, $f:expr, parse = $p:expr) => {
+        $r.route(
+            concat!("/v2/vectordb/", $path),
+            post(
+                |State(s): State<Arc<RestState<$b>>>,
+                 h: HeaderMap,
+                 b: Result<Bytes, BytesRejection>| {
+                    call_with(s, h, b, $path, $p, $f)
+                },
+            ),
+        )
+    };
 }
 
 /// Largest request body accepted: a 10,000-row insert of 1,024-d vectors is about 100 MiB of
@@ -215,8 +244,8 @@ pub fn router<B: Backend>(state: Arc<RestState<B>>) -> Router {
     let r = ep!(r, B, "collections/release", release_collection::<B>);
     let r = ep!(r, B, "collections/get_load_state", get_load_state::<B>);
     let r = ep!(r, B, "collections/flush", flush_collection::<B>);
-    let r = ep!(r, B, "entities/insert", insert::<B>);
-    let r = ep!(r, B, "entities/upsert", upsert::<B>);
+    let r = ep!(r, B, "entities/insert", insert::<B>, parse = Ok);
+    let r = ep!(r, B, "entities/upsert", upsert::<B>, parse = Ok);
     let r = ep!(r, B, "entities/delete", delete::<B>);
     let r = ep!(r, B, "entities/get", get::<B>);
     let r = ep!(r, B, "entities/query", query::<B>);
@@ -588,7 +617,7 @@ async fn flush_collection<B: Backend>(
 
 // ---------- entities ----------
 
-fn parse_id(v: &Value) -> Option<i64> {
+pub(super) fn parse_id(v: &Value) -> Option<i64> {
     match v {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.trim().parse().ok(),
@@ -618,107 +647,44 @@ fn parse_vector(v: &Value, dim: usize, out: &mut Vec<f32>) -> Result<(), String>
     Ok(())
 }
 
-/// Validate and convert `data` rows into a batch. Ids are left empty when the collection
-/// assigns them (autoID insert); upserts always carry their primary key.
-fn rows_to_batch(s: &Schema, m: &Map<String, Value>, upsert: bool) -> Result<WriteRows, ApiError> {
-    let rows: Vec<&Map<String, Value>> = match m.get("data") {
-        None | Some(Value::Null) => return Err(ApiError::missing("data")),
-        Some(Value::Array(a)) => a
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_object()
-                    .ok_or_else(|| ApiError::bad_row(i, "each row must be a JSON object"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(Value::Object(o)) => vec![o],
-        Some(_) => return Err(ApiError::invalid("data", "must be a list of row objects")),
-    };
-    if rows.is_empty() {
-        return Err(ApiError::invalid("data", "must contain at least one row"));
-    }
-    let mut b = RowBatch::new(s.dim);
-    b.vectors.reserve(rows.len() * s.dim);
-    let auto = s.auto_id && !upsert;
-    let mut seen = std::collections::HashSet::new();
-    for (i, row) in rows.iter().enumerate() {
-        if auto {
-            if row.contains_key(&s.pk_field) {
-                return Err(ApiError::bad_row(
-                    i,
-                    format!("{} is generated (autoID); do not send it", s.pk_field),
-                ));
-            }
-        } else {
-            let id = match row.get(&s.pk_field) {
-                None | Some(Value::Null) => {
-                    return Err(ApiError::bad_row(
-                        i,
-                        format!("missing primary key {}", s.pk_field),
-                    ));
-                }
-                Some(v) => parse_id(v).ok_or_else(|| {
-                    ApiError::bad_row(i, format!("{} must be an int64", s.pk_field))
-                })?,
-            };
-            if !seen.insert(id) {
-                return Err(ApiError::bad_row(
-                    i,
-                    format!("duplicate primary key {id} in one request"),
-                ));
-            }
-            b.ids.push(id);
-        }
-        match row.get(&s.vector_field) {
-            None | Some(Value::Null) => {
-                return Err(ApiError::bad_row(
-                    i,
-                    format!("missing vector field {}", s.vector_field),
-                ));
-            }
-            Some(v) => {
-                parse_vector(v, s.dim, &mut b.vectors).map_err(|e| ApiError::bad_row(i, e))?
-            }
-        }
-        let mut dynf = Map::new();
-        for (k, v) in row.iter() {
-            if k == &s.pk_field || k == &s.vector_field {
-                continue;
-            }
-            if !s.dynamic {
-                return Err(ApiError::bad_row(
-                    i,
-                    format!("field {k:?} is not in the schema (dynamic fields are disabled)"),
-                ));
-            }
-            if let (true, Value::Object(inner)) = (k == "$meta", v) {
-                for (ik, iv) in inner {
-                    dynf.insert(ik.clone(), iv.clone());
-                }
-                continue;
-            }
-            dynf.insert(k.clone(), v.clone());
-        }
-        b.fields.push(if dynf.is_empty() {
-            Vec::new()
-        } else {
-            serde_json::to_vec(&Value::Object(dynf)).unwrap_or_default()
-        });
-    }
-    Ok(WriteRows {
-        batch: b,
-        rows: rows.len(),
-        upsert,
+/// Parses an insert or upsert body with the typed one-pass parser ([`super::rows`]) on a
+/// blocking thread (a 10,000-row batch is ~14 MB of JSON: tens of milliseconds of CPU that must
+/// not stall the async workers). The collection the body names is looked up when the parser
+/// reaches `data`; the body is dropped as soon as it is parsed, before the write waits for the
+/// WAL.
+async fn parse_write<B: Backend>(
+    st: &Arc<RestState<B>>,
+    body: Bytes,
+    upsert: bool,
+) -> Result<(CollectionMeta, WriteRows), ApiError> {
+    let st = st.clone();
+    let rt = tokio::runtime::Handle::current();
+    let parsed = tokio::task::spawn_blocking(move || {
+        let out = super::rows::parse_rows(&body, upsert, |m| rt.block_on(collection(&st, m)));
+        drop(body);
+        out
     })
+    .await
+    .map_err(|e| ApiError::internal(format!("request parser failed: {e}")))?;
+    let (c, batch) = parsed?;
+    // Ids are empty for an autoID insert; every row has its vector.
+    let rows = batch.vectors.len() / batch.dim.max(1);
+    Ok((
+        c,
+        WriteRows {
+            batch,
+            rows,
+            upsert,
+        },
+    ))
 }
 
 async fn insert<B: Backend>(
     st: Arc<RestState<B>>,
     ctx: Ctx,
-    m: Map<String, Value>,
+    body: Bytes,
 ) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m).await?;
-    let rows = rows_to_batch(&c.schema, &m, false)?;
+    let (c, rows) = parse_write(&st, body, false).await?;
     let n = rows.rows;
     let ids = st.backend.write(&c, rows).await?;
     st.metrics.rows_inserted(n);
@@ -730,10 +696,9 @@ async fn insert<B: Backend>(
 async fn upsert<B: Backend>(
     st: Arc<RestState<B>>,
     ctx: Ctx,
-    m: Map<String, Value>,
+    body: Bytes,
 ) -> Result<Reply, ApiError> {
-    let c = collection(&st, &m).await?;
-    let rows = rows_to_batch(&c.schema, &m, true)?;
+    let (c, rows) = parse_write(&st, body, true).await?;
     let n = rows.rows;
     let ids = st.backend.write(&c, rows).await?;
     st.metrics.rows_inserted(n);
