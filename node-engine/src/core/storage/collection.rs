@@ -857,7 +857,7 @@ impl Collection {
             }
             let seg = SegmentData::from_batch(new_id, b, metric)?;
             let crc = segment::write_segment(&seg_root, &seg)?;
-            let loaded = segment::load_segment(&seg_root, new_id, crc, metric)?;
+            let loaded = segment::map_written_segment(&seg_root, new_id, crc, metric)?;
             Ok(Some((loaded, crc, map)))
         })
         .await
@@ -1183,7 +1183,7 @@ impl CollectionWrite for Collection {
         let seg_root3 = seg_root.clone();
         let mapped = tokio::task::spawn_blocking(move || {
             ids.iter()
-                .map(|(id, crc)| segment::load_segment(&seg_root3, *id, *crc, metric))
+                .map(|(id, crc)| segment::map_written_segment(&seg_root3, *id, *crc, metric))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await

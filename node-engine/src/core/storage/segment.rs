@@ -325,6 +325,67 @@ pub fn load_segment(
     manifest_crc: u32,
     metric: Metric,
 ) -> Result<SegmentData, SegmentError> {
+    open_segment(root, id, manifest_crc, metric, Verify::Everything)
+}
+
+/// Map a segment this process has just written with [`write_segment`] and fsynced: the
+/// manifest, the ids and the field offsets are read and verified as in [`load_segment`], but the
+/// mapped vector and field files are only checked for their size, not read back for their
+/// CRC. Their checksums were computed from the very bytes that were written, and reading them
+/// back would only read the page cache, while touching every page of the map (the whole
+/// segment would count in the process's resident memory before any search needs it). Every
+/// other open (restart, readers, index builds) verifies everything.
+pub fn map_written_segment(
+    root: &Path,
+    id: u64,
+    manifest_crc: u32,
+    metric: Metric,
+) -> Result<SegmentData, SegmentError> {
+    open_segment(root, id, manifest_crc, metric, Verify::SizesOfMappedFiles)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verify {
+    Everything,
+    SizesOfMappedFiles,
+}
+
+fn check_mapped(
+    id: u64,
+    name: &str,
+    bytes: &[u8],
+    m: &Manifest,
+    verify: Verify,
+) -> Result<(), SegmentError> {
+    match verify {
+        Verify::Everything => check_sum(id, name, bytes, m),
+        Verify::SizesOfMappedFiles => {
+            let sum = m
+                .files
+                .get(name)
+                .ok_or_else(|| corrupt(id, format!("manifest lacks {name}")))?;
+            if sum.bytes != bytes.len() as u64 {
+                return Err(corrupt(
+                    id,
+                    format!(
+                        "{name} has {} bytes, manifest says {}",
+                        bytes.len(),
+                        sum.bytes
+                    ),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn open_segment(
+    root: &Path,
+    id: u64,
+    manifest_crc: u32,
+    metric: Metric,
+    verify: Verify,
+) -> Result<SegmentData, SegmentError> {
     let dir = segment_dir(root, id);
     let mpath = dir.join(F_MANIFEST);
     let mbytes = fs::read(&mpath).map_err(|e| match e.kind() {
@@ -355,10 +416,10 @@ pub fn load_segment(
         .collect();
     let vpath = dir.join(F_VECTORS);
     let vectors = MappedF32::open(&vpath).map_err(io_err("map", &vpath))?;
-    check_sum(id, F_VECTORS, vectors.bytes(), &m)?;
+    check_mapped(id, F_VECTORS, vectors.bytes(), &m, verify)?;
     let fpath = dir.join(F_FIELDS);
     let fields = MappedBytes::open(&fpath).map_err(io_err("map", &fpath))?;
-    check_sum(id, F_FIELDS, fields.as_ref(), &m)?;
+    check_mapped(id, F_FIELDS, fields.as_ref(), &m, verify)?;
     if ids.len() != rows || offsets.len() != rows + 1 || vectors.as_ref().len() != rows * dim {
         return Err(corrupt(id, "column lengths disagree with the manifest"));
     }
@@ -527,6 +588,36 @@ mod tests {
                 "{name}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_just_written_segment_maps_without_reading_its_data_files_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = SegmentData::from_batch(4, batch(20, 8), Metric::L2).unwrap();
+        let crc = write_segment(dir.path(), &seg).unwrap();
+        let fresh = map_written_segment(dir.path(), 4, crc, Metric::L2).unwrap();
+        assert!(fresh.is_mapped());
+        assert_eq!(fresh.ids(), seg.ids());
+        assert_eq!(fresh.flat().data(), seg.flat().data());
+
+        // Sizes, the manifest, ids and offsets are still checked on this path...
+        let vec_path = segment_dir(dir.path(), 4).join(F_VECTORS);
+        let good = fs::read(&vec_path).unwrap();
+        fs::write(&vec_path, &good[..good.len() - 4]).unwrap();
+        assert!(matches!(
+            map_written_segment(dir.path(), 4, crc, Metric::L2),
+            Err(SegmentError::Corrupt { segment: 4, .. })
+        ));
+        assert!(map_written_segment(dir.path(), 4, crc ^ 1, Metric::L2).is_err());
+        // ...while a flipped data byte is left to the full verification of every later open.
+        let mut flipped = good.clone();
+        flipped[3] ^= 0x40;
+        fs::write(&vec_path, &flipped).unwrap();
+        assert!(map_written_segment(dir.path(), 4, crc, Metric::L2).is_ok());
+        assert!(matches!(
+            load_segment(dir.path(), 4, crc, Metric::L2),
+            Err(SegmentError::Corrupt { segment: 4, .. })
+        ));
     }
 
     #[test]
