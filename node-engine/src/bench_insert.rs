@@ -40,6 +40,11 @@ pub struct BenchInsertArgs {
     /// Server process id, to report its peak RSS.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// After the flush, search this many inserted vectors (spread over the data, top-1, FLAT
+    /// scans every segment) and report whether each finds itself and the server's peak RSS
+    /// again: the memory of a server whose every segment has been searched, not only written.
+    #[arg(long, default_value_t = 0)]
+    search_after: usize,
 }
 
 /// Minimal HTTP/1.1 keep-alive client (POST JSON, read a Content-Length body).
@@ -192,6 +197,12 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
     let bodies: Vec<Vec<u8>> = (0..batches)
         .map(|b| render_batch(name, &data, dim, b * a.batch, ((b + 1) * a.batch).min(n)))
         .collect::<anyhow::Result<_>>()?;
+    let probes: Vec<(usize, Vec<f32>)> = (0..a.search_after.min(n))
+        .map(|j| {
+            let i = j * (n / a.search_after.min(n).max(1));
+            (i, data[i * dim..(i + 1) * dim].to_vec())
+        })
+        .collect();
     drop(data);
     let render_s = r0.elapsed().as_secs_f64();
     let body_bytes: usize = bodies.iter().map(Vec::len).sum();
@@ -238,6 +249,19 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
     let rss = a.server_pid.and_then(|p| status_bytes(p, "VmHWM:"));
     let rss_anon = a.server_pid.and_then(|p| status_bytes(p, "RssAnon:"));
     let rss_file = a.server_pid.and_then(|p| status_bytes(p, "RssFile:"));
+    let mut found = 0usize;
+    let s0 = Instant::now();
+    for (i, v) in &probes {
+        let body = serde_json::json!({"collectionName": name, "data": [v], "limit": 1});
+        let r = c.post("/v2/vectordb/entities/search", body.to_string().as_bytes())?;
+        if r["data"][0]["id"].as_u64() == Some(*i as u64) {
+            found += 1;
+        }
+    }
+    let search_s = s0.elapsed().as_secs_f64();
+    let rss_after_search = (!probes.is_empty())
+        .then(|| a.server_pid.and_then(|p| status_bytes(p, "VmHWM:")))
+        .flatten();
     println!(
         "{}",
         serde_json::json!({
@@ -249,6 +273,12 @@ pub fn run(a: BenchInsertArgs) -> anyhow::Result<()> {
             "raw_vector_bytes": raw, "server_peak_rss_bytes": rss,
             "rss_over_raw": rss.map(|r| r as f64 / raw as f64),
             "server_rss_anon_bytes_at_end": rss_anon, "server_rss_file_bytes_at_end": rss_file,
+            "search_after": probes.len(), "search_after_found_self": found,
+            "search_after_s": search_s,
+            "server_peak_rss_after_search_bytes": rss_after_search,
+            "rss_after_search_over_raw": rss_after_search.map(|r| r as f64 / raw as f64),
+            "server_rss_anon_bytes_after_search": rss_after_search.and(a.server_pid.and_then(|p| status_bytes(p, "RssAnon:"))),
+            "server_rss_file_bytes_after_search": rss_after_search.and(a.server_pid.and_then(|p| status_bytes(p, "RssFile:"))),
         })
     );
     Ok(())

@@ -46,21 +46,24 @@ pub struct FlatIndex<S: AsRef<[f32]> + Send + Sync> {
     dim: usize,
     metric: Metric,
     /// L2: squared norm per row; COSINE: inverse norm per row (0 for a zero row); IP: empty.
-    row_terms: Vec<f32>,
+    /// Computed on the first search that uses them (a batch, or any COSINE search), not when
+    /// the index is made: a segment mapped right after its flush is not read (and its pages
+    /// not made resident) until a search needs it, and a single L2 query never needs them.
+    row_terms: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl<S: AsRef<[f32]> + Send + Sync> FlatIndex<S> {
-    /// Wrap `data` and precompute the per-row terms the metric needs.
+    /// Wrap `data`; the per-row terms the metric needs are computed by the first search that
+    /// uses them.
     ///
     /// Errors: `InvalidParam` when `dim` is 0 or `data.len()` is not a multiple of `dim`.
     pub fn new(data: S, dim: usize, metric: Metric) -> Result<Self, IndexError> {
         check_shape(data.as_ref().len(), dim)?;
-        let row_terms = row_terms(data.as_ref(), dim, metric);
         Ok(Self {
             data,
             dim,
             metric,
-            row_terms,
+            row_terms: std::sync::OnceLock::new(),
         })
     }
 
@@ -69,12 +72,23 @@ impl<S: AsRef<[f32]> + Send + Sync> FlatIndex<S> {
         self.data.as_ref()
     }
 
-    fn view(&self) -> View<'_> {
+    /// The borrowed form for a search of `nq` queries, with the per-row terms when that search
+    /// uses them (computing them once, on first need).
+    fn view(&self, nq: usize) -> View<'_> {
+        let data = self.data.as_ref();
+        let needs_terms = self.metric == Metric::COSINE
+            || (nq >= BATCH_MIN_QUERIES && data.len() / self.dim >= BASE_TILE);
+        let row_terms: &[f32] = if needs_terms {
+            self.row_terms
+                .get_or_init(|| row_terms(data, self.dim, self.metric))
+        } else {
+            self.row_terms.get().map_or(&[], Vec::as_slice)
+        };
         View {
-            data: self.data.as_ref(),
+            data,
             dim: self.dim,
             metric: self.metric,
-            row_terms: &self.row_terms,
+            row_terms,
         }
     }
 }
@@ -93,7 +107,11 @@ impl<S: AsRef<[f32]> + Send + Sync> VectorIndexRead for FlatIndex<S> {
         self.data.as_ref().len() / self.dim
     }
     fn memory_bytes(&self) -> usize {
-        std::mem::size_of_val(self.data.as_ref()) + std::mem::size_of_val(self.row_terms.as_slice())
+        std::mem::size_of_val(self.data.as_ref())
+            + self
+                .row_terms
+                .get()
+                .map_or(0, |t| std::mem::size_of_val(t.as_slice()))
     }
     fn search(
         &self,
@@ -102,7 +120,8 @@ impl<S: AsRef<[f32]> + Send + Sync> VectorIndexRead for FlatIndex<S> {
         _params: &SearchParams,
         filter: Option<&Bitset>,
     ) -> Result<Vec<Vec<Neighbor>>, IndexError> {
-        self.view().search(queries, k, filter)
+        self.view(queries.len() / self.dim)
+            .search(queries, k, filter)
     }
 }
 
