@@ -837,6 +837,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn reader_accepts_the_gpu_flags_the_operator_passes() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            reader: ReaderArgs,
+        }
+        // What the operator's `gpu_args` emits for `readers.gpu: {count: 2, memoryBudget: 40Gi}`
+        // (operator/tests/builders.rs asserts the same strings on its side).
+        let cli = Cli::try_parse_from([
+            "reader",
+            "--meta",
+            "mysql://u:p@db/shoal",
+            "--gpu-devices",
+            "0,1",
+            "--gpu-memory-budget",
+            "42949672960",
+        ])
+        .expect("the operator's reader flags parse");
+        let c = cli.reader.resolve().expect("resolve");
+        assert_eq!(
+            c.gpu.gpu_devices,
+            crate::gpu::DeviceSelection::List(vec![0, 1])
+        );
+        assert_eq!(c.gpu.gpu_memory_budget, 40 << 30);
+        assert_eq!(c.gpu.gpu_search_threshold, 1000);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn search_shard_on_the_host_gpu_backend_equals_the_cpu_path_for_l2_ip_and_cosine() {
         let dir = tempfile::tempdir().expect("tempdir");
