@@ -10,9 +10,15 @@
 //! versions, load state, new and dropped collections).
 //!
 //! It serves the Reader gRPC service ([`ReaderService`] over [`ReplicaCatalog`]) and `/healthz`,
-//! `/readyz` (ready once it caught up with the catalogue once) and `/metrics`. The GPU flags are
-//! accepted (the operator passes them to GPU readers); search runs on the CPU until the GPU
-//! search path is wired into the replica.
+//! `/readyz` (ready once it caught up with the catalogue once; JSON with the GPU details) and
+//! `/metrics`.
+//!
+//! GPUs: at start the reader builds a [`GpuRuntime`] from its `--gpu-*` flags. When it opens a
+//! CUDA device, `SearchShard` offers every sealed FLAT segment scan to the GPU
+//! ([`GpuOffload`]): batches of at least `--gpu-search-threshold` queries run there, with the
+//! filter and deletes as the allow-bitset, smaller ones and any GPU failure on the CPU (counted
+//! in `shoal_gpu_search_fallbacks_total`); both paths' hits go through the replica's one merge.
+//! Without NVML, CUDA or a device the runtime logs why and the reader searches on the CPU.
 
 use crate::api::rest::MAX_TOPK;
 use crate::cluster::catalog_sync::VersionGate;
@@ -29,17 +35,18 @@ use crate::core::filter::Filter;
 use crate::core::index::{IndexError, SearchParams};
 use crate::core::meta::{CatalogSnapshot, MetaError, MetaStore, redact};
 use crate::core::storage::collection::{
-    Collection, CollectionError, CollectionRead, Output, RowOut, Schema, SegmentSelection,
+    Collection, CollectionError, CollectionRead, FlatOffload, Output, RowOut, Schema,
+    SegmentSelection,
 };
 use crate::gpu::args::GpuArgs;
+use crate::gpu::{GpuOffload, GpuRuntime};
 use crate::writer::{incoming, require_meta, stop_servers};
 use axum::extract::State;
-use axum::http::StatusCode;
 use clap::Args;
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -199,6 +206,8 @@ pub struct ReplicaCatalog {
     caught_up: AtomicBool,
     /// Since when each failing (collection, segment) has failed.
     failing_since: parking_lot::Mutex<BTreeMap<(i64, u64), Instant>>,
+    /// Where FLAT segment scans go before the CPU (`None`: CPU only).
+    gpu: Option<Arc<GpuOffload>>,
 }
 
 impl ReplicaCatalog {
@@ -211,7 +220,26 @@ impl ReplicaCatalog {
             served: AtomicU64::new(0),
             caught_up: AtomicBool::new(false),
             failing_since: parking_lot::Mutex::new(BTreeMap::new()),
+            gpu: None,
         }
+    }
+
+    /// Search FLAT segments through `gpu` first (see the module docs).
+    pub fn with_gpu(mut self, gpu: Arc<GpuOffload>) -> Self {
+        self.gpu = Some(gpu);
+        self
+    }
+
+    /// (collection id, segment id) of every segment served now.
+    fn served_segments(&self) -> BTreeSet<(i64, u64)> {
+        self.collections
+            .read()
+            .values()
+            .flat_map(|c| {
+                let id = c.collection_id();
+                c.segment_ids().into_iter().map(move |s| (id, s))
+            })
+            .collect()
     }
 
     /// The catalogue version served (every segment and tombstone committed up to it).
@@ -244,6 +272,7 @@ impl ReplicaCatalog {
     /// Apply one snapshot; returns the segments that failed to load (collection id, segment
     /// id, reason).
     async fn apply(&self, snap: &CatalogSnapshot) -> Result<Vec<Failed>, ShardError> {
+        let before = self.gpu.as_ref().map(|_| self.served_segments());
         let mut failed = Vec::new();
         let mut next: BTreeMap<String, Arc<Collection>> = BTreeMap::new();
         for rec in &snap.collections {
@@ -283,6 +312,13 @@ impl ReplicaCatalog {
             next.insert(rec.name.clone(), c);
         }
         *self.collections.write() = next;
+        // Segments no longer served (compacted away, collection dropped) leave the GPU too.
+        if let (Some(gpu), Some(before)) = (&self.gpu, before) {
+            let after = self.served_segments();
+            for (c, seg) in before.difference(&after) {
+                gpu.forget_segment(*c, *seg);
+            }
+        }
         Ok(failed)
     }
 
@@ -404,14 +440,16 @@ impl ShardBackend for ReplicaCatalog {
             nprobe: q.nprobe,
             ef: q.ef,
         };
+        let offload = self.gpu.as_deref().map(|g| g as &dyn FlatOffload);
         let (hits, sel) = c
-            .search_segments(
+            .search_segments_with(
                 &q.segment_ids,
                 &q.queries,
                 top_k,
                 &params,
                 filter.as_ref(),
                 output_of(s, &q.output_fields),
+                offload,
             )
             .map_err(collection_err)?;
         check_available(&sel)?;
@@ -534,41 +572,50 @@ impl ReplicaCatalog {
 
 // ---------------------------------------------------------------- the process
 
-fn ops_router(backend: Arc<ReplicaCatalog>) -> axum::Router {
+/// What the ops listener serves from.
+struct Ops {
+    backend: Arc<ReplicaCatalog>,
+    gpu: Arc<GpuRuntime>,
+    /// The `shoal_gpu_*` telemetry gauges and offload counters.
+    registry: prometheus_client::registry::Registry,
+}
+
+fn ops_router(ops: Arc<Ops>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
-            get(|State(b): State<Arc<ReplicaCatalog>>| async move {
-                if b.caught_up() {
-                    (StatusCode::OK, "ready".to_string())
+            get(|State(o): State<Arc<Ops>>| async move {
+                let backend = if o.backend.caught_up() {
+                    Ok(())
                 } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not caught up with the catalogue yet".to_string(),
-                    )
-                }
+                    Err("not caught up with the catalogue yet".to_string())
+                };
+                let (status, body) = crate::api::readiness(backend, Some(o.gpu.status()));
+                (status, axum::Json(body))
             }),
         )
         .route(
             "/metrics",
-            get(|State(b): State<Arc<ReplicaCatalog>>| async move {
+            get(|State(o): State<Arc<Ops>>| async move {
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    render_metrics(&b),
+                    render_metrics(&o),
                 )
             }),
         )
-        .with_state(backend)
+        .with_state(ops)
 }
 
 /// OpenMetrics text: served catalogue version, readiness, segments and live rows per collection
-/// (collection names are `[A-Za-z0-9_]`, so they need no escaping).
-fn render_metrics(b: &ReplicaCatalog) -> String {
+/// (collection names are `[A-Za-z0-9_]`, so they need no escaping), then the GPU gauges and
+/// counters (which end the text with `# EOF`).
+fn render_metrics(o: &Ops) -> String {
+    let b = &o.backend;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -601,7 +648,12 @@ fn render_metrics(b: &ReplicaCatalog) -> String {
             c.stats().live_rows
         );
     }
-    s.push_str("# EOF\n");
+    // One NVML sample per GPU, which also refreshes the residency gauges.
+    let _ = o.gpu.status();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &o.registry) {
+        tracing::error!(error = %e, "encoding the GPU metrics failed");
+        s.push_str("# EOF\n");
+    }
     s
 }
 
@@ -611,9 +663,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ReaderRunError> {
     let meta = MetaStore::connect_read_only(&cfg.meta_url).await?;
-    tracing::info!(gpu_devices = %cfg.gpu.gpu_devices, gpu_memory_budget = cfg.gpu.gpu_memory_budget,
-        "GPU flags accepted; this reader searches on the CPU");
-    let backend = Arc::new(ReplicaCatalog::new(meta, cfg.data_dir.clone()));
+    // Never fails: without NVML, CUDA or a device it logs why and the reader searches on the CPU.
+    let gpu = Arc::new(GpuRuntime::start(&cfg.gpu));
+    let mut registry = prometheus_client::registry::Registry::default();
+    gpu.register_metrics(&mut registry);
+    let mut catalog = ReplicaCatalog::new(meta, cfg.data_dir.clone());
+    if let Some(searcher) = gpu.searcher() {
+        let offload = Arc::new(GpuOffload::new(searcher));
+        offload.register(&mut registry);
+        catalog = catalog.with_gpu(offload);
+    }
+    let backend = Arc::new(catalog);
     let gate = Arc::new(VersionGate::new(0));
     match backend.refresh().await {
         Ok(v) => gate.advance(v),
@@ -644,7 +704,11 @@ pub async fn run(
             let _ = rx.wait_for(|v| *v).await;
         }
     };
-    let ops = ops_router(backend.clone());
+    let ops = ops_router(Arc::new(Ops {
+        backend: backend.clone(),
+        gpu,
+        registry,
+    }));
     let ops_task = crate::api::spawn_http(ops_l, ops, stopped());
     let grpc_task = tokio::spawn({
         let stop = stopped();
@@ -662,4 +726,258 @@ pub async fn run(
     poller.abort();
     stop_servers([("ops", ops_task), ("gRPC", grpc_task)]).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::meta::CollectionRecord;
+    use crate::core::storage::collection::{CollectionWrite, StorageOptions};
+    use crate::core::storage::wal::RowBatch;
+    use crate::core::types::Metric;
+    use crate::gpu::backend::host::HostBackend;
+    use crate::gpu::telemetry::GpuTelemetry;
+    use crate::gpu::{GpuError, GpuSearch, GpuSearcher};
+    use rand::{Rng, SeedableRng};
+    use std::path::Path;
+
+    const DIM: usize = 8;
+    const DELETED: [i64; 3] = [3, 150, 299];
+
+    /// A SQLite catalogue and data directory with one collection per metric ("l2", "ip",
+    /// "cos"), each flushed as three 100-row segments, then three rows deleted.
+    async fn written(dir: &Path) -> MetaStore {
+        let meta = MetaStore::open_sqlite(&dir.join("meta.db"))
+            .await
+            .expect("open sqlite");
+        let data = dir.join("data");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+        for (name, metric) in [
+            ("l2", Metric::L2),
+            ("ip", Metric::IP),
+            ("cos", Metric::COSINE),
+        ] {
+            let mut rec = CollectionRecord {
+                id: 0,
+                name: name.into(),
+                dim: DIM as i64,
+                metric: metric.to_string(),
+                auto_id: false,
+                pk_field: "id".into(),
+                vector_field: "vector".into(),
+                dynamic: true,
+                loaded: true,
+                flushed_seq: 0,
+                created_ms: 0,
+            };
+            rec.id = meta.create_collection(&rec).await.expect("create");
+            let schema = schema_of(&rec).expect("schema");
+            let w = Collection::open(meta.clone(), &rec, schema, &data, StorageOptions::default())
+                .await
+                .expect("open writer");
+            for part in 0..3i64 {
+                let mut b = RowBatch::new(DIM);
+                for id in part * 100..part * 100 + 100 {
+                    b.ids.push(id);
+                    b.vectors
+                        .extend((0..DIM).map(|_| rng.random_range(-1.0f32..1.0)));
+                    b.fields.push(Vec::new());
+                }
+                w.upsert(b).await.expect("upsert");
+                w.flush().await.expect("flush");
+            }
+            w.delete(DELETED.to_vec()).await.expect("delete");
+            w.flush().await.expect("flush deletes");
+            w.close().await;
+        }
+        meta
+    }
+
+    fn host_searcher(threshold: usize, fail: bool) -> Arc<GpuSearcher<HostBackend>> {
+        let mut b = HostBackend::new(0);
+        b.fail_search = fail;
+        Arc::new(GpuSearcher::new(vec![b], 1 << 30, threshold, 1 << 20).expect("host searcher"))
+    }
+
+    fn query(
+        name: &str,
+        segment_ids: Vec<u64>,
+        queries: &[f32],
+        filter: Option<&str>,
+    ) -> ShardQuery {
+        ShardQuery {
+            collection: name.into(),
+            segment_ids,
+            dim: DIM,
+            queries: queries.to_vec(),
+            top_k: 10,
+            nprobe: None,
+            ef: None,
+            filter: filter.map(String::from),
+            output_fields: Vec::new(),
+        }
+    }
+
+    /// Same ids in the same order, distances within float tolerance.
+    fn assert_same_hits(want: &[QueryHits], got: &[QueryHits], what: &str) {
+        assert_eq!(want.len(), got.len(), "{what}");
+        for (qi, (w, g)) in want.iter().zip(got).enumerate() {
+            let ids = |h: &QueryHits| h.hits.iter().map(|h| h.id).collect::<Vec<_>>();
+            assert_eq!(ids(w), ids(g), "{what} query {qi}");
+            for (a, b) in w.hits.iter().zip(&g.hits) {
+                let tol = 1e-4 * a.distance.abs().max(1.0);
+                assert!(
+                    (a.distance - b.distance).abs() <= tol,
+                    "{what} query {qi} id {}: cpu {} gpu {}",
+                    a.id,
+                    a.distance,
+                    b.distance
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reader_accepts_the_gpu_flags_the_operator_passes() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            reader: ReaderArgs,
+        }
+        // What the operator's `gpu_args` emits for `readers.gpu: {count: 2, memoryBudget: 40Gi}`
+        // (operator/tests/builders.rs asserts the same strings on its side).
+        let cli = Cli::try_parse_from([
+            "reader",
+            "--meta",
+            "mysql://u:p@db/shoal",
+            "--gpu-devices",
+            "0,1",
+            "--gpu-memory-budget",
+            "42949672960",
+        ])
+        .expect("the operator's reader flags parse");
+        let c = cli.reader.resolve().expect("resolve");
+        assert_eq!(
+            c.gpu.gpu_devices,
+            crate::gpu::DeviceSelection::List(vec![0, 1])
+        );
+        assert_eq!(c.gpu.gpu_memory_budget, 40 << 30);
+        assert_eq!(c.gpu.gpu_search_threshold, 1000);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn search_shard_on_the_host_gpu_backend_equals_the_cpu_path_for_l2_ip_and_cosine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = written(dir.path()).await;
+        let data = dir.path().join("data");
+        let cpu = ReplicaCatalog::new(meta.clone(), data.clone());
+        let searcher = host_searcher(1, false);
+        let offload = Arc::new(GpuOffload::new(searcher.clone()));
+        let gpu = ReplicaCatalog::new(meta.clone(), data).with_gpu(offload.clone());
+        cpu.refresh().await.expect("cpu replica refresh");
+        gpu.refresh().await.expect("gpu replica refresh");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let queries: Vec<f32> = (0..5 * DIM)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let mut scans = 0;
+        for name in ["l2", "ip", "cos"] {
+            let segs = cpu.get(name).expect("served").segment_ids();
+            assert!(segs.len() >= 2, "{name}: {segs:?}");
+            for filter in [None, Some("id >= 40 and id < 250")] {
+                let q = query(name, segs.clone(), &queries, filter);
+                let before = offload.gpu_searches();
+                let (want, unknown) = cpu.search(&q).expect("cpu search");
+                let (got, _) = gpu.search(&q).expect("gpu search");
+                assert!(unknown.is_empty());
+                assert_eq!(
+                    offload.gpu_searches() - before,
+                    segs.len() as u64,
+                    "{name}: every segment is scanned on the (host) GPU"
+                );
+                scans += segs.len();
+                assert_same_hits(&want, &got, &format!("{name} filter {filter:?}"));
+                for h in got.iter().flat_map(|q| &q.hits) {
+                    assert!(!DELETED.contains(&h.id), "{name}: deleted id {}", h.id);
+                    if filter.is_some() {
+                        assert!((40..250).contains(&h.id), "{name}: id {}", h.id);
+                    }
+                }
+                assert!(got.iter().all(|q| q.hits.len() == 10), "{name}");
+            }
+        }
+        assert_eq!(offload.fallbacks(), 0);
+        let resident = searcher.resident()[0].blocks;
+        assert!(resident > 0 && resident <= scans, "{resident}");
+
+        // A collection that is no longer served leaves the GPU with its segments.
+        let l2_segments = cpu.get("l2").expect("served").segment_ids().len();
+        let mut snap = meta.catalog_snapshot().await.expect("snapshot");
+        snap.collections.retain(|c| c.name != "l2");
+        gpu.apply(&snap).await.expect("apply");
+        assert!(gpu.get("l2").is_err());
+        assert_eq!(searcher.resident()[0].blocks, resident - l2_segments);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn search_shard_answers_on_the_cpu_below_the_threshold_and_when_the_gpu_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = written(dir.path()).await;
+        let data = dir.path().join("data");
+        let cpu = ReplicaCatalog::new(meta.clone(), data.clone());
+        let failing = Arc::new(GpuOffload::new(host_searcher(1, true)));
+        let broken = ReplicaCatalog::new(meta.clone(), data.clone()).with_gpu(failing.clone());
+        let high = host_searcher(6, false);
+        let below = Arc::new(GpuOffload::new(high.clone()));
+        let small = ReplicaCatalog::new(meta.clone(), data).with_gpu(below.clone());
+        for r in [&cpu, &broken, &small] {
+            r.refresh().await.expect("refresh");
+        }
+        let queries: Vec<f32> = (0..5 * DIM).map(|i| (i % 7) as f32 - 3.0).collect();
+        let segs = cpu.get("ip").expect("served").segment_ids();
+        let q = query("ip", segs.clone(), &queries, Some("id > 10"));
+        let (want, _) = cpu.search(&q).expect("cpu search");
+        let (got, _) = broken
+            .search(&q)
+            .expect("a GPU failure is not a search failure");
+        assert_same_hits(&want, &got, "failing GPU");
+        assert_eq!(failing.fallbacks(), segs.len() as u64);
+        assert_eq!(failing.gpu_searches(), 0);
+
+        // 5 queries under a threshold of 6: the GPU is never asked.
+        let (got, _) = small.search(&q).expect("search below the threshold");
+        assert_same_hits(&want, &got, "below threshold");
+        assert_eq!(below.below_threshold(), segs.len() as u64);
+        assert_eq!((below.gpu_searches(), below.fallbacks()), (0, 0));
+        assert_eq!(high.resident()[0].blocks, 0);
+
+        // /metrics carries the reader gauges, the GPU telemetry and the offload counters, and
+        // ends once with `# EOF`; /readyz's GPU part says the mode.
+        let no_nvml = Arc::new(GpuTelemetry::discover_with(Some(std::ffi::OsStr::new(
+            "/nonexistent/libnvidia-ml.so.1",
+        ))));
+        let rt = GpuRuntime::start_with(&GpuArgs::default(), no_nvml, |_| {
+            Ok::<_, GpuError>(vec![HostBackend::new(0)])
+        });
+        assert!(rt.searcher().is_some_and(|s| s.threshold() == 1000));
+        let mut registry = prometheus_client::registry::Registry::default();
+        rt.register_metrics(&mut registry);
+        failing.register(&mut registry);
+        let ops = Ops {
+            backend: Arc::new(broken),
+            gpu: Arc::new(rt),
+            registry,
+        };
+        let text = render_metrics(&ops);
+        assert!(text.contains("shoal_reader_ready 1"), "{text}");
+        assert!(
+            text.contains(&format!("shoal_gpu_search_fallbacks_total {}", segs.len())),
+            "{text}"
+        );
+        assert!(text.contains("shoal_gpu_devices 0"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(ops.gpu.status().mode, "gpu");
+    }
 }

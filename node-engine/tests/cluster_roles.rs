@@ -107,7 +107,7 @@ fn reader(name: &'static str, meta: &str, data: &Path) -> Proc {
             data.display().to_string(),
             "--poll-interval".into(),
             "200ms".into(),
-            // What the operator passes to GPU readers; accepted, CPU search here.
+            // What the operator passes to GPU readers; CPU search where CUDA is absent.
             "--gpu-devices".into(),
             "0,1".into(),
             "--gpu-memory-budget".into(),
@@ -478,6 +478,24 @@ async fn writer_and_two_read_only_readers_serve_the_flat_oracle_and_see_deletes(
         metrics.contains("shoal_reader_segments{collection=\"docs\"}"),
         "{metrics}"
     );
+    // The GPU flags above start a GPU runtime; without CUDA it says why and searches on the CPU.
+    assert!(metrics.contains("shoal_gpu_devices"), "{metrics}");
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+    let ready: Value = serde_json::from_str(
+        &reqwest::get(format!("{}/readyz", r1.ops))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    match ready["gpu"]["mode"].as_str() {
+        Some("gpu") => {}
+        Some("cpu") => assert!(ready["gpu"]["reasons"][0].is_string(), "{ready}"),
+        other => panic!("gpu mode {other:?}: {ready}"),
+    }
     // Teardown order: engine processes, then the mounts, then Redis and MariaDB (locals drop
     // in reverse order of declaration).
     drop((r1, r2, w));

@@ -335,3 +335,118 @@ fn every_visible_device_opens_and_reports_memory() {
         Err(shoal_engine::gpu::GpuError::SelectDevices(_))
     ));
 }
+
+/// The reader path on the real device: `SearchShard` over a replica whose FLAT segments are
+/// scanned through `GpuOffload` equals the CPU replica (ids, distances within 1e-4 relative;
+/// an id may differ only at a tie on the k-th distance) for every metric, with a filter and
+/// deletes, and every segment scan ran on the GPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an NVIDIA GPU with libcuda, libcublas.so.12 and libnvrtc.so.12"]
+async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric() {
+    use shoal_engine::cluster::reader_service::{ShardBackend, ShardQuery};
+    use shoal_engine::core::meta::{CollectionRecord, MetaStore};
+    use shoal_engine::core::storage::collection::{Collection, CollectionWrite, StorageOptions};
+    use shoal_engine::core::storage::wal::RowBatch;
+    use shoal_engine::gpu::GpuOffload;
+    use shoal_engine::reader::ReplicaCatalog;
+    use std::sync::Arc;
+
+    let (dim, per_segment, nq, k) = (64usize, 20_000i64, 1_200usize, 10usize);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let meta = MetaStore::open_sqlite(&dir.path().join("meta.db"))
+        .await
+        .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let deleted: Vec<i64> = (0..3 * per_segment).step_by(97).collect();
+    for (name, metric) in [("l2", "L2"), ("ip", "IP"), ("cos", "COSINE")] {
+        let mut rec = CollectionRecord {
+            id: 0,
+            name: name.into(),
+            dim: dim as i64,
+            metric: metric.into(),
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+            loaded: true,
+            flushed_seq: 0,
+            created_ms: 0,
+        };
+        rec.id = meta.create_collection(&rec).await.unwrap();
+        let schema = shoal_engine::core::engine::schema_of(&rec).unwrap();
+        let w = Collection::open(meta.clone(), &rec, schema, &data, StorageOptions::default())
+            .await
+            .unwrap();
+        for part in 0..3 {
+            let mut b = RowBatch::new(dim);
+            b.vectors = clustered(&mut rng, per_segment as usize, dim, 32);
+            b.ids = (part * per_segment..(part + 1) * per_segment).collect();
+            b.fields = vec![Vec::new(); per_segment as usize];
+            w.upsert(b).await.unwrap();
+            w.flush().await.unwrap();
+        }
+        w.delete(deleted.clone()).await.unwrap();
+        w.flush().await.unwrap();
+        w.close().await;
+    }
+    let cpu = ReplicaCatalog::new(meta.clone(), data.clone());
+    let offload = Arc::new(GpuOffload::new(Arc::new(searcher(4 << 30, 512 << 20))));
+    let gpu = ReplicaCatalog::new(meta, data).with_gpu(offload.clone());
+    cpu.refresh().await.unwrap();
+    gpu.refresh().await.unwrap();
+    let queries = clustered(&mut rng, nq, dim, 32);
+    for (name, _) in cpu.collections() {
+        let segs: Vec<u64> = cpu
+            .collections()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| c.segment_ids())
+            .unwrap();
+        for filter in [None, Some("id >= 5000 and id < 52000".to_string())] {
+            let q = ShardQuery {
+                collection: name.clone(),
+                segment_ids: segs.clone(),
+                dim,
+                queries: queries.clone(),
+                top_k: k,
+                nprobe: None,
+                ef: None,
+                filter: filter.clone(),
+                output_fields: Vec::new(),
+            };
+            let before = offload.gpu_searches();
+            let (want, _) = cpu.search(&q).unwrap();
+            let (got, _) = gpu.search(&q).unwrap();
+            assert_eq!(
+                offload.gpu_searches() - before,
+                segs.len() as u64,
+                "{name}: every segment on the GPU"
+            );
+            let as_neighbors =
+                |hits: &[shoal_engine::cluster::pb::QueryHits]| -> Vec<Vec<Neighbor>> {
+                    hits.iter()
+                        .map(|h| {
+                            h.hits
+                                .iter()
+                                .map(|x| Neighbor {
+                                    row: x.id as u32,
+                                    dist: x.distance,
+                                })
+                                .collect()
+                        })
+                        .collect()
+                };
+            assert_matches(
+                &as_neighbors(&got),
+                &as_neighbors(&want),
+                1e-4,
+                &format!("{name} filter {filter:?}"),
+            );
+            for h in got.iter().flat_map(|q| &q.hits) {
+                assert!(!deleted.contains(&h.id), "{name}: deleted id {}", h.id);
+            }
+        }
+    }
+    assert_eq!(offload.fallbacks(), 0);
+}

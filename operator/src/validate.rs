@@ -32,6 +32,10 @@ pub enum ValidationError {
     GpuWithoutReaders,
     #[error("spec.readers.gpu.count is {0}; it must be 1 or more")]
     GpuCount(i32),
+    #[error(
+        "spec.readers.gpu.memoryBudget is {0:?}; use a size of at least one byte (and below 16Ei) such as 40Gi"
+    )]
+    GpuMemoryBudget(String),
     #[error("spec.readers.replicationFactor is {0}; it must be 1 or more")]
     ReplicationFactor(i32),
     #[error("spec.router.replicas is {0}; it must be 1 or more")]
@@ -63,6 +67,7 @@ impl ValidationError {
             ValidationError::NegativeReplicas(_) => "NegativeReplicas",
             ValidationError::GpuWithoutReaders => "GpuWithoutReaders",
             ValidationError::GpuCount(_) => "InvalidGpuCount",
+            ValidationError::GpuMemoryBudget(_) => "InvalidGpuMemoryBudget",
             ValidationError::ReplicationFactor(_) => "InvalidReplicationFactor",
             ValidationError::RouterReplicas(_) => "InvalidRouterReplicas",
             ValidationError::RouterPort(_) => "InvalidRouterPort",
@@ -166,6 +171,9 @@ pub fn validate(vc: &VectorCluster) -> Result<ValidatedCluster, ValidationError>
         }
         if let Some(b) = &gpu.memory_budget {
             check_quantity("spec.readers.gpu.memoryBudget", b)?;
+            if quantity_bytes(b).is_none_or(|n| n == 0) {
+                return Err(ValidationError::GpuMemoryBudget(b.clone()));
+            }
         }
     }
     if spec.router.replicas < 1 {
@@ -229,6 +237,50 @@ fn is_quantity(s: &str) -> bool {
     })
 }
 
+/// The number of bytes a quantity [`is_quantity`] accepts stands for, the Kubernetes way: binary
+/// suffixes (`Ki` .. `Ei`) are powers of 1024, decimal ones (`k`, `M`, `G`, `T`, `P`, `E`)
+/// powers of 1000; a fraction is rounded down to whole bytes. `None` when `s` is not a quantity
+/// or the count does not fit a u64.
+///
+/// The engine's own byte-size flags read `G` as GiB, so the operator passes sizes to it as
+/// this plain byte count, which both sides read the same way.
+pub fn quantity_bytes(s: &str) -> Option<u64> {
+    const UNITS: [(&str, u128); 13] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("Pi", 1 << 50),
+        ("Ei", 1 << 60),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+        ("P", 1_000_000_000_000_000),
+        ("E", 1_000_000_000_000_000_000),
+        ("", 1),
+    ];
+    if !is_quantity(s) {
+        return None;
+    }
+    UNITS.iter().find_map(|&(suffix, unit)| {
+        let num = s.strip_suffix(suffix)?;
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // 19 fractional digits already resolve below one byte for every unit up to Ei.
+        let frac = &frac[..frac.len().min(19)];
+        let whole = int.parse::<u128>().ok()?.checked_mul(unit)?;
+        let part = if frac.is_empty() {
+            0
+        } else {
+            frac.parse::<u128>().ok()?.checked_mul(unit)? / 10u128.pow(frac.len() as u32)
+        };
+        u64::try_from(whole.checked_add(part)?).ok()
+    })
+}
+
 fn is_duration(s: &str) -> bool {
     ["ms", "s", "m"].iter().any(|suf| {
         s.strip_suffix(suf)
@@ -247,6 +299,26 @@ mod tests {
         }
         for bad in ["", "Gi", "10 Gi", "-1Gi", "ten", "1.Gi", "10GB"] {
             assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quantities_convert_to_bytes_with_binary_and_decimal_suffixes() {
+        for (q, bytes) in [
+            ("40Gi", 40u64 << 30),
+            ("40G", 40_000_000_000),
+            ("512Mi", 512 << 20),
+            ("500M", 500_000_000),
+            ("1.5Gi", 3 << 29),
+            ("0.5k", 500),
+            ("1024", 1024),
+            ("1Ei", 1 << 60),
+            ("15Ei", 15 << 60),
+        ] {
+            assert_eq!(quantity_bytes(q), Some(bytes), "{q}");
+        }
+        for none in ["16Ei", "20E", "99999999999999999999", "10GB", "", "1.Gi"] {
+            assert_eq!(quantity_bytes(none), None, "{none}");
         }
     }
 

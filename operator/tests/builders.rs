@@ -374,7 +374,8 @@ fn gpu_readers_get_limits_tolerations_spread_readonly_mount_and_engine_gpu_flags
     );
     assert!(args.contains("--node-id $(POD_NAME)"), "{args}");
     assert!(
-        args.ends_with("--gpu-devices 0,1 --gpu-memory-budget 40Gi"),
+        // memoryBudget 40Gi as bytes: the engine would read a decimal `40G` as GiB.
+        args.ends_with("--gpu-devices 0,1 --gpu-memory-budget 42949672960"),
         "{args}"
     );
     let res = c.resources.as_ref().unwrap();
@@ -418,6 +419,53 @@ fn gpu_readers_get_limits_tolerations_spread_readonly_mount_and_engine_gpu_flags
     let hs = svc(&d, "gpu-readers").spec.clone().unwrap();
     assert_eq!(hs.cluster_ip.as_deref(), Some("None"));
     assert_eq!(hs.selector, spec.selector.match_labels);
+}
+
+#[test]
+fn gpu_memory_budget_reaches_the_engine_as_the_byte_count_kubernetes_means() {
+    let reader_args = |budget: &str| {
+        let mut vc = fixture("gpu.yaml");
+        if let Some(gpu) = vc.spec.readers.gpu.as_mut() {
+            gpu.memory_budget = Some(budget.into());
+        }
+        let d = build_all(&validate(&vc).unwrap(), &inputs(None, false));
+        container(deploy(&d, "gpu-reader").spec.template.spec.as_ref())
+            .args
+            .clone()
+            .unwrap()
+            .join(" ")
+    };
+    // Decimal suffixes are powers of 1000 in Kubernetes (the engine alone would read G as GiB).
+    for (budget, bytes) in [
+        ("40G", "40000000000"),
+        ("1.5Gi", "1610612736"),
+        ("512Mi", "536870912"),
+    ] {
+        let args = reader_args(budget);
+        assert!(
+            args.ends_with(&format!("--gpu-memory-budget {bytes}")),
+            "{budget}: {args}"
+        );
+    }
+    let mut vc = fixture("gpu.yaml");
+    if let Some(gpu) = vc.spec.readers.gpu.as_mut() {
+        gpu.memory_budget = Some("0".into());
+    }
+    let err = validate(&vc).unwrap_err();
+    assert_eq!(err, ValidationError::GpuMemoryBudget("0".into()));
+    assert_eq!(err.reason(), "InvalidGpuMemoryBudget");
+    // Without a budget the engine's default applies: no flag.
+    let mut vc = fixture("gpu.yaml");
+    if let Some(gpu) = vc.spec.readers.gpu.as_mut() {
+        gpu.memory_budget = None;
+    }
+    let d = build_all(&validate(&vc).unwrap(), &inputs(None, false));
+    let args = container(deploy(&d, "gpu-reader").spec.template.spec.as_ref())
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(args.ends_with("--gpu-devices 0,1"), "{args}");
 }
 
 #[test]

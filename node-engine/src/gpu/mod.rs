@@ -1,6 +1,7 @@
 //! GPU readers: NVML telemetry ([`telemetry`]), GPU FLAT / IVF_FLAT list-scan search
 //! ([`search`]) through the small device trait in [`backend`], implemented with CUDA in
-//! [`cuda`] (driver, cuBLAS and NVRTC loaded at run time; only with the `gpu` feature).
+//! [`cuda`] (driver, cuBLAS and NVRTC loaded at run time; only with the `gpu` feature), and the
+//! reader's hook into the replica search ([`offload`]: threshold routing, CPU fallback).
 //! The pure parts ([`args`], [`budget`], [`plan`], the searcher's orchestration) are tested in CI
 //! without a GPU.
 //!
@@ -14,12 +15,14 @@ pub mod backend;
 pub mod budget;
 #[cfg(feature = "gpu")]
 pub mod cuda;
+pub mod offload;
 pub mod plan;
 pub mod search;
 pub mod telemetry;
 
 pub use args::{DeviceSelection, GpuArgs};
-pub use search::{GpuFlatIndex, GpuSearch, GpuSearcher, IvfList, ResidentStats};
+pub use offload::GpuOffload;
+pub use search::{GpuSearch, GpuSearcher, IvfList, ResidentStats};
 pub use telemetry::{GpuInventory, GpuTelemetry};
 
 use crate::gpu::backend::GpuBackend;
@@ -67,6 +70,10 @@ pub enum GpuError {
     /// The request's shapes are inconsistent or outside what the GPU path serves.
     #[error("invalid GPU search request: {reason}")]
     InvalidRequest { reason: String },
+    /// The device answered with something the CPU index could not have (a row outside the
+    /// segment, a filtered-out row, too many or unsorted hits).
+    #[error("GPU search returned an invalid result: {reason}")]
+    InvalidResult { reason: String },
 }
 
 /// GPU part of `/readyz`: which mode this reader searches in and what it has.

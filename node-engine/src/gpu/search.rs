@@ -3,16 +3,15 @@
 //! workspace, and how per-tile results merge into each query's top-k. Every device call goes
 //! through [`GpuBackend`]; this module holds no CUDA code and is tested without a GPU.
 //!
-//! [`GpuFlatIndex`] wraps a segment's CPU FLAT index so a reader searches it on the GPU for
-//! batches at or above the threshold and on the CPU otherwise, or when the GPU call fails.
+//! The reader reaches it through [`crate::gpu::offload`], which routes a batch here or to the
+//! CPU and answers on the CPU when a call fails.
 
 use crate::core::bitset::Bitset;
-use crate::core::index::{IndexError, SearchParams, VectorIndexRead};
-use crate::core::types::{IndexType, Metric, Neighbor};
+use crate::core::types::{Metric, Neighbor};
 use crate::gpu::GpuError;
 use crate::gpu::backend::GpuBackend;
 use crate::gpu::budget::LruBudget;
-use crate::gpu::plan::{self, Route, TopK};
+use crate::gpu::plan::{self, TopK};
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -429,110 +428,6 @@ impl<B: GpuBackend> GpuSearch for GpuSearcher<B> {
     }
 }
 
-/// Host vectors of a segment, shared with its CPU index (an mmap or a `Vec`).
-pub type SharedVectors = Arc<dyn AsRef<[f32]> + Send + Sync>;
-
-/// A FLAT segment searched on the GPU for large batches and by its CPU index otherwise.
-///
-/// Guarantees: answers exactly what the CPU FLAT index answers (up to float rounding and ties),
-/// whichever path runs; a GPU failure is logged and answered on the CPU, never surfaced.
-pub struct GpuFlatIndex {
-    segment: u64,
-    cpu: Arc<dyn VectorIndexRead>,
-    vectors: SharedVectors,
-    gpu: Arc<dyn GpuSearch>,
-}
-
-impl GpuFlatIndex {
-    /// Errors: `InvalidParam` when `cpu` is not a FLAT index or `vectors` does not hold
-    /// `cpu.len()` rows of `cpu.dim()`.
-    pub fn new(
-        segment: u64,
-        cpu: Arc<dyn VectorIndexRead>,
-        vectors: SharedVectors,
-        gpu: Arc<dyn GpuSearch>,
-    ) -> Result<Self, IndexError> {
-        if cpu.index_type() != IndexType::FLAT {
-            return Err(IndexError::InvalidParam {
-                name: "index_type".into(),
-                reason: format!("GPU FLAT wraps a FLAT index, got {}", cpu.index_type()),
-            });
-        }
-        let got = (*vectors).as_ref().len();
-        if got != cpu.len() * cpu.dim() {
-            return Err(IndexError::InvalidParam {
-                name: "vectors".into(),
-                reason: format!("{got} floats for {} rows of dim {}", cpu.len(), cpu.dim()),
-            });
-        }
-        Ok(Self {
-            segment,
-            cpu,
-            vectors,
-            gpu,
-        })
-    }
-
-    /// Which path a batch of `nq` queries takes.
-    pub fn route(&self, nq: usize, k: usize) -> Route {
-        if k > MAX_GPU_TOPK {
-            return Route::CpuBelowThreshold;
-        }
-        plan::route(nq, self.gpu.threshold(), true)
-    }
-}
-
-impl VectorIndexRead for GpuFlatIndex {
-    fn index_type(&self) -> IndexType {
-        IndexType::FLAT
-    }
-    fn metric(&self) -> Metric {
-        self.cpu.metric()
-    }
-    fn dim(&self) -> usize {
-        self.cpu.dim()
-    }
-    fn len(&self) -> usize {
-        self.cpu.len()
-    }
-    fn memory_bytes(&self) -> usize {
-        self.cpu.memory_bytes()
-    }
-    fn search(
-        &self,
-        queries: &[f32],
-        k: usize,
-        params: &SearchParams,
-        filter: Option<&Bitset>,
-    ) -> Result<Vec<Vec<Neighbor>>, IndexError> {
-        let dim = self.dim();
-        if dim == 0 || !queries.len().is_multiple_of(dim) {
-            return Err(IndexError::DimensionMismatch {
-                expected: dim,
-                got: queries.len(),
-            });
-        }
-        if self.route(queries.len() / dim, k) == Route::Gpu {
-            let vectors = (*self.vectors).as_ref();
-            match self.gpu.search_flat(
-                self.segment,
-                vectors,
-                dim,
-                self.metric(),
-                queries,
-                k,
-                filter,
-            ) {
-                Ok(hits) => return Ok(hits),
-                Err(e) => {
-                    tracing::warn!(segment = self.segment, error = %e, "GPU FLAT search failed; answering on the CPU")
-                }
-            }
-        }
-        self.cpu.search(queries, k, params, filter)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -821,126 +716,6 @@ mod tests {
         assert!(matches!(
             searcher.search_ivf(5, &lists, &bad, dim, Metric::L2, &queries, k, None),
             Err(GpuError::InvalidRequest { .. })
-        ));
-    }
-
-    /// A minimal exact CPU FLAT for the wrapper tests (the real one lives in core::index::flat).
-    struct CpuFlat {
-        base: Vec<f32>,
-        dim: usize,
-        metric: Metric,
-        calls: std::sync::atomic::AtomicUsize,
-    }
-
-    impl VectorIndexRead for CpuFlat {
-        fn index_type(&self) -> IndexType {
-            IndexType::FLAT
-        }
-        fn metric(&self) -> Metric {
-            self.metric
-        }
-        fn dim(&self) -> usize {
-            self.dim
-        }
-        fn len(&self) -> usize {
-            self.base.len() / self.dim
-        }
-        fn memory_bytes(&self) -> usize {
-            self.base.len() * 4
-        }
-        fn search(
-            &self,
-            q: &[f32],
-            k: usize,
-            _: &SearchParams,
-            f: Option<&Bitset>,
-        ) -> Result<Vec<Vec<Neighbor>>, IndexError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Ok(oracle(&self.base, self.dim, self.metric, q, k, f))
-        }
-    }
-
-    struct Shared(Vec<f32>);
-    impl AsRef<[f32]> for Shared {
-        fn as_ref(&self) -> &[f32] {
-            &self.0
-        }
-    }
-
-    #[test]
-    fn gpu_flat_index_routes_small_batches_to_the_cpu_and_falls_back_when_the_gpu_fails() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
-        let (rows, dim, k) = (150, 4, 3);
-        let base = random(&mut rng, rows * dim);
-        let cpu = Arc::new(CpuFlat {
-            base: base.clone(),
-            dim,
-            metric: Metric::L2,
-            calls: Default::default(),
-        });
-        let ok: Arc<dyn GpuSearch> =
-            Arc::new(GpuSearcher::new(vec![HostBackend::new(0)], 1 << 30, 4, 1 << 20).unwrap());
-        let idx =
-            GpuFlatIndex::new(1, cpu.clone(), Arc::new(Shared(base.clone())), ok.clone()).unwrap();
-        let q3 = random(&mut rng, 3 * dim);
-        let q4 = random(&mut rng, 4 * dim);
-        let p = SearchParams::default();
-        assert_eq!(idx.route(3, k), Route::CpuBelowThreshold);
-        assert_eq!(
-            idx.search(&q3, k, &p, None).unwrap(),
-            oracle(&base, dim, Metric::L2, &q3, k, None)
-        );
-        assert_eq!(cpu.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(idx.route(4, k), Route::Gpu);
-        assert_eq!(
-            idx.search(&q4, k, &p, None).unwrap(),
-            oracle(&base, dim, Metric::L2, &q4, k, None)
-        );
-        assert_eq!(
-            cpu.calls.load(Ordering::SeqCst),
-            1,
-            "4 queries ran on the GPU"
-        );
-        assert_eq!(ok.resident()[0].blocks, 1);
-
-        let mut failing = HostBackend::new(0);
-        failing.fail_search = true;
-        let bad: Arc<dyn GpuSearch> =
-            Arc::new(GpuSearcher::new(vec![failing], 1 << 30, 1, 1 << 20).unwrap());
-        let idx = GpuFlatIndex::new(1, cpu.clone(), Arc::new(Shared(base.clone())), bad).unwrap();
-        assert_eq!(
-            idx.search(&q4, k, &p, None).unwrap(),
-            oracle(&base, dim, Metric::L2, &q4, k, None)
-        );
-        assert_eq!(
-            cpu.calls.load(Ordering::SeqCst),
-            2,
-            "the failed GPU batch was answered on the CPU"
-        );
-        assert!(matches!(
-            idx.search(&q4[..5], k, &p, None),
-            Err(IndexError::DimensionMismatch { .. })
-        ));
-    }
-
-    #[test]
-    fn gpu_flat_index_refuses_vectors_that_do_not_match_the_cpu_index() {
-        let cpu = Arc::new(CpuFlat {
-            base: vec![0.0; 40],
-            dim: 4,
-            metric: Metric::IP,
-            calls: Default::default(),
-        });
-        let gpu: Arc<dyn GpuSearch> =
-            Arc::new(GpuSearcher::new(vec![HostBackend::new(0)], 1 << 20, 1, 1 << 20).unwrap());
-        assert!(
-            GpuFlatIndex::new(1, cpu.clone(), Arc::new(Shared(vec![0.0; 36])), gpu.clone())
-                .is_err()
-        );
-        assert!(GpuFlatIndex::new(1, cpu, Arc::new(Shared(vec![0.0; 40])), gpu).is_ok());
-        assert!(matches!(
-            GpuSearcher::<HostBackend>::new(Vec::new(), 1, 1, 1),
-            Err(GpuError::NoDevices)
         ));
     }
 }

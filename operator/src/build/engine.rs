@@ -31,7 +31,7 @@ use crate::names::{
     ANNOTATION_CONFIG_HASH, Component, DATA_DIR, KEY_META_URI, PORT_GRPC, PORT_METRICS, PORT_REST,
     WAL_DIR,
 };
-use crate::validate::{MetadataSource, ValidatedCluster};
+use crate::validate::{MetadataSource, ValidatedCluster, quantity_bytes};
 
 fn listen(port: i32) -> String {
     format!("0.0.0.0:{port}")
@@ -310,16 +310,19 @@ pub fn build_readers_service(vc: &ValidatedCluster) -> Service {
     )
 }
 
-/// Engine flags for GPU readers: the device plugin exposes the pod's GPUs as 0..count.
+/// Engine flags for GPU readers: the device plugin exposes the pod's GPUs as 0..count, and the
+/// memory budget goes as a plain byte count (the engine reads `40G` as GiB, Kubernetes as 10^9
+/// bytes; a byte count means the same to both).
 pub fn gpu_args(gpu: &GpuSpec) -> Vec<String> {
     let devices = (0..gpu.count)
         .map(|i| i.to_string())
         .collect::<Vec<_>>()
         .join(",");
     let mut args = vec!["--gpu-devices".to_string(), devices];
-    if let Some(budget) = &gpu.memory_budget {
+    // Validation refused a budget that does not convert.
+    if let Some(bytes) = gpu.memory_budget.as_deref().and_then(quantity_bytes) {
         args.push("--gpu-memory-budget".into());
-        args.push(budget.clone());
+        args.push(bytes.to_string());
     }
     args
 }

@@ -15,7 +15,7 @@
 
 mod replica;
 
-pub use replica::{RefreshOutcome, SegmentSelection, ShardHit};
+pub use replica::{FlatOffload, RefreshOutcome, SegmentKey, SegmentSelection, ShardHit};
 
 use super::ann::{self, AnnDef, IndexJob, IndexProgress};
 use super::segment::{self, SegmentData, SegmentError};

@@ -32,6 +32,37 @@ pub struct SegmentSelection {
     pub unavailable: Vec<(u64, String)>,
 }
 
+/// Identity of a sealed segment's vectors for caches outside core (the reader's GPU residency):
+/// equal keys mean equal data, because the manifest checksum covers the segment's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SegmentKey {
+    pub collection_id: i64,
+    pub segment: u64,
+    pub manifest_crc: u32,
+}
+
+/// Runs a sealed segment's FLAT scan somewhere other than the CPU: the reader's GPU searcher
+/// (`crate::gpu::offload::GpuOffload`). Core only defines the hook, so the storage core depends
+/// on nothing outside core.
+pub trait FlatOffload: Send + Sync {
+    /// Exact top-`k` of each query over `vectors` (row-major, `dim` per row), only rows set in
+    /// `allowed` (live and matching the filter; all rows when `None`), internal distances as the
+    /// CPU FLAT index defines them, each list sorted best first with rows below the segment's
+    /// row count. `None` = answer this segment on the CPU (the batch is below the offload's
+    /// threshold, or the device failed: the offload counts and logs that, never the caller).
+    #[allow(clippy::too_many_arguments)]
+    fn search_flat(
+        &self,
+        key: SegmentKey,
+        vectors: &[f32],
+        dim: usize,
+        metric: Metric,
+        queries: &[f32],
+        k: usize,
+        allowed: Option<&Bitset>,
+    ) -> Option<Vec<Vec<Neighbor>>>;
+}
+
 /// A search hit with the engine's internal distance (smaller is better).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardHit {
@@ -267,6 +298,24 @@ impl Collection {
         filter: Option<&Filter>,
         out: Output,
     ) -> Result<(Vec<Vec<ShardHit>>, SegmentSelection), CollectionError> {
+        self.search_segments_with(segment_ids, queries, k, params, filter, out, None)
+    }
+
+    /// [`Collection::search_segments`] with FLAT segment scans offered to `offload` first (the
+    /// reader's GPU); a segment it declines is scanned on the CPU. Filters and deletes reach the
+    /// offload as the same allow-bitset the CPU index gets, and both paths' hits go through the
+    /// same merge.
+    #[allow(clippy::too_many_arguments)]
+    pub fn search_segments_with(
+        &self,
+        segment_ids: &[u64],
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+        filter: Option<&Filter>,
+        out: Output,
+        offload: Option<&dyn FlatOffload>,
+    ) -> Result<(Vec<Vec<ShardHit>>, SegmentSelection), CollectionError> {
         if !self.is_loaded() {
             return Err(CollectionError::NotLoaded(self.inner.schema.name.clone()));
         }
@@ -303,10 +352,21 @@ impl Collection {
                 if allowed.as_ref().is_some_and(|b| b.count_ones() == 0) || k == 0 {
                     return Ok((sid, vec![Vec::new(); nq]));
                 }
-                Ok((
-                    sid,
-                    e.data.flat().search(queries, k, params, allowed.as_ref())?,
-                ))
+                let flat = e.data.flat();
+                let offloaded = offload.and_then(|o| {
+                    let manifest_crc = *self.served.lock().get(&sid)?;
+                    let key = SegmentKey {
+                        collection_id: self.inner.collection_id,
+                        segment: sid,
+                        manifest_crc,
+                    };
+                    let metric = self.inner.schema.metric;
+                    o.search_flat(key, flat.data(), dim, metric, queries, k, allowed.as_ref())
+                });
+                match offloaded {
+                    Some(hits) => Ok((sid, hits)),
+                    None => Ok((sid, flat.search(queries, k, params, allowed.as_ref())?)),
+                }
             })
             .collect();
         let mut all: Vec<Vec<Candidate>> = vec![Vec::new(); nq];
