@@ -7,7 +7,7 @@
 //! read-only), and follows the catalogue: every `--poll-interval`, on a `NotifySegments` push,
 //! and when a request carries a `min_catalog_version` newer than what it serves, it reads a
 //! [`crate::core::meta::CatalogSnapshot`] and applies it (new and dropped segments, tombstone
-//! versions, load state, new and dropped collections).
+//! versions, the writer's committed ANN index files, load state, new and dropped collections).
 //!
 //! It serves the Reader gRPC service ([`ReaderService`] over [`ReplicaCatalog`]) and `/healthz`,
 //! `/readyz` (ready once it caught up with the catalogue once; JSON with the GPU details) and
@@ -35,8 +35,8 @@ use crate::core::filter::Filter;
 use crate::core::index::{IndexError, SearchParams};
 use crate::core::meta::{CatalogSnapshot, MetaError, MetaStore, redact};
 use crate::core::storage::collection::{
-    Collection, CollectionError, CollectionRead, FlatOffload, Output, RowOut, Schema,
-    SegmentSelection,
+    Collection, CollectionError, CollectionRead, FlatOffload, Output, ReplicaListing, RowOut,
+    Schema, SegmentSelection,
 };
 use crate::gpu::args::GpuArgs;
 use crate::gpu::{GpuOffload, GpuRuntime};
@@ -276,12 +276,20 @@ impl ReplicaCatalog {
         let mut failed = Vec::new();
         let mut next: BTreeMap<String, Arc<Collection>> = BTreeMap::new();
         for rec in &snap.collections {
-            let segs = snap.segments.get(&rec.id).map(Vec::as_slice).unwrap_or(&[]);
+            let listing = ReplicaListing {
+                segments: snap.segments.get(&rec.id).map(Vec::as_slice).unwrap_or(&[]),
+                indexes: snap.indexes.get(&rec.id).map(Vec::as_slice).unwrap_or(&[]),
+                segment_indexes: snap
+                    .segment_indexes
+                    .get(&rec.id)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]),
+            };
             let existing = self.collections.read().get(&rec.name).cloned();
             let c = match existing {
                 Some(c) if c.collection_id() == rec.id => {
                     let out = c
-                        .refresh(rec, segs)
+                        .refresh(rec, listing)
                         .await
                         .map_err(|e| ShardError::Catalogue(chain(&e)))?;
                     failed.extend(out.failed.into_iter().map(|(s, r)| (rec.id, s, r)));
@@ -300,7 +308,7 @@ impl ReplicaCatalog {
                         rec,
                         schema,
                         &self.data_dir,
-                        segs,
+                        listing,
                     )
                     .await
                     .map_err(|e| ShardError::Catalogue(chain(&e)))?;
@@ -646,6 +654,44 @@ fn render_metrics(o: &Ops) -> String {
             s,
             "shoal_reader_rows{{collection=\"{n}\"}} {}",
             c.stats().live_rows
+        );
+    }
+    // ANN indexes mapped from the writer's committed files (segments without one use FLAT).
+    let progress: Vec<_> = cols.iter().map(|(n, c)| (n, c.index_progress())).collect();
+    let _ = writeln!(
+        s,
+        "# HELP shoal_reader_index_bytes Bytes of the ANN indexes served (mapped)."
+    );
+    let _ = writeln!(s, "# TYPE shoal_reader_index_bytes gauge");
+    for (n, p) in &progress {
+        let _ = writeln!(
+            s,
+            "shoal_reader_index_bytes{{collection=\"{n}\"}} {}",
+            p.index_bytes
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP shoal_reader_indexed_segments Segments searched through their ANN index."
+    );
+    let _ = writeln!(s, "# TYPE shoal_reader_indexed_segments gauge");
+    for (n, p) in &progress {
+        let _ = writeln!(
+            s,
+            "shoal_reader_indexed_segments{{collection=\"{n}\"}} {}",
+            p.indexed_segments
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP shoal_reader_index_load_failures Index files that failed verification here (their segments use FLAT)."
+    );
+    let _ = writeln!(s, "# TYPE shoal_reader_index_load_failures counter");
+    for (n, p) in &progress {
+        let _ = writeln!(
+            s,
+            "shoal_reader_index_load_failures_total{{collection=\"{n}\"}} {}",
+            p.load_failures
         );
     }
     // One NVML sample per GPU, which also refreshes the residency gauges.

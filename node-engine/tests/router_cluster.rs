@@ -1370,7 +1370,8 @@ async fn ok_http(http: &reqwest::Client, base: &str, path: &str, body: Value) ->
 /// `shoal-engine writer`, two `reader`s and `router` as processes on MariaDB: the router's
 /// answers equal the exact oracle (L2, IP), deletes/upserts show after flush, a reader killed
 /// with SIGKILL under search load changes no answer, a reader started later (already in the
-/// static list) takes over segments, and bad requests get the standalone role's codes.
+/// static list) takes over segments, bad requests get the standalone role's codes, and an
+/// IVF_FLAT index the writer builds is reported by the router and searched on the reader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_writer_readers_and_router_processes_on_mariadb() {
     let _watchdog = shoal_testkit::watchdog(
@@ -1644,6 +1645,143 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
             "r3 alone",
         );
     }
+
+    // An IVF_FLAT index built by the writer reaches the reader: 3000 rows in two segments
+    // (each above the writer's 1024-row index threshold), index created through the router.
+    let ann_rows: Vec<(i64, Vec<f32>, i64)> = vectors(3000, DIM, 17)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (i as i64, v, 0))
+        .collect();
+    ok_http(
+        &http,
+        &base,
+        "collections/create",
+        json!({"collectionName": "ann", "dimension": DIM, "metricType": "L2"}),
+    )
+    .await;
+    for chunk in ann_rows.chunks(1500) {
+        let batch: Vec<Value> = chunk
+            .iter()
+            .map(|(id, v, _)| json!({"id": id, "vector": v}))
+            .collect();
+        ok_http(
+            &http,
+            &base,
+            "entities/insert",
+            json!({"collectionName": "ann", "data": batch}),
+        )
+        .await;
+        ok_http(
+            &http,
+            &base,
+            "collections/flush",
+            json!({"collectionName": "ann"}),
+        )
+        .await;
+    }
+    ok_http(
+        &http,
+        &base,
+        "indexes/create",
+        json!({"collectionName": "ann", "indexParams": [{"fieldName": "vector", "indexName": "vector",
+            "metricType": "L2", "indexType": "IVF_FLAT", "params": {"nlist": 16}}]}),
+    )
+    .await;
+    // The router's describe reports the writer's build progress from the catalogue.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = ok_http(
+            &http,
+            &base,
+            "indexes/describe",
+            json!({"collectionName": "ann", "indexName": "vector"}),
+        )
+        .await;
+        let d = &v["data"][0];
+        assert_eq!(d["totalRows"], 3000, "{v}");
+        if d["indexedRows"] == 3000 {
+            assert_eq!(d["indexState"], "Finished", "{v}");
+            assert_eq!(d["indexedSegments"], 2, "{v}");
+            assert!(d["indexBytes"].as_u64().unwrap() > 0, "{v}");
+            break;
+        }
+        assert_eq!(d["indexState"], "InProgress", "{v}");
+        assert!(Instant::now() < deadline, "the index was never built: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The reader maps both committed index files (its poll interval is 200 ms).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = r3.metrics().await;
+        if m.contains("shoal_reader_indexed_segments{collection=\"ann\"} 2\n") {
+            let bytes = m
+                .lines()
+                .find_map(|l| l.strip_prefix("shoal_reader_index_bytes{collection=\"ann\"} "))
+                .and_then(|b| b.parse::<u64>().ok());
+            assert!(bytes.is_some_and(|b| b > 0), "{m}");
+            assert!(
+                m.contains("shoal_reader_index_load_failures_total{collection=\"ann\"} 0\n"),
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reader never served the index:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Through router and reader: probing all 16 lists is exact; probing a few keeps recall
+    // above a floor; probing one misses neighbours FLAT would find (the answer came through
+    // the IVF index).
+    let ann_queries = vectors(20, DIM, 19);
+    let mut found = [0usize; 3];
+    for q in &ann_queries {
+        let want = oracle(Metric::L2, &ann_rows, q, 10, None);
+        for (i, nprobe) in [16, 6, 1].into_iter().enumerate() {
+            let v = ok_http(
+                &http,
+                &base,
+                "entities/search",
+                json!({"collectionName": "ann", "data": [q], "limit": 10,
+                    "searchParams": {"params": {"nprobe": nprobe}}}),
+            )
+            .await;
+            let got = hits_of(&v);
+            if nprobe == 16 {
+                assert_same(&got, &want, "IVF_FLAT nprobe=nlist");
+            }
+            found[i] += got
+                .iter()
+                .filter(|h| want.iter().any(|w| w.0 == h.0))
+                .count();
+        }
+    }
+    let total = 10 * ann_queries.len();
+    let recall = |n: usize| n as f64 / total as f64;
+    eprintln!(
+        "IVF_FLAT through router+reader: recall@10 nprobe=6 {:.3}, nprobe=1 {:.3}",
+        recall(found[1]),
+        recall(found[2])
+    );
+    assert!(
+        recall(found[1]) >= 0.8,
+        "nprobe=6 recall {}",
+        recall(found[1])
+    );
+    assert!(found[2] < total, "nprobe=1 found every exact neighbour");
+    let v = post_http(
+        &http,
+        &base,
+        "entities/search",
+        &json!({"collectionName": "ann", "data": [ann_queries[0]], "limit": 10,
+            "searchParams": {"params": {"nprobe": 17}}})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(v["code"], 1100, "nprobe beyond nlist: {v}");
+
     // Stop the processes before MariaDB (drop order: router, readers, writer, then db).
     drop(router);
     drop(r3);

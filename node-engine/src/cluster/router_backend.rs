@@ -880,16 +880,56 @@ impl Backend for RouterBackend {
     async fn index_progress(
         &self,
         c: &CollectionMeta,
-        _index: &IndexRecord,
+        index: &IndexRecord,
     ) -> Result<IndexProgress, ApiError> {
-        // Build progress lives on the writer; FLAT needs no build, so every sealed row counts.
-        let cc = self.cached(&c.schema.name).await?;
-        let total: i64 = cc.segments.iter().map(|s| s.rows.max(0)).sum();
-        Ok(IndexProgress {
-            indexed_rows: total as u64,
-            total_rows: total as u64,
+        use crate::core::storage::ann::AnnDef;
+        use crate::core::storage::collection::StorageOptions;
+        // Progress from the catalogue: committed segments and the index files the writer's
+        // builder committed for them, read afresh (describe is rare; a build shows at once).
+        // Rows still in the writer's growing buffer are not counted (no segment yet), and a
+        // failed build is known to the writer only: its segment stays pending here.
+        let segments = self.meta.segments(c.id).await?;
+        let total: u64 = segments.iter().map(|s| s.rows.max(0) as u64).sum();
+        let def = AnnDef::from_record(index).filter(|_| index.field_name == c.schema.vector_field);
+        let Some(def) = def else {
+            // FLAT searches every row exactly as soon as it is written.
+            return Ok(IndexProgress {
+                indexed_rows: total,
+                total_rows: total,
+                flat_segments: segments.len() as u64,
+                ..IndexProgress::default()
+            });
+        };
+        let files: HashMap<i64, i64> = self
+            .meta
+            .segment_indexes(c.id)
+            .await?
+            .into_iter()
+            .filter(|r| def.matches(r))
+            .map(|r| (r.segment_id, r.bytes.max(0)))
+            .collect();
+        let min_rows = StorageOptions::default().index_min_rows.max(1) as u64;
+        let mut p = IndexProgress {
+            total_rows: total,
             ..IndexProgress::default()
-        })
+        };
+        for s in &segments {
+            let rows = s.rows.max(0) as u64;
+            match files.get(&s.id) {
+                Some(bytes) => {
+                    p.indexed_rows += rows;
+                    p.indexed_segments += 1;
+                    p.index_bytes += *bytes as u64;
+                }
+                None => {
+                    p.flat_segments += 1;
+                    if rows >= min_rows {
+                        p.pending_rows += rows;
+                    }
+                }
+            }
+        }
+        Ok(p)
     }
 
     async fn ready(&self) -> Result<(), String> {

@@ -162,6 +162,10 @@ pub struct CatalogSnapshot {
     pub collections: Vec<CollectionRecord>,
     /// Committed segments per collection id, sorted by segment id (absent = none).
     pub segments: BTreeMap<i64, Vec<SegmentRecord>>,
+    /// Index definitions per collection id, sorted by index name (absent = none).
+    pub indexes: BTreeMap<i64, Vec<IndexRecord>>,
+    /// Committed segment index files per collection id, sorted by (segment id, index name).
+    pub segment_indexes: BTreeMap<i64, Vec<SegmentIndexRecord>>,
 }
 
 /// Bump the catalogue version inside `conn`'s transaction, checking that the lease row still
@@ -327,12 +331,40 @@ impl MetaStore {
             let s = segment_from_row(r).map_err(q("decode segments"))?;
             segments.entry(s.collection_id).or_default().push(s);
         }
+        // Index definitions and built index files as of the same version, so a reader maps an
+        // index file only together with the segment it belongs to.
+        let mut indexes: BTreeMap<i64, Vec<IndexRecord>> = BTreeMap::new();
+        let rows = sqlx::query(
+            "SELECT collection_id, index_name, field_name, index_type, metric, params FROM shoal_indexes \
+             ORDER BY collection_id, index_name",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("list indexes"))?;
+        for r in &rows {
+            let i = index_from_row(r).map_err(q("decode indexes"))?;
+            indexes.entry(i.collection_id).or_default().push(i);
+        }
+        let mut segment_indexes: BTreeMap<i64, Vec<SegmentIndexRecord>> = BTreeMap::new();
+        let rows = sqlx::query(
+            "SELECT collection_id, segment_id, index_name, index_type, params, file, crc, bytes, row_count, \
+             built_ms FROM shoal_segment_indexes ORDER BY collection_id, segment_id, index_name",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("list segment indexes"))?;
+        for r in &rows {
+            let i = segment_index_from_row(r).map_err(q("decode segment indexes"))?;
+            segment_indexes.entry(i.collection_id).or_default().push(i);
+        }
         tx.rollback().await.map_err(q("end snapshot"))?;
         self.version.fetch_max(version, Ordering::SeqCst);
         Ok(CatalogSnapshot {
             version,
             collections,
             segments,
+            indexes,
+            segment_indexes,
         })
     }
 
@@ -532,16 +564,7 @@ impl MetaStore {
         .await
         .map_err(q("list indexes"))?;
         rows.iter()
-            .map(|r| {
-                Ok(IndexRecord {
-                    collection_id: r.try_get(0)?,
-                    index_name: text(r, 1)?,
-                    field_name: text(r, 2)?,
-                    index_type: text(r, 3)?,
-                    metric: text(r, 4)?,
-                    params: text(r, 5)?,
-                })
-            })
+            .map(index_from_row)
             .collect::<Result<_, sqlx::Error>>()
             .map_err(q("decode indexes"))
     }
@@ -643,20 +666,7 @@ impl MetaStore {
         .await
         .map_err(q("list segment indexes"))?;
         rows.iter()
-            .map(|r| {
-                Ok(SegmentIndexRecord {
-                    collection_id: r.try_get(0)?,
-                    segment_id: r.try_get(1)?,
-                    index_name: text(r, 2)?,
-                    index_type: text(r, 3)?,
-                    params: text(r, 4)?,
-                    file: text(r, 5)?,
-                    crc: r.try_get(6)?,
-                    bytes: r.try_get(7)?,
-                    rows: r.try_get(8)?,
-                    built_ms: r.try_get(9)?,
-                })
-            })
+            .map(segment_index_from_row)
             .collect::<Result<_, sqlx::Error>>()
             .map_err(q("decode segment indexes"))
     }
@@ -776,6 +786,35 @@ fn segment_from_row(r: &sqlx::any::AnyRow) -> Result<SegmentRecord, sqlx::Error>
         manifest_crc: r.try_get(3)?,
         tomb_seq: r.try_get(4)?,
         tomb_crc: r.try_get(5)?,
+    })
+}
+
+/// An `IndexRecord` from `collection_id, index_name, field_name, index_type, metric, params`.
+fn index_from_row(r: &sqlx::any::AnyRow) -> Result<IndexRecord, sqlx::Error> {
+    Ok(IndexRecord {
+        collection_id: r.try_get(0)?,
+        index_name: text(r, 1)?,
+        field_name: text(r, 2)?,
+        index_type: text(r, 3)?,
+        metric: text(r, 4)?,
+        params: text(r, 5)?,
+    })
+}
+
+/// A `SegmentIndexRecord` from `collection_id, segment_id, index_name, index_type, params,
+/// file, crc, bytes, row_count, built_ms`.
+fn segment_index_from_row(r: &sqlx::any::AnyRow) -> Result<SegmentIndexRecord, sqlx::Error> {
+    Ok(SegmentIndexRecord {
+        collection_id: r.try_get(0)?,
+        segment_id: r.try_get(1)?,
+        index_name: text(r, 2)?,
+        index_type: text(r, 3)?,
+        params: text(r, 4)?,
+        file: text(r, 5)?,
+        crc: r.try_get(6)?,
+        bytes: r.try_get(7)?,
+        rows: r.try_get(8)?,
+        built_ms: r.try_get(9)?,
     })
 }
 

@@ -15,7 +15,9 @@
 
 mod replica;
 
-pub use replica::{FlatOffload, RefreshOutcome, SegmentKey, SegmentSelection, ShardHit};
+pub use replica::{
+    FlatOffload, RefreshOutcome, ReplicaListing, SegmentKey, SegmentSelection, ShardHit,
+};
 
 use super::ann::{self, AnnDef, IndexJob, IndexProgress};
 use super::segment::{self, SegmentData, SegmentError};
@@ -363,6 +365,9 @@ pub struct Collection {
     ann_building: Mutex<BTreeSet<u64>>,
     ann_load_failures: AtomicU64,
     ann_load_reasons: Mutex<Vec<(u64, String)>>,
+    /// Read-only replica: the committed index file each segment's index was mapped from (or
+    /// failed to map from), so an unchanged record is not read again at every refresh.
+    ann_served: Mutex<HashMap<u64, replica::AnnServed>>,
 }
 
 impl std::fmt::Debug for Collection {
@@ -575,6 +580,7 @@ impl Collection {
             ann_building: Mutex::new(BTreeSet::new()),
             ann_load_failures: AtomicU64::new(ann_failures.len() as u64),
             ann_load_reasons: Mutex::new(ann_failures),
+            ann_served: Mutex::new(HashMap::new()),
         })
     }
 

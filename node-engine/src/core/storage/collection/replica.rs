@@ -5,13 +5,58 @@
 //! segments, dropped segments, new tombstone versions) by loading what changed on the blocking
 //! pool and swapping it in under the state lock.
 //!
+//! A replica also maps the ANN index files the writer committed for its segments
+//! (`shoal_segment_indexes`, listed in the same catalogue snapshot): the same verified loading as
+//! the writer ([`ann::load_committed`]: committed checksum, the file's own CRC, shape), and an
+//! index that fails verification leaves its segment on FLAT (logged and counted, never fatal)
+//! until the writer commits a rebuilt file.
+//!
 //! Guarantees: a replica never writes to the data directory (no WAL, no committer, no stray-file
 //! removal, no tombstone clean-up; writes and flushes fail with `WriterStopped`), so it runs on a
 //! read-only mount. Searches over a subset of segments return the engine's internal distances
 //! (smaller is better), which the router merges across readers.
 
 use super::*;
+use crate::core::meta::{IndexRecord, SegmentIndexRecord};
 use std::collections::BinaryHeap;
+
+/// How many index load failure reasons a replica keeps for `indexes/describe` and logs.
+const MAX_LOAD_REASONS: usize = 16;
+
+/// The committed index file a replica mapped for a segment, or failed to.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct AnnServed {
+    file: String,
+    crc: i64,
+    /// A rebuilt file may have the same path and checksum; its commit time differs.
+    built_ms: i64,
+    loaded: bool,
+}
+
+impl AnnServed {
+    fn of(r: &SegmentIndexRecord, loaded: bool) -> Self {
+        Self {
+            file: r.file.clone(),
+            crc: r.crc,
+            built_ms: r.built_ms,
+            loaded,
+        }
+    }
+
+    fn same_file(&self, r: &SegmentIndexRecord) -> bool {
+        self.file == r.file && self.crc == r.crc && self.built_ms == r.built_ms
+    }
+}
+
+/// What the catalogue lists for one collection, as a replica applies it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplicaListing<'a> {
+    pub segments: &'a [SegmentRecord],
+    /// Index definitions of the collection (the one on the vector field is used).
+    pub indexes: &'a [IndexRecord],
+    /// Committed segment index files of the collection.
+    pub segment_indexes: &'a [SegmentIndexRecord],
+}
 
 /// What a [`Collection::refresh`] changed.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -82,17 +127,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Collection {
-    /// Open a read-only replica of a committed collection and load `segments` (the catalogue's
-    /// listing for it). Touches nothing on disk but reads.
+    /// Open a read-only replica of a committed collection and load `listing` (the catalogue's
+    /// segments and index files for it). Touches nothing on disk but reads.
     ///
     /// Errors: only a failed background task; segments that fail to load are reported in the
-    /// outcome and not served.
+    /// outcome and not served; index files that fail to load leave their segment on FLAT.
     pub async fn open_read_only(
         meta: MetaStore,
         rec: &CollectionRecord,
         schema: Schema,
         data_root: &Path,
-        segments: &[SegmentRecord],
+        listing: ReplicaListing<'_>,
     ) -> Result<(Self, RefreshOutcome), CollectionError> {
         let dir = collection_dir(data_root, rec.id);
         let dim = schema.dim;
@@ -133,27 +178,29 @@ impl Collection {
             corrupt: Mutex::new(Vec::new()),
             read_only: true,
             served: Mutex::new(HashMap::new()),
-            // Readers search sealed segments with FLAT for now; mapping the writer's committed
-            // index files here is the next step (the files and their metadata rows are shared).
+            // Set by the first refresh from the listing's index definitions.
             ann_def: RwLock::new(None),
             ann_failed: Mutex::new(BTreeMap::new()),
             ann_building: Mutex::new(BTreeSet::new()),
             ann_load_failures: AtomicU64::new(0),
             ann_load_reasons: Mutex::new(Vec::new()),
+            ann_served: Mutex::new(HashMap::new()),
         };
-        let out = c.refresh(rec, segments).await?;
+        let out = c.refresh(rec, listing).await?;
         Ok((c, out))
     }
 
-    /// Bring a replica to the catalogue's listing `segments` for this collection: load new
-    /// segments and new tombstone versions, forget dropped segments, and take the load state
-    /// from `rec`. Segments that fail to load are not served until a later refresh loads them.
+    /// Bring a replica to the catalogue's `listing` for this collection: load new segments and
+    /// new tombstone versions, forget dropped segments, take the load state from `rec`, and map
+    /// the committed index files of the current index definition. Segments that fail to load
+    /// are not served until a later refresh loads them; an index file that fails to load leaves
+    /// its segment on FLAT until the writer commits another file for it.
     ///
     /// Errors: called on a writable collection, or a failed background task.
     pub async fn refresh(
         &self,
         rec: &CollectionRecord,
-        segments: &[SegmentRecord],
+        listing: ReplicaListing<'_>,
     ) -> Result<RefreshOutcome, CollectionError> {
         if !self.read_only {
             return Err(CollectionError::Task(
@@ -161,6 +208,18 @@ impl Collection {
             ));
         }
         self.loaded.store(rec.loaded, Ordering::SeqCst);
+        let mut out = self.refresh_segments(listing.segments).await?;
+        out.changed |= self
+            .refresh_indexes(listing.indexes, listing.segment_indexes)
+            .await?;
+        Ok(out)
+    }
+
+    /// The segment part of [`Collection::refresh`].
+    async fn refresh_segments(
+        &self,
+        segments: &[SegmentRecord],
+    ) -> Result<RefreshOutcome, CollectionError> {
         let wanted: BTreeSet<u64> = segments.iter().map(|r| r.id as u64).collect();
         let (plan, dropped) = {
             let st = self.inner.state.read();
@@ -223,6 +282,12 @@ impl Collection {
                 let id = r.id as u64;
                 match res {
                     Ok((data, deleted)) => {
+                        // A new tombstone version keeps the segment's data, and so its index.
+                        let ann = st
+                            .sealed
+                            .get(&id)
+                            .filter(|e| Arc::ptr_eq(&e.data, &data))
+                            .and_then(|e| e.ann.clone());
                         st.sealed.insert(
                             id,
                             SegEntry {
@@ -230,7 +295,7 @@ impl Collection {
                                 deleted,
                                 committed: true,
                                 tomb_seq: r.tomb_seq as u64,
-                                ann: None,
+                                ann,
                             },
                         );
                         served.insert(id, r.manifest_crc as u32);
@@ -260,6 +325,99 @@ impl Collection {
             changed: true,
             failed,
         })
+    }
+
+    /// The index part of [`Collection::refresh`]: follow the index definition on the vector
+    /// field and map each served segment's committed file for it (blocking pool), dropping
+    /// indexes whose record is gone. Returns whether any segment's index changed.
+    async fn refresh_indexes(
+        &self,
+        indexes: &[IndexRecord],
+        segment_indexes: &[SegmentIndexRecord],
+    ) -> Result<bool, CollectionError> {
+        let def = AnnDef::for_field(indexes, &self.inner.schema.vector_field);
+        // A changed definition releases every mapped index (those segments use FLAT at once).
+        let mut changed = self.set_ann_def(def.clone());
+        if changed {
+            self.ann_served.lock().clear();
+        }
+        let Some(def) = def else {
+            return Ok(changed);
+        };
+        let files: HashMap<u64, &SegmentIndexRecord> = segment_indexes
+            .iter()
+            .filter(|r| def.matches(r))
+            .map(|r| (r.segment_id as u64, r))
+            .collect();
+        let plan: Vec<(SegmentIndexRecord, usize)> = {
+            let mut st = self.inner.state.write();
+            let mut served = self.ann_served.lock();
+            served.retain(|id, _| st.sealed.contains_key(id) && files.contains_key(id));
+            let mut plan = Vec::new();
+            for (id, e) in st.sealed.iter_mut() {
+                match files.get(id) {
+                    None => changed |= e.ann.take().is_some(),
+                    Some(r) => {
+                        let done = served
+                            .get(id)
+                            .is_some_and(|s| s.same_file(r) && (e.ann.is_some() || !s.loaded));
+                        if !done {
+                            plan.push(((*r).clone(), e.data.rows()));
+                        }
+                    }
+                }
+            }
+            plan
+        };
+        if plan.is_empty() {
+            return Ok(changed);
+        }
+        let dir = self.inner.dir.clone();
+        let (dim, metric) = (self.inner.schema.dim, self.inner.schema.metric);
+        let loaded: Vec<_> = tokio::task::spawn_blocking(move || {
+            plan.into_iter()
+                .map(|(r, rows)| {
+                    let res = ann::load_committed(&dir, &r, rows, dim, metric);
+                    (r, res)
+                })
+                .collect()
+        })
+        .await
+        .map_err(join_err)?;
+        // Lock order: definition, then state (as the writer's builder installs).
+        let cur = self.ann_def.read();
+        if cur.as_ref() != Some(&def) {
+            return Ok(changed);
+        }
+        let mut st = self.inner.state.write();
+        let mut served = self.ann_served.lock();
+        for (r, res) in loaded {
+            let id = r.segment_id as u64;
+            let Some(e) = st.sealed.get_mut(&id) else {
+                continue;
+            };
+            match res {
+                Ok(ix) => {
+                    e.ann = Some(ix);
+                    served.insert(id, AnnServed::of(&r, true));
+                    changed = true;
+                }
+                Err(err) => {
+                    tracing::error!(collection = %self.inner.schema.name, segment = id, index = %def.index_name,
+                        file = %r.file, error = %err,
+                        "index file failed verification; this reader searches the segment with FLAT until the writer commits another");
+                    changed |= e.ann.take().is_some();
+                    served.insert(id, AnnServed::of(&r, false));
+                    self.ann_load_failures.fetch_add(1, Ordering::Relaxed);
+                    let mut reasons = self.ann_load_reasons.lock();
+                    reasons.retain(|(s, _)| *s != id);
+                    reasons.push((id, err.to_string()));
+                    let extra = reasons.len().saturating_sub(MAX_LOAD_REASONS);
+                    reasons.drain(..extra);
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Ids of the sealed segments served now, ascending.
@@ -328,6 +486,11 @@ impl Collection {
             .into());
         }
         let nq = queries.len() / dim;
+        // Knobs are checked against the definition, as on the writer, whether or not this
+        // replica has mapped the index files yet.
+        if let Some(def) = self.ann_def.read().as_ref() {
+            crate::core::index::validate_search_params(def.index_type, &def.params, params, k)?;
+        }
         let matcher = Matcher::new(filter, self.inner.schema.pk_field.as_str());
         let st = self.inner.state.read();
         let (present, sel) = self.select(&st, segment_ids);
@@ -351,6 +514,10 @@ impl Collection {
                 };
                 if allowed.as_ref().is_some_and(|b| b.count_ones() == 0) || k == 0 {
                     return Ok((sid, vec![Vec::new(); nq]));
+                }
+                // Filters and deletes travel into the index (or the GPU scan) as the allow-bitset.
+                if let Some(ix) = &e.ann {
+                    return Ok((sid, ix.search(queries, k, params, allowed.as_ref())?));
                 }
                 let flat = e.data.flat();
                 let offloaded = offload.and_then(|o| {
@@ -465,6 +632,7 @@ impl Collection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::types::IndexType;
     use std::time::SystemTime;
 
     /// Every file under `root` with its size and modification time.
@@ -492,6 +660,14 @@ mod tests {
             b.fields.push(Vec::new());
         }
         b
+    }
+
+    /// A listing with segments and no index.
+    fn only(segments: &[SegmentRecord]) -> ReplicaListing<'_> {
+        ReplicaListing {
+            segments,
+            ..ReplicaListing::default()
+        }
     }
 
     fn all_ids(meta_segs: &[SegmentRecord]) -> Vec<u64> {
@@ -543,7 +719,7 @@ mod tests {
         assert_eq!(segs.len(), 2);
 
         let before = listing(&data);
-        let (r, out) = Collection::open_read_only(meta.clone(), &rec, schema, &data, &segs)
+        let (r, out) = Collection::open_read_only(meta.clone(), &rec, schema, &data, only(&segs))
             .await
             .unwrap();
         assert!(out.failed.is_empty() && out.changed, "{out:?}");
@@ -576,7 +752,7 @@ mod tests {
         w.delete(vec![5]).await.unwrap();
         w.flush().await.unwrap();
         let segs = meta.segments(rec.id).await.unwrap();
-        assert!(r.refresh(&rec, &segs).await.unwrap().changed);
+        assert!(r.refresh(&rec, only(&segs)).await.unwrap().changed);
         assert!(
             r.get_in_segments(&all_ids(&segs), &[5], Output::default())
                 .0
@@ -589,7 +765,7 @@ mod tests {
             vec![0, 1, 2]
         );
         // Nothing changed: a refresh is a no-op.
-        assert!(!r.refresh(&rec, &segs).await.unwrap().changed);
+        assert!(!r.refresh(&rec, only(&segs)).await.unwrap().changed);
 
         // Compaction replaces the first segment; the replica drops it and maps the new one.
         w.delete((0..15).collect()).await.unwrap();
@@ -597,7 +773,7 @@ mod tests {
         let segs2 = meta.segments(rec.id).await.unwrap();
         assert_ne!(all_ids(&segs2), all_ids(&segs), "no compaction happened");
         let before = listing(&data);
-        r.refresh(&rec, &segs2).await.unwrap();
+        r.refresh(&rec, only(&segs2)).await.unwrap();
         assert_eq!(
             listing(&data),
             before,
@@ -624,7 +800,7 @@ mod tests {
             loaded: false,
             ..rec.clone()
         };
-        r.refresh(&released, &segs2).await.unwrap();
+        r.refresh(&released, only(&segs2)).await.unwrap();
         assert!(matches!(
             r.search_segments(
                 &all_ids(&segs2),
@@ -636,6 +812,274 @@ mod tests {
             ),
             Err(CollectionError::NotLoaded(_))
         ));
+        w.close().await;
+    }
+
+    /// Rows with pseudo-random vectors in [0, 1)^8 (a fixed LCG, so the test is deterministic).
+    fn random_batch(ids: std::ops::Range<i64>) -> RowBatch {
+        let mut b = RowBatch::new(8);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for id in ids {
+            b.ids.push(id);
+            for _ in 0..8 {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407 ^ id as u64);
+                b.vectors.push((x >> 40) as f32 / (1u64 << 24) as f32);
+            }
+            b.fields.push(Vec::new());
+        }
+        b
+    }
+
+    /// What the writer's background builder does for one claimed job: build, persist, commit.
+    async fn build_and_commit(
+        meta: &MetaStore,
+        w: &Collection,
+        built_ms: i64,
+    ) -> SegmentIndexRecord {
+        let job = w.claim_index_job().expect("a segment waits for its index");
+        let ix = crate::core::index::build(
+            job.def.index_type,
+            job.metric,
+            job.dim,
+            &job.def.params,
+            job.data.flat().data(),
+        )
+        .expect("build");
+        ix.persist(&job.dir).expect("persist");
+        let (crc, bytes) = crate::core::index::stored_crc(&job.dir).expect("crc");
+        let rec = SegmentIndexRecord {
+            collection_id: job.collection_id,
+            segment_id: job.segment_id as i64,
+            index_name: job.def.index_name.clone(),
+            index_type: job.def.index_type.as_str().into(),
+            params: job.def.params_text.clone(),
+            file: job.rel.clone(),
+            crc: i64::from(crc),
+            bytes: bytes as i64,
+            rows: job.data.rows() as i64,
+            built_ms,
+        };
+        assert!(meta.commit_segment_index(&rec).await.expect("commit"));
+        let mapped = crate::core::index::load(&job.dir).expect("load");
+        assert!(w.finish_index(&job, Ok(Arc::from(mapped))));
+        rec
+    }
+
+    fn ids_of(hits: &[Vec<ShardHit>]) -> Vec<Vec<i64>> {
+        hits.iter()
+            .map(|q| q.iter().map(|h| h.row.id).collect())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_replica_searches_through_committed_index_files_and_falls_back_to_flat_on_a_corrupt_one()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let meta = MetaStore::open_sqlite(&dir.path().join("meta.db"))
+            .await
+            .unwrap();
+        let mut rec = CollectionRecord {
+            id: 0,
+            name: "ann".into(),
+            dim: 8,
+            metric: "L2".into(),
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+            loaded: true,
+            flushed_seq: 0,
+            created_ms: 0,
+        };
+        rec.id = meta.create_collection(&rec).await.unwrap();
+        let schema = Schema {
+            name: "ann".into(),
+            dim: 8,
+            metric: Metric::L2,
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+        };
+        let opts = StorageOptions {
+            index_min_rows: 100,
+            ..StorageOptions::default()
+        };
+        let w = Collection::open(meta.clone(), &rec, schema.clone(), &data, opts)
+            .await
+            .unwrap();
+        w.upsert(random_batch(0..600)).await.unwrap();
+        w.flush().await.unwrap();
+        w.upsert(random_batch(600..1200)).await.unwrap();
+        w.flush().await.unwrap();
+        let def = IndexRecord {
+            collection_id: rec.id,
+            index_name: "vector".into(),
+            field_name: "vector".into(),
+            index_type: "IVF_FLAT".into(),
+            metric: "L2".into(),
+            params: r#"{"nlist":16}"#.into(),
+        };
+        meta.put_index(&def).await.unwrap();
+        assert!(w.set_ann_def(AnnDef::from_record(&def)));
+        let first = build_and_commit(&meta, &w, 1).await;
+        build_and_commit(&meta, &w, 1).await;
+
+        let snap = meta.catalog_snapshot().await.unwrap();
+        let listing = |snap: &crate::core::meta::CatalogSnapshot| -> (
+            Vec<SegmentRecord>,
+            Vec<IndexRecord>,
+            Vec<SegmentIndexRecord>,
+        ) {
+            (
+                snap.segments.get(&rec.id).cloned().unwrap_or_default(),
+                snap.indexes.get(&rec.id).cloned().unwrap_or_default(),
+                snap.segment_indexes
+                    .get(&rec.id)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        };
+        let (segs, ixs, files) = listing(&snap);
+        assert_eq!(files.len(), 2, "{files:?}");
+        let full = ReplicaListing {
+            segments: &segs,
+            indexes: &ixs,
+            segment_indexes: &files,
+        };
+        let (r, out) = Collection::open_read_only(meta.clone(), &rec, schema.clone(), &data, full)
+            .await
+            .unwrap();
+        assert!(out.failed.is_empty(), "{out:?}");
+        let p = r.index_progress();
+        assert_eq!(
+            (p.indexed_segments, p.indexed_rows, p.load_failures),
+            (2, 1200, 0),
+            "{p:?}"
+        );
+        assert!(p.index_bytes > 0, "{p:?}");
+        // The exact answer: a replica that ignores the index files.
+        let (flat, _) =
+            Collection::open_read_only(meta.clone(), &rec, schema.clone(), &data, only(&segs))
+                .await
+                .unwrap();
+        let queries = random_batch(5000..5020).vectors;
+        let ids = all_ids(&segs);
+        let search = |c: &Collection, nprobe: Option<usize>| {
+            let params = SearchParams { nprobe, ef: None };
+            ids_of(
+                &c.search_segments(&ids, &queries, 10, &params, None, Output::default())
+                    .unwrap()
+                    .0,
+            )
+        };
+        let exact = search(&flat, Some(1));
+        // Probing every list is exact; probing one list of 16 misses neighbours, which FLAT never
+        // does: the answer came through the IVF index.
+        assert_eq!(search(&r, Some(16)), exact);
+        let one = search(&r, Some(1));
+        let found: usize = one
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| a.iter().filter(|id| b.contains(id)).count())
+            .sum();
+        assert!(
+            found < 10 * exact.len(),
+            "nprobe=1 found every exact neighbour"
+        );
+        assert!(found > 0);
+        // The definition's range applies on the replica too.
+        assert!(matches!(
+            r.search_segments(
+                &ids,
+                &queries,
+                10,
+                &SearchParams {
+                    nprobe: Some(17),
+                    ef: None
+                },
+                None,
+                Output::default()
+            ),
+            Err(CollectionError::Index(IndexError::InvalidParam { .. }))
+        ));
+
+        // A corrupt file: a fresh replica serves that segment with FLAT, says so, and does not fail.
+        let path = collection_dir(&data, rec.id)
+            .join(&first.file)
+            .join(crate::core::index::INDEX_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let (bad, out) =
+            Collection::open_read_only(meta.clone(), &rec, schema.clone(), &data, full)
+                .await
+                .unwrap();
+        assert!(out.failed.is_empty(), "{out:?}");
+        let p = bad.index_progress();
+        assert_eq!(
+            (p.indexed_segments, p.flat_segments, p.load_failures),
+            (1, 1, 1),
+            "{p:?}"
+        );
+        assert_eq!(p.load_failure_reasons[0].0, first.segment_id as u64);
+        assert_eq!(search(&bad, Some(16)), exact);
+        // An unchanged listing is not read again.
+        assert!(!bad.refresh(&rec, full).await.unwrap().changed);
+        assert_eq!(bad.index_progress().load_failures, 1);
+
+        // The writer commits a rebuilt file: the replica maps it at its next refresh.
+        let job_dir = collection_dir(&data, rec.id).join(&first.file);
+        let seg = w
+            .inner
+            .state
+            .read()
+            .sealed
+            .get(&(first.segment_id as u64))
+            .map(|e| e.data.clone())
+            .unwrap();
+        let ix = crate::core::index::build(
+            IndexType::IVF_FLAT,
+            Metric::L2,
+            8,
+            &serde_json::json!({"nlist": 16}),
+            seg.flat().data(),
+        )
+        .unwrap();
+        ix.persist(&job_dir).unwrap();
+        let (crc, _) = crate::core::index::stored_crc(&job_dir).unwrap();
+        let rebuilt = SegmentIndexRecord {
+            crc: i64::from(crc),
+            built_ms: 2,
+            ..first.clone()
+        };
+        assert!(meta.commit_segment_index(&rebuilt).await.unwrap());
+        let (segs, ixs, files) = listing(&meta.catalog_snapshot().await.unwrap());
+        let next = ReplicaListing {
+            segments: &segs,
+            indexes: &ixs,
+            segment_indexes: &files,
+        };
+        assert!(bad.refresh(&rec, next).await.unwrap().changed);
+        assert_eq!(bad.index_progress().indexed_segments, 2);
+        assert_ne!(search(&bad, Some(1)), exact);
+
+        // Dropping the index puts every segment back on FLAT.
+        meta.drop_index(rec.id, "vector").await.unwrap();
+        let (segs, ixs, files) = listing(&meta.catalog_snapshot().await.unwrap());
+        let next = ReplicaListing {
+            segments: &segs,
+            indexes: &ixs,
+            segment_indexes: &files,
+        };
+        assert!(bad.refresh(&rec, next).await.unwrap().changed);
+        let p = bad.index_progress();
+        assert_eq!((p.indexed_segments, p.index_bytes), (0, 0), "{p:?}");
+        assert_eq!(search(&bad, Some(1)), exact);
         w.close().await;
     }
 }
