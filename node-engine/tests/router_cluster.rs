@@ -1549,6 +1549,36 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     rows_l2.push((500, target.clone(), 99));
     let rows_ip = data_of["ip"].clone();
 
+    // One insert larger than gRPC's 4 MiB default message size (the router forwards it to the
+    // writer as one message).
+    ok_http(
+        &http,
+        &base,
+        "collections/create",
+        json!({"collectionName": "wide", "dimension": 1024, "metricType": "L2"}),
+    )
+    .await;
+    let wide: Vec<Value> = vectors(1100, 1024, 5)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| json!({"id": i, "vector": v}))
+        .collect();
+    let v = ok_http(
+        &http,
+        &base,
+        "entities/insert",
+        json!({"collectionName": "wide", "data": wide}),
+    )
+    .await;
+    assert_eq!(v["data"]["insertCount"], 1100, "{v}");
+    ok_http(
+        &http,
+        &base,
+        "collections/drop",
+        json!({"collectionName": "wide"}),
+    )
+    .await;
+
     // describe reports what the readers hold (the sealed rows' vectors at least).
     let v = ok_http(
         &http,
