@@ -369,6 +369,7 @@ impl RouterBackend {
             loop {
                 tick.tick().await;
                 let Some(b) = me.upgrade() else { return };
+                b.readers_load_before_publish().await;
                 if let Err(e) = b.refresh(0).await {
                     tracing::warn!(error = %e.message, "catalogue refresh failed; keeping the cached one");
                 }
@@ -390,6 +391,30 @@ impl RouterBackend {
             membership::run_membership_loop(membership, discovery, interval, probe).await;
         });
         vec![catalog, health]
+    }
+
+    /// Before the poll publishes a newer catalogue version, push it to the routable readers and
+    /// wait (bounded, 2 s at most) until they serve it: otherwise the first search that names a
+    /// new segment makes its reader catch up inside that request (open and check the segment on
+    /// its mount), which the headline benchmark measured as a 0.3-0.7 s first query. A reader
+    /// that does not confirm in time is not marked failed; it still catches up on demand.
+    async fn readers_load_before_publish(&self) {
+        let Ok(v) = self.meta.catalog_version().await else {
+            return; // the refresh that follows reports the store error
+        };
+        if v <= self.catalog().version {
+            return;
+        }
+        let readers = self.routable_readers();
+        let timeout = self.opts.request_timeout.min(Duration::from_secs(2));
+        let slow = wait_readers_caught_up(&self.readers, &readers, v, timeout).await;
+        if !slow.is_empty() {
+            tracing::debug!(
+                ?slow,
+                version = v,
+                "readers had not loaded the new catalogue version before it was published"
+            );
+        }
     }
 
     /// One membership round now (discovery + health probes); used at start-up.
