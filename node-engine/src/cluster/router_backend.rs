@@ -3,7 +3,8 @@
 //!
 //! Owns:
 //! - the **cached catalogue** ([`Catalog`]: collections, their sealed segments and indexes, and
-//!   the catalogue version it reflects), refreshed on a poll, after every write this router
+//!   the catalogue version it reflects), refreshed on a poll (a newer version is pushed to the
+//!   readers first, so they load new segments before a search names them), after every write this router
 //!   forwards (to at least the version the writer returned), and on demand when a request names
 //!   a collection the cache does not know; a search never scans the metadata store;
 //! - **writes**: collection and index DDL, load/release, insert/upsert, delete and flush are
