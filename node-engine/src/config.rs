@@ -236,7 +236,7 @@ impl StandaloneArgs {
 pub struct RouterArgs {
     /// TOML file with any of the keys below (snake_case: meta, writer, readers, readers_dns,
     /// readers_file, listen, metrics_listen, replication, auth_token, log_format, request_timeout,
-    /// flush_timeout, catalog_poll, health_interval).
+    /// flush_timeout, catalog_poll, health_interval, writer_failover_timeout).
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Metadata store URL (`mysql://...`; the router only reads the catalogue from it).
@@ -282,6 +282,10 @@ pub struct RouterArgs {
     /// Reader discovery and health-check interval [default: 1s].
     #[arg(long, env = "SHOAL_HEALTH_INTERVAL")]
     pub health_interval: Option<String>,
+    /// How long a forwarded write keeps retrying while the writer cannot be reached (it is
+    /// being restarted or replaced), e.g. `30s` [default: 30s].
+    #[arg(long, env = "SHOAL_WRITER_FAILOVER_TIMEOUT")]
+    pub writer_failover_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -301,6 +305,7 @@ struct RouterFileConfig {
     flush_timeout: Option<String>,
     catalog_poll: Option<String>,
     health_interval: Option<String>,
+    writer_failover_timeout: Option<String>,
 }
 
 /// Resolved router configuration.
@@ -318,6 +323,7 @@ pub struct RouterConfig {
     pub flush_timeout: Duration,
     pub catalog_poll: Duration,
     pub health_interval: Duration,
+    pub writer_failover_timeout: Duration,
 }
 
 impl std::fmt::Debug for RouterConfig {
@@ -333,6 +339,7 @@ impl std::fmt::Debug for RouterConfig {
             .field("auth", &self.auth_token.is_some())
             .field("request_timeout", &self.request_timeout)
             .field("flush_timeout", &self.flush_timeout)
+            .field("writer_failover_timeout", &self.writer_failover_timeout)
             .finish()
     }
 }
@@ -459,6 +466,12 @@ impl RouterArgs {
                 self.health_interval,
                 file.health_interval,
                 "1s",
+            )?,
+            writer_failover_timeout: duration_key(
+                "writer_failover_timeout",
+                self.writer_failover_timeout,
+                file.writer_failover_timeout,
+                "30s",
             )?,
         })
     }

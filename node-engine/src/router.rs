@@ -78,6 +78,7 @@ pub async fn build(cfg: &RouterConfig) -> Result<Built, RouterServeError> {
             catalog_poll: cfg.catalog_poll,
             health_interval: cfg.health_interval,
             connect_timeout: cfg.request_timeout.min(Duration::from_secs(3)),
+            writer_failover: cfg.writer_failover_timeout,
         },
     )?);
     if let Err(e) = backend.refresh(0).await {

@@ -773,7 +773,13 @@ pub async fn run(
         let stop = stopped();
         async move {
             tonic::transport::Server::builder()
-                .add_service(WriterServer::new(svc))
+                // The router forwards REST inserts of up to the REST body limit (256 MiB) in
+                // one message; tonic's 4 MiB default refused a 10,000 x 128-d insert.
+                .add_service(
+                    WriterServer::new(svc)
+                        .max_decoding_message_size(crate::api::rest::MAX_BODY_BYTES)
+                        .max_encoding_message_size(crate::api::rest::MAX_BODY_BYTES),
+                )
                 .serve_with_incoming_shutdown(incoming(grpc_l), stop)
                 .await
                 .map_err(|e| chain(&e))

@@ -627,6 +627,7 @@ async fn cluster(
         flush_timeout: Duration::from_secs(10),
         catalog_poll: Duration::from_millis(200),
         health_interval: Duration::from_millis(100),
+        writer_failover_timeout: Duration::from_secs(10),
     };
     let router = shoal_engine::router::build(&cfg).await.unwrap();
     (
@@ -1549,6 +1550,50 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     rows_l2.push((500, target.clone(), 99));
     let rows_ip = data_of["ip"].clone();
 
+    // One insert larger than gRPC's 4 MiB default message size (the router forwards it to the
+    // writer as one message).
+    ok_http(
+        &http,
+        &base,
+        "collections/create",
+        json!({"collectionName": "wide", "dimension": 1024, "metricType": "L2"}),
+    )
+    .await;
+    let wide: Vec<Value> = vectors(1100, 1024, 5)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| json!({"id": i, "vector": v}))
+        .collect();
+    let v = ok_http(
+        &http,
+        &base,
+        "entities/insert",
+        json!({"collectionName": "wide", "data": wide}),
+    )
+    .await;
+    assert_eq!(v["data"]["insertCount"], 1100, "{v}");
+    ok_http(
+        &http,
+        &base,
+        "collections/drop",
+        json!({"collectionName": "wide"}),
+    )
+    .await;
+
+    // describe reports what the readers hold (the sealed rows' vectors at least).
+    let v = ok_http(
+        &http,
+        &base,
+        "collections/describe",
+        json!({"collectionName": "l2"}),
+    )
+    .await;
+    let mem = v["data"]["memoryBytes"].as_u64().unwrap_or(0);
+    assert!(
+        mem >= 2000 * DIM as u64 * 4,
+        "memoryBytes through the router: {v}"
+    );
+
     // Bad requests: the standalone role's codes.
     ok_http(
         &http,
@@ -1787,5 +1832,463 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     drop(r3);
     drop(r1);
     drop(w);
+    drop(db);
+}
+
+// ------------------------------------------------------------------ outages under load
+
+fn writer_proc(url: &str, data: &std::path::Path, grpc: u16, rest: u16) -> Proc {
+    spawn(
+        "writer",
+        "writer",
+        &[
+            "--meta".into(),
+            url.into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{grpc}"),
+            "--listen".into(),
+            format!("127.0.0.1:{rest}"),
+            "--node-id".into(),
+            "writer".into(),
+            "--flush-interval".into(),
+            "300ms".into(),
+            // Short, so an outage of a few seconds outlives it (the keeper's hardest case).
+            "--lease-ttl".into(),
+            "2s".into(),
+        ],
+    )
+}
+
+fn router_proc(url: &str, writer_grpc: u16, readers: &[u16], rest: u16) -> Proc {
+    spawn(
+        "router",
+        "router",
+        &[
+            "--meta".into(),
+            url.into(),
+            "--writer".into(),
+            format!("127.0.0.1:{writer_grpc}"),
+            "--readers".into(),
+            readers
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            "--listen".into(),
+            format!("127.0.0.1:{rest}"),
+            "--request-timeout".into(),
+            "3s".into(),
+            "--catalog-poll".into(),
+            "300ms".into(),
+            "--health-interval".into(),
+            "200ms".into(),
+        ],
+    )
+}
+
+/// Rows per write of the streams below (small: the final check reads every row back in one
+/// query of at most 16,384).
+const ROWS_PER_WRITE: i64 = 4;
+
+/// What a stream of writes through the router saw.
+#[derive(Default)]
+struct StreamLog {
+    /// Ids of every acknowledged row.
+    acked: Vec<i64>,
+    /// `(code, message)` of every refused write.
+    errors: Vec<(i64, String)>,
+    /// Acknowledged writes since the counter was last reset.
+    acked_since_mark: usize,
+    /// Successful searches since the counter was last reset.
+    searched_since_mark: usize,
+}
+
+/// Insert `rows_per_batch` rows with fresh ids per request (`upsert` picks the endpoint) and
+/// search once per request, until `stop`; every outcome goes into `log`.
+fn spawn_stream(
+    base: String,
+    collection: &'static str,
+    upsert: bool,
+    first_id: i64,
+    log: Arc<parking_lot::Mutex<StreamLog>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let rows_per_batch = ROWS_PER_WRITE;
+        let mut next = first_id;
+        while !stop.load(Ordering::SeqCst) {
+            let ids: Vec<i64> = (next..next + rows_per_batch).collect();
+            next += rows_per_batch;
+            let data: Vec<Value> = ids
+                .iter()
+                .map(|id| json!({"id": id, "vector": vectors(1, DIM, *id as u64)[0]}))
+                .collect();
+            let ep = if upsert {
+                "entities/upsert"
+            } else {
+                "entities/insert"
+            };
+            let body = json!({"collectionName": collection, "data": data}).to_string();
+            let v = match http
+                .post(format!("{base}/v2/vectordb/{ep}"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+            {
+                Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
+                Err(e) => panic!("the router itself failed a request: {e}"),
+            };
+            {
+                let mut l = log.lock();
+                if v["code"] == 0 {
+                    l.acked.extend(&ids);
+                    l.acked_since_mark += 1;
+                } else {
+                    let code = v["code"].as_i64().unwrap_or(-1);
+                    let msg = v["message"].as_str().unwrap_or("").to_string();
+                    l.errors.push((code, msg));
+                }
+            }
+            let q = vectors(1, DIM, ids[0] as u64)[0].clone();
+            let s = post_http(
+                &http,
+                &base,
+                "entities/search",
+                &json!({"collectionName": collection, "data": [q], "limit": 3}).to_string(),
+            )
+            .await;
+            if s["code"] == 0 {
+                log.lock().searched_since_mark += 1;
+            }
+        }
+    })
+}
+
+/// Wait (bounded) until the stream acknowledged `writes` writes and answered `searches`
+/// searches since the last mark.
+async fn wait_stream(
+    log: &parking_lot::Mutex<StreamLog>,
+    writes: usize,
+    searches: usize,
+    within: Duration,
+    what: &str,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        {
+            let l = log.lock();
+            if l.acked_since_mark >= writes && l.searched_since_mark >= searches {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: only {} writes and {} searches succeeded within {within:?}; last errors: {:?}",
+                l.acked_since_mark,
+                l.searched_since_mark,
+                &l.errors[l.errors.len().saturating_sub(3)..]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn mark(log: &parking_lot::Mutex<StreamLog>) {
+    let mut l = log.lock();
+    l.acked_since_mark = 0;
+    l.searched_since_mark = 0;
+}
+
+/// After the stream: flush (retried until the cluster accepts it, bounded) and check that every
+/// acknowledged id is stored exactly once and nothing else beyond `maybe` (refused writes whose
+/// rows may or may not have landed).
+async fn assert_acked_exactly_once(base: &str, collection: &str, acked: &[i64], maybe: usize) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = post_http(
+            &http,
+            base,
+            "collections/flush",
+            &json!({"collectionName": collection}).to_string(),
+        )
+        .await;
+        if v["code"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "flush never succeeded: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = ok_http(
+        &http,
+        base,
+        "entities/query",
+        json!({"collectionName": collection, "filter": "id >= 0", "outputFields": ["id"], "limit": 16384}),
+    )
+    .await;
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for r in v["data"].as_array().unwrap() {
+        *seen.entry(r["id"].as_i64().unwrap()).or_default() += 1;
+    }
+    for id in acked {
+        assert_eq!(
+            seen.get(id).copied().unwrap_or(0),
+            1,
+            "acknowledged id {id} is not stored exactly once"
+        );
+    }
+    let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dupes.is_empty(), "ids stored twice: {dupes:?}");
+    assert!(
+        seen.len() <= acked.len() + maybe,
+        "{} rows stored, {} acknowledged, {maybe} unknown",
+        seen.len(),
+        acked.len()
+    );
+}
+
+/// "MySQL restarted under load": MariaDB is stopped while inserts and searches stream through
+/// the router, stays down longer than the writer's lease TTL, and comes back on the same port
+/// and data. Writes may be refused meanwhile (with a clear code, nothing acknowledged is lost);
+/// afterwards writes and searches succeed again without restarting any Shoal process, the
+/// writer still holds the lease with the same epoch, and every acknowledged id is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_restarted_under_load_recovers_without_restarting_any_shoal_process() {
+    let _watchdog = shoal_testkit::watchdog(
+        "mariadb_restarted_under_load_recovers_without_restarting_any_shoal_process",
+        Duration::from_secs(150),
+    );
+    let mut db = shoal_testkit::mariadb::MariaDb::start().expect("MariaDB");
+    let url = db.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (wg, g1, rest) = (port(), port(), port());
+    let mut w = writer_proc(&url, &data, wg, port());
+    w.ready(Duration::from_secs(60)).await;
+    let mut r1 = reader_proc("r1", &url, &data, g1);
+    r1.ready(Duration::from_secs(60)).await;
+    let mut router = router_proc(&url, wg, &[g1], rest);
+    router.ready(Duration::from_secs(60)).await;
+    router.wait_live_readers(1).await;
+    let base = format!("http://127.0.0.1:{rest}");
+    let http = reqwest::Client::new();
+    ok_http(
+        &http,
+        &base,
+        "collections/create",
+        json!({"collectionName": "m", "dimension": DIM, "metricType": "L2"}),
+    )
+    .await;
+    let epoch_before = db
+        .root_sql("SELECT epoch FROM shoal.shoal_writer_lease WHERE id = 1")
+        .expect("lease row");
+
+    let log = Arc::new(parking_lot::Mutex::new(StreamLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = spawn_stream(base.clone(), "m", false, 0, log.clone(), stop.clone());
+    wait_stream(&log, 20, 20, Duration::from_secs(30), "before the outage").await;
+
+    // Down for longer than the lease TTL (2 s): the writer's local deadline passes.
+    tokio::task::block_in_place(|| db.stop()).expect("stopping MariaDB");
+    let down = Instant::now();
+    mark(&log);
+    while down.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::task::block_in_place(|| db.start_again()).expect("starting MariaDB again");
+    mark(&log);
+    let recovered = Instant::now();
+    wait_stream(
+        &log,
+        20,
+        20,
+        Duration::from_secs(40),
+        "after MariaDB came back",
+    )
+    .await;
+    eprintln!(
+        "writes and searches flow again {:?} after MariaDB came back",
+        recovered.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    stream.await.expect("stream task panicked");
+
+    for p in [&mut w, &mut r1, &mut router] {
+        assert!(
+            p.child.try_wait().unwrap().is_none(),
+            "{} exited during the MariaDB outage",
+            p.name
+        );
+    }
+    let epoch_after = db
+        .root_sql("SELECT epoch FROM shoal.shoal_writer_lease WHERE id = 1")
+        .expect("lease row");
+    assert_eq!(
+        epoch_before, epoch_after,
+        "the writer should keep its lease (same epoch) across the outage"
+    );
+    let (acked, errors) = {
+        let l = log.lock();
+        (l.acked.clone(), l.errors.clone())
+    };
+    for (code, msg) in &errors {
+        assert_ne!(*code, 0);
+        assert!(!msg.is_empty(), "a refused write without a message");
+    }
+    eprintln!(
+        "{} rows acknowledged, {} writes refused during the outage (first: {:?})",
+        acked.len(),
+        errors.len(),
+        errors.first()
+    );
+    assert_acked_exactly_once(&base, "m", &acked, errors.len() * ROWS_PER_WRITE as usize).await;
+    drop(router);
+    drop(r1);
+    drop(w);
+    drop(db);
+}
+
+/// Router writer failover: the writer is killed with SIGKILL while inserts and id-carrying
+/// upserts stream through the router, and a new writer process comes up on the same address a
+/// moment later. Writes sent while no writer listens wait in the router and succeed once the
+/// new writer answers; the only write allowed to fail is an insert whose connection broke in
+/// flight, and it says that its outcome is unknown; upserts never fail (the router replays
+/// them). Every acknowledged id is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_holds_forwarded_writes_while_the_writer_restarts_after_kill_9() {
+    let _watchdog = shoal_testkit::watchdog(
+        "the_router_holds_forwarded_writes_while_the_writer_restarts_after_kill_9",
+        Duration::from_secs(150),
+    );
+    let db = shoal_testkit::mariadb::MariaDb::start().expect("MariaDB");
+    let url = db.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (wg, wrest, g1, rest) = (port(), port(), port(), port());
+    let mut w = writer_proc(&url, &data, wg, wrest);
+    w.ready(Duration::from_secs(60)).await;
+    let mut r1 = reader_proc("r1", &url, &data, g1);
+    r1.ready(Duration::from_secs(60)).await;
+    let mut router = router_proc(&url, wg, &[g1], rest);
+    router.ready(Duration::from_secs(60)).await;
+    router.wait_live_readers(1).await;
+    let base = format!("http://127.0.0.1:{rest}");
+    let http = reqwest::Client::new();
+    ok_http(
+        &http,
+        &base,
+        "collections/create",
+        json!({"collectionName": "f", "dimension": DIM, "metricType": "L2"}),
+    )
+    .await;
+
+    let inserts = Arc::new(parking_lot::Mutex::new(StreamLog::default()));
+    let upserts = Arc::new(parking_lot::Mutex::new(StreamLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let s1 = spawn_stream(base.clone(), "f", false, 0, inserts.clone(), stop.clone());
+    let s2 = spawn_stream(
+        base.clone(),
+        "f",
+        true,
+        1_000_000,
+        upserts.clone(),
+        stop.clone(),
+    );
+    wait_stream(
+        &inserts,
+        20,
+        20,
+        Duration::from_secs(30),
+        "inserts before the kill",
+    )
+    .await;
+    wait_stream(
+        &upserts,
+        20,
+        20,
+        Duration::from_secs(30),
+        "upserts before the kill",
+    )
+    .await;
+
+    w.child.kill().unwrap();
+    let _ = w.child.wait();
+    mark(&inserts);
+    mark(&upserts);
+    // The stream keeps sending while no writer listens (connection refused at the router).
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Same node id, same address: it takes the lease over at once and replays the WAL.
+    let mut w2 = writer_proc(&url, &data, wg, wrest);
+    w2.ready(Duration::from_secs(60)).await;
+    wait_stream(
+        &inserts,
+        20,
+        20,
+        Duration::from_secs(40),
+        "inserts after the restart",
+    )
+    .await;
+    wait_stream(
+        &upserts,
+        20,
+        20,
+        Duration::from_secs(40),
+        "upserts after the restart",
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    s1.await.expect("insert stream panicked");
+    s2.await.expect("upsert stream panicked");
+
+    let (ins_acked, ins_errors) = {
+        let l = inserts.lock();
+        (l.acked.clone(), l.errors.clone())
+    };
+    let (ups_acked, ups_errors) = {
+        let l = upserts.lock();
+        (l.acked.clone(), l.errors.clone())
+    };
+    eprintln!(
+        "inserts: {} rows acknowledged, refused: {ins_errors:?}; upserts: {} rows acknowledged",
+        ins_acked.len(),
+        ups_acked.len()
+    );
+    assert!(
+        ups_errors.is_empty(),
+        "an upsert with ids failed across the writer restart: {ups_errors:?}"
+    );
+    assert!(
+        ins_errors.len() <= 2,
+        "more inserts failed than were in flight at the kill: {ins_errors:?}"
+    );
+    for (code, msg) in &ins_errors {
+        assert_eq!(*code, 65535, "{msg}");
+        assert!(msg.contains("outcome unknown"), "{msg}");
+    }
+    let mut acked = ins_acked;
+    acked.extend(ups_acked);
+    assert_acked_exactly_once(
+        &base,
+        "f",
+        &acked,
+        ins_errors.len() * ROWS_PER_WRITE as usize,
+    )
+    .await;
+    assert!(
+        router.child.try_wait().unwrap().is_none(),
+        "the router exited"
+    );
+    drop(router);
+    drop(r1);
+    drop(w2);
     drop(db);
 }

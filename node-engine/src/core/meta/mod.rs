@@ -266,6 +266,11 @@ impl MetaStore {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max)
+            // While the server is down a statement fails after this instead of sqlx's 30 s
+            // default, so callers (lease renewal, flush, readiness) retry on their own cadence;
+            // dead connections are dropped by the ping before each acquire and new ones are
+            // opened when the server is back, so nothing needs a restart.
+            .acquire_timeout(std::time::Duration::from_secs(5))
             .connect(url)
             .await
             .map_err(|source| MetaError::Connect {
@@ -501,6 +506,23 @@ impl MetaStore {
     pub async fn commit_flush(&self, c: &FlushCommit) -> Result<(), MetaError> {
         let (mut tx, v) = self.begin_commit().await?;
         for s in &c.new_segments {
+            // A retried commit whose first attempt did commit (the connection died between
+            // COMMIT and its answer, e.g. MySQL restarted) finds its own row: the same segment
+            // with the same checksum is already there, so the retry is a no-op for it.
+            let existing: Option<i64> = sqlx::query(
+                "SELECT manifest_crc FROM shoal_segments WHERE collection_id = ? AND id = ?",
+            )
+            .bind(s.collection_id)
+            .bind(s.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("look up segment"))?
+            .map(|r| r.try_get::<i64, _>(0))
+            .transpose()
+            .map_err(q("decode segment checksum"))?;
+            if existing == Some(s.manifest_crc) {
+                continue;
+            }
             sqlx::query(
                 "INSERT INTO shoal_segments (collection_id, id, row_count, manifest_crc, tomb_seq, tomb_crc) \
                  VALUES (?, ?, ?, ?, ?, ?)",
