@@ -23,7 +23,10 @@
 //! (b)) and `HEADLINE-QPS {json}` per reader count. Environment knobs: `SHOAL_HEADLINE_DATA`
 //! (directory with base.fvecs and query.fvecs), `SHOAL_HEADLINE_ROWS` (a smaller prefix for a
 //! smoke run), `SHOAL_HEADLINE_QUERIES`, `SHOAL_HEADLINE_SEED`, `SHOAL_HEADLINE_WAL`
-//! (`local` [default]: the writer's WAL on local disk; `shared`: on the JuiceFS mount).
+//! (`local` [default]: the writer's WAL on local disk; `shared`: on the JuiceFS mount),
+//! `SHOAL_HEADLINE_INDEX` (an index definition built on every sealed segment, e.g.
+//! `{"indexType":"IVF_FLAT","params":{"nlist":256}}`) with `SHOAL_HEADLINE_SEARCH_PARAMS` (the
+//! searches' `searchParams`, e.g. `{"params":{"nprobe":16}}`).
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -218,8 +221,19 @@ fn insert_body(base: &[f32], first_id: usize, rows: usize) -> String {
     s
 }
 
+/// `SHOAL_HEADLINE_SEARCH_PARAMS`: the search's `searchParams` as JSON (e.g. `{"params":{"nprobe":16}}`).
+fn search_params() -> Option<Value> {
+    std::env::var("SHOAL_HEADLINE_SEARCH_PARAMS")
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("SHOAL_HEADLINE_SEARCH_PARAMS must be JSON"))
+}
+
 fn search_body(queries: &[&[f32]], k: usize) -> String {
-    json!({"collectionName": COLLECTION, "data": queries, "limit": k}).to_string()
+    let mut body = json!({"collectionName": COLLECTION, "data": queries, "limit": k});
+    if let Some(p) = search_params() {
+        body["searchParams"] = p;
+    }
+    body.to_string()
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -407,6 +421,21 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         json!({"collectionName": COLLECTION, "dimension": DIM, "metricType": "L2"}),
     )
     .await;
+    // `SHOAL_HEADLINE_INDEX`: an index definition (`indexes/create`'s `indexParams` entry, e.g.
+    // `{"indexType":"IVF_FLAT","params":{"nlist":256}}`) built on every sealed segment in the
+    // background; without it every segment is searched exact (FLAT).
+    if let Ok(ix) = std::env::var("SHOAL_HEADLINE_INDEX") {
+        let mut def: Value = serde_json::from_str(&ix).expect("SHOAL_HEADLINE_INDEX must be JSON");
+        def["fieldName"] = json!("vector");
+        def["indexName"] = json!("vector_index");
+        def["metricType"] = json!("L2");
+        rest.ok(
+            "indexes/create",
+            json!({"collectionName": COLLECTION, "indexParams": [def]}),
+        )
+        .await;
+        println!("HEADLINE-INDEX {def}");
+    }
 
     // ---- batches: insert, then probe until visible
     let base = Arc::new(base);
@@ -475,6 +504,27 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
     // ---- QPS with 1, 2 and 4 readers on the same data
     rest.ok("collections/flush", json!({"collectionName": COLLECTION}))
         .await;
+    if std::env::var("SHOAL_HEADLINE_INDEX").is_ok() {
+        // Measure QPS once every sealed segment is searched through its index.
+        let t = Instant::now();
+        loop {
+            let v = rest
+                .ok(
+                    "indexes/describe",
+                    json!({"collectionName": COLLECTION, "indexName": "vector_index"}),
+                )
+                .await;
+            if v["data"][0]["indexState"] == "Finished" {
+                println!("HEADLINE-INDEX-BUILT {}", v["data"][0]);
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(900),
+                "index not built after 900 s: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     for i in 2..4 {
         let mut r = start_reader(i, &meta, &jfs.meta_url, &logs);
         r.proc.ready(Duration::from_secs(120)).await;
