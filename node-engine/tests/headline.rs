@@ -424,10 +424,16 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
     // `SHOAL_HEADLINE_INDEX`: an index definition (`indexes/create`'s `indexParams` entry, e.g.
     // `{"indexType":"IVF_FLAT","params":{"nlist":256}}`) built on every sealed segment in the
     // background; without it every segment is searched exact (FLAT).
+    let mut index_name = String::new();
     if let Ok(ix) = std::env::var("SHOAL_HEADLINE_INDEX") {
         let mut def: Value = serde_json::from_str(&ix).expect("SHOAL_HEADLINE_INDEX must be JSON");
+        // Quick create made a FLAT index on the vector field: redefine it under its name.
+        let listed = rest
+            .ok("indexes/list", json!({"collectionName": COLLECTION}))
+            .await;
+        let name = listed["data"][0].as_str().unwrap_or("vector").to_string();
         def["fieldName"] = json!("vector");
-        def["indexName"] = json!("vector_index");
+        def["indexName"] = json!(name);
         def["metricType"] = json!("L2");
         rest.ok(
             "indexes/create",
@@ -435,6 +441,7 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         )
         .await;
         println!("HEADLINE-INDEX {def}");
+        index_name = name;
     }
 
     // ---- batches: insert, then probe until visible
@@ -511,7 +518,7 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
             let v = rest
                 .ok(
                     "indexes/describe",
-                    json!({"collectionName": COLLECTION, "indexName": "vector_index"}),
+                    json!({"collectionName": COLLECTION, "indexName": index_name}),
                 )
                 .await;
             if v["data"][0]["indexState"] == "Finished" {

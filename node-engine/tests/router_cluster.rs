@@ -1019,14 +1019,14 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
     assert_eq!(v["data"]["has"], false);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_segments() {
-    let _watchdog = shoal_testkit::watchdog("router failover", Duration::from_secs(120));
-    let (mut c, mut late) = cluster(3, 1, 1).await;
-    c.wait_live(3).await;
-    let rows = Arc::new(load(&c, "f", "IP", 2000, 100).await);
-    let queries = Arc::new(vectors(8, DIM, 5));
-    // Search load from several tasks while one reader is killed: every answer stays exact.
+/// Searches from 4 tasks against collection `f` while reader 1 of `c` is killed: every answer
+/// must be code 0 and exact (the router re-sends a dead reader's segments within the request).
+/// Returns the number of answers after the kill.
+async fn kill_a_reader_under_search_load(
+    c: &mut Cluster,
+    rows: &Arc<Vec<(i64, Vec<f32>, i64)>>,
+    queries: &Arc<Vec<Vec<f32>>>,
+) -> usize {
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -1074,6 +1074,30 @@ async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_
     for t in tasks {
         t.await.expect("search task panicked");
     }
+    answered.load(Ordering::SeqCst) - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replication_2_a_reader_kill_fails_no_search() {
+    let _watchdog = shoal_testkit::watchdog("router failover rf=2", Duration::from_secs(120));
+    let (mut c, _) = cluster(3, 0, 2).await;
+    c.wait_live(3).await;
+    let rows = Arc::new(load(&c, "f", "IP", 2000, 100).await);
+    let queries = Arc::new(vectors(8, DIM, 6));
+    let after_kill = kill_a_reader_under_search_load(&mut c, &rows, &queries).await;
+    assert!(after_kill >= 40, "{after_kill} answers after the kill");
+    c.wait_live(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_segments() {
+    let _watchdog = shoal_testkit::watchdog("router failover", Duration::from_secs(120));
+    let (mut c, mut late) = cluster(3, 1, 1).await;
+    c.wait_live(3).await;
+    let rows = Arc::new(load(&c, "f", "IP", 2000, 100).await);
+    let queries = Arc::new(vectors(8, DIM, 5));
+    // Search load from several tasks while one reader is killed: every answer stays exact.
+    kill_a_reader_under_search_load(&mut c, &rows, &queries).await;
     // The dead reader leaves the routable set; the late reader joins once it listens.
     c.wait_live(2).await;
     let joined = serve_reader(c.store.clone(), late.remove(0)).await;

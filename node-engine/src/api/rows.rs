@@ -119,10 +119,14 @@ impl<'de> Deserialize<'de> for Key<'de> {
 // ---------- one pass (the usual envelope: collectionName before data, no repeats) ----------
 
 /// What the single pass saw.
+/// What one pass has when it reaches `data`: the envelope read so far and the lookup's outcome
+/// with the rows walked.
+type AtData<T> = (Map<String, Value>, Result<(T, Walked), ApiError>);
+
 struct OnePass<T> {
     envelope: Map<String, Value>,
     /// The envelope when `data` was reached, the target looked up then, and the rows read.
-    at_data: Option<(Map<String, Value>, Result<(T, Walked), ApiError>)>,
+    at_data: Option<AtData<T>>,
     /// `data` appeared twice: the single pass cannot tell which one counts.
     repeated_data: bool,
 }
@@ -1089,7 +1093,7 @@ mod tests {
             ),
             // A bad row 0 and a non-object row 1: the non-object is reported, as before.
             (
-                format!(r#"{{"data":[{{"id":1,"vector":[1]}},"x"]}}"#),
+                r#"{"data":[{"id":1,"vector":[1]},"x"]}"#.to_string(),
                 code::BAD_INSERT_ROW,
             ),
             (
