@@ -1995,6 +1995,47 @@ fn spawn_stream(
     })
 }
 
+/// A writer, one reader and a router as processes on MariaDB `url` and data dir `data`, with an
+/// L2 collection `collection` of `DIM` created through the router.
+struct OneReaderStack {
+    w: Proc,
+    r1: Proc,
+    router: Proc,
+    /// The router's REST base URL.
+    base: String,
+    /// The writer's gRPC and REST ports (to restart it on the same addresses).
+    wg: u16,
+    wrest: u16,
+}
+
+async fn one_reader_stack(url: &str, data: &std::path::Path, collection: &str) -> OneReaderStack {
+    let (wg, wrest, g1, rest) = (port(), port(), port(), port());
+    let mut w = writer_proc(url, data, wg, wrest);
+    w.ready(Duration::from_secs(60)).await;
+    let mut r1 = reader_proc("r1", url, data, g1);
+    r1.ready(Duration::from_secs(60)).await;
+    let mut router = router_proc(url, wg, &[g1], rest);
+    router.ready(Duration::from_secs(60)).await;
+    router.wait_live_readers(1).await;
+    let base = format!("http://127.0.0.1:{rest}");
+    let http = reqwest::Client::new();
+    ok_http(
+        &http,
+        &base,
+        "collections/create",
+        json!({"collectionName": collection, "dimension": DIM, "metricType": "L2"}),
+    )
+    .await;
+    OneReaderStack {
+        w,
+        r1,
+        router,
+        base,
+        wg,
+        wrest,
+    }
+}
+
 /// Wait (bounded) until the stream acknowledged `writes` writes and answered `searches`
 /// searches since the last mark.
 async fn wait_stream(
@@ -2092,23 +2133,13 @@ async fn mariadb_restarted_under_load_recovers_without_restarting_any_shoal_proc
     let url = db.url();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (wg, g1, rest) = (port(), port(), port());
-    let mut w = writer_proc(&url, &data, wg, port());
-    w.ready(Duration::from_secs(60)).await;
-    let mut r1 = reader_proc("r1", &url, &data, g1);
-    r1.ready(Duration::from_secs(60)).await;
-    let mut router = router_proc(&url, wg, &[g1], rest);
-    router.ready(Duration::from_secs(60)).await;
-    router.wait_live_readers(1).await;
-    let base = format!("http://127.0.0.1:{rest}");
-    let http = reqwest::Client::new();
-    ok_http(
-        &http,
-        &base,
-        "collections/create",
-        json!({"collectionName": "m", "dimension": DIM, "metricType": "L2"}),
-    )
-    .await;
+    let OneReaderStack {
+        mut w,
+        mut r1,
+        mut router,
+        base,
+        ..
+    } = one_reader_stack(&url, &data, "m").await;
     let epoch_before = db
         .root_sql("SELECT epoch FROM shoal.shoal_writer_lease WHERE id = 1")
         .expect("lease row");
@@ -2194,23 +2225,15 @@ async fn the_router_holds_forwarded_writes_while_the_writer_restarts_after_kill_
     let url = db.url();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (wg, wrest, g1, rest) = (port(), port(), port(), port());
-    let mut w = writer_proc(&url, &data, wg, wrest);
-    w.ready(Duration::from_secs(60)).await;
-    let mut r1 = reader_proc("r1", &url, &data, g1);
-    r1.ready(Duration::from_secs(60)).await;
-    let mut router = router_proc(&url, wg, &[g1], rest);
-    router.ready(Duration::from_secs(60)).await;
-    router.wait_live_readers(1).await;
-    let base = format!("http://127.0.0.1:{rest}");
-    let http = reqwest::Client::new();
-    ok_http(
-        &http,
-        &base,
-        "collections/create",
-        json!({"collectionName": "f", "dimension": DIM, "metricType": "L2"}),
-    )
-    .await;
+    let OneReaderStack {
+        mut w,
+        r1,
+        mut router,
+        base,
+        wg,
+        wrest,
+        ..
+    } = one_reader_stack(&url, &data, "f").await;
 
     let inserts = Arc::new(parking_lot::Mutex::new(StreamLog::default()));
     let upserts = Arc::new(parking_lot::Mutex::new(StreamLog::default()));

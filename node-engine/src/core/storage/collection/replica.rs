@@ -670,21 +670,17 @@ mod tests {
         }
     }
 
-    fn all_ids(meta_segs: &[SegmentRecord]) -> Vec<u64> {
-        meta_segs.iter().map(|s| s.id as u64).collect()
-    }
-
-    #[tokio::test]
-    async fn a_replica_follows_flushes_deletes_and_compaction_without_writing() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let meta = MetaStore::open_sqlite(&dir.path().join("meta.db"))
-            .await
-            .unwrap();
+    /// A SQLite metadata store in `root` with one committed L2 collection `name` of `dim`.
+    async fn l2_collection(
+        root: &std::path::Path,
+        name: &str,
+        dim: usize,
+    ) -> (MetaStore, CollectionRecord, Schema) {
+        let meta = MetaStore::open_sqlite(&root.join("meta.db")).await.unwrap();
         let mut rec = CollectionRecord {
             id: 0,
-            name: "r".into(),
-            dim: 4,
+            name: name.into(),
+            dim: dim as i64,
             metric: "L2".into(),
             auto_id: false,
             pk_field: "id".into(),
@@ -696,14 +692,26 @@ mod tests {
         };
         rec.id = meta.create_collection(&rec).await.unwrap();
         let schema = Schema {
-            name: "r".into(),
-            dim: 4,
+            name: name.into(),
+            dim,
             metric: Metric::L2,
             auto_id: false,
             pk_field: "id".into(),
             vector_field: "vector".into(),
             dynamic: true,
         };
+        (meta, rec, schema)
+    }
+
+    fn all_ids(meta_segs: &[SegmentRecord]) -> Vec<u64> {
+        meta_segs.iter().map(|s| s.id as u64).collect()
+    }
+
+    #[tokio::test]
+    async fn a_replica_follows_flushes_deletes_and_compaction_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let (meta, rec, schema) = l2_collection(dir.path(), "r", 4).await;
         let opts = StorageOptions {
             compact_deleted_fraction: 0.5,
             ..StorageOptions::default()
@@ -878,32 +886,7 @@ mod tests {
      {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let meta = MetaStore::open_sqlite(&dir.path().join("meta.db"))
-            .await
-            .unwrap();
-        let mut rec = CollectionRecord {
-            id: 0,
-            name: "ann".into(),
-            dim: 8,
-            metric: "L2".into(),
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-            loaded: true,
-            flushed_seq: 0,
-            created_ms: 0,
-        };
-        rec.id = meta.create_collection(&rec).await.unwrap();
-        let schema = Schema {
-            name: "ann".into(),
-            dim: 8,
-            metric: Metric::L2,
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-        };
+        let (meta, rec, schema) = l2_collection(dir.path(), "ann", 8).await;
         let opts = StorageOptions {
             index_min_rows: 100,
             ..StorageOptions::default()
