@@ -62,6 +62,10 @@ pub struct IvfIndex {
     codes: Buf<u8>,
 }
 
+/// Batches of at least this many unfiltered queries rank their lists through the FLAT batch
+/// kernel ([`IvfIndex::coarse_batch`]).
+const COARSE_BATCH_MIN_QUERIES: usize = 16;
+
 impl IvfIndex {
     /// Build from `vectors` (n × dim). `nlist` is clamped to `n` so tiny segments still build.
     pub fn build(
@@ -224,26 +228,99 @@ impl IvfIndex {
         self.meta.nlist
     }
 
+    /// The metric lists are ranked by: inner product for IP, L2 otherwise (COSINE vectors are
+    /// normalised, where L2 and cosine order agree).
+    fn probe_metric(&self) -> Metric {
+        if self.meta.metric == Metric::IP {
+            Metric::IP
+        } else {
+            Metric::L2
+        }
+    }
+
+    /// (ranking distance, list) of every list for the prepared query `q`: one batch kernel call
+    /// over the contiguous centroids; the same values as [`dist`] per centroid.
+    fn coarse(&self, q: &[f32]) -> Vec<(f32, u32)> {
+        let mut d = vec![0f32; self.centroids.len() / self.meta.dim.max(1)];
+        match self.probe_metric() {
+            Metric::IP => {
+                crate::core::distance::dot_batch(q, &self.centroids, &mut d);
+                d.iter_mut().for_each(|x| *x = -*x);
+            }
+            _ => crate::core::distance::l2_sq_batch(q, &self.centroids, &mut d),
+        }
+        d.into_iter()
+            .enumerate()
+            .map(|(l, x)| (x, l as u32))
+            .collect()
+    }
+
+    /// For an unfiltered batch: the `nprobe` nearest lists of every query, nearest first, as
+    /// [`search_one`](Self::search_one) would choose them. The centroid distances of the whole
+    /// batch go through the FLAT batch kernel (a matrix product instead of `nq x nlist` separate
+    /// distance calls); to choose exactly the single-query path's lists, it keeps a few more
+    /// candidates than `nprobe` and ranks them by their directly computed distances with ties
+    /// to the smaller list, as the single path does.
+    fn coarse_batch(&self, prepared: &[f32], nprobe: usize) -> Vec<Vec<u32>> {
+        let dim = self.meta.dim;
+        let nlist = self.centroids.len() / dim.max(1);
+        let want = (nprobe + 8).min(nlist);
+        let cand = match super::flat::search_slice(
+            &self.centroids,
+            dim,
+            self.probe_metric(),
+            prepared,
+            want,
+            None,
+        ) {
+            Ok(c) => c,
+            // Shapes are the index's own: cannot fail; fall back to the exact path anyway.
+            Err(_) => {
+                return prepared
+                    .chunks_exact(dim)
+                    .map(|q| self.top_lists(self.coarse(q), nprobe))
+                    .collect();
+            }
+        };
+        cand.into_iter()
+            .zip(prepared.chunks_exact(dim))
+            .map(|(c, q)| {
+                let ranked = c
+                    .into_iter()
+                    .map(|n| {
+                        let cen = &self.centroids[n.row as usize * dim..(n.row as usize + 1) * dim];
+                        (dist(self.probe_metric(), q, cen), n.row)
+                    })
+                    .collect();
+                self.top_lists(ranked, nprobe)
+            })
+            .collect()
+    }
+
+    /// The `nprobe` best of `(distance, list)`, nearest first, ties to the smaller list.
+    fn top_lists(&self, mut c: Vec<(f32, u32)>, nprobe: usize) -> Vec<u32> {
+        let by_dist = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        c.sort_unstable_by(by_dist);
+        c.truncate(nprobe);
+        c.into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// One query. `probe`: the lists to scan, chosen by [`coarse_batch`](Self::coarse_batch)
+    /// for an unfiltered batch; `None` ranks the lists here.
     fn search_one(
         &self,
         q: &[f32],
         k: usize,
         nprobe: usize,
         filter: Option<&Bitset>,
+        probe: Option<&[u32]>,
     ) -> Vec<Neighbor> {
         let (dim, metric) = (self.meta.dim, self.meta.metric);
         let q = prepare(metric, dim, q);
-        let probe_metric = if metric == Metric::IP {
-            Metric::IP
-        } else {
-            Metric::L2
+        let mut coarse: Vec<(f32, u32)> = match (probe, filter) {
+            (Some(lists), None) => lists.iter().map(|&l| (0.0, l)).collect(),
+            _ => self.coarse(&q),
         };
-        let mut coarse: Vec<(f32, u32)> = self
-            .centroids
-            .chunks_exact(dim)
-            .enumerate()
-            .map(|(l, c)| (dist(probe_metric, &q, c), l as u32))
-            .collect();
         let nprobe = nprobe.min(coarse.len());
         if nprobe == 0 || k == 0 {
             return Vec::new();
@@ -258,7 +335,7 @@ impl IvfIndex {
             let widened = (nprobe as f64 * self.meta.n as f64 / allowed as f64).ceil();
             nprobe = (widened.min(coarse.len() as f64) as usize).max(nprobe);
             coarse.sort_unstable_by(by_dist);
-        } else {
+        } else if probe.is_none() {
             coarse.select_nth_unstable_by(nprobe - 1, by_dist);
             coarse.truncate(nprobe);
         }
@@ -497,12 +574,21 @@ impl VectorIndexRead for IvfIndex {
         if nq <= 1 {
             return Ok(queries
                 .chunks_exact(dim)
-                .map(|q| self.search_one(q, k, nprobe, filter))
+                .map(|q| self.search_one(q, k, nprobe, filter, None))
                 .collect());
         }
+        // An unfiltered batch ranks every query's lists in one matrix product (for a large
+        // nlist and a small nprobe that is most of the work); a filtered one widens nprobe per
+        // query and ranks in `search_one`.
+        let probes = (filter.is_none() && nq >= COARSE_BATCH_MIN_QUERIES)
+            .then(|| self.coarse_batch(&prepare(self.meta.metric, dim, queries), nprobe));
         Ok(queries
             .par_chunks_exact(dim)
-            .map(|q| self.search_one(q, k, nprobe, filter))
+            .enumerate()
+            .map(|(i, q)| {
+                let probe = probes.as_ref().map(|p| p[i].as_slice());
+                self.search_one(q, k, nprobe, filter, probe)
+            })
             .collect())
     }
 }
