@@ -154,6 +154,41 @@ pub fn l2_sq_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
     }
 }
 
+/// SQ8 code distance: `Σ (qs_j − code_j · step_j)²` (with `qs = q − min` per dimension), over
+/// `qs.len()` dimensions; `step` and `code` hold at least as many.
+pub fn sq8_l2(qs: &[f32], step: &[f32], code: &[u8]) -> f32 {
+    let n = qs.len();
+    assert!(
+        step.len() >= n && code.len() >= n,
+        "sq8_l2: step and code must cover every dimension"
+    );
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe { x86::sq8_l2_avx512(qs, &step[..n], &code[..n]) },
+        _ => {
+            let mut s = 0f32;
+            for j in 0..n {
+                let d = qs[j] - f32::from(code[j]) * step[j];
+                s += d * d;
+            }
+            s
+        }
+    }
+}
+
+/// SQ8 code inner product: `Σ qs_j · code_j` (with `qs = q · step`), like [`sq8_l2`].
+pub fn sq8_dot(qs: &[f32], code: &[u8]) -> f32 {
+    let n = qs.len();
+    assert!(code.len() >= n, "sq8_dot: code must cover every dimension");
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe { x86::sq8_dot_avx512(qs, &code[..n]) },
+        _ => qs.iter().zip(code).map(|(a, &c)| a * f32::from(c)).sum(),
+    }
+}
+
 /// `out[i] = dot(q, row i of rows)`, like [`l2_sq_batch`].
 pub fn dot_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
     let d = q.len();
@@ -314,6 +349,63 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
         dot_512(a, b)
+    }
+
+    /// 16 u8 codes widened to f32 lanes. SAFETY: the caller keeps `i + 16 <= code.len()`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn codes16(code: &[u8], i: usize) -> __m512 {
+        // SAFETY: 16 bytes from `i` are inside `code` (caller's contract).
+        let c8 = unsafe { _mm_loadu_si128(code.as_ptr().add(i).cast::<__m128i>()) };
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c8))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn sq8_l2_avx512(qs: &[f32], step: &[f32], code: &[u8]) -> f32 {
+        let n = qs.len().min(step.len()).min(code.len());
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n, within all three slices.
+            unsafe {
+                let c = codes16(code, i);
+                let d = _mm512_fnmadd_ps(
+                    c,
+                    _mm512_loadu_ps(step.as_ptr().add(i)),
+                    _mm512_loadu_ps(qs.as_ptr().add(i)),
+                );
+                acc = _mm512_fmadd_ps(d, d, acc);
+            }
+            i += 16;
+        }
+        let mut s = _mm512_reduce_add_ps(acc);
+        while i < n {
+            let d = qs[i] - f32::from(code[i]) * step[i];
+            s += d * d;
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn sq8_dot_avx512(qs: &[f32], code: &[u8]) -> f32 {
+        let n = qs.len().min(code.len());
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n, within both slices.
+            unsafe {
+                let c = codes16(code, i);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qs.as_ptr().add(i)), c, acc);
+            }
+            i += 16;
+        }
+        let mut s = _mm512_reduce_add_ps(acc);
+        while i < n {
+            s += qs[i] * f32::from(code[i]);
+            i += 1;
+        }
+        s
     }
 
     /// Rows ahead of the one being scored whose cache lines a batch scan prefetches: a 4 KiB
@@ -531,6 +623,31 @@ mod arm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sq8_kernels_equal_the_plain_sums_for_every_length() {
+        for d in [1usize, 7, 15, 16, 17, 31, 32, 96, 128, 130] {
+            let qs: Vec<f32> = (0..d).map(|j| (j as f32 * 0.37).sin() * 3.0).collect();
+            let step: Vec<f32> = (0..d).map(|j| 0.01 + (j % 5) as f32 * 0.003).collect();
+            let code: Vec<u8> = (0..d).map(|j| ((j * 97 + 13) % 256) as u8).collect();
+            let want_l2: f32 = (0..d)
+                .map(|j| {
+                    let x = qs[j] - f32::from(code[j]) * step[j];
+                    x * x
+                })
+                .sum();
+            let want_dot: f32 = (0..d).map(|j| qs[j] * f32::from(code[j])).sum();
+            let (l2, dot) = (sq8_l2(&qs, &step, &code), sq8_dot(&qs, &code));
+            assert!(
+                (l2 - want_l2).abs() <= 1e-4 * want_l2.abs().max(1.0),
+                "d={d}: {l2} vs {want_l2}"
+            );
+            assert!(
+                (dot - want_dot).abs() <= 1e-4 * want_dot.abs().max(1.0),
+                "d={d}: {dot} vs {want_dot}"
+            );
+        }
+    }
 
     fn vecs(d: usize) -> (Vec<f32>, Vec<f32>) {
         let a: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();

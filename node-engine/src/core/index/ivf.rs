@@ -656,48 +656,16 @@ fn sq8_encode(v: &[f32], lo: &[f32], step: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-const LANES: usize = 16;
-
-/// Σ (qs_j − code_j · step_j)², with `qs = q − min`.
+/// Σ (qs_j − code_j · step_j)², with `qs = q − min` (SIMD where the CPU has it).
 #[inline]
 fn sq8_l2(qs: &[f32], step: &[f32], code: &[u8]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = qs.len() / LANES;
-    for c in 0..chunks {
-        let (a, s, b) = (
-            &qs[c * LANES..][..LANES],
-            &step[c * LANES..][..LANES],
-            &code[c * LANES..][..LANES],
-        );
-        for l in 0..LANES {
-            let d = a[l] - f32::from(b[l]) * s[l];
-            acc[l] += d * d;
-        }
-    }
-    let mut tail = 0f32;
-    for j in chunks * LANES..qs.len() {
-        let d = qs[j] - f32::from(code[j]) * step[j];
-        tail += d * d;
-    }
-    acc.iter().sum::<f32>() + tail
+    crate::core::distance::sq8_l2(qs, step, code)
 }
 
 /// Σ qs_j · code_j, with `qs = q · step`.
 #[inline]
 fn sq8_dot(qs: &[f32], code: &[u8]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = qs.len() / LANES;
-    for c in 0..chunks {
-        let (a, b) = (&qs[c * LANES..][..LANES], &code[c * LANES..][..LANES]);
-        for l in 0..LANES {
-            acc[l] += a[l] * f32::from(b[l]);
-        }
-    }
-    let mut tail = 0f32;
-    for j in chunks * LANES..qs.len() {
-        tail += qs[j] * f32::from(code[j]);
-    }
-    acc.iter().sum::<f32>() + tail
+    crate::core::distance::sq8_dot(qs, code)
 }
 
 fn pq_code_size(m: usize, nbits: usize) -> usize {
