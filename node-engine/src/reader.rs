@@ -31,6 +31,7 @@ use crate::cluster::reader_service::{
 };
 use crate::config::{ConfigError, LogFormat, default_node_id, load_toml, parse_duration};
 use crate::core::engine::schema_of;
+use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
 use crate::core::index::{IndexError, SearchParams};
 use crate::core::meta::{CatalogSnapshot, MetaError, MetaStore, redact};
@@ -174,17 +175,6 @@ pub enum ReaderRunError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A listed segment that failed to load: (collection id, segment id, reason).

@@ -20,6 +20,7 @@ use crate::cluster::pb::{CreateCollectionRequest, CreateIndexRequest, InsertRequ
 use crate::cluster::writer_service::{WriteError, WriterBackend, WriterService};
 use crate::config::{ConfigError, LogFormat, default_node_id, load_toml, parse_duration};
 use crate::core::engine::{Engine, EngineConfig, EngineError};
+use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
 use crate::core::index::IndexError;
 use crate::core::meta::{MetaError, MetaStore, redact};
@@ -239,17 +240,6 @@ pub enum WriterRunError {
 }
 
 // ---------------------------------------------------------------- the gRPC backend
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 fn meta_err(e: MetaError) -> WriteError {
     match &e {

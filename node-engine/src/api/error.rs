@@ -1,6 +1,7 @@
 //! Milvus REST error codes and the one exhaustive mapping from engine errors to them.
 
 use crate::core::engine::EngineError;
+use crate::core::error_chain as chain;
 use crate::core::meta::MetaError;
 use crate::core::storage::collection::CollectionError;
 use axum::http::StatusCode;
@@ -71,17 +72,6 @@ impl ApiError {
             _ => "internal",
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl From<CollectionError> for ApiError {

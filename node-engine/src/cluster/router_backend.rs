@@ -45,6 +45,7 @@ use crate::api::backend::{
 };
 use crate::api::error::{ApiError, code};
 use crate::api::metrics::Metrics;
+use crate::core::error_chain as chain;
 use crate::core::meta::{IndexRecord, MetaStore, SegmentRecord};
 use crate::core::storage::collection::{Hit, RowOut, Schema};
 use crate::core::types::Metric;
@@ -161,17 +162,6 @@ fn fanout_to_api(e: FanoutError) -> ApiError {
         | FanoutError::NoReaderLeft(_)
         | FanoutError::Malformed { .. } => internal(chain(&e)),
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// The `output_fields` a reader is asked for.

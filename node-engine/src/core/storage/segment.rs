@@ -294,7 +294,13 @@ fn read_checked(dir: &Path, id: u64, name: &str, m: &Manifest) -> Result<Vec<u8>
     Ok(bytes)
 }
 
-fn check_sum(id: u64, name: &str, bytes: &[u8], m: &Manifest) -> Result<(), SegmentError> {
+/// The manifest's entry for `name`, once `bytes` has the size it records.
+fn check_size<'m>(
+    id: u64,
+    name: &str,
+    bytes: &[u8],
+    m: &'m Manifest,
+) -> Result<&'m FileSum, SegmentError> {
     let sum = m
         .files
         .get(name)
@@ -309,6 +315,11 @@ fn check_sum(id: u64, name: &str, bytes: &[u8], m: &Manifest) -> Result<(), Segm
             ),
         ));
     }
+    Ok(sum)
+}
+
+fn check_sum(id: u64, name: &str, bytes: &[u8], m: &Manifest) -> Result<(), SegmentError> {
+    let sum = check_size(id, name, bytes, m)?;
     if crc32fast::hash(bytes) != sum.crc32 {
         return Err(corrupt(id, format!("{name} checksum mismatch")));
     }
@@ -359,23 +370,7 @@ fn check_mapped(
 ) -> Result<(), SegmentError> {
     match verify {
         Verify::Everything => check_sum(id, name, bytes, m),
-        Verify::SizesOfMappedFiles => {
-            let sum = m
-                .files
-                .get(name)
-                .ok_or_else(|| corrupt(id, format!("manifest lacks {name}")))?;
-            if sum.bytes != bytes.len() as u64 {
-                return Err(corrupt(
-                    id,
-                    format!(
-                        "{name} has {} bytes, manifest says {}",
-                        bytes.len(),
-                        sum.bytes
-                    ),
-                ));
-            }
-            Ok(())
-        }
+        Verify::SizesOfMappedFiles => check_size(id, name, bytes, m).map(|_| ()),
     }
 }
 

@@ -17,6 +17,7 @@
 //! (smaller is better), which the router merges across readers.
 
 use super::*;
+use crate::core::error_chain;
 use crate::core::meta::{IndexRecord, SegmentIndexRecord};
 use std::collections::BinaryHeap;
 
@@ -113,17 +114,6 @@ pub trait FlatOffload: Send + Sync {
 pub struct ShardHit {
     pub distance: f32,
     pub row: RowOut,
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl Collection {
