@@ -530,11 +530,109 @@ impl IvfIndex {
             self.offsets[l as usize + 1] as usize,
         )
     }
+
+    // Pieces for scanning the lists somewhere else (the reader's GPU, `crate::gpu::offload`)
+    // with exactly the CPU search's lists and distances.
+
+    /// The code the list entries carry.
+    pub fn codec(&self) -> Codec {
+        self.meta.codec
+    }
+
+    /// IVF_FLAT only (`None` for SQ8/PQ or a list id outside `0..nlist()`): list `l`'s stored
+    /// vectors (row-major, `dim` per row; unit length for COSINE, as the index stores them) and
+    /// the segment row of each, in the same order.
+    pub fn flat_list(&self, l: u32) -> Option<(&[f32], &[u32])> {
+        if self.meta.codec != Codec::Flat || l as usize >= self.meta.nlist {
+            return None;
+        }
+        let (s, e) = self.list(l);
+        let dim = self.meta.dim;
+        Some((&self.vectors[s * dim..e * dim], &self.ids[s..e]))
+    }
+
+    /// The lists [`VectorIndexRead::search`] scans for each query of `queries` with top-`k`,
+    /// `params.nprobe` and `filter`, so that an exact scan of them (only rows allowed by
+    /// `filter`) returns the CPU search's answer:
+    /// - unfiltered: the `nprobe` nearest lists (ranked as the batch or the single-query path
+    ///   ranks them, whichever the CPU search takes for this batch size);
+    /// - filtered: the nearest lists in order up to the widened probe (`nprobe` scaled by the
+    ///   fraction of allowed rows), then further lists until they hold `k` allowed rows.
+    ///
+    /// Errors: as `search` (`DimensionMismatch`, `InvalidParam` for `nprobe`).
+    pub fn probe_lists(
+        &self,
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+        filter: Option<&Bitset>,
+    ) -> Result<Vec<Vec<u32>>, IndexError> {
+        let nq = check_queries(queries, self.meta.dim)?;
+        let nprobe = params.nprobe.unwrap_or(DEFAULT_NPROBE);
+        let max = self.meta.requested_nlist.max(1);
+        if nprobe == 0 || nprobe > max {
+            return Err(IndexError::InvalidParam {
+                name: "nprobe".into(),
+                reason: format!("must be in [1, nlist = {max}], got {nprobe}"),
+            });
+        }
+        let dim = self.meta.dim;
+        let prepared = prepare(self.meta.metric, dim, queries);
+        let nprobe = nprobe.min(self.meta.nlist);
+        if k == 0 {
+            return Ok(vec![Vec::new(); nq]);
+        }
+        let Some(f) = filter else {
+            // `search`'s split: batches of COARSE_BATCH_MIN_QUERIES or more rank through the
+            // batch kernel, smaller ones per query (both choose the same lists).
+            if nq > 1 && nq >= COARSE_BATCH_MIN_QUERIES {
+                return Ok(self.coarse_batch(&prepared, nprobe));
+            }
+            return Ok(prepared
+                .par_chunks_exact(dim)
+                .map(|q| self.top_lists(self.coarse(q), nprobe))
+                .collect());
+        };
+        // Allowed rows per list, to know where the CPU scan stops (it has `k` allowed rows).
+        let allowed_in: Vec<usize> = (0..self.meta.nlist as u32)
+            .map(|l| {
+                let (s, e) = self.list(l);
+                self.ids[s..e]
+                    .iter()
+                    .filter(|&&r| f.contains(r as usize))
+                    .count()
+            })
+            .collect();
+        // The widening `search_one` applies to a filtered query (kept in step with it; the
+        // GPU-versus-CPU equality tests in `gpu::offload` fail if the two drift apart).
+        let allowed = f.count_ones().min(self.meta.n).max(1);
+        let widened = (nprobe as f64 * self.meta.n as f64 / allowed as f64).ceil();
+        let widened = (widened.min(self.meta.nlist as f64) as usize).max(nprobe);
+        Ok(prepared
+            .par_chunks_exact(dim)
+            .map(|q| {
+                let ranked = self.top_lists(self.coarse(q), self.meta.nlist);
+                let mut seen = 0usize;
+                let mut out = Vec::new();
+                for (i, l) in ranked.into_iter().enumerate() {
+                    if i >= widened && seen >= k {
+                        break;
+                    }
+                    seen += allowed_in[l as usize];
+                    out.push(l);
+                }
+                out
+            })
+            .collect())
+    }
 }
 
 impl VectorIndexRead for IvfIndex {
     fn index_type(&self) -> IndexType {
         self.meta.index_type
+    }
+    fn as_ivf(&self) -> Option<&IvfIndex> {
+        Some(self)
     }
     fn metric(&self) -> Metric {
         self.meta.metric

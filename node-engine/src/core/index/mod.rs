@@ -84,6 +84,11 @@ pub trait VectorIndexRead: Send + Sync {
         params: &SearchParams,
         filter: Option<&Bitset>,
     ) -> Result<Vec<Vec<Neighbor>>, IndexError>;
+    /// The IVF index behind this one, for callers that scan its lists elsewhere (the reader's
+    /// GPU offload); `None` for every other index type.
+    fn as_ivf(&self) -> Option<&ivf::IvfIndex> {
+        None
+    }
 }
 
 /// The write side: an index that was just built and can persist itself next to its segment.

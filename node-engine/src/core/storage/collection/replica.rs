@@ -18,6 +18,7 @@
 
 use super::*;
 use crate::core::error_chain;
+use crate::core::index::ivf::{Codec, IvfIndex};
 use crate::core::meta::{IndexRecord, SegmentIndexRecord};
 use std::collections::BinaryHeap;
 
@@ -87,9 +88,9 @@ pub struct SegmentKey {
     pub manifest_crc: u32,
 }
 
-/// Runs a sealed segment's FLAT scan somewhere other than the CPU: the reader's GPU searcher
-/// (`crate::gpu::offload::GpuOffload`). Core only defines the hook, so the storage core depends
-/// on nothing outside core.
+/// Runs a sealed segment's FLAT scan, or its IVF_FLAT list scan, somewhere other than the CPU:
+/// the reader's GPU searcher (`crate::gpu::offload::GpuOffload`). Core only defines the hook, so
+/// the storage core depends on nothing outside core.
 pub trait FlatOffload: Send + Sync {
     /// Exact top-`k` of each query over `vectors` (row-major, `dim` per row), only rows set in
     /// `allowed` (live and matching the filter; all rows when `None`), internal distances as the
@@ -107,6 +108,27 @@ pub trait FlatOffload: Send + Sync {
         k: usize,
         allowed: Option<&Bitset>,
     ) -> Option<Vec<Vec<Neighbor>>>;
+
+    /// The same for a sealed segment searched through an IVF_FLAT index: the top-`k` of each
+    /// query that `index.search(queries, k, params, allowed)` answers on the CPU (the lists
+    /// [`IvfIndex::probe_lists`] names, scanned exactly: same rows, distances within float
+    /// tolerance). `index_crc` is the committed checksum of the index file, so `(key,
+    /// index_crc)` identifies the lists' data. `None` = answer on the CPU (as for
+    /// [`FlatOffload::search_flat`]); the default offers nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn search_ivf_flat(
+        &self,
+        key: SegmentKey,
+        index_crc: u32,
+        index: &IvfIndex,
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+        allowed: Option<&Bitset>,
+    ) -> Option<Vec<Vec<Neighbor>>> {
+        let _ = (key, index_crc, index, queries, k, params, allowed);
+        None
+    }
 }
 
 /// A search hit with the engine's internal distance (smaller is better).
@@ -449,8 +471,8 @@ impl Collection {
         self.search_segments_with(segment_ids, queries, k, params, filter, out, None)
     }
 
-    /// [`Collection::search_segments`] with FLAT segment scans offered to `offload` first (the
-    /// reader's GPU); a segment it declines is scanned on the CPU. Filters and deletes reach the
+    /// [`Collection::search_segments`] with FLAT segment scans and IVF_FLAT list scans offered
+    /// to `offload` first (the reader's GPU); a segment it declines is searched on the CPU. Filters and deletes reach the
     /// offload as the same allow-bitset the CPU index gets, and both paths' hits go through the
     /// same merge.
     #[allow(clippy::too_many_arguments)]
@@ -505,18 +527,36 @@ impl Collection {
                 if allowed.as_ref().is_some_and(|b| b.count_ones() == 0) || k == 0 {
                     return Ok((sid, vec![Vec::new(); nq]));
                 }
-                // Filters and deletes travel into the index (or the GPU scan) as the allow-bitset.
-                if let Some(ix) = &e.ann {
-                    return Ok((sid, ix.search(queries, k, params, allowed.as_ref())?));
-                }
-                let flat = e.data.flat();
-                let offloaded = offload.and_then(|o| {
+                let segment_key = || {
                     let manifest_crc = *self.served.lock().get(&sid)?;
-                    let key = SegmentKey {
+                    Some(SegmentKey {
                         collection_id: self.inner.collection_id,
                         segment: sid,
                         manifest_crc,
+                    })
+                };
+                // Filters and deletes travel into the index (or the GPU scan) as the allow-bitset.
+                if let Some(ix) = &e.ann {
+                    // IVF_FLAT lists can be scanned on the GPU; other indexes stay on the CPU.
+                    let offloaded = offload.and_then(|o| {
+                        let ivf = ix.as_ivf().filter(|i| i.codec() == Codec::Flat)?;
+                        let key = segment_key()?;
+                        let index_crc = self
+                            .ann_served
+                            .lock()
+                            .get(&sid)
+                            .filter(|s| s.loaded)
+                            .map(|s| s.crc as u32)?;
+                        o.search_ivf_flat(key, index_crc, ivf, queries, k, params, allowed.as_ref())
+                    });
+                    return match offloaded {
+                        Some(hits) => Ok((sid, hits)),
+                        None => Ok((sid, ix.search(queries, k, params, allowed.as_ref())?)),
                     };
+                }
+                let flat = e.data.flat();
+                let offloaded = offload.and_then(|o| {
+                    let key = segment_key()?;
                     let metric = self.inner.schema.metric;
                     o.search_flat(key, flat.data(), dim, metric, queries, k, allowed.as_ref())
                 });
@@ -869,6 +909,112 @@ mod tests {
         hits.iter()
             .map(|q| q.iter().map(|h| h.row.id).collect())
             .collect()
+    }
+
+    /// The offload hook end to end (the reader's `GpuOffload` over the host stand-in for a
+    /// device): IVF_FLAT segments go through `search_ivf_flat`, the small segment without an
+    /// index through `search_flat`, and the answer equals the CPU replica's, with deletes and a
+    /// filter.
+    #[tokio::test]
+    async fn a_replica_offers_ivf_flat_and_flat_segments_to_the_offload_and_gets_the_cpu_answer() {
+        use crate::gpu::GpuSearcher;
+        use crate::gpu::backend::host::HostBackend;
+        use crate::gpu::offload::{GpuOffload, ScanKind, ScanRoute};
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let (meta, rec, schema) = l2_collection(dir.path(), "gpu", 8).await;
+        let opts = StorageOptions {
+            index_min_rows: 100,
+            ..StorageOptions::default()
+        };
+        let w = Collection::open(meta.clone(), &rec, schema.clone(), &data, opts)
+            .await
+            .unwrap();
+        for part in 0..2 {
+            w.upsert(random_batch(part * 600..(part + 1) * 600))
+                .await
+                .unwrap();
+            w.flush().await.unwrap();
+        }
+        let def = IndexRecord {
+            collection_id: rec.id,
+            index_name: "vector".into(),
+            field_name: "vector".into(),
+            index_type: "IVF_FLAT".into(),
+            metric: "L2".into(),
+            params: r#"{"nlist":16}"#.into(),
+        };
+        meta.put_index(&def).await.unwrap();
+        assert!(w.set_ann_def(AnnDef::from_record(&def)));
+        build_and_commit(&meta, &w, 1).await;
+        build_and_commit(&meta, &w, 1).await;
+        // Under index_min_rows: searched with FLAT.
+        w.upsert(random_batch(1200..1250)).await.unwrap();
+        w.flush().await.unwrap();
+        let deleted: Vec<i64> = (0..1250).step_by(41).collect();
+        w.delete(deleted.clone()).await.unwrap();
+        w.flush().await.unwrap();
+        let snap = meta.catalog_snapshot().await.unwrap();
+        let segs = snap.segments.get(&rec.id).cloned().unwrap_or_default();
+        let ixs = snap.indexes.get(&rec.id).cloned().unwrap_or_default();
+        let files = snap
+            .segment_indexes
+            .get(&rec.id)
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!((segs.len(), files.len()), (3, 2));
+        let listing = ReplicaListing {
+            segments: &segs,
+            indexes: &ixs,
+            segment_indexes: &files,
+        };
+        let (r, _) = Collection::open_read_only(meta.clone(), &rec, schema, &data, listing)
+            .await
+            .unwrap();
+        let searcher = GpuSearcher::new(vec![HostBackend::new(0)], 1 << 30, 1, 1 << 20).unwrap();
+        let offload = GpuOffload::new(Arc::new(searcher));
+        let ids = all_ids(&segs);
+        let queries = random_batch(5000..5020).vectors;
+        let params = SearchParams {
+            nprobe: Some(2),
+            ef: None,
+        };
+        // Rows of all three segments match.
+        let range = Filter::parse("id >= 300 and id < 1240").unwrap();
+        for filter in [None, Some(&range)] {
+            let search = |o: Option<&dyn FlatOffload>| {
+                r.search_segments_with(&ids, &queries, 10, &params, filter, Output::default(), o)
+                    .unwrap()
+                    .0
+            };
+            let cpu = search(None);
+            let before = (
+                offload.scans(ScanRoute::Gpu, ScanKind::IvfFlat),
+                offload.scans(ScanRoute::Gpu, ScanKind::Flat),
+            );
+            let gpu = search(Some(&offload));
+            assert_eq!(
+                (
+                    offload.scans(ScanRoute::Gpu, ScanKind::IvfFlat) - before.0,
+                    offload.scans(ScanRoute::Gpu, ScanKind::Flat) - before.1
+                ),
+                (2, 1),
+                "filter {filter:?}: two IVF_FLAT segments and one FLAT segment on the GPU path"
+            );
+            assert_eq!(ids_of(&cpu), ids_of(&gpu), "filter {filter:?}");
+            for (c, g) in cpu.iter().flatten().zip(gpu.iter().flatten()) {
+                assert!((c.distance - g.distance).abs() <= 1e-4 * c.distance.abs().max(1.0));
+            }
+            for h in gpu.iter().flatten() {
+                assert!(!deleted.contains(&h.row.id), "deleted id {}", h.row.id);
+                if filter.is_some() {
+                    assert!((300..1240).contains(&h.row.id), "id {}", h.row.id);
+                }
+            }
+            assert!(gpu.iter().all(|q| q.len() == 10));
+        }
+        assert_eq!(offload.fallbacks(), 0);
+        w.close().await;
     }
 
     #[tokio::test]
