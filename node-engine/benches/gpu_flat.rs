@@ -7,18 +7,30 @@
 //! - `SHOAL_BENCH_CPU_QUERIES` batch sizes run on the CPU path (default `1,100,10000`)
 //! - `SHOAL_BENCH_WORKSPACE` GPU scratch bytes per device (default 4GiB)
 //! - `SHOAL_BENCH_DATA_DIR` where base/queries are written for `gpu-bench/cupy_flat.py`
-//! - `SHOAL_BENCH_IVF=0` skips the IVF_FLAT sweep
+//! - `SHOAL_BENCH_IVF`: `1` (default) both IVF_FLAT sweeps, `engine` only the engine-index one,
+//!   `lists` only the list-scan one, `0` none
+//! - `SHOAL_BENCH_NLIST` lists of the engine's IVF_FLAT index (default 1024)
+//! - `SHOAL_BENCH_IVF_CPU_QUERIES` queries the engine index's CPU path runs (default 1000)
+//!
+//! The two IVF_FLAT sweeps: `ivf_flat` scans lists of a quick quantiser (sampled centroids,
+//! coarse step on the GPU) through `GpuSearch::search_ivf` directly; `ivf_flat_engine` builds
+//! the engine's own IVF_FLAT index (`IvfIndex`, k-means) and searches it the way a reader does,
+//! through `GpuOffload` (coarse step on the CPU, the same lists the CPU search probes, list scan
+//! on the GPU) beside the index's CPU search at the same nprobe.
 #![allow(clippy::unwrap_used)]
 
 use rand::{Rng, SeedableRng};
 use shoal_engine::core::index::flat::FlatIndex;
+use shoal_engine::core::index::ivf::{Codec, IvfIndex};
 use shoal_engine::core::index::{SearchParams, VectorIndexRead};
-use shoal_engine::core::types::{Metric, Neighbor};
+use shoal_engine::core::storage::collection::{FlatOffload, SegmentKey};
+use shoal_engine::core::types::{IndexType, Metric, Neighbor};
 use shoal_engine::gpu::args::parse_bytes;
 use shoal_engine::gpu::backend::GpuBackend;
 use shoal_engine::gpu::cuda::{self, CudaBackend};
-use shoal_engine::gpu::{DeviceSelection, GpuSearch, GpuSearcher, IvfList};
+use shoal_engine::gpu::{DeviceSelection, GpuOffload, GpuSearch, GpuSearcher, IvfList};
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Instant;
 
 fn env_or(name: &str, default: &str) -> String {
@@ -184,9 +196,92 @@ fn main() {
         recall(&g, &c, 10)
     );
 
-    if env_or("SHOAL_BENCH_IVF", "1") == "1" {
+    let ivf = env_or("SHOAL_BENCH_IVF", "1");
+    if ivf == "1" || ivf == "lists" {
         ivf_sweep(&searcher, &base, &queries, dim, rows);
     }
+    if ivf == "1" || ivf == "engine" {
+        let nlist: usize = env_or("SHOAL_BENCH_NLIST", "1024").parse().unwrap();
+        let cpu_nq: usize = env_or("SHOAL_BENCH_IVF_CPU_QUERIES", "1000")
+            .parse()
+            .unwrap();
+        ivf_engine_sweep(Arc::new(searcher), &base, &queries, dim, nlist, cpu_nq);
+    }
+}
+
+/// IVF_FLAT through the engine's index and the reader's offload (see the module docs): an
+/// nprobe sweep until recall@10 (vs GPU FLAT ground truth) reaches 0.95, the GPU path on all
+/// queries, the CPU path on the first `cpu_nq`, each line with its own recall.
+fn ivf_engine_sweep(
+    searcher: Arc<GpuSearcher<CudaBackend>>,
+    base: &[f32],
+    queries: &[f32],
+    dim: usize,
+    nlist: usize,
+    cpu_nq: usize,
+) {
+    let nq = queries.len() / dim;
+    let cpu_nq = cpu_nq.min(nq);
+    let truth = searcher
+        .search_flat(1, base, dim, Metric::L2, queries, 10, None)
+        .unwrap();
+    let t = Instant::now();
+    let index = IvfIndex::build(
+        IndexType::IVF_FLAT,
+        Metric::L2,
+        dim,
+        nlist,
+        Codec::Flat,
+        base,
+    )
+    .unwrap();
+    println!(
+        "ivf_engine_build	nlist={}	secs={:.2}",
+        index.nlist(),
+        t.elapsed().as_secs_f64()
+    );
+    let offload = GpuOffload::new(searcher);
+    let key = SegmentKey {
+        collection_id: 1,
+        segment: 4,
+        manifest_crc: 0,
+    };
+    let mut nprobe = 1usize;
+    while nprobe <= index.nlist() {
+        let params = SearchParams {
+            nprobe: Some(nprobe),
+            ef: None,
+        };
+        let mut out = Vec::new();
+        let secs = time(|| {
+            out = offload
+                .search_ivf_flat(key, 0, &index, queries, 10, &params, None)
+                .expect("the GPU path answered (no fallback)");
+        });
+        let r = recall(&out, &truth, 10);
+        println!(
+            "ivf_flat_engine	path=gpu	nq={nq}	k=10	nlist={}	nprobe={nprobe}	recall_at_10={r:.4}	qps={:.1}",
+            index.nlist(),
+            nq as f64 / secs
+        );
+        let cq = &queries[..cpu_nq * dim];
+        let mut cpu = Vec::new();
+        let secs = time(|| {
+            cpu = index.search(cq, 10, &params, None).unwrap();
+        });
+        println!(
+            "ivf_flat_engine	path=cpu	nq={cpu_nq}	k=10	nlist={}	nprobe={nprobe}	recall_at_10={:.4}	qps={:.1}	same_rows_as_gpu={:.4}",
+            index.nlist(),
+            recall(&cpu, &truth[..cpu_nq], 10),
+            cpu_nq as f64 / secs,
+            recall(&out[..cpu_nq], &cpu, 10)
+        );
+        if r >= 0.95 {
+            break;
+        }
+        nprobe *= 2;
+    }
+    assert_eq!(offload.fallbacks(), 0, "a GPU scan fell back to the CPU");
 }
 
 /// IVF_FLAT: nlist = 1024 centroids sampled from the data, rows assigned on the GPU, then an

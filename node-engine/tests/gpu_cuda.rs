@@ -320,6 +320,74 @@ fn gpu_ivf_list_scan_finds_exactly_what_the_cpu_list_scan_finds_at_the_same_npro
     assert!((rg - rc).abs() <= 0.002, "recall gpu {rg} cpu {rc}");
 }
 
+/// The reader's IVF_FLAT path on the device: the engine's own IVF_FLAT index searched through
+/// `GpuOffload` (coarse step on the CPU, the index's probed lists scanned on the GPU) finds what
+/// the index's CPU search finds at the same nprobe (ids, distances within 1e-4 relative; an id
+/// may differ only at a tie on the k-th distance), so recall@10 against exact FLAT is the
+/// CPU's, for L2/IP/COSINE, unfiltered and with a filter bitset (deletes + a predicate).
+#[test]
+#[ignore = "needs an NVIDIA GPU with libcuda, libcublas.so.12 and libnvrtc.so.12"]
+fn gpu_ivf_flat_index_equals_the_cpu_ivf_flat_search_and_recall_at_the_same_nprobe() {
+    use shoal_engine::core::index::ivf::{Codec, IvfIndex};
+    use shoal_engine::core::index::{SearchParams, VectorIndexRead};
+    use shoal_engine::core::storage::collection::{FlatOffload, SegmentKey};
+    use shoal_engine::core::types::IndexType;
+    use shoal_engine::gpu::GpuOffload;
+    use std::sync::Arc;
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(47);
+    let (n, dim, nq, k, nlist) = (40_000, 64, 400, 10, 256);
+    let base = clustered(&mut rng, n, dim, 128);
+    let queries = clustered(&mut rng, nq, dim, 128);
+    let mut allowed = Bitset::new_empty(n);
+    for r in (0..n).filter(|r| r % 3 != 0 && r % 101 != 0) {
+        allowed.insert(r);
+    }
+    let offload = GpuOffload::new(Arc::new(searcher(1 << 30, 256 << 20)));
+    for (i, metric) in [Metric::L2, Metric::IP, Metric::COSINE]
+        .into_iter()
+        .enumerate()
+    {
+        let index =
+            IvfIndex::build(IndexType::IVF_FLAT, metric, dim, nlist, Codec::Flat, &base).unwrap();
+        let key = SegmentKey {
+            collection_id: 1,
+            segment: i as u64,
+            manifest_crc: 0,
+        };
+        for nprobe in [4usize, 16] {
+            let params = SearchParams {
+                nprobe: Some(nprobe),
+                ef: None,
+            };
+            for filter in [None, Some(&allowed)] {
+                let what = format!("{metric} nprobe={nprobe} filtered={}", filter.is_some());
+                let cpu = index.search(&queries, k, &params, filter).unwrap();
+                let gpu = offload
+                    .search_ivf_flat(key, 1, &index, &queries, k, &params, filter)
+                    .unwrap_or_else(|| panic!("{what}: the GPU path declined or failed"));
+                assert_matches(&gpu, &cpu, 1e-4, &what);
+                let exact = oracle(&base, dim, metric, &queries, k, filter);
+                let recall = |res: &[Vec<Neighbor>]| -> f64 {
+                    let hit: usize = res
+                        .iter()
+                        .zip(&exact)
+                        .map(|(r, e)| {
+                            r.iter()
+                                .filter(|h| e.iter().any(|x| x.row == h.row))
+                                .count()
+                        })
+                        .sum();
+                    hit as f64 / (nq * k) as f64
+                };
+                let (rg, rc) = (recall(&gpu), recall(&cpu));
+                assert!((rg - rc).abs() <= 0.002, "{what}: recall gpu {rg} cpu {rc}");
+            }
+        }
+    }
+    assert_eq!(offload.fallbacks(), 0);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU with libcuda, libcublas.so.12 and libnvrtc.so.12"]
 fn every_visible_device_opens_and_reports_memory() {

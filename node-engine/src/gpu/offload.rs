@@ -3,15 +3,15 @@
 //! IVF_FLAT segment, on the GPU when the query batch reaches `--gpu-search-threshold`, and on the
 //! CPU otherwise. For IVF_FLAT the coarse step stays on the CPU and is the index's own
 //! ([`IvfIndex::probe_lists`]), so the GPU scans exactly the lists the CPU search would at the
-//! same `nprobe` and finds the same rows. A GPU error (device, memory
-//! budget, a result that fails the shape check) never reaches the client: that segment is
-//! answered on the CPU, counted in `shoal_gpu_search_fallbacks_total` and logged at most once a
-//! minute. Filters and deletes go to the GPU as the same allow-bitset the CPU index gets.
+//! same `nprobe` and finds the same rows. A GPU error (device, memory budget, a result that
+//! fails the shape check) never reaches the client: that segment is answered on the CPU,
+//! counted in `shoal_gpu_search_fallbacks_total` and logged at most once a minute. Filters and
+//! deletes go to the GPU as the same allow-bitset the CPU index gets.
 //!
 //! It also owns the mapping from a replica's segment identity ([`SegmentKey`]: collection,
 //! segment id, manifest checksum; segment ids are only unique inside a collection; plus the
-//! index file's checksum for IVF lists) to the searcher's resident-block id, so the reader can drop the device copies of segments it no
-//! longer serves ([`GpuOffload::forget_segment`]).
+//! index file's checksum for IVF lists) to the searcher's resident-block id, so the reader can
+//! drop the device copies of segments it no longer serves ([`GpuOffload::forget_segment`]).
 //!
 //! Depends on `core` (the hook, bitset, types) and the GPU searcher; no API or role code.
 

@@ -583,9 +583,10 @@ impl IvfIndex {
             return Ok(vec![Vec::new(); nq]);
         }
         let Some(f) = filter else {
-            // `search`'s split: batches of COARSE_BATCH_MIN_QUERIES or more rank through the
-            // batch kernel, smaller ones per query (both choose the same lists).
-            if nq > 1 && nq >= COARSE_BATCH_MIN_QUERIES {
+            // `search`'s split: batches of COARSE_BATCH_MIN_QUERIES (> 1) or more rank through
+            // the batch kernel, smaller ones per query (both choose the same lists).
+            const { assert!(COARSE_BATCH_MIN_QUERIES > 1) };
+            if nq >= COARSE_BATCH_MIN_QUERIES {
                 return Ok(self.coarse_batch(&prepared, nprobe));
             }
             return Ok(prepared
