@@ -518,3 +518,160 @@ async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric(
     }
     assert_eq!(offload.fallbacks(), 0);
 }
+
+/// The reader path for IVF_FLAT on the real device: `SearchShard` over a replica that maps the
+/// writer's IVF_FLAT index files, with the index's probed lists scanned through `GpuOffload`,
+/// equals the CPU replica (ids, distances within 1e-4 relative; an id may differ only at a tie
+/// on the k-th distance) at the same nprobe for every metric, with a filter and deletes, and
+/// every segment scan ran on the GPU as an IVF_FLAT scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an NVIDIA GPU with libcuda, libcublas.so.12 and libnvrtc.so.12"]
+async fn reader_search_shard_on_the_gpu_answers_ivf_flat_segments_like_the_cpu_replica() {
+    use shoal_engine::cluster::reader_service::{ShardBackend, ShardQuery};
+    use shoal_engine::core::meta::{CollectionRecord, IndexRecord, MetaStore, SegmentIndexRecord};
+    use shoal_engine::core::storage::ann::AnnDef;
+    use shoal_engine::core::storage::collection::{Collection, CollectionWrite, StorageOptions};
+    use shoal_engine::core::storage::wal::RowBatch;
+    use shoal_engine::gpu::GpuOffload;
+    use shoal_engine::gpu::offload::{ScanKind, ScanRoute};
+    use shoal_engine::reader::ReplicaCatalog;
+    use std::sync::Arc;
+
+    let (dim, per_segment, nq, k) = (64usize, 20_000i64, 1_200usize, 10usize);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let meta = MetaStore::open_sqlite(&dir.path().join("meta.db"))
+        .await
+        .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+    let deleted: Vec<i64> = (0..2 * per_segment).step_by(89).collect();
+    for (name, metric) in [("l2", "L2"), ("ip", "IP"), ("cos", "COSINE")] {
+        let mut rec = CollectionRecord {
+            id: 0,
+            name: name.into(),
+            dim: dim as i64,
+            metric: metric.into(),
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+            loaded: true,
+            flushed_seq: 0,
+            created_ms: 0,
+        };
+        rec.id = meta.create_collection(&rec).await.unwrap();
+        let schema = shoal_engine::core::engine::schema_of(&rec).unwrap();
+        let opts = StorageOptions {
+            index_min_rows: 1000,
+            build_indexes: false,
+            ..StorageOptions::default()
+        };
+        let w = Collection::open(meta.clone(), &rec, schema, &data, opts)
+            .await
+            .unwrap();
+        for part in 0..2 {
+            let mut b = RowBatch::new(dim);
+            b.vectors = clustered(&mut rng, per_segment as usize, dim, 256);
+            b.ids = (part * per_segment..(part + 1) * per_segment).collect();
+            b.fields = vec![Vec::new(); per_segment as usize];
+            w.upsert(b).await.unwrap();
+            w.flush().await.unwrap();
+        }
+        let def = IndexRecord {
+            collection_id: rec.id,
+            index_name: "vector".into(),
+            field_name: "vector".into(),
+            index_type: "IVF_FLAT".into(),
+            metric: metric.into(),
+            params: r#"{"nlist":128}"#.into(),
+        };
+        meta.put_index(&def).await.unwrap();
+        assert!(w.set_ann_def(AnnDef::from_record(&def)));
+        // What the writer's background builder does for each segment: build, persist, commit.
+        while let Some(job) = w.claim_index_job() {
+            let ix = shoal_engine::core::index::build(
+                job.def.index_type,
+                job.metric,
+                job.dim,
+                &job.def.params,
+                job.data.flat().data(),
+            )
+            .unwrap();
+            ix.persist(&job.dir).unwrap();
+            let (crc, bytes) = shoal_engine::core::index::stored_crc(&job.dir).unwrap();
+            let r = SegmentIndexRecord {
+                collection_id: job.collection_id,
+                segment_id: job.segment_id as i64,
+                index_name: job.def.index_name.clone(),
+                index_type: job.def.index_type.as_str().into(),
+                params: job.def.params_text.clone(),
+                file: job.rel.clone(),
+                crc: i64::from(crc),
+                bytes: bytes as i64,
+                rows: job.data.rows() as i64,
+                built_ms: 1,
+            };
+            assert!(meta.commit_segment_index(&r).await.unwrap());
+            let mapped = shoal_engine::core::index::load(&job.dir).unwrap();
+            assert!(w.finish_index(&job, Ok(Arc::from(mapped))));
+        }
+        w.delete(deleted.clone()).await.unwrap();
+        w.flush().await.unwrap();
+        w.close().await;
+    }
+    let cpu = ReplicaCatalog::new(meta.clone(), data.clone());
+    let offload = Arc::new(GpuOffload::new(Arc::new(searcher(4 << 30, 512 << 20))));
+    let gpu = ReplicaCatalog::new(meta, data).with_gpu(offload.clone());
+    cpu.refresh().await.unwrap();
+    gpu.refresh().await.unwrap();
+    let queries = clustered(&mut rng, nq, dim, 256);
+    for (name, c) in cpu.collections() {
+        let segs = c.segment_ids();
+        assert_eq!(c.index_progress().indexed_segments, segs.len(), "{name}");
+        for filter in [None, Some("id >= 5000 and id < 32000".to_string())] {
+            let q = ShardQuery {
+                collection: name.clone(),
+                segment_ids: segs.clone(),
+                dim,
+                queries: queries.clone(),
+                top_k: k,
+                nprobe: Some(16),
+                ef: None,
+                filter: filter.clone(),
+                output_fields: Vec::new(),
+            };
+            let before = offload.scans(ScanRoute::Gpu, ScanKind::IvfFlat);
+            let (want, _) = cpu.search(&q).unwrap();
+            let (got, _) = gpu.search(&q).unwrap();
+            assert_eq!(
+                offload.scans(ScanRoute::Gpu, ScanKind::IvfFlat) - before,
+                segs.len() as u64,
+                "{name}: every segment's lists on the GPU"
+            );
+            let as_neighbors =
+                |hits: &[shoal_engine::cluster::pb::QueryHits]| -> Vec<Vec<Neighbor>> {
+                    hits.iter()
+                        .map(|h| {
+                            h.hits
+                                .iter()
+                                .map(|x| Neighbor {
+                                    row: x.id as u32,
+                                    dist: x.distance,
+                                })
+                                .collect()
+                        })
+                        .collect()
+                };
+            assert_matches(
+                &as_neighbors(&got),
+                &as_neighbors(&want),
+                1e-4,
+                &format!("{name} filter {filter:?}"),
+            );
+            for h in got.iter().flat_map(|q| &q.hits) {
+                assert!(!deleted.contains(&h.id), "{name}: deleted id {}", h.id);
+            }
+        }
+    }
+    assert_eq!(offload.fallbacks(), 0);
+}
