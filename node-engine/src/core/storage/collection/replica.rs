@@ -1014,6 +1014,48 @@ mod tests {
             assert!(gpu.iter().all(|q| q.len() == 10));
         }
         assert_eq!(offload.fallbacks(), 0);
+
+        // A failing device and a batch under the threshold: every segment answered on the CPU,
+        // counted per kind.
+        let mut failing = HostBackend::new(0);
+        failing.fail_search = true;
+        let failing = GpuOffload::new(Arc::new(
+            GpuSearcher::new(vec![failing], 1 << 30, 1, 1 << 20).unwrap(),
+        ));
+        let high = GpuSearcher::new(vec![HostBackend::new(0)], 1 << 30, 21, 1 << 20).unwrap();
+        let below = GpuOffload::new(Arc::new(high));
+        let cpu = r
+            .search_segments(&ids, &queries, 10, &params, Some(&range), Output::default())
+            .unwrap()
+            .0;
+        for (o, route) in [
+            (&failing, ScanRoute::CpuFallback),
+            (&below, ScanRoute::CpuBelowThreshold),
+        ] {
+            let got = r
+                .search_segments_with(
+                    &ids,
+                    &queries,
+                    10,
+                    &params,
+                    Some(&range),
+                    Output::default(),
+                    Some(o),
+                )
+                .unwrap()
+                .0;
+            assert_eq!(ids_of(&got), ids_of(&cpu), "{route:?}");
+            assert_eq!(
+                (
+                    o.scans(route, ScanKind::IvfFlat),
+                    o.scans(route, ScanKind::Flat)
+                ),
+                (2, 1),
+                "{route:?}"
+            );
+            assert_eq!(o.gpu_searches(), 0);
+        }
+        assert_eq!((failing.fallbacks(), below.fallbacks()), (3, 0));
         w.close().await;
     }
 
