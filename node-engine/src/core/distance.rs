@@ -216,6 +216,81 @@ pub fn dot_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Product-quantizer lookup tables from a vector `x` (`m` sub-vectors of `dsub` floats):
+/// `out[s * stride + j] = init[s * ksub + j] + scale · Σ_t x[s·dsub + t] · books_t[(s·dsub + t) · ksub + j]`
+/// for every sub-quantizer `s` and code `j < ksub`, `init` reading as zeros when empty.
+/// `books_t` holds the codebooks transposed (dimension-major: row `i` = coordinate `i` of every
+/// code of sub-quantizer `i / dsub`), so each step is one contiguous multiply-add over `ksub`
+/// floats, which vectorises. Entries of `out` from `ksub` to `stride` are left as they are.
+#[allow(clippy::too_many_arguments)]
+pub fn pq_tables(
+    x: &[f32],
+    books_t: &[f32],
+    init: &[f32],
+    scale: f32,
+    dsub: usize,
+    ksub: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    let m = x.len().checked_div(dsub).unwrap_or(0);
+    assert!(
+        dsub > 0
+            && stride >= ksub
+            && books_t.len() >= m * dsub * ksub
+            && out.len() >= m * stride
+            && (init.is_empty() || init.len() >= m * ksub),
+        "pq_tables: shapes do not cover m = {m} sub-quantizers of {ksub} codes"
+    );
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe {
+            x86::pq_tables_avx512(x, books_t, init, scale, dsub, ksub, stride, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe {
+            x86::pq_tables_avx2(x, books_t, init, scale, dsub, ksub, stride, out)
+        },
+        _ => pq_tables_body(x, books_t, init, scale, dsub, ksub, stride, out),
+    }
+}
+
+/// The loop of [`pq_tables`], compiled once per instruction set by its callers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pq_tables_body(
+    x: &[f32],
+    books_t: &[f32],
+    init: &[f32],
+    scale: f32,
+    dsub: usize,
+    ksub: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    for (s, (xs, o)) in x
+        .chunks_exact(dsub)
+        .zip(out.chunks_exact_mut(stride))
+        .enumerate()
+    {
+        let o = &mut o[..ksub];
+        if init.is_empty() {
+            o.fill(0.0);
+        } else {
+            o.copy_from_slice(&init[s * ksub..(s + 1) * ksub]);
+        }
+        for (t, &xv) in xs.iter().enumerate() {
+            let a = scale * xv;
+            let row = &books_t[(s * dsub + t) * ksub..(s * dsub + t + 1) * ksub];
+            for (ov, &r) in o.iter_mut().zip(row) {
+                *ov += a * r;
+            }
+        }
+    }
+}
+
 /// Portable squared L2 (16 independent partial sums, which compilers turn into SIMD).
 pub fn l2_sq_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -406,6 +481,36 @@ mod x86 {
             i += 1;
         }
         s
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pq_tables_avx512(
+        x: &[f32],
+        books_t: &[f32],
+        init: &[f32],
+        scale: f32,
+        dsub: usize,
+        ksub: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        super::pq_tables_body(x, books_t, init, scale, dsub, ksub, stride, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pq_tables_avx2(
+        x: &[f32],
+        books_t: &[f32],
+        init: &[f32],
+        scale: f32,
+        dsub: usize,
+        ksub: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        super::pq_tables_body(x, books_t, init, scale, dsub, ksub, stride, out)
     }
 
     /// Rows ahead of the one being scored whose cache lines a batch scan prefetches: a 4 KiB
@@ -646,6 +751,38 @@ mod tests {
                 (dot - want_dot).abs() <= 1e-4 * want_dot.abs().max(1.0),
                 "d={d}: {dot} vs {want_dot}"
             );
+        }
+    }
+
+    #[test]
+    fn pq_tables_equal_the_plain_sums() {
+        let (m, dsub, ksub, stride) = (3usize, 5usize, 19usize, 24usize);
+        let x: Vec<f32> = (0..m * dsub).map(|i| (i as f32 * 0.41).sin()).collect();
+        let bt: Vec<f32> = (0..m * dsub * ksub)
+            .map(|i| (i as f32 * 0.13).cos())
+            .collect();
+        let init: Vec<f32> = (0..m * ksub).map(|i| i as f32 * 0.5).collect();
+        for with_init in [false, true] {
+            let mut out = vec![7.0f32; m * stride];
+            let init_s: &[f32] = if with_init { &init } else { &[] };
+            pq_tables(&x, &bt, init_s, -2.0, dsub, ksub, stride, &mut out);
+            for s in 0..m {
+                for j in 0..stride {
+                    let want = if j >= ksub {
+                        7.0
+                    } else {
+                        let base = if with_init { init[s * ksub + j] } else { 0.0 };
+                        base + (0..dsub)
+                            .map(|t| -2.0 * x[s * dsub + t] * bt[(s * dsub + t) * ksub + j])
+                            .sum::<f32>()
+                    };
+                    let got = out[s * stride + j];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "s={s} j={j}: {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 
