@@ -84,7 +84,8 @@ struct Scratch {
     /// PQ lookup table.
     lut: Vec<f32>,
     top: TopK,
-    /// PQ re-rank.
+    /// PQ re-rank: the candidates' list positions, then the exact top-k.
+    cand: Vec<u32>,
     exact: TopK,
 }
 
@@ -135,27 +136,6 @@ fn nearest_lists(dists: &[f32], n: usize, out: &mut Vec<(f32, u32)>) {
         let pos = out.partition_point(|e| e.0.total_cmp(&d) != Ordering::Greater);
         out.insert(pos, (d, l as u32));
     }
-}
-
-/// Σ_s lut[s][code_s] for 8-bit codes over tables of 256 entries each, in four independent
-/// sums (the loads overlap instead of waiting on one chain of additions).
-#[inline]
-fn adc8(lut: &[f32], code: &[u8]) -> f32 {
-    let (tabs, _) = lut.as_chunks::<256>();
-    let (t4, tt) = tabs.as_chunks::<4>();
-    let (c4, ct) = code.as_chunks::<4>();
-    let mut a = [0f32; 4];
-    for (c, t) in c4.iter().zip(t4) {
-        a[0] += t[0][usize::from(c[0])];
-        a[1] += t[1][usize::from(c[1])];
-        a[2] += t[2][usize::from(c[2])];
-        a[3] += t[3][usize::from(c[3])];
-    }
-    let mut s = (a[0] + a[1]) + (a[2] + a[3]);
-    for (&c, t) in ct.iter().zip(tt) {
-        s += t[usize::from(c)];
-    }
-    s
 }
 
 /// Σ_s lut[s · ksub + code_s] for 16-bit little-endian codes; a code outside its table (only
@@ -512,6 +492,7 @@ impl IvfIndex {
             qs,
             lut,
             top,
+            cand,
             exact,
         } = s;
         let scan = Scan {
@@ -529,7 +510,13 @@ impl IvfIndex {
                 nbits,
                 refine,
                 refine_k,
-            } => self.scan_pq(&scan, (m, nbits, refine, refine_k), qs, lut, top, exact),
+            } => self.scan_pq(
+                &scan,
+                (m, nbits, refine, refine_k),
+                (qs, lut, dists),
+                top,
+                (cand, exact),
+            ),
         }
     }
 
@@ -629,10 +616,9 @@ impl IvfIndex {
         &self,
         sc: &Scan<'_>,
         (m, nbits, refine, refine_k): (usize, usize, bool, usize),
-        rq: &mut Vec<f32>,
-        lut: &mut Vec<f32>,
+        (rq, lut, buf): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
         top: &mut TopK,
-        exact: &mut TopK,
+        (cand, exact): (&mut Vec<u32>, &mut TopK),
     ) -> Vec<Neighbor> {
         let (dim, metric) = (self.meta.dim, self.meta.metric);
         let q = sc.q;
@@ -680,27 +666,48 @@ impl IvfIndex {
             };
             let (s0, e0) = self.list(l);
             let codes = &self.codes[s0 * cs..e0 * cs];
+            // With a re-rank, remember the list position so the raw vector is found.
+            let key = |p: usize| if refine { p as u32 } else { self.ids[p] };
+            if nbits <= 8 && sc.filter.is_none() {
+                // Unfiltered 8-bit codes: the whole list through the batch kernel.
+                buf.clear();
+                buf.resize(e0 - s0, 0.0);
+                distance::pq_adc8_batch(lut, codes, m, buf);
+                for (p, &d) in (s0..e0).zip(buf.iter()) {
+                    let d = base + d;
+                    if d <= top.bound() {
+                        top.push(key(p), d);
+                    }
+                }
+                continue;
+            }
             for (p, code) in (s0..e0).zip(codes.chunks_exact(cs.max(1))) {
-                let row = self.ids[p];
-                if !sc.allowed(row) {
+                if !sc.allowed(self.ids[p]) {
                     continue;
                 }
                 let d = base
                     + if nbits <= 8 {
-                        adc8(lut, code)
+                        distance::pq_adc8(lut, code)
                     } else {
                         adc16(lut, ksub, code)
                     };
-                // With a re-rank, remember the list position so the raw vector is found.
-                top.push(if refine { p as u32 } else { row }, d);
+                top.push(key(p), d);
             }
         }
         if !refine {
             return top.take_sorted();
         }
+        // The candidates' raw vectors lie scattered over the segment: ask for all of them
+        // first so their cache misses overlap instead of queueing one behind another.
+        cand.clear();
+        cand.extend(top.drain().map(|c| c.row));
+        for &p in cand.iter() {
+            let p = p as usize;
+            distance::prefetch(&self.vectors[p * dim..(p + 1) * dim]);
+        }
         exact.reset(sc.k);
-        for cand in top.drain() {
-            let p = cand.row as usize;
+        for &p in cand.iter() {
+            let p = p as usize;
             exact.push(
                 self.ids[p],
                 dist(metric, q, &self.vectors[p * dim..(p + 1) * dim]),
