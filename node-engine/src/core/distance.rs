@@ -216,6 +216,150 @@ pub fn dot_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Product-quantizer lookup tables from a vector `x` (`m` sub-vectors of `dsub` floats):
+/// `out[s * stride + j] = init[s * ksub + j] + scale · Σ_t x[s·dsub + t] · books_t[(s·dsub + t) · ksub + j]`
+/// for every sub-quantizer `s` and code `j < ksub`, `init` reading as zeros when empty.
+/// `books_t` holds the codebooks transposed (dimension-major: row `i` = coordinate `i` of every
+/// code of sub-quantizer `i / dsub`), so each step is one contiguous multiply-add over `ksub`
+/// floats, which vectorises. Entries of `out` from `ksub` to `stride` are left as they are.
+#[allow(clippy::too_many_arguments)]
+pub fn pq_tables(
+    x: &[f32],
+    books_t: &[f32],
+    init: &[f32],
+    scale: f32,
+    dsub: usize,
+    ksub: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    let m = x.len().checked_div(dsub).unwrap_or(0);
+    assert!(
+        dsub > 0
+            && stride >= ksub
+            && books_t.len() >= m * dsub * ksub
+            && out.len() >= m * stride
+            && (init.is_empty() || init.len() >= m * ksub),
+        "pq_tables: shapes do not cover m = {m} sub-quantizers of {ksub} codes"
+    );
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe {
+            x86::pq_tables_avx512(x, books_t, init, scale, dsub, ksub, stride, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe {
+            x86::pq_tables_avx2(x, books_t, init, scale, dsub, ksub, stride, out)
+        },
+        _ => pq_tables_body(x, books_t, init, scale, dsub, ksub, stride, out),
+    }
+}
+
+/// Asymmetric distances of 8-bit product-quantizer codes: `out[i] = Σ_s lut[s · 256 + c_s]`
+/// for the `out.len()` consecutive codes of `m` bytes in `codes` (`lut` holds `m` tables of 256
+/// entries). With AVX-512 and `m` a multiple of 16, 16 table entries are gathered per step.
+pub fn pq_adc8_batch(lut: &[f32], codes: &[u8], m: usize, out: &mut [f32]) {
+    assert!(
+        lut.len() >= m * 256 && codes.len() == m * out.len(),
+        "pq_adc8_batch: {} codes of {m} bytes need m x 256 table entries",
+        out.len()
+    );
+    if m == 0 {
+        out.fill(0.0);
+        return;
+    }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f; the shapes were
+        // checked above (every gathered index is below m x 256).
+        Isa::Avx512 if m.is_multiple_of(16) => unsafe { x86::adc8_avx512(lut, codes, m, out) },
+        _ => {
+            for (o, c) in out.iter_mut().zip(codes.chunks_exact(m)) {
+                *o = pq_adc8(lut, c);
+            }
+        }
+    }
+}
+
+/// One code of [`pq_adc8_batch`] (`lut.len() >= 256 · code.len()`), in four independent sums so
+/// the table loads overlap.
+#[inline]
+pub fn pq_adc8(lut: &[f32], code: &[u8]) -> f32 {
+    let (tabs, _) = lut.as_chunks::<256>();
+    let (t4, tt) = tabs.as_chunks::<4>();
+    let (c4, ct) = code.as_chunks::<4>();
+    let mut a = [0f32; 4];
+    for (c, t) in c4.iter().zip(t4) {
+        a[0] += t[0][usize::from(c[0])];
+        a[1] += t[1][usize::from(c[1])];
+        a[2] += t[2][usize::from(c[2])];
+        a[3] += t[3][usize::from(c[3])];
+    }
+    let mut s = (a[0] + a[1]) + (a[2] + a[3]);
+    for (&c, t) in ct.iter().zip(tt) {
+        s += t[usize::from(c)];
+    }
+    s
+}
+
+/// Hint the CPU to bring `v`'s cache lines in (a no-op where there is no prefetch instruction).
+/// Used before a loop that touches many scattered rows, so their loads overlap.
+#[inline]
+pub fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut off = 0;
+        while off < v.len() {
+            // SAFETY: `off < v.len()`, so the address is inside `v`; a prefetch never faults and
+            // needs only SSE, which every x86-64 CPU has.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    v.as_ptr().add(off).cast::<i8>(),
+                )
+            };
+            off += 16;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// The loop of [`pq_tables`], compiled once per instruction set by its callers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pq_tables_body(
+    x: &[f32],
+    books_t: &[f32],
+    init: &[f32],
+    scale: f32,
+    dsub: usize,
+    ksub: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    for (s, (xs, o)) in x
+        .chunks_exact(dsub)
+        .zip(out.chunks_exact_mut(stride))
+        .enumerate()
+    {
+        let o = &mut o[..ksub];
+        if init.is_empty() {
+            o.fill(0.0);
+        } else {
+            o.copy_from_slice(&init[s * ksub..(s + 1) * ksub]);
+        }
+        for (t, &xv) in xs.iter().enumerate() {
+            let a = scale * xv;
+            let row = &books_t[(s * dsub + t) * ksub..(s * dsub + t + 1) * ksub];
+            for (ov, &r) in o.iter_mut().zip(row) {
+                *ov += a * r;
+            }
+        }
+    }
+}
+
 /// Portable squared L2 (16 independent partial sums, which compilers turn into SIMD).
 pub fn l2_sq_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -406,6 +550,77 @@ mod x86 {
             i += 1;
         }
         s
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pq_tables_avx512(
+        x: &[f32],
+        books_t: &[f32],
+        init: &[f32],
+        scale: f32,
+        dsub: usize,
+        ksub: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        super::pq_tables_body(x, books_t, init, scale, dsub, ksub, stride, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pq_tables_avx2(
+        x: &[f32],
+        books_t: &[f32],
+        init: &[f32],
+        scale: f32,
+        dsub: usize,
+        ksub: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        super::pq_tables_body(x, books_t, init, scale, dsub, ksub, stride, out)
+    }
+
+    /// [`super::pq_adc8_batch`] for `m` a multiple of 16: per code, `m / 16` gathers of 16
+    /// table entries (lane `l` of group `g` reads table `16g + l` at the code byte).
+    /// SAFETY (caller): `lut.len() >= m * 256`, `codes.len() == m * out.len()`, `m % 16 == 0`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn adc8_avx512(lut: &[f32], codes: &[u8], m: usize, out: &mut [f32]) {
+        let lanes = _mm512_setr_epi32(
+            0,
+            256,
+            2 * 256,
+            3 * 256,
+            4 * 256,
+            5 * 256,
+            6 * 256,
+            7 * 256,
+            8 * 256,
+            9 * 256,
+            10 * 256,
+            11 * 256,
+            12 * 256,
+            13 * 256,
+            14 * 256,
+            15 * 256,
+        );
+        for (o, code) in out.iter_mut().zip(codes.chunks_exact(m)) {
+            let mut acc = _mm512_setzero_ps();
+            let mut g = 0;
+            while g + 16 <= m {
+                // SAFETY: bytes g..g + 16 lie inside `code` (m bytes); each index is
+                // (g + l) * 256 + byte < m * 256 <= lut.len(), so every gathered f32 is in `lut`.
+                unsafe {
+                    let c8 = _mm_loadu_si128(code.as_ptr().add(g).cast::<__m128i>());
+                    let base = _mm512_add_epi32(lanes, _mm512_set1_epi32((g * 256) as i32));
+                    let idx = _mm512_add_epi32(base, _mm512_cvtepu8_epi32(c8));
+                    acc = _mm512_add_ps(acc, _mm512_i32gather_ps::<4>(idx, lut.as_ptr().cast()));
+                }
+                g += 16;
+            }
+            *o = _mm512_reduce_add_ps(acc);
+        }
     }
 
     /// Rows ahead of the one being scored whose cache lines a batch scan prefetches: a 4 KiB
@@ -646,6 +861,61 @@ mod tests {
                 (dot - want_dot).abs() <= 1e-4 * want_dot.abs().max(1.0),
                 "d={d}: {dot} vs {want_dot}"
             );
+        }
+    }
+
+    #[test]
+    fn pq_tables_equal_the_plain_sums() {
+        let (m, dsub, ksub, stride) = (3usize, 5usize, 19usize, 24usize);
+        let x: Vec<f32> = (0..m * dsub).map(|i| (i as f32 * 0.41).sin()).collect();
+        let bt: Vec<f32> = (0..m * dsub * ksub)
+            .map(|i| (i as f32 * 0.13).cos())
+            .collect();
+        let init: Vec<f32> = (0..m * ksub).map(|i| i as f32 * 0.5).collect();
+        for with_init in [false, true] {
+            let mut out = vec![7.0f32; m * stride];
+            let init_s: &[f32] = if with_init { &init } else { &[] };
+            pq_tables(&x, &bt, init_s, -2.0, dsub, ksub, stride, &mut out);
+            for s in 0..m {
+                for j in 0..stride {
+                    let want = if j >= ksub {
+                        7.0
+                    } else {
+                        let base = if with_init { init[s * ksub + j] } else { 0.0 };
+                        base + (0..dsub)
+                            .map(|t| -2.0 * x[s * dsub + t] * bt[(s * dsub + t) * ksub + j])
+                            .sum::<f32>()
+                    };
+                    let got = out[s * stride + j];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "s={s} j={j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pq_adc8_batch_equals_the_plain_table_sums() {
+        for m in [1usize, 3, 4, 8, 16, 32, 48] {
+            let lut: Vec<f32> = (0..m * 256).map(|i| (i as f32 * 0.173).sin()).collect();
+            let n = 37;
+            let codes: Vec<u8> = (0..n * m).map(|i| ((i * 131 + 7) % 256) as u8).collect();
+            let mut out = vec![0f32; n];
+            pq_adc8_batch(&lut, &codes, m, &mut out);
+            for (i, code) in codes.chunks_exact(m).enumerate() {
+                let want: f32 = code
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &c)| lut[s * 256 + usize::from(c)])
+                    .sum();
+                assert!(
+                    (out[i] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "m={m} code {i}"
+                );
+                assert!((pq_adc8(&lut, code) - want).abs() <= 1e-4 * want.abs().max(1.0));
+            }
         }
     }
 

@@ -54,6 +54,12 @@ pub struct TopK {
     heap: BinaryHeap<Ranked>,
 }
 
+impl Default for TopK {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
 impl TopK {
     pub fn new(k: usize) -> Self {
         Self {
@@ -90,6 +96,25 @@ impl TopK {
             self.heap.pop();
             self.heap.push(Ranked(n));
         }
+    }
+
+    /// Empty the heap for a new search keeping `k` hits, reusing its allocation.
+    pub fn reset(&mut self, k: usize) {
+        self.k = k;
+        self.heap.clear();
+    }
+
+    /// The kept hits in rank order; the heap is left empty with its allocation (for
+    /// [`reset`](Self::reset)), so only the returned vector is allocated.
+    pub fn take_sorted(&mut self) -> Vec<Neighbor> {
+        let mut out: Vec<Neighbor> = self.heap.drain().map(|r| r.0).collect();
+        out.sort_unstable_by(Neighbor::cmp_rank);
+        out
+    }
+
+    /// The kept hits in no particular order, leaving the heap empty with its allocation.
+    pub fn drain(&mut self) -> impl Iterator<Item = Neighbor> + '_ {
+        self.heap.drain().map(|r| r.0)
     }
 
     pub fn into_sorted(self) -> Vec<Neighbor> {

@@ -12,9 +12,12 @@ use super::common::{TopK, check_queries, dist, prepare};
 use super::persist::{Buf, FileReader, FileWriter};
 use super::{IndexError, SearchParams, VectorIndex, VectorIndexRead, kmeans};
 use crate::core::bitset::Bitset;
+use crate::core::distance;
 use crate::core::types::{IndexType, Metric, Neighbor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::cmp::Ordering;
 use std::path::Path;
 
 pub const DEFAULT_NLIST: usize = 128;
@@ -60,6 +63,114 @@ pub struct IvfIndex {
     aux_b: Buf<f32>,
     /// SQ8: `dim` bytes per entry; PQ: `m` (nbits ≤ 8) or `2m` bytes per entry.
     codes: Buf<u8>,
+    /// PQ only, derived from the codebooks on build and load (never persisted): the codebooks
+    /// transposed to `dim × ksub` and every code word's squared norm (`m × ksub`), what
+    /// [`distance::pq_tables`] reads.
+    pq_books_t: Vec<f32>,
+    pq_ynorm: Vec<f32>,
+}
+
+/// Buffers one thread's searches reuse, so that a query allocates only its result.
+#[derive(Default)]
+struct Scratch {
+    /// The prepared query.
+    q: Vec<f32>,
+    /// Centroid distances; IVF_FLAT: then one list's distances.
+    dists: Vec<f32>,
+    /// The lists to scan, nearest first.
+    lists: Vec<(f32, u32)>,
+    /// SQ8: the query in code space; PQ: the query's residual from a list centroid.
+    qs: Vec<f32>,
+    /// PQ lookup table.
+    lut: Vec<f32>,
+    top: TopK,
+    /// PQ re-rank: the candidates' list positions, then the exact top-k.
+    cand: Vec<u32>,
+    exact: TopK,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// One query's scan: the prepared query and the lists to visit.
+struct Scan<'a> {
+    q: &'a [f32],
+    k: usize,
+    nprobe: usize,
+    filter: Option<&'a Bitset>,
+    /// Nearest first; a filtered search lists every list and stops once `nprobe` were scanned
+    /// and `k` allowed rows found.
+    lists: &'a [(f32, u32)],
+}
+
+impl Scan<'_> {
+    #[inline]
+    fn allowed(&self, row: u32) -> bool {
+        self.filter.is_none_or(|f| f.contains(row as usize))
+    }
+}
+
+/// Order of `(distance, list)`: nearer first, ties to the smaller list.
+fn by_dist(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+/// The `n` nearest of `dists` (indexed by list) as `(distance, list)` in [`by_dist`] order, into
+/// `out`: one pass keeping a sorted window of `n`, so no allocation once `out` has grown.
+fn nearest_lists(dists: &[f32], n: usize, out: &mut Vec<(f32, u32)>) {
+    out.clear();
+    if n == 0 {
+        return;
+    }
+    for (l, &d) in dists.iter().enumerate() {
+        if out.len() == n {
+            // Lists come in increasing order, so an equal distance never displaces a kept one.
+            match out.last() {
+                Some(worst) if d.total_cmp(&worst.0) == Ordering::Less => {
+                    out.pop();
+                }
+                _ => continue,
+            }
+        }
+        let pos = out.partition_point(|e| e.0.total_cmp(&d) != Ordering::Greater);
+        out.insert(pos, (d, l as u32));
+    }
+}
+
+/// Σ_s lut[s · ksub + code_s] for 16-bit little-endian codes; a code outside its table (only
+/// in a damaged file) scores as infinitely far.
+fn adc16(lut: &[f32], ksub: usize, code: &[u8]) -> f32 {
+    code.chunks_exact(2)
+        .enumerate()
+        .map(|(s, c)| {
+            let j = usize::from(u16::from_le_bytes([c[0], c[1]]));
+            if j < ksub {
+                lut.get(s * ksub + j).copied().unwrap_or(f32::INFINITY)
+            } else {
+                f32::INFINITY
+            }
+        })
+        .sum()
+}
+
+/// The codebooks (`m × ksub × dsub`) transposed to `dim × ksub`, and the squared norm of
+/// every code word (`m × ksub`).
+fn pq_derived(books: &[f32], dim: usize, m: usize, nbits: usize) -> (Vec<f32>, Vec<f32>) {
+    let ksub = 1usize << nbits;
+    let dsub = dim / m.max(1);
+    let mut bt = vec![0f32; dim * ksub];
+    let mut yn = vec![0f32; m * ksub];
+    for s in 0..m {
+        for j in 0..ksub {
+            let w = &books[(s * ksub + j) * dsub..(s * ksub + j + 1) * dsub];
+            yn[s * ksub + j] = w.iter().map(|x| x * x).sum();
+            for (t, &v) in w.iter().enumerate() {
+                bt[(s * dsub + t) * ksub + j] = v;
+            }
+        }
+    }
+    (bt, yn)
 }
 
 /// Batches of at least this many unfiltered queries rank their lists through the FLAT batch
@@ -83,7 +194,7 @@ impl IvfIndex {
         let centroids = if n == 0 {
             vec![0.0; dim]
         } else {
-            kmeans::train(&data, dim, k, KMEANS_ITERS, 256, SEED)
+            kmeans::train(&data, dim, k, KMEANS_ITERS, 256, SEED, by_ip)
         };
         let labels = if n == 0 {
             Vec::new()
@@ -159,7 +270,13 @@ impl IvfIndex {
                 }
             }
         }
+        let (pq_books_t, pq_ynorm) = match codec {
+            Codec::Pq { m, nbits, .. } => pq_derived(&a, dim, m, nbits),
+            Codec::Flat | Codec::Sq8 => (Vec::new(), Vec::new()),
+        };
         Ok(Self {
+            pq_books_t,
+            pq_ynorm,
             meta: Meta {
                 index_type,
                 metric,
@@ -201,7 +318,9 @@ impl IvfIndex {
                 )
             }
         };
-        let idx = Self {
+        let mut idx = Self {
+            pq_books_t: Vec::new(),
+            pq_ynorm: Vec::new(),
             centroids: reader.section("centroids", Some(k * dim))?,
             offsets: reader.section("offsets", Some(k + 1))?,
             ids: reader.section("ids", Some(n))?,
@@ -221,6 +340,9 @@ impl IvfIndex {
         if idx.ids.iter().any(|&r| r as usize >= n) {
             return Err(reader.corrupt("IVF row id out of range"));
         }
+        if let Codec::Pq { m, nbits, .. } = idx.meta.codec {
+            (idx.pq_books_t, idx.pq_ynorm) = pq_derived(&idx.aux_a, dim, m, nbits);
+        }
         Ok(idx)
     }
 
@@ -238,21 +360,18 @@ impl IvfIndex {
         }
     }
 
-    /// (ranking distance, list) of every list for the prepared query `q`: one batch kernel call
-    /// over the contiguous centroids; the same values as [`dist`] per centroid.
-    fn coarse(&self, q: &[f32]) -> Vec<(f32, u32)> {
-        let mut d = vec![0f32; self.centroids.len() / self.meta.dim.max(1)];
+    /// The ranking distance of every list's centroid to the prepared query `q`, into `out`: one
+    /// batch kernel call over the contiguous centroids; the same values as [`dist`] per centroid.
+    fn centroid_dists(&self, q: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        out.resize(self.centroids.len() / self.meta.dim.max(1), 0.0);
         match self.probe_metric() {
             Metric::IP => {
-                crate::core::distance::dot_batch(q, &self.centroids, &mut d);
-                d.iter_mut().for_each(|x| *x = -*x);
+                distance::dot_batch(q, &self.centroids, out);
+                out.iter_mut().for_each(|x| *x = -*x);
             }
-            _ => crate::core::distance::l2_sq_batch(q, &self.centroids, &mut d),
+            _ => distance::l2_sq_batch(q, &self.centroids, out),
         }
-        d.into_iter()
-            .enumerate()
-            .map(|(l, x)| (x, l as u32))
-            .collect()
     }
 
     /// For an unfiltered batch: the `nprobe` nearest lists of every query, nearest first, as
@@ -276,9 +395,14 @@ impl IvfIndex {
             Ok(c) => c,
             // Shapes are the index's own: cannot fail; fall back to the exact path anyway.
             Err(_) => {
+                let (mut d, mut lists) = (Vec::new(), Vec::new());
                 return prepared
                     .chunks_exact(dim)
-                    .map(|q| self.top_lists(self.coarse(q), nprobe))
+                    .map(|q| {
+                        self.centroid_dists(q, &mut d);
+                        nearest_lists(&d, nprobe, &mut lists);
+                        lists.iter().map(|&(_, l)| l).collect()
+                    })
                     .collect();
             }
         };
@@ -299,14 +423,14 @@ impl IvfIndex {
 
     /// The `nprobe` best of `(distance, list)`, nearest first, ties to the smaller list.
     fn top_lists(&self, mut c: Vec<(f32, u32)>, nprobe: usize) -> Vec<u32> {
-        let by_dist = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         c.sort_unstable_by(by_dist);
         c.truncate(nprobe);
         c.into_iter().map(|(_, l)| l).collect()
     }
 
     /// One query. `probe`: the lists to scan, chosen by [`coarse_batch`](Self::coarse_batch)
-    /// for an unfiltered batch; `None` ranks the lists here.
+    /// for an unfiltered batch; `None` ranks the lists here. Works in this thread's
+    /// [`Scratch`], so the only allocation is the returned vector.
     fn search_one(
         &self,
         q: &[f32],
@@ -315,213 +439,281 @@ impl IvfIndex {
         filter: Option<&Bitset>,
         probe: Option<&[u32]>,
     ) -> Vec<Neighbor> {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut s) => self.search_in(&mut s, q, k, nprobe, filter, probe),
+            // Only if a search ran inside another on this thread: fresh buffers then.
+            Err(_) => self.search_in(&mut Scratch::default(), q, k, nprobe, filter, probe),
+        })
+    }
+
+    fn search_in(
+        &self,
+        s: &mut Scratch,
+        q: &[f32],
+        k: usize,
+        nprobe: usize,
+        filter: Option<&Bitset>,
+        probe: Option<&[u32]>,
+    ) -> Vec<Neighbor> {
         let (dim, metric) = (self.meta.dim, self.meta.metric);
-        let q = prepare(metric, dim, q);
-        let mut coarse: Vec<(f32, u32)> = match (probe, filter) {
-            (Some(lists), None) => lists.iter().map(|&l| (0.0, l)).collect(),
-            _ => self.coarse(&q),
-        };
-        let nprobe = nprobe.min(coarse.len());
+        let nlist = self.centroids.len() / dim.max(1);
+        let mut nprobe = nprobe.min(nlist);
         if nprobe == 0 || k == 0 {
             return Vec::new();
         }
-        let by_dist = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
-        let mut nprobe = nprobe;
+        s.q.clear();
+        s.q.extend_from_slice(q);
+        if metric == Metric::COSINE {
+            distance::normalize(&mut s.q);
+        }
         if let Some(f) = filter {
             // A filter keeping a fraction `p` of the rows widens the probe to `nprobe / p` lists,
             // so about as many allowed rows are scored as an unfiltered search would score; lists
             // beyond that are still probed (nearest first) until `k` allowed rows were seen.
+            self.centroid_dists(&s.q, &mut s.dists);
             let allowed = f.count_ones().min(self.meta.n).max(1);
             let widened = (nprobe as f64 * self.meta.n as f64 / allowed as f64).ceil();
-            nprobe = (widened.min(coarse.len() as f64) as usize).max(nprobe);
-            coarse.sort_unstable_by(by_dist);
-        } else if probe.is_none() {
-            coarse.select_nth_unstable_by(nprobe - 1, by_dist);
-            coarse.truncate(nprobe);
+            nprobe = (widened.min(nlist as f64) as usize).max(nprobe);
+            s.lists.clear();
+            s.lists
+                .extend(s.dists.iter().enumerate().map(|(l, &d)| (d, l as u32)));
+            s.lists.sort_unstable_by(by_dist);
+        } else if let Some(p) = probe {
+            s.lists.clear();
+            s.lists.extend(p.iter().map(|&l| (0.0, l)));
+        } else {
+            self.centroid_dists(&s.q, &mut s.dists);
+            nearest_lists(&s.dists, nprobe, &mut s.lists);
         }
-        let allowed = |row: u32| filter.is_none_or(|f| f.contains(row as usize));
+        let Scratch {
+            q,
+            dists,
+            lists,
+            qs,
+            lut,
+            top,
+            cand,
+            exact,
+        } = s;
+        let scan = Scan {
+            q,
+            k,
+            nprobe,
+            filter,
+            lists,
+        };
         match self.meta.codec {
-            Codec::Flat => {
-                let mut top = TopK::new(k);
-                let mut scratch = Vec::new();
-                for (i, &(_, l)) in coarse.iter().enumerate() {
-                    if i >= nprobe && top.len() >= k {
-                        break;
-                    }
-                    let (s, e) = self.list(l);
-                    if filter.is_none() {
-                        // Unfiltered: one kernel call per list over its contiguous vectors.
-                        scratch.resize(e - s, 0.0);
-                        let rows = &self.vectors[s * dim..e * dim];
-                        match metric {
-                            Metric::L2 => {
-                                crate::core::distance::l2_sq_batch(&q, rows, &mut scratch)
-                            }
-                            Metric::IP | Metric::COSINE => {
-                                crate::core::distance::dot_batch(&q, rows, &mut scratch);
-                                scratch.iter_mut().for_each(|d| *d = -*d);
-                            }
-                        }
-                        for (p, &d) in (s..e).zip(&scratch) {
-                            if d <= top.bound() {
-                                top.push(self.ids[p], d);
-                            }
-                        }
-                        continue;
-                    }
-                    for p in s..e {
-                        let row = self.ids[p];
-                        if allowed(row) {
-                            top.push(row, dist(metric, &q, &self.vectors[p * dim..(p + 1) * dim]));
-                        }
-                    }
-                }
-                top.into_sorted()
-            }
-            Codec::Sq8 => {
-                let (lo, step) = (&*self.aux_a, &*self.aux_b);
-                let mut top = TopK::new(k);
-                match metric {
-                    Metric::L2 => {
-                        let mut qs = vec![0f32; dim];
-                        for (i, &(_, l)) in coarse.iter().enumerate() {
-                            if i >= nprobe && top.len() >= k {
-                                break;
-                            }
-                            let c = &self.centroids[l as usize * dim..(l as usize + 1) * dim];
-                            for j in 0..dim {
-                                qs[j] = q[j] - c[j] - lo[j];
-                            }
-                            let (s, e) = self.list(l);
-                            for p in s..e {
-                                let row = self.ids[p];
-                                if allowed(row) {
-                                    top.push(
-                                        row,
-                                        sq8_l2(&qs, step, &self.codes[p * dim..(p + 1) * dim]),
-                                    );
-                                }
-                            }
-                        }
-                    }
-                    Metric::IP | Metric::COSINE => {
-                        let q_lo: f32 = q.iter().zip(lo).map(|(x, m)| x * m).sum();
-                        let qs: Vec<f32> = q.iter().zip(step).map(|(x, s)| x * s).collect();
-                        for (i, &(_, l)) in coarse.iter().enumerate() {
-                            if i >= nprobe && top.len() >= k {
-                                break;
-                            }
-                            let c = &self.centroids[l as usize * dim..(l as usize + 1) * dim];
-                            let base = q_lo + crate::core::distance::dot(&q, c);
-                            let (s, e) = self.list(l);
-                            for p in s..e {
-                                let row = self.ids[p];
-                                if allowed(row) {
-                                    top.push(
-                                        row,
-                                        -(base + sq8_dot(&qs, &self.codes[p * dim..(p + 1) * dim])),
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-                top.into_sorted()
-            }
+            Codec::Flat => self.scan_flat(&scan, dists, top),
+            Codec::Sq8 => self.scan_sq8(&scan, qs, top),
             Codec::Pq {
                 m,
                 nbits,
                 refine,
                 refine_k,
-            } => {
-                let ksub = 1usize << nbits;
-                let dsub = dim / m;
-                let books = &*self.aux_a;
-                let cs = pq_code_size(m, nbits);
-                let fetch = if refine {
-                    k.saturating_mul(refine_k)
-                } else {
-                    k
-                };
-                let mut top = TopK::new(fetch);
-                let mut lut = vec![0f32; m * ksub];
-                let ip_lut = |lut: &mut [f32]| {
-                    for s in 0..m {
-                        for j in 0..ksub {
-                            let w = &books[(s * ksub + j) * dsub..(s * ksub + j + 1) * dsub];
-                            lut[s * ksub + j] =
-                                -crate::core::distance::dot(&q[s * dsub..(s + 1) * dsub], w);
-                        }
-                    }
-                };
-                if metric != Metric::L2 {
-                    ip_lut(&mut lut);
-                }
-                let mut rq = vec![0f32; dim];
-                for (i, &(_, l)) in coarse.iter().enumerate() {
-                    if i >= nprobe && top.len() >= fetch.min(k) {
-                        break;
-                    }
-                    let c = &self.centroids[l as usize * dim..(l as usize + 1) * dim];
-                    let base = match metric {
-                        Metric::L2 => {
-                            for j in 0..dim {
-                                rq[j] = q[j] - c[j];
-                            }
-                            for s in 0..m {
-                                for j in 0..ksub {
-                                    let w =
-                                        &books[(s * ksub + j) * dsub..(s * ksub + j + 1) * dsub];
-                                    lut[s * ksub + j] = crate::core::distance::l2_sq(
-                                        &rq[s * dsub..(s + 1) * dsub],
-                                        w,
-                                    );
-                                }
-                            }
-                            0.0
-                        }
-                        Metric::IP | Metric::COSINE => -crate::core::distance::dot(&q, c),
-                    };
-                    let (s0, e0) = self.list(l);
-                    for p in s0..e0 {
-                        let row = self.ids[p];
-                        if !allowed(row) {
-                            continue;
-                        }
-                        let code = &self.codes[p * cs..(p + 1) * cs];
-                        let mut d = base;
-                        if nbits <= 8 {
-                            for (s, &c) in code.iter().enumerate() {
-                                d += lut[s * ksub + c as usize];
-                            }
-                        } else {
-                            for s in 0..m {
-                                let c = u16::from_le_bytes([code[2 * s], code[2 * s + 1]]) as usize;
-                                d += lut[s * ksub + c];
-                            }
-                        }
-                        if refine {
-                            // Remember the list position, not the row, so re-ranking finds the vector.
-                            top.push(p as u32, d);
-                        } else {
-                            top.push(row, d);
-                        }
+            } => self.scan_pq(
+                &scan,
+                (m, nbits, refine, refine_k),
+                (qs, lut, dists),
+                top,
+                (cand, exact),
+            ),
+        }
+    }
+
+    /// IVF_FLAT: raw vectors; unfiltered lists in one batch kernel call each.
+    fn scan_flat(&self, sc: &Scan<'_>, buf: &mut Vec<f32>, top: &mut TopK) -> Vec<Neighbor> {
+        let (dim, metric) = (self.meta.dim, self.meta.metric);
+        let q = sc.q;
+        top.reset(sc.k);
+        for (i, &(_, l)) in sc.lists.iter().enumerate() {
+            if i >= sc.nprobe && top.len() >= sc.k {
+                break;
+            }
+            let (s, e) = self.list(l);
+            if sc.filter.is_none() {
+                buf.clear();
+                buf.resize(e - s, 0.0);
+                let rows = &self.vectors[s * dim..e * dim];
+                match metric {
+                    Metric::L2 => distance::l2_sq_batch(q, rows, buf),
+                    Metric::IP | Metric::COSINE => {
+                        distance::dot_batch(q, rows, buf);
+                        buf.iter_mut().for_each(|d| *d = -*d);
                     }
                 }
-                if !refine {
-                    return top.into_sorted();
+                for (p, &d) in (s..e).zip(buf.iter()) {
+                    if d <= top.bound() {
+                        top.push(self.ids[p], d);
+                    }
                 }
-                let mut exact = TopK::new(k);
-                for cand in top.into_sorted() {
-                    let p = cand.row as usize;
-                    exact.push(
-                        self.ids[p],
-                        dist(metric, &q, &self.vectors[p * dim..(p + 1) * dim]),
-                    );
+                continue;
+            }
+            for p in s..e {
+                let row = self.ids[p];
+                if sc.allowed(row) {
+                    top.push(row, dist(metric, q, &self.vectors[p * dim..(p + 1) * dim]));
                 }
-                exact.into_sorted()
             }
         }
+        top.take_sorted()
+    }
+
+    /// IVF_SQ8: residual codes scored against the query moved into code space once per list
+    /// (L2) or once per query (IP).
+    fn scan_sq8(&self, sc: &Scan<'_>, qs: &mut Vec<f32>, top: &mut TopK) -> Vec<Neighbor> {
+        let (dim, metric) = (self.meta.dim, self.meta.metric);
+        let q = sc.q;
+        let (lo, step) = (&*self.aux_a, &*self.aux_b);
+        top.reset(sc.k);
+        qs.clear();
+        qs.resize(dim, 0.0);
+        let l2 = metric == Metric::L2;
+        let mut q_lo = 0.0;
+        if !l2 {
+            q_lo = distance::dot(q, lo);
+            for ((o, &x), &st) in qs.iter_mut().zip(q).zip(step) {
+                *o = x * st;
+            }
+        }
+        for (i, &(_, l)) in sc.lists.iter().enumerate() {
+            if i >= sc.nprobe && top.len() >= sc.k {
+                break;
+            }
+            let c = &self.centroids[l as usize * dim..(l as usize + 1) * dim];
+            let base = if l2 {
+                for (((o, &x), &cj), &lj) in qs.iter_mut().zip(q).zip(c).zip(lo) {
+                    *o = x - cj - lj;
+                }
+                0.0
+            } else {
+                q_lo + distance::dot(q, c)
+            };
+            let (s, e) = self.list(l);
+            let codes = &self.codes[s * dim..e * dim];
+            for (p, code) in (s..e).zip(codes.chunks_exact(dim.max(1))) {
+                let row = self.ids[p];
+                if !sc.allowed(row) {
+                    continue;
+                }
+                let d = if l2 {
+                    distance::sq8_l2(qs, step, code)
+                } else {
+                    -(base + distance::sq8_dot(qs, code))
+                };
+                top.push(row, d);
+            }
+        }
+        top.take_sorted()
+    }
+
+    /// IVF_PQ: asymmetric distances from lookup tables, then (with `refine`) the best
+    /// `refine_k * k` candidates re-ranked by their raw vectors.
+    ///
+    /// L2 uses ‖r − y‖² = ‖r‖² + Σ_s (‖y_s‖² − 2⟨r_s, y_s⟩) for the residual r = q − c, so a
+    /// list's table is one multiply-add pass over the transposed codebooks; IP's table
+    /// (−⟨q_s, y_s⟩) does not depend on the list and is built once per query.
+    fn scan_pq(
+        &self,
+        sc: &Scan<'_>,
+        (m, nbits, refine, refine_k): (usize, usize, bool, usize),
+        (rq, lut, buf): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+        top: &mut TopK,
+        (cand, exact): (&mut Vec<u32>, &mut TopK),
+    ) -> Vec<Neighbor> {
+        let (dim, metric) = (self.meta.dim, self.meta.metric);
+        let q = sc.q;
+        let ksub = 1usize << nbits;
+        let dsub = dim / m.max(1);
+        let cs = pq_code_size(m, nbits);
+        // 8-bit tables are padded to 256 entries per sub-quantizer so that a code byte indexes
+        // them without a bounds check (encoding never produces a code >= ksub).
+        let stride = if nbits <= 8 { 256 } else { ksub };
+        let fetch = if refine {
+            sc.k.saturating_mul(refine_k)
+        } else {
+            sc.k
+        };
+        top.reset(fetch);
+        lut.resize(m * stride, 0.0);
+        let l2 = metric == Metric::L2;
+        if !l2 {
+            distance::pq_tables(q, &self.pq_books_t, &[], -1.0, dsub, ksub, stride, lut);
+        }
+        rq.clear();
+        rq.resize(dim, 0.0);
+        for (i, &(_, l)) in sc.lists.iter().enumerate() {
+            if i >= sc.nprobe && top.len() >= fetch.min(sc.k) {
+                break;
+            }
+            let c = &self.centroids[l as usize * dim..(l as usize + 1) * dim];
+            let base = if l2 {
+                for ((r, &a), &b) in rq.iter_mut().zip(q).zip(c) {
+                    *r = a - b;
+                }
+                distance::pq_tables(
+                    rq,
+                    &self.pq_books_t,
+                    &self.pq_ynorm,
+                    -2.0,
+                    dsub,
+                    ksub,
+                    stride,
+                    lut,
+                );
+                distance::norm_sq(rq)
+            } else {
+                -distance::dot(q, c)
+            };
+            let (s0, e0) = self.list(l);
+            let codes = &self.codes[s0 * cs..e0 * cs];
+            // With a re-rank, remember the list position so the raw vector is found.
+            let key = |p: usize| if refine { p as u32 } else { self.ids[p] };
+            if nbits <= 8 && sc.filter.is_none() {
+                // Unfiltered 8-bit codes: the whole list through the batch kernel.
+                buf.clear();
+                buf.resize(e0 - s0, 0.0);
+                distance::pq_adc8_batch(lut, codes, m, buf);
+                for (p, &d) in (s0..e0).zip(buf.iter()) {
+                    let d = base + d;
+                    if d <= top.bound() {
+                        top.push(key(p), d);
+                    }
+                }
+                continue;
+            }
+            for (p, code) in (s0..e0).zip(codes.chunks_exact(cs.max(1))) {
+                if !sc.allowed(self.ids[p]) {
+                    continue;
+                }
+                let d = base
+                    + if nbits <= 8 {
+                        distance::pq_adc8(lut, code)
+                    } else {
+                        adc16(lut, ksub, code)
+                    };
+                top.push(key(p), d);
+            }
+        }
+        if !refine {
+            return top.take_sorted();
+        }
+        // The candidates' raw vectors lie scattered over the segment: ask for all of them
+        // first so their cache misses overlap instead of queueing one behind another.
+        cand.clear();
+        cand.extend(top.drain().map(|c| c.row));
+        for &p in cand.iter() {
+            let p = p as usize;
+            distance::prefetch(&self.vectors[p * dim..(p + 1) * dim]);
+        }
+        exact.reset(sc.k);
+        for &p in cand.iter() {
+            let p = p as usize;
+            exact.push(
+                self.ids[p],
+                dist(metric, q, &self.vectors[p * dim..(p + 1) * dim]),
+            );
+        }
+        exact.take_sorted()
     }
 
     fn list(&self, l: u32) -> (usize, usize) {
@@ -652,6 +844,7 @@ impl VectorIndexRead for IvfIndex {
             + self.aux_a.bytes()
             + self.aux_b.bytes()
             + self.codes.bytes()
+            + (self.pq_books_t.len() + self.pq_ynorm.len()) * size_of::<f32>()
     }
     fn search(
         &self,
@@ -755,18 +948,6 @@ fn sq8_encode(v: &[f32], lo: &[f32], step: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-/// Σ (qs_j − code_j · step_j)², with `qs = q − min` (SIMD where the CPU has it).
-#[inline]
-fn sq8_l2(qs: &[f32], step: &[f32], code: &[u8]) -> f32 {
-    crate::core::distance::sq8_l2(qs, step, code)
-}
-
-/// Σ qs_j · code_j, with `qs = q · step`.
-#[inline]
-fn sq8_dot(qs: &[f32], code: &[u8]) -> f32 {
-    crate::core::distance::sq8_dot(qs, code)
-}
-
 fn pq_code_size(m: usize, nbits: usize) -> usize {
     if nbits <= 8 { m } else { 2 * m }
 }
@@ -781,8 +962,10 @@ fn sub_rows(x: &[f32], dim: usize, s: usize, dsub: usize) -> Vec<f32> {
 fn pq_train(resid: &[f32], dim: usize, m: usize, nbits: usize) -> Vec<f32> {
     let dsub = dim / m;
     let ksub = 1usize << nbits;
+    // Sub-quantizers train independently (each seeded by its index), so in parallel.
     (0..m)
-        .flat_map(|s| {
+        .into_par_iter()
+        .map(|s| {
             kmeans::train(
                 &sub_rows(resid, dim, s, dsub),
                 dsub,
@@ -790,9 +973,11 @@ fn pq_train(resid: &[f32], dim: usize, m: usize, nbits: usize) -> Vec<f32> {
                 KMEANS_ITERS,
                 256,
                 SEED + s as u64,
+                false,
             )
         })
-        .collect()
+        .collect::<Vec<_>>()
+        .concat()
 }
 
 fn pq_encode(resid: &[f32], dim: usize, m: usize, nbits: usize, books: &[f32]) -> Vec<u8> {

@@ -94,6 +94,12 @@ pub fn assign(data: &[f32], centroids: &[f32], dim: usize, by_ip: bool) -> (Vec<
 
 /// Train `k` centroids on `data` (n × dim), at most `max_per_centroid * k` sampled rows,
 /// `niter` Lloyd iterations. Requires `1 <= k <= n`.
+///
+/// `spherical` (for inner-product indexes): rows join the centroid of largest inner product and
+/// every centroid is scaled to unit length after each update. Plain means under an IP
+/// assignment would let the centroids of tight clusters (means of nearly parallel vectors, norm
+/// near 1) outbid those of spread ones (norm well below 1), so a list would hold rows whose
+/// nearest direction lies elsewhere and probing more lists would stop finding them.
 pub fn train(
     data: &[f32],
     dim: usize,
@@ -101,6 +107,7 @@ pub fn train(
     niter: usize,
     max_per_centroid: usize,
     seed: u64,
+    spherical: bool,
 ) -> Vec<f32> {
     let n = data.len() / dim;
     assert!(k >= 1 && k <= n, "k-means needs 1 <= k ({k}) <= n ({n})");
@@ -118,8 +125,14 @@ pub fn train(
         data
     };
     let mut cent = init_plus_plus(x, dim, k, &mut rng);
+    let unit = |cent: &mut [f32]| {
+        if spherical {
+            cent.chunks_exact_mut(dim).for_each(distance::normalize);
+        }
+    };
+    unit(&mut cent);
     for _ in 0..niter {
-        let (labels, _) = assign(x, &cent, dim, false);
+        let (labels, _) = assign(x, &cent, dim, spherical);
         let mut sums = vec![0f64; k * dim];
         let mut counts = vec![0usize; k];
         for (i, &l) in labels.iter().enumerate() {
@@ -140,6 +153,7 @@ pub fn train(
             }
         }
         split_empty(&mut cent, &mut counts, dim, &mut rng);
+        unit(&mut cent);
     }
     cent
 }
@@ -276,8 +290,8 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let a = train(&data, dim, 4, 10, 256, 42);
-        let b = train(&data, dim, 4, 10, 256, 42);
+        let a = train(&data, dim, 4, 10, 256, 42, false);
+        let b = train(&data, dim, 4, 10, 256, 42, false);
         assert_eq!(a, b);
         // Points are centre + U(0, 1), so each mean sits half a unit above its centre.
         let mut firsts: Vec<i32> = a.chunks(dim).map(|c| (c[0] - 0.5).round() as i32).collect();
