@@ -421,6 +421,21 @@ impl IvfIndex {
             .collect()
     }
 
+    /// The `n` nearest lists of the prepared query `q`, nearest first, ranked as the
+    /// single-query search ranks them.
+    fn nearest_of(&self, q: &[f32], n: usize) -> Vec<u32> {
+        let (mut d, mut lists) = (Vec::new(), Vec::new());
+        self.centroid_dists(q, &mut d);
+        if n >= d.len() {
+            // Every list: one sort (the filtered search's order).
+            lists.extend(d.iter().enumerate().map(|(l, &x)| (x, l as u32)));
+            lists.sort_unstable_by(by_dist);
+        } else {
+            nearest_lists(&d, n, &mut lists);
+        }
+        lists.into_iter().map(|(_, l)| l).collect()
+    }
+
     /// The `nprobe` best of `(distance, list)`, nearest first, ties to the smaller list.
     fn top_lists(&self, mut c: Vec<(f32, u32)>, nprobe: usize) -> Vec<u32> {
         c.sort_unstable_by(by_dist);
@@ -783,7 +798,7 @@ impl IvfIndex {
             }
             return Ok(prepared
                 .par_chunks_exact(dim)
-                .map(|q| self.top_lists(self.coarse(q), nprobe))
+                .map(|q| self.nearest_of(q, nprobe))
                 .collect());
         };
         // Allowed rows per list, to know where the CPU scan stops (it has `k` allowed rows).
@@ -804,7 +819,7 @@ impl IvfIndex {
         Ok(prepared
             .par_chunks_exact(dim)
             .map(|q| {
-                let ranked = self.top_lists(self.coarse(q), self.meta.nlist);
+                let ranked = self.nearest_of(q, self.meta.nlist);
                 let mut seen = 0usize;
                 let mut out = Vec::new();
                 for (i, l) in ranked.into_iter().enumerate() {
