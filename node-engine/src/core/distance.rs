@@ -116,6 +116,28 @@ pub fn norm_sq(a: &[f32]) -> f32 {
     dot(a, a)
 }
 
+/// Ask the CPU to start loading the cache lines of `v` (a graph search calls this for the
+/// vectors it will score next, so their loads overlap the current distance work). A hint only:
+/// it never faults and does nothing on targets without a prefetch instruction.
+#[inline]
+pub fn prefetch<T>(v: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let bytes = std::mem::size_of_val(v);
+        let base = v.as_ptr().cast::<i8>();
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: `off < bytes`, so the address is inside `v`; a prefetch never faults
+            // and SSE is part of the x86-64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 /// Normalise `v` in place to unit length; a zero vector is left as is.
 pub fn normalize(v: &mut [f32]) {
     let n = norm_sq(v).sqrt();
@@ -302,28 +324,6 @@ pub fn pq_adc8(lut: &[f32], code: &[u8]) -> f32 {
         s += t[usize::from(c)];
     }
     s
-}
-
-/// Hint the CPU to bring `v`'s cache lines in (a no-op where there is no prefetch instruction).
-/// Used before a loop that touches many scattered rows, so their loads overlap.
-#[inline]
-pub fn prefetch(v: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut off = 0;
-        while off < v.len() {
-            // SAFETY: `off < v.len()`, so the address is inside `v`; a prefetch never faults and
-            // needs only SSE, which every x86-64 CPU has.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    v.as_ptr().add(off).cast::<i8>(),
-                )
-            };
-            off += 16;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
 }
 
 /// The loop of [`pq_tables`], compiled once per instruction set by its callers.

@@ -12,6 +12,7 @@ use super::common::{TopK, check_queries, dist, prepare};
 use super::persist::{Buf, FileReader, FileWriter};
 use super::{IndexError, SearchParams, VectorIndex, VectorIndexRead};
 use crate::core::bitset::Bitset;
+use crate::core::distance;
 use crate::core::types::{IndexType, Metric, Neighbor};
 use parking_lot::{Mutex, RwLock};
 use rand::{Rng, SeedableRng};
@@ -30,6 +31,8 @@ pub const DEFAULT_EF: usize = 16;
 const SEED: u64 = 100;
 /// Below this fraction of allowed rows a filtered search scans the allowed rows exactly.
 const BRUTE_FORCE_FRACTION: f64 = 0.02;
+/// How many neighbours ahead of the one being scored a search prefetches.
+const PREFETCH_AHEAD: usize = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Meta {
@@ -98,6 +101,8 @@ impl Visited {
 trait Links {
     fn l0(&self, node: u32, out: &mut Vec<u32>);
     fn upper(&self, node: u32, level: usize, out: &mut Vec<u32>);
+    /// Hint that `node`'s layer-0 list will be read soon.
+    fn prefetch_l0(&self, _node: u32) {}
 }
 
 struct Layout {
@@ -173,6 +178,12 @@ impl Links for Frozen<'_> {
         out.clear();
         out.extend_from_slice(&self.level0[s + 1..s + 1 + cnt]);
     }
+    fn prefetch_l0(&self, node: u32) {
+        let s = node as usize * (self.m0 + 1);
+        if let Some(list) = self.level0.get(s..s + self.m0 + 1) {
+            distance::prefetch(list);
+        }
+    }
     fn upper(&self, node: u32, level: usize, out: &mut Vec<u32>) {
         let s = self.upper_off[node as usize] as usize + (level - 1) * (self.m + 1);
         let cnt = self.upper[s] as usize;
@@ -199,7 +210,7 @@ impl Ctx<'_> {
 
     fn greedy(
         &self,
-        g: &dyn Links,
+        g: &(impl Links + ?Sized),
         q: &[f32],
         mut cur: u32,
         top: usize,
@@ -235,7 +246,7 @@ impl Ctx<'_> {
     #[allow(clippy::too_many_arguments)]
     fn search_layer(
         &self,
-        g: &dyn Links,
+        g: &(impl Links + ?Sized),
         q: &[f32],
         entry: u32,
         ef: usize,
@@ -271,9 +282,15 @@ impl Ctx<'_> {
             } else {
                 g.upper(c.id, level, buf)
             }
-            for &nb in buf.iter() {
-                if visited.check_and_mark(nb) {
-                    continue;
+            // Drop visited nodes first, then score the rest with the vectors of the next few
+            // already on their way from memory (a graph walk is bound by these loads).
+            buf.retain(|&nb| !visited.check_and_mark(nb));
+            for &nb in buf.iter().take(PREFETCH_AHEAD) {
+                distance::prefetch(self.vec(nb));
+            }
+            for (i, &nb) in buf.iter().enumerate() {
+                if let Some(&next) = buf.get(i + PREFETCH_AHEAD) {
+                    distance::prefetch(self.vec(next));
                 }
                 let d = self.d(q, nb);
                 if results.len() < ef || d < bound {
@@ -288,6 +305,11 @@ impl Ctx<'_> {
                         bound = results.peek().map_or(f32::INFINITY, |r| r.d);
                     }
                 }
+            }
+            if level == 0
+                && let Some(Reverse(next)) = cands.peek()
+            {
+                g.prefetch_l0(next.id);
             }
         }
         results
@@ -401,6 +423,16 @@ impl HnswIndex {
                 .into(),
             pool: Mutex::new(Vec::new()),
         }
+        .hot_arrays_on_huge_pages()
+    }
+
+    /// The arrays every hop reads (vectors and layer-0 lists) on transparent huge pages.
+    fn hot_arrays_on_huge_pages(self) -> Self {
+        Self {
+            vectors: self.vectors.into_huge_pages(),
+            level0: self.level0.into_huge_pages(),
+            ..self
+        }
     }
 
     pub fn load(reader: &FileReader) -> Result<Self, IndexError> {
@@ -432,7 +464,7 @@ impl HnswIndex {
         if bad_l0 || bad_off || bad_up || (n > 0 && idx.meta.entry as usize >= n) {
             return Err(reader.corrupt("HNSW graph structure is inconsistent"));
         }
-        Ok(idx)
+        Ok(idx.hot_arrays_on_huge_pages())
     }
 
     fn frozen(&self) -> Frozen<'_> {

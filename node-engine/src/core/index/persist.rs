@@ -91,6 +91,52 @@ impl<T: Pod> Buf<T> {
     pub fn bytes(&self) -> usize {
         self.len() * size_of::<T>()
     }
+
+    /// The array moved into anonymous memory advised for transparent huge pages (Linux): a
+    /// graph search reads rows at random, and 2 MiB pages spare it most TLB misses (about a
+    /// fifth of an HNSW query's time on 100k x 96 vectors). A mapped array's file pages are
+    /// dropped from this process once copied, so memory is not held twice. Arrays under one huge
+    /// page, other systems, and any error keep the array as it was.
+    pub fn into_huge_pages(self) -> Buf<T> {
+        const HUGE_PAGE: usize = 2 << 20;
+        if !cfg!(target_os = "linux") || self.bytes() < HUGE_PAGE {
+            return self;
+        }
+        match self.huge_copy() {
+            Ok(copy) => {
+                self.release_pages();
+                copy
+            }
+            Err(_) => self,
+        }
+    }
+
+    fn huge_copy(&self) -> std::io::Result<Buf<T>> {
+        let mut m = memmap2::MmapMut::map_anon(self.bytes())?;
+        #[cfg(target_os = "linux")]
+        m.advise(memmap2::Advice::HugePage)?;
+        m.copy_from_slice(as_bytes(self));
+        Ok(Buf::Mapped {
+            map: Arc::new(m.make_read_only()?),
+            off: 0,
+            len: self.len(),
+            _t: PhantomData,
+        })
+    }
+
+    /// Drop a mapped array's pages from this process (the page cache keeps them).
+    fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Buf::Mapped { map, off, .. } = self {
+            // SAFETY: the map is a read-only file mapping (`FileReader::open`) or a read-only
+            // anonymous copy; after MADV_DONTNEED a file page reads back the same bytes from the
+            // file, and the only reader of this range (`self`) is being dropped. A failure
+            // leaves the pages mapped, which is harmless.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *off, self.bytes())
+            };
+        }
+    }
 }
 
 fn as_bytes<T: Pod>(s: &[T]) -> &[u8] {
@@ -381,5 +427,40 @@ mod tests {
             }
             other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn arrays_moved_onto_huge_pages_keep_their_contents() {
+        // 3 MiB: over one huge page, so both the owned and the mapped array are copied.
+        let big: Vec<u32> = (0..(3 << 20) / 4)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761))
+            .collect();
+        let small: Vec<u32> = (0..100).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = FileWriter::new(serde_json::json!({}));
+        w.add("big", &big);
+        w.add("small", &small);
+        w.write(dir.path()).unwrap();
+        let r = FileReader::open(dir.path()).unwrap();
+        let mapped = r
+            .section::<u32>("big", Some(big.len()))
+            .unwrap()
+            .into_huge_pages();
+        assert_eq!(&*mapped, &big[..]);
+        let owned = Buf::from(big.clone()).into_huge_pages();
+        assert_eq!(&*owned, &big[..]);
+        if cfg!(target_os = "linux") {
+            assert!(matches!(owned, Buf::Mapped { .. }), "{owned:?}");
+        }
+        // The rest of the file is still readable after the big section's pages were dropped.
+        assert_eq!(
+            &*r.section::<u32>("small", None).unwrap().into_huge_pages(),
+            &small[..]
+        );
+        assert_eq!(&*r.section::<u32>("big", None).unwrap(), &big[..]);
+        assert!(matches!(
+            Buf::from(small.clone()).into_huge_pages(),
+            Buf::Owned(_)
+        ));
     }
 }
