@@ -57,12 +57,30 @@ struct Store {
     colls: parking_lot::Mutex<HashMap<String, FColl>>,
 }
 
+impl Store {
+    /// The last catalogue version a commit returned (what every answer carries).
+    fn current(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+}
+
 struct FakeWriter {
     store: Arc<Store>,
     meta: MetaStore,
 }
 
 impl FakeWriter {
+    /// The metadata store's id of collection `name`.
+    fn coll_id(&self, name: &str) -> Result<i64, Status> {
+        Ok(self
+            .store
+            .colls
+            .lock()
+            .get(name)
+            .ok_or_else(|| not_found(name))?
+            .id)
+    }
+
     /// The metadata store's catalogue version after a commit (what a real writer returns).
     async fn version(&self) -> Result<u64, Status> {
         let v = self.meta.catalog_version().await.map_err(st_internal)?;
@@ -225,7 +243,7 @@ impl Writer for FakeWriter {
             let c = colls.get_mut(&name).ok_or_else(|| not_found(&name))?;
             if c.growing.is_empty() {
                 return Ok(Response::new(FlushResponse {
-                    catalog_version: self.store.version.load(Ordering::SeqCst),
+                    catalog_version: self.store.current(),
                 }));
             }
             let seg = self.store.next_seg.fetch_add(1, Ordering::SeqCst) + 1;
@@ -259,13 +277,7 @@ impl Writer for FakeWriter {
         req: Request<SetLoadedRequest>,
     ) -> Result<Response<SetLoadedResponse>, Status> {
         let r = req.into_inner();
-        let id = self
-            .store
-            .colls
-            .lock()
-            .get(&r.collection)
-            .ok_or_else(|| not_found(&r.collection))?
-            .id;
+        let id = self.coll_id(&r.collection)?;
         self.meta
             .set_loaded(id, r.loaded)
             .await
@@ -280,13 +292,7 @@ impl Writer for FakeWriter {
         req: Request<CreateIndexRequest>,
     ) -> Result<Response<CreateIndexResponse>, Status> {
         let r = req.into_inner();
-        let id = self
-            .store
-            .colls
-            .lock()
-            .get(&r.collection)
-            .ok_or_else(|| not_found(&r.collection))?
-            .id;
+        let id = self.coll_id(&r.collection)?;
         self.meta
             .put_index(&IndexRecord {
                 collection_id: id,
@@ -308,13 +314,7 @@ impl Writer for FakeWriter {
         req: Request<DropIndexRequest>,
     ) -> Result<Response<DropIndexResponse>, Status> {
         let r = req.into_inner();
-        let id = self
-            .store
-            .colls
-            .lock()
-            .get(&r.collection)
-            .ok_or_else(|| not_found(&r.collection))?
-            .id;
+        let id = self.coll_id(&r.collection)?;
         self.meta
             .drop_index(id, &r.index_name)
             .await
@@ -329,7 +329,7 @@ impl Writer for FakeWriter {
             node_id: "fake-writer".into(),
             role: "writer".into(),
             ready: true,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
+            catalog_version: self.store.current(),
             epoch: 1,
         }))
     }
@@ -370,6 +370,13 @@ fn fields_json(r: &FRow, vector_field: &str, out: &[String]) -> Vec<u8> {
     serde_json::to_vec(&m).unwrap()
 }
 
+fn result_row(r: &FRow, vector_field: &str, out: &[String]) -> ResultRow {
+    ResultRow {
+        id: r.id,
+        fields_json: fields_json(r, vector_field, out),
+    }
+}
+
 impl FakeReader {
     fn check(&self) -> Result<(), Status> {
         if self.dead.load(Ordering::SeqCst) {
@@ -378,6 +385,21 @@ impl FakeReader {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
+    }
+
+    /// A get/query answer: `rows` of `match_count` matches, at the current catalogue version.
+    fn rows_response(
+        &self,
+        match_count: usize,
+        rows: Vec<ResultRow>,
+        unknown: Vec<u64>,
+    ) -> Response<RowsResponse> {
+        Response::new(RowsResponse {
+            match_count: match_count as u64,
+            rows,
+            unknown_segments: unknown,
+            catalog_version: self.store.current(),
+        })
     }
 
     /// Rows of the given segments matching the filter, sorted by id; and unknown segments.
@@ -441,7 +463,7 @@ impl Reader for FakeReader {
         Ok(Response::new(SearchShardResponse {
             results,
             unknown_segments: unknown,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
+            catalog_version: self.store.current(),
         }))
     }
 
@@ -455,17 +477,9 @@ impl Reader for FakeReader {
         let rows: Vec<ResultRow> = rows
             .iter()
             .filter(|x| r.ids.contains(&x.id))
-            .map(|x| ResultRow {
-                id: x.id,
-                fields_json: fields_json(x, &vf, &r.output_fields),
-            })
+            .map(|x| result_row(x, &vf, &r.output_fields))
             .collect();
-        Ok(Response::new(RowsResponse {
-            match_count: rows.len() as u64,
-            rows,
-            unknown_segments: unknown,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
-        }))
+        Ok(self.rows_response(rows.len(), rows, unknown))
     }
 
     async fn query_shard(
@@ -475,19 +489,12 @@ impl Reader for FakeReader {
         self.check()?;
         let r = req.into_inner();
         let (rows, vf, _, unknown) = self.rows(&r.collection, &r.segment_ids, &r.filter)?;
-        Ok(Response::new(RowsResponse {
-            match_count: rows.len() as u64,
-            rows: rows
-                .iter()
-                .take(r.limit as usize)
-                .map(|x| ResultRow {
-                    id: x.id,
-                    fields_json: fields_json(x, &vf, &r.output_fields),
-                })
-                .collect(),
-            unknown_segments: unknown,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
-        }))
+        let page = rows
+            .iter()
+            .take(r.limit as usize)
+            .map(|x| result_row(x, &vf, &r.output_fields))
+            .collect();
+        Ok(self.rows_response(rows.len(), page, unknown))
     }
 
     async fn notify_segments(
@@ -496,7 +503,7 @@ impl Reader for FakeReader {
     ) -> Result<Response<NotifySegmentsResponse>, Status> {
         self.check()?;
         Ok(Response::new(NotifySegmentsResponse {
-            catalog_version: self.store.version.load(Ordering::SeqCst),
+            catalog_version: self.store.current(),
         }))
     }
 
@@ -506,7 +513,7 @@ impl Reader for FakeReader {
             node_id: "fake-reader".into(),
             role: "reader".into(),
             ready: true,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
+            catalog_version: self.store.current(),
             epoch: 0,
         }))
     }
