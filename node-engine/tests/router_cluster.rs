@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::engine::Engine;
+
 use serde_json::{Map, Value, json};
 use shoal_engine::cluster::membership::Discovery;
 use shoal_engine::cluster::pb::reader_server::{Reader, ReaderServer};
@@ -1277,93 +1279,15 @@ async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
 
 // ------------------------------------------------------------------ the real processes
 
-/// An engine process, SIGKILLed on drop.
-struct Proc {
-    name: &'static str,
-    child: std::process::Child,
-    ops: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// How long a router may take to see its readers live.
+const LIVE_WITHIN: Duration = Duration::from_secs(20);
 
 fn port() -> u16 {
     shoal_testkit::free_port().unwrap()
 }
 
-fn spawn(name: &'static str, role: &str, args: &[String]) -> Proc {
-    let o = port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-engine"))
-        .arg(role)
-        .args(args)
-        .args(["--metrics-listen", &format!("127.0.0.1:{o}")])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Proc {
-        name,
-        child,
-        ops: format!("http://127.0.0.1:{o}"),
-    }
-}
-
-impl Proc {
-    /// Wait (bounded) until `/readyz` answers 200.
-    async fn ready(&mut self, within: Duration) {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited with {status} before it was ready", self.name);
-            }
-            let r = http.get(format!("{}/readyz", self.ops)).send().await;
-            if r.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within {within:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.ops))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    /// Wait (bounded) until the router reports `n` live readers.
-    async fn wait_live_readers(&self, n: usize) {
-        let want = format!("shoal_router_readers{{state=\"live\"}} {n}\n");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let m = self.metrics().await;
-            if m.contains(&want) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "router never had {n} live readers:\n{m}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-fn reader_proc(name: &'static str, meta: &str, data: &std::path::Path, grpc: u16) -> Proc {
-    spawn(
+fn reader_proc(name: &'static str, meta: &str, data: &std::path::Path, grpc: u16) -> Engine {
+    Engine::spawn(
         name,
         "reader",
         &[
@@ -1415,7 +1339,7 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (wg, rest) = (port(), port());
-    let mut w = spawn(
+    let mut w = Engine::spawn(
         "writer",
         "writer",
         &[
@@ -1439,7 +1363,7 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     let mut r2 = reader_proc("r2", &url, &data, g2);
     r1.ready(Duration::from_secs(60)).await;
     r2.ready(Duration::from_secs(60)).await;
-    let mut router = spawn(
+    let mut router = Engine::spawn(
         "router",
         "router",
         &[
@@ -1460,7 +1384,7 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
         ],
     );
     router.ready(Duration::from_secs(60)).await;
-    router.wait_live_readers(2).await;
+    router.wait_live_readers(2, LIVE_WITHIN).await;
     let base = format!("http://127.0.0.1:{rest}");
     let http = reqwest::Client::new();
 
@@ -1698,15 +1622,15 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     for t in tasks {
         t.await.expect("search task panicked");
     }
-    router.wait_live_readers(1).await;
+    router.wait_live_readers(1, LIVE_WITHIN).await;
 
     // r3 (in the static list from the start) comes up; then r2 goes too: r3 alone serves every
     // segment, so it did get them.
     let mut r3 = reader_proc("r3", &url, &data, g3);
     r3.ready(Duration::from_secs(60)).await;
-    router.wait_live_readers(2).await;
+    router.wait_live_readers(2, LIVE_WITHIN).await;
     drop(r2);
-    router.wait_live_readers(1).await;
+    router.wait_live_readers(1, LIVE_WITHIN).await;
     for q in &queries {
         let v = ok_http(
             &http,
@@ -1868,8 +1792,8 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
 
 // ------------------------------------------------------------------ outages under load
 
-fn writer_proc(url: &str, data: &std::path::Path, grpc: u16, rest: u16) -> Proc {
-    spawn(
+fn writer_proc(url: &str, data: &std::path::Path, grpc: u16, rest: u16) -> Engine {
+    Engine::spawn(
         "writer",
         "writer",
         &[
@@ -1892,8 +1816,8 @@ fn writer_proc(url: &str, data: &std::path::Path, grpc: u16, rest: u16) -> Proc 
     )
 }
 
-fn router_proc(url: &str, writer_grpc: u16, readers: &[u16], rest: u16) -> Proc {
-    spawn(
+fn router_proc(url: &str, writer_grpc: u16, readers: &[u16], rest: u16) -> Engine {
+    Engine::spawn(
         "router",
         "router",
         &[
@@ -2005,9 +1929,9 @@ fn spawn_stream(
 /// A writer, one reader and a router as processes on MariaDB `url` and data dir `data`, with an
 /// L2 collection `collection` of `DIM` created through the router.
 struct OneReaderStack {
-    w: Proc,
-    r1: Proc,
-    router: Proc,
+    w: Engine,
+    r1: Engine,
+    router: Engine,
     /// The router's REST base URL.
     base: String,
     /// The writer's gRPC and REST ports (to restart it on the same addresses).
@@ -2023,7 +1947,7 @@ async fn one_reader_stack(url: &str, data: &std::path::Path, collection: &str) -
     r1.ready(Duration::from_secs(60)).await;
     let mut router = router_proc(url, wg, &[g1], rest);
     router.ready(Duration::from_secs(60)).await;
-    router.wait_live_readers(1).await;
+    router.wait_live_readers(1, LIVE_WITHIN).await;
     let base = format!("http://127.0.0.1:{rest}");
     let http = reqwest::Client::new();
     ok_http(

@@ -1,5 +1,8 @@
-//! Shared helpers for the engine's integration tests: an in-process REST app and JSON posting.
+//! Shared helpers for the engine's integration tests: an in-process REST app and JSON posting,
+//! and `shoal-engine` role processes ([`engine::Engine`]).
 #![allow(dead_code, clippy::unwrap_used)]
+
+pub mod engine;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
