@@ -29,7 +29,10 @@ use crate::cluster::pb::{
 use crate::cluster::reader_service::{
     ReaderService, ShardBackend, ShardError, ShardQuery, run_poller,
 };
-use crate::config::{ConfigError, LogFormat, default_node_id, load_toml, parse_duration};
+use crate::config::{
+    ConfigError, DEFAULT_GRPC_LISTEN, DEFAULT_METRICS_LISTEN, LogFormat, default_node_id, duration,
+    load_toml,
+};
 use crate::core::engine::schema_of;
 use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
@@ -131,10 +134,6 @@ impl ReaderArgs {
     /// Merge flags/env with the TOML file and defaults.
     pub fn resolve(self) -> Result<ReaderConfig, ConfigError> {
         let file: ReaderFile = load_toml(self.config.as_deref())?;
-        let poll = self
-            .poll_interval
-            .or(file.poll_interval)
-            .unwrap_or_else(|| "1s".into());
         Ok(ReaderConfig {
             meta_url: require_meta(self.meta.or(file.meta))?,
             data_dir: self
@@ -144,20 +143,21 @@ impl ReaderArgs {
             grpc_listen: self
                 .grpc_listen
                 .or(file.grpc_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19531))),
+                .unwrap_or(DEFAULT_GRPC_LISTEN),
             metrics_listen: self
                 .metrics_listen
                 .or(file.metrics_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
             node_id: self
                 .node_id
                 .or(file.node_id)
                 .filter(|n| !n.trim().is_empty())
                 .unwrap_or_else(default_node_id),
-            poll_interval: parse_duration(&poll).map_err(|reason| ConfigError::Invalid {
-                key: "poll_interval",
-                reason,
-            })?,
+            poll_interval: duration(
+                "poll_interval",
+                self.poll_interval.or(file.poll_interval),
+                "1s",
+            )?,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             gpu: self.gpu,
         })

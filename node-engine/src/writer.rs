@@ -18,7 +18,10 @@ use crate::cluster::lease::{self, LeaseError, LeaseKeeper};
 use crate::cluster::pb::writer_server::WriterServer;
 use crate::cluster::pb::{CreateCollectionRequest, CreateIndexRequest, InsertRequest, Row};
 use crate::cluster::writer_service::{WriteError, WriterBackend, WriterService};
-use crate::config::{ConfigError, LogFormat, default_node_id, load_toml, parse_duration};
+use crate::config::{
+    ConfigError, DEFAULT_GRPC_LISTEN, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, LogFormat,
+    auth_token, default_node_id, duration, load_toml,
+};
 use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
@@ -136,11 +139,6 @@ impl std::fmt::Debug for WriterConfig {
     }
 }
 
-fn duration(key: &'static str, v: Option<String>, default: &str) -> Result<Duration, ConfigError> {
-    parse_duration(v.as_deref().unwrap_or(default))
-        .map_err(|reason| ConfigError::Invalid { key, reason })
-}
-
 /// The metadata URL is required for the cluster roles; say where to put it when missing.
 pub(crate) fn require_meta(v: Option<String>) -> Result<String, ConfigError> {
     match v.filter(|m| !m.trim().is_empty()) {
@@ -171,16 +169,7 @@ impl WriterArgs {
                 reason: "must be at least 300ms".into(),
             });
         }
-        let auth_token = self
-            .auth_token
-            .or(file.auth_token)
-            .filter(|t| !t.is_empty());
-        if auth_token.as_ref().is_some_and(|t| !t.contains(':')) {
-            return Err(ConfigError::Invalid {
-                key: "auth_token",
-                reason: "must be user:password".into(),
-            });
-        }
+        let auth_token = auth_token(self.auth_token, file.auth_token)?;
         Ok(WriterConfig {
             meta_url: require_meta(self.meta.or(file.meta))?,
             data_dir: self
@@ -188,18 +177,15 @@ impl WriterArgs {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./shoal-data")),
             wal_dir: self.wal_dir.or(file.wal_dir),
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19530))),
+            listen: self.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN),
             grpc_listen: self
                 .grpc_listen
                 .or(file.grpc_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19531))),
+                .unwrap_or(DEFAULT_GRPC_LISTEN),
             metrics_listen: self
                 .metrics_listen
                 .or(file.metrics_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
             node_id: self
                 .node_id
                 .or(file.node_id)
