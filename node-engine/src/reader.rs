@@ -628,62 +628,43 @@ fn render_metrics(o: &Ops) -> String {
     let _ = writeln!(s, "# TYPE shoal_reader_ready gauge");
     let _ = writeln!(s, "shoal_reader_ready {}", u8::from(b.caught_up()));
     let cols = b.collections();
-    let _ = writeln!(s, "# HELP shoal_reader_segments Sealed segments served.");
-    let _ = writeln!(s, "# TYPE shoal_reader_segments gauge");
-    for (n, c) in &cols {
-        let _ = writeln!(
-            s,
-            "shoal_reader_segments{{collection=\"{n}\"}} {}",
-            c.segment_ids().len()
-        );
-    }
-    let _ = writeln!(s, "# HELP shoal_reader_rows Live rows served.");
-    let _ = writeln!(s, "# TYPE shoal_reader_rows gauge");
-    for (n, c) in &cols {
-        let _ = writeln!(
-            s,
-            "shoal_reader_rows{{collection=\"{n}\"}} {}",
-            c.stats().live_rows
-        );
-    }
+    per_collection(
+        &mut s,
+        "shoal_reader_segments",
+        "gauge",
+        "Sealed segments served.",
+        cols.iter().map(|(n, c)| (n, c.segment_ids().len())),
+    );
+    per_collection(
+        &mut s,
+        "shoal_reader_rows",
+        "gauge",
+        "Live rows served.",
+        cols.iter().map(|(n, c)| (n, c.stats().live_rows)),
+    );
     // ANN indexes mapped from the writer's committed files (segments without one use FLAT).
     let progress: Vec<_> = cols.iter().map(|(n, c)| (n, c.index_progress())).collect();
-    let _ = writeln!(
-        s,
-        "# HELP shoal_reader_index_bytes Bytes of the ANN indexes served (mapped)."
+    per_collection(
+        &mut s,
+        "shoal_reader_index_bytes",
+        "gauge",
+        "Bytes of the ANN indexes served (mapped).",
+        progress.iter().map(|(n, p)| (n, p.index_bytes)),
     );
-    let _ = writeln!(s, "# TYPE shoal_reader_index_bytes gauge");
-    for (n, p) in &progress {
-        let _ = writeln!(
-            s,
-            "shoal_reader_index_bytes{{collection=\"{n}\"}} {}",
-            p.index_bytes
-        );
-    }
-    let _ = writeln!(
-        s,
-        "# HELP shoal_reader_indexed_segments Segments searched through their ANN index."
+    per_collection(
+        &mut s,
+        "shoal_reader_indexed_segments",
+        "gauge",
+        "Segments searched through their ANN index.",
+        progress.iter().map(|(n, p)| (n, p.indexed_segments)),
     );
-    let _ = writeln!(s, "# TYPE shoal_reader_indexed_segments gauge");
-    for (n, p) in &progress {
-        let _ = writeln!(
-            s,
-            "shoal_reader_indexed_segments{{collection=\"{n}\"}} {}",
-            p.indexed_segments
-        );
-    }
-    let _ = writeln!(
-        s,
-        "# HELP shoal_reader_index_load_failures Index files that failed verification here (their segments use FLAT)."
+    per_collection(
+        &mut s,
+        "shoal_reader_index_load_failures",
+        "counter",
+        "Index files that failed verification here (their segments use FLAT).",
+        progress.iter().map(|(n, p)| (n, p.load_failures)),
     );
-    let _ = writeln!(s, "# TYPE shoal_reader_index_load_failures counter");
-    for (n, p) in &progress {
-        let _ = writeln!(
-            s,
-            "shoal_reader_index_load_failures_total{{collection=\"{n}\"}} {}",
-            p.load_failures
-        );
-    }
     // One NVML sample per GPU, which also refreshes the residency gauges.
     let _ = o.gpu.status();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &o.registry) {
@@ -691,6 +672,23 @@ fn render_metrics(o: &Ops) -> String {
         s.push_str("# EOF\n");
     }
     s
+}
+
+/// One OpenMetrics family `family` of `kind` (`gauge` or `counter`; a counter's samples end in
+/// `_total`) with one sample per collection.
+fn per_collection<N: std::fmt::Display, V: std::fmt::Display>(
+    s: &mut String,
+    family: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (N, V)>,
+) {
+    let _ = writeln!(s, "# HELP {family} {help}");
+    let _ = writeln!(s, "# TYPE {family} {kind}");
+    let suffix = if kind == "counter" { "_total" } else { "" };
+    for (collection, value) in samples {
+        let _ = writeln!(s, "{family}{suffix}{{collection=\"{collection}\"}} {value}");
+    }
 }
 
 /// Run the reader until `shutdown` resolves.
