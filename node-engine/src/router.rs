@@ -120,28 +120,9 @@ pub async fn run(
             source,
         })?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, writer = %cfg.writer, discovery = ?cfg.discovery, replication = cfg.replication, "shoal router listening");
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let mut rx2 = rx.clone();
-    let mut rx3 = rx;
-    let ops = b.ops;
-    let ops_task = tokio::spawn(async move {
-        axum::serve(ops_l, ops)
-            .with_graceful_shutdown(async move {
-                let _ = rx2.wait_for(|v| *v).await;
-            })
-            .await
-    });
-    let res = axum::serve(rest_l, b.rest)
-        .with_graceful_shutdown(async move {
-            let _ = rx3.wait_for(|v| *v).await;
-        })
+    let res = api::serve_rest_and_ops(rest_l, b.rest, ops_l, b.ops, shutdown)
         .await
         .map_err(RouterServeError::Serve);
-    let _ = ops_task.await;
     for l in b.loops {
         l.abort();
     }

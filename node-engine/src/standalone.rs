@@ -79,27 +79,9 @@ pub async fn run(
             source,
         })?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "shoal standalone listening");
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let mut rx2 = rx.clone();
-    let mut rx3 = rx;
-    let ops_task = tokio::spawn(async move {
-        axum::serve(ops_l, ops)
-            .with_graceful_shutdown(async move {
-                let _ = rx2.wait_for(|v| *v).await;
-            })
-            .await
-    });
-    axum::serve(rest_l, rest)
-        .with_graceful_shutdown(async move {
-            let _ = rx3.wait_for(|v| *v).await;
-        })
+    api::serve_rest_and_ops(rest_l, rest, ops_l, ops, shutdown)
         .await
         .map_err(ServeError::Serve)?;
-    let _ = ops_task.await;
     flusher.abort();
     tracing::info!("shutting down: flushing collections");
     state.engine.shutdown().await;

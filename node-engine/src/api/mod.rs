@@ -33,6 +33,34 @@ pub fn spawn_http(
     })
 }
 
+/// Serve the public REST API on `rest_l` and the ops routes on `ops_l` until `shutdown`
+/// resolves, when both stop gracefully (standalone and router: one signal, two listeners).
+///
+/// Errors: the REST server's I/O error (axum's `serve` never returns one in practice); the ops
+/// server's outcome is awaited, not reported.
+pub async fn serve_rest_and_ops(
+    rest_l: tokio::net::TcpListener,
+    rest: Router,
+    ops_l: tokio::net::TcpListener,
+    ops: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let ops_task = spawn_http(ops_l, ops, stopped(rx.clone()));
+    let res = axum::serve(rest_l, rest)
+        .with_graceful_shutdown(stopped(rx))
+        .await;
+    let _ = ops_task.await;
+    res
+}
+
 /// The `/readyz` answer: ready (200) when the backend can serve (standalone/writer: the metadata
 /// store answers; router: the writer and a reader answer), else 503 with the backend's reason.
 /// The GPU details (mode, reasons, devices, live samples) are reported either way and never
