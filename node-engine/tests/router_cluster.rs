@@ -1028,6 +1028,69 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
     assert_eq!(v["data"]["has"], false);
 }
 
+/// Searches from several tasks until stopped, counting the answers (each `search` call checks
+/// its own answer).
+struct SearchLoad {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SearchLoad {
+    /// `n` tasks; task `t` runs `search(t)`, `search(t + n)`, ... until [`SearchLoad::stop`].
+    fn start<F, Fut>(n: usize, search: F) -> SearchLoad
+    where
+        F: Fn(usize) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let (stop, answered) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let search = Arc::new(search);
+        let tasks = (0..n)
+            .map(|t| {
+                let (stop, answered, search) = (stop.clone(), answered.clone(), search.clone());
+                tokio::spawn(async move {
+                    let mut i = t;
+                    while !stop.load(Ordering::SeqCst) {
+                        search(i).await;
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        i += n;
+                    }
+                })
+            })
+            .collect();
+        SearchLoad {
+            stop,
+            answered,
+            tasks,
+        }
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Wait (bounded) until `n` searches were answered.
+    async fn wait_answers(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.answered() < n {
+            assert!(Instant::now() < deadline, "search load stalled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stop the tasks, wait for them (a panicked one fails the test); the answers in all.
+    async fn stop(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.expect("search task panicked");
+        }
+        self.answered.load(Ordering::SeqCst)
+    }
+}
+
 /// Searches from 4 tasks against collection `f` while reader 1 of `c` is killed: every answer
 /// must be code 0 and exact (the router re-sends a dead reader's segments within the request).
 /// Returns the number of answers after the kill.
@@ -1036,54 +1099,28 @@ async fn kill_a_reader_under_search_load(
     rows: &Arc<Vec<(i64, Vec<f32>, i64)>>,
     queries: &Arc<Vec<Vec<f32>>>,
 ) -> usize {
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for t in 0..4 {
-        let rest = c.router.rest.clone();
-        let (rows, queries, stop, answered) = (
-            rows.clone(),
-            queries.clone(),
-            stop.clone(),
-            answered.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut i = t;
-            while !stop.load(Ordering::SeqCst) {
-                let q = &queries[i % queries.len()];
-                let body = json!({"collectionName": "f", "data": [q], "limit": 10});
-                let v = raw(&rest, "entities/search", &body.to_string()).await;
-                assert_eq!(v["code"], 0, "search during failover: {v}");
-                assert_same(
-                    &hits_of(&v),
-                    &oracle(Metric::IP, &rows, q, 10, None),
-                    "failover",
-                );
-                answered.fetch_add(1, Ordering::SeqCst);
-                i += 4;
-            }
-        }));
-    }
-    let wait_answers = |n: usize| {
-        let answered = answered.clone();
+    let rest = c.router.rest.clone();
+    let (rows, queries) = (rows.clone(), queries.clone());
+    let load = SearchLoad::start(4, move |i| {
+        let (rest, rows, queries) = (rest.clone(), rows.clone(), queries.clone());
         async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while answered.load(Ordering::SeqCst) < n {
-                assert!(Instant::now() < deadline, "search load stalled");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let q = &queries[i % queries.len()];
+            let body = json!({"collectionName": "f", "data": [q], "limit": 10});
+            let v = raw(&rest, "entities/search", &body.to_string()).await;
+            assert_eq!(v["code"], 0, "search during failover: {v}");
+            assert_same(
+                &hits_of(&v),
+                &oracle(Metric::IP, &rows, q, 10, None),
+                "failover",
+            );
         }
-    };
-    wait_answers(20).await;
+    });
+    load.wait_answers(20).await;
     let victim = c.readers.remove(1);
     victim.kill();
-    let before = answered.load(Ordering::SeqCst);
-    wait_answers(before + 40).await;
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.expect("search task panicked");
-    }
-    answered.load(Ordering::SeqCst) - before
+    let before = load.answered();
+    load.wait_answers(before + 40).await;
+    load.stop().await - before
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1573,16 +1610,13 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     }
 
     // Search load while r1 is killed with SIGKILL: every answer stays exact.
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for t in 0..3usize {
-        let (http, base, stop, answered) =
-            (http.clone(), base.clone(), stop.clone(), answered.clone());
+    let load = SearchLoad::start(3, {
+        let (http, base) = (http.clone(), base.clone());
         let (queries, rows_l2, rows_ip) = (queries.clone(), rows_l2.clone(), rows_ip.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = t;
-            while !stop.load(Ordering::SeqCst) {
+        move |i| {
+            let (http, base) = (http.clone(), base.clone());
+            let (queries, rows_l2, rows_ip) = (queries.clone(), rows_l2.clone(), rows_ip.clone());
+            async move {
                 let q = &queries[i % queries.len()];
                 let (name, metric, rows) = if i % 2 == 0 {
                     ("l2", Metric::L2, &rows_l2)
@@ -1598,30 +1632,15 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
                 .await;
                 assert_eq!(v["code"], 0, "search during failover: {v}");
                 assert_same(&hits_of(&v), &oracle(metric, rows, q, 10, None), "failover");
-                answered.fetch_add(1, Ordering::SeqCst);
-                i += 3;
-            }
-        }));
-    }
-    let wait_answers = |n: usize| {
-        let answered = answered.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while answered.load(Ordering::SeqCst) < n {
-                assert!(Instant::now() < deadline, "search load stalled");
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-    };
-    wait_answers(15).await;
+    });
+    load.wait_answers(15).await;
     r1.child.kill().unwrap();
     let _ = r1.child.wait();
-    let before = answered.load(Ordering::SeqCst);
-    wait_answers(before + 30).await;
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.expect("search task panicked");
-    }
+    let before = load.answered();
+    load.wait_answers(before + 30).await;
+    load.stop().await;
     router.wait_live_readers(1, LIVE_WITHIN).await;
 
     // r3 (in the static list from the start) comes up; then r2 goes too: r3 alone serves every
