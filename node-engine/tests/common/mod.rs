@@ -33,7 +33,11 @@ pub fn config(dir: &std::path::Path, token: Option<&str>) -> StandaloneConfig {
 
 impl App {
     pub async fn new(token: Option<&str>) -> App {
-        let dir = tempfile::tempdir().unwrap();
+        App::open(tempfile::tempdir().unwrap(), token).await
+    }
+
+    /// The standalone role over `dir`.
+    async fn open(dir: tempfile::TempDir, token: Option<&str>) -> App {
         let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), token))
             .await
             .unwrap();
@@ -52,15 +56,7 @@ impl App {
         drop(self.rest);
         drop(self.ops);
         drop(self.state);
-        let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), None))
-            .await
-            .unwrap();
-        App {
-            rest,
-            ops,
-            state,
-            dir,
-        }
+        App::open(dir, None).await
     }
 
     pub async fn raw(
