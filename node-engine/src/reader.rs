@@ -352,6 +352,29 @@ fn output_of(s: &Schema, names: &[String]) -> Output {
     }
 }
 
+/// A get/query answer: `rows` with their requested output fields, of `match_count` matches
+/// (the service sets the catalogue version).
+fn rows_response(
+    s: &Schema,
+    names: &[String],
+    rows: &[RowOut],
+    match_count: usize,
+    unknown: Vec<u64>,
+) -> RowsResponse {
+    RowsResponse {
+        match_count: match_count as u64,
+        rows: rows
+            .iter()
+            .map(|row| ResultRow {
+                id: row.id,
+                fields_json: fields_json(s, names, row),
+            })
+            .collect(),
+        unknown_segments: unknown,
+        catalog_version: 0,
+    }
+}
+
 /// The requested output fields of a row as a JSON object (`*` = every dynamic field and the
 /// vector); empty bytes when none were requested.
 fn fields_json(s: &Schema, names: &[String], row: &RowOut) -> Vec<u8> {
@@ -473,18 +496,13 @@ impl ShardBackend for ReplicaCatalog {
         let s = c.schema();
         let (rows, sel) = c.get_in_segments(&r.segment_ids, &r.ids, output_of(s, &r.output_fields));
         check_available(&sel)?;
-        Ok(RowsResponse {
-            match_count: rows.len() as u64,
-            rows: rows
-                .iter()
-                .map(|row| ResultRow {
-                    id: row.id,
-                    fields_json: fields_json(s, &r.output_fields, row),
-                })
-                .collect(),
-            unknown_segments: sel.unknown,
-            catalog_version: 0,
-        })
+        Ok(rows_response(
+            s,
+            &r.output_fields,
+            &rows,
+            rows.len(),
+            sel.unknown,
+        ))
     }
 
     fn query(&self, r: &QueryShardRequest) -> Result<RowsResponse, ShardError> {
@@ -500,18 +518,13 @@ impl ShardBackend for ReplicaCatalog {
             output_of(s, &r.output_fields),
         );
         check_available(&sel)?;
-        Ok(RowsResponse {
-            rows: rows
-                .iter()
-                .map(|row| ResultRow {
-                    id: row.id,
-                    fields_json: fields_json(s, &r.output_fields, row),
-                })
-                .collect(),
-            match_count: count as u64,
-            unknown_segments: sel.unknown,
-            catalog_version: 0,
-        })
+        Ok(rows_response(
+            s,
+            &r.output_fields,
+            &rows,
+            count,
+            sel.unknown,
+        ))
     }
 
     async fn refresh(&self) -> Result<u64, ShardError> {
