@@ -44,7 +44,7 @@ use crate::core::storage::collection::{
 };
 use crate::gpu::args::GpuArgs;
 use crate::gpu::{GpuOffload, GpuRuntime};
-use crate::writer::{incoming, require_meta, stop_servers};
+use crate::writer::{require_meta, spawn_grpc, stop_servers};
 use axum::extract::State;
 use clap::Args;
 use parking_lot::RwLock;
@@ -744,32 +744,21 @@ pub async fn run(
     let ops_l = bind(cfg.metrics_listen).await?;
     tracing::info!(grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen, node_id = %cfg.node_id,
         data_dir = %cfg.data_dir.display(), "shoal reader listening");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    };
+    let stop = crate::api::StopSignal::default();
     let ops = ops_router(Arc::new(Ops {
         backend: backend.clone(),
         gpu,
         registry,
     }));
-    let ops_task = crate::api::spawn_http(ops_l, ops, stopped());
-    let grpc_task = tokio::spawn({
-        let stop = stopped();
-        async move {
-            tonic::transport::Server::builder()
-                .add_service(ReaderServer::new(svc))
-                .serve_with_incoming_shutdown(incoming(grpc_l), stop)
-                .await
-                .map_err(|e| chain(&e))
-        }
-    });
+    let ops_task = crate::api::spawn_http(ops_l, ops, stop.wait());
+    let grpc_task = spawn_grpc(
+        grpc_l,
+        tonic::service::Routes::new(ReaderServer::new(svc)),
+        stop.wait(),
+    );
     shutdown.await;
     tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
+    stop.stop();
     poller.abort();
     stop_servers([("ops", ops_task), ("gRPC", grpc_task)]).await;
     Ok(())

@@ -606,6 +606,21 @@ pub(crate) fn incoming(
     })
 }
 
+/// Serve the gRPC `routes` on `listener` in a task until `stop` resolves.
+pub(crate) fn spawn_grpc(
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming(listener), stop)
+            .await
+            .map_err(|e| chain(&e))
+    })
+}
+
 /// Wait (bounded) for servers told to stop; a server that does not stop is logged, not awaited.
 pub(crate) async fn stop_servers<const N: usize>(
     tasks: [(&'static str, tokio::task::JoinHandle<Result<(), String>>); N],
@@ -736,37 +751,23 @@ pub async fn run(
     tracing::info!(rest = %cfg.listen, grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen,
         data_dir = %cfg.data_dir.display(), epoch = lease.epoch, "shoal writer ready");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    };
-    let rest_task = crate::api::spawn_http(rest_l, rest, stopped());
-    let ops_task = crate::api::spawn_http(ops_l, ops, stopped());
-    let grpc_task = tokio::spawn({
-        let stop = stopped();
-        async move {
-            tonic::transport::Server::builder()
-                // The router forwards REST inserts of up to the REST body limit (256 MiB) in
-                // one message; tonic's 4 MiB default refused a 10,000 x 128-d insert.
-                .add_service(
-                    WriterServer::new(svc)
-                        .max_decoding_message_size(crate::api::rest::MAX_BODY_BYTES)
-                        .max_encoding_message_size(crate::api::rest::MAX_BODY_BYTES),
-                )
-                .serve_with_incoming_shutdown(incoming(grpc_l), stop)
-                .await
-                .map_err(|e| chain(&e))
-        }
-    });
+    let stop = crate::api::StopSignal::default();
+    let rest_task = crate::api::spawn_http(rest_l, rest, stop.wait());
+    let ops_task = crate::api::spawn_http(ops_l, ops, stop.wait());
+    // The router forwards REST inserts of up to the REST body limit (256 MiB) in one message;
+    // tonic's 4 MiB default refused a 10,000 x 128-d insert.
+    let grpc = tonic::service::Routes::new(
+        WriterServer::new(svc)
+            .max_decoding_message_size(crate::api::rest::MAX_BODY_BYTES)
+            .max_encoding_message_size(crate::api::rest::MAX_BODY_BYTES),
+    );
+    let grpc_task = spawn_grpc(grpc_l, grpc, stop.wait());
 
     let outcome = tokio::select! {
         () = &mut shutdown => Ok(()),
         epoch = lease_lost(keeper.clone()) => Err(WriterRunError::LeaseLost { epoch }),
     };
-    let _ = stop_tx.send(true);
+    stop.stop();
     flusher.abort();
     stop_servers([("REST", rest_task), ("ops", ops_task), ("gRPC", grpc_task)]).await;
     match outcome {

@@ -33,6 +33,31 @@ pub fn spawn_http(
     })
 }
 
+/// One stop signal for a role's servers: every [`StopSignal::wait`] future resolves once
+/// [`StopSignal::stop`] was called (also when it was called before the wait began).
+pub struct StopSignal(tokio::sync::watch::Sender<bool>);
+
+impl Default for StopSignal {
+    fn default() -> Self {
+        StopSignal(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl StopSignal {
+    /// A future that resolves once the signal is given.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
+
+    /// Give the signal.
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
 /// Serve the public REST API on `rest_l` and the ops routes on `ops_l` until `shutdown`
 /// resolves, when both stop gracefully (standalone and router: one signal, two listeners).
 ///
@@ -45,17 +70,15 @@ pub async fn serve_rest_and_ops(
     ops: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = StopSignal::default();
+    let ops_task = spawn_http(ops_l, ops, stop.wait());
+    let rest_stopped = stop.wait();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = tx.send(true);
+        stop.stop();
     });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    let ops_task = spawn_http(ops_l, ops, stopped(rx.clone()));
     let res = axum::serve(rest_l, rest)
-        .with_graceful_shutdown(stopped(rx))
+        .with_graceful_shutdown(rest_stopped)
         .await;
     let _ = ops_task.await;
     res
