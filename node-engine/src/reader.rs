@@ -169,12 +169,8 @@ impl ReaderArgs {
 pub enum ReaderRunError {
     #[error("failed to connect to the metadata store")]
     Meta(#[from] MetaError),
-    #[error("failed to listen on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::api::BindError),
 }
 
 /// A listed segment that failed to load: (collection id, segment id, reason).
@@ -735,13 +731,8 @@ pub async fn run(
         cfg.node_id.clone(),
         Duration::from_secs(5),
     );
-    let bind = |addr: SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ReaderRunError::Bind { addr, source })
-    };
-    let grpc_l = bind(cfg.grpc_listen).await?;
-    let ops_l = bind(cfg.metrics_listen).await?;
+    let grpc_l = crate::api::bind(cfg.grpc_listen).await?;
+    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
     tracing::info!(grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen, node_id = %cfg.node_id,
         data_dir = %cfg.data_dir.display(), "shoal reader listening");
     let stop = crate::api::StopSignal::default();

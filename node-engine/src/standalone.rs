@@ -7,19 +7,14 @@ use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::storage::collection::StorageOptions;
 use crate::gpu::GpuRuntime;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("failed to open the engine")]
     OpenEngine(#[from] EngineError),
-    #[error("failed to listen on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::api::BindError),
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -66,18 +61,8 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let (state, rest, ops) = build(&cfg).await?;
     let flusher = state.engine.spawn_flusher(cfg.flush_interval);
-    let rest_l = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    let ops_l = tokio::net::TcpListener::bind(cfg.metrics_listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.metrics_listen,
-            source,
-        })?;
+    let rest_l = api::bind(cfg.listen).await?;
+    let ops_l = api::bind(cfg.metrics_listen).await?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "shoal standalone listening");
     api::serve_rest_and_ops(rest_l, rest, ops_l, ops, shutdown)
         .await

@@ -212,12 +212,8 @@ pub enum WriterRunError {
     Lease(#[from] LeaseError),
     #[error("failed to open the engine")]
     Engine(#[from] EngineError),
-    #[error("failed to listen on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::api::BindError),
     #[error("{what} server failed: {detail}")]
     Serve { what: &'static str, detail: String },
     /// Another writer took the lease: this process must stop (the exit status is non-zero).
@@ -590,12 +586,6 @@ fn ops_router(ops: Arc<Ops>) -> axum::Router {
         .with_state(ops)
 }
 
-async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, WriterRunError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| WriterRunError::Bind { addr, source })
-}
-
 /// A TCP listener as the stream of connections tonic serves.
 pub(crate) fn incoming(
     l: tokio::net::TcpListener,
@@ -745,9 +735,9 @@ pub async fn run(
         keeper.clone(),
         cfg.node_id.clone(),
     );
-    let rest_l = bind(cfg.listen).await?;
-    let grpc_l = bind(cfg.grpc_listen).await?;
-    let ops_l = bind(cfg.metrics_listen).await?;
+    let rest_l = crate::api::bind(cfg.listen).await?;
+    let grpc_l = crate::api::bind(cfg.grpc_listen).await?;
+    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
     tracing::info!(rest = %cfg.listen, grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen,
         data_dir = %cfg.data_dir.display(), epoch = lease.epoch, "shoal writer ready");
 

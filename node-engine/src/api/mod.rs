@@ -33,6 +33,24 @@ pub fn spawn_http(
     })
 }
 
+/// A listener could not be bound (every role's start-up).
+#[derive(Debug, thiserror::Error)]
+#[error("failed to listen on {addr}")]
+pub struct BindError {
+    pub addr: std::net::SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Bind a TCP listener on `addr`.
+///
+/// Errors: [`BindError`] naming `addr`.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
+}
+
 /// One stop signal for a role's servers: every [`StopSignal::wait`] future resolves once
 /// [`StopSignal::stop`] was called (also when it was called before the wait began).
 pub struct StopSignal(tokio::sync::watch::Sender<bool>);
