@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
-use tower::ServiceExt;
 
 // ------------------------------------------------------------------ in-memory cluster doubles
 
@@ -655,10 +654,7 @@ async fn raw(r: &axum::Router, path: &str, body: &str) -> Value {
         .header("content-type", "application/json")
         .body(axum::body::Body::from(body.to_string()))
         .unwrap();
-    let resp = r.clone().oneshot(req).await.unwrap();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
+    let (_, bytes) = common::call(r, req).await;
     serde_json::from_slice(&bytes).unwrap()
 }
 
@@ -672,22 +668,14 @@ impl Cluster {
         v
     }
     async fn get_ops(&self, path: &str) -> (u16, String) {
-        let resp = self
-            .router
-            .ops
-            .clone()
-            .oneshot(
-                axum::http::Request::get(path)
-                    .body(axum::body::Body::empty())
-                    .unwrap(),
-            )
-            .await
+        let req = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
             .unwrap();
-        let status = resp.status().as_u16();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        let (status, bytes) = common::call(&self.router.ops, req).await;
+        (
+            status.as_u16(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     }
     /// Wait (with a deadline) until the router routes to `n` readers.
     async fn wait_live(&self, n: usize) {

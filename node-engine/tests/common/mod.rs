@@ -31,6 +31,16 @@ pub fn config(dir: &std::path::Path, token: Option<&str>) -> StandaloneConfig {
     }
 }
 
+/// Send `req` to an in-process router; its status and whole body.
+pub async fn call(router: &axum::Router, req: Request<Body>) -> (StatusCode, axum::body::Bytes) {
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, bytes)
+}
+
 impl App {
     pub async fn new(token: Option<&str>) -> App {
         App::open(tempfile::tempdir().unwrap(), token).await
@@ -70,16 +80,8 @@ impl App {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = self
-            .rest
-            .clone()
-            .oneshot(req.body(Body::from(body.to_string())).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let (status, bytes) =
+            call(&self.rest, req.body(Body::from(body.to_string())).unwrap()).await;
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
@@ -95,16 +97,8 @@ impl App {
     }
 
     pub async fn get_ops(&self, path: &str) -> (StatusCode, String) {
-        let resp = self
-            .ops
-            .clone()
-            .oneshot(Request::get(path).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let (status, bytes) =
+            call(&self.ops, Request::get(path).body(Body::empty()).unwrap()).await;
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 }
