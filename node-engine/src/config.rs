@@ -5,7 +5,7 @@
 use crate::gpu::GpuArgs;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -157,6 +157,46 @@ pub fn load_toml<T: serde::de::DeserializeOwned + Default>(
     })
 }
 
+/// Default address of the public REST API (Milvus REST v2).
+pub const DEFAULT_LISTEN: SocketAddr = loopback(19530);
+/// Default address of the cluster roles' internal gRPC services.
+pub const DEFAULT_GRPC_LISTEN: SocketAddr = loopback(19531);
+/// Default address of `/healthz`, `/readyz` and `/metrics`.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr = loopback(9091);
+
+const fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+}
+
+/// A duration setting: the flag/env or file value `v` (see [`parse_duration`]), else `default`.
+///
+/// Errors: `Invalid { key }` when the value does not parse.
+pub(crate) fn duration(
+    key: &'static str,
+    v: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    parse_duration(v.as_deref().unwrap_or(default))
+        .map_err(|reason| ConfigError::Invalid { key, reason })
+}
+
+/// The REST API's `user:password` token: the flag/env value, else the file's; empty means none.
+///
+/// Errors: `Invalid { key: "auth_token" }` when a token has no `:`.
+pub(crate) fn auth_token(
+    flag: Option<String>,
+    file: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    let token = flag.or(file).filter(|t| !t.is_empty());
+    if token.as_ref().is_some_and(|t| !t.contains(':')) {
+        return Err(ConfigError::Invalid {
+            key: "auth_token",
+            reason: "must be user:password".into(),
+        });
+    }
+    Ok(token)
+}
+
 /// A cluster node's default id: `$POD_NAME` (Kubernetes), else `$HOSTNAME`, else
 /// `/etc/hostname`, else `shoal-<pid>`.
 pub fn default_node_id() -> String {
@@ -175,42 +215,13 @@ pub fn default_node_id() -> String {
 impl StandaloneArgs {
     /// Merge flags/env with the TOML file and defaults.
     pub fn resolve(self) -> Result<StandaloneConfig, ConfigError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::ParseFile {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            None => FileConfig::default(),
-        };
-        let flush = self
-            .flush_interval
-            .or(file.flush_interval)
-            .unwrap_or_else(|| "1s".into());
-        let listen = self
-            .listen
-            .or(file.listen)
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19530)));
+        let file: FileConfig = load_toml(self.config.as_deref())?;
+        let listen = self.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN);
         let metrics_listen = self
             .metrics_listen
             .or(file.metrics_listen)
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091)));
-        let auth_token = self
-            .auth_token
-            .or(file.auth_token)
-            .filter(|t| !t.is_empty());
-        if auth_token.as_ref().is_some_and(|t| !t.contains(':')) {
-            return Err(ConfigError::Invalid {
-                key: "auth_token",
-                reason: "must be user:password".into(),
-            });
-        }
+            .unwrap_or(DEFAULT_METRICS_LISTEN);
+        let auth_token = auth_token(self.auth_token, file.auth_token)?;
         Ok(StandaloneConfig {
             data_dir: self
                 .data_dir
@@ -220,10 +231,11 @@ impl StandaloneArgs {
             metrics_listen,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth_token,
-            flush_interval: parse_duration(&flush).map_err(|reason| ConfigError::Invalid {
-                key: "flush_interval",
-                reason,
-            })?,
+            flush_interval: duration(
+                "flush_interval",
+                self.flush_interval.or(file.flush_interval),
+                "1s",
+            )?,
             meta_url: self.meta_url.or(file.meta_url),
             gpu: self.gpu,
         })
@@ -344,37 +356,11 @@ impl std::fmt::Debug for RouterConfig {
     }
 }
 
-fn read_toml<T: serde::de::DeserializeOwned + Default>(
-    path: Option<&PathBuf>,
-) -> Result<T, ConfigError> {
-    let Some(path) = path else {
-        return Ok(T::default());
-    };
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-        path: path.clone(),
-        source,
-    })?;
-    toml::from_str::<T>(&text).map_err(|source| ConfigError::ParseFile {
-        path: path.clone(),
-        source,
-    })
-}
-
-fn duration_key(
-    key: &'static str,
-    flag: Option<String>,
-    file: Option<String>,
-    default: &str,
-) -> Result<Duration, ConfigError> {
-    let s = flag.or(file).unwrap_or_else(|| default.to_string());
-    parse_duration(&s).map_err(|reason| ConfigError::Invalid { key, reason })
-}
-
 impl RouterArgs {
     /// Merge flags/env with the TOML file and defaults.
     pub fn resolve(self) -> Result<RouterConfig, ConfigError> {
         use crate::cluster::membership::Discovery;
-        let file: RouterFileConfig = read_toml(self.config.as_ref())?;
+        let file: RouterFileConfig = load_toml(self.config.as_deref())?;
         let meta_url =
             self.meta
                 .or(file.meta)
@@ -423,54 +409,43 @@ impl RouterArgs {
                 reason: "must be at least 1".into(),
             });
         }
-        let auth_token = self
-            .auth_token
-            .or(file.auth_token)
-            .filter(|t| !t.is_empty());
-        if auth_token.as_ref().is_some_and(|t| !t.contains(':')) {
-            return Err(ConfigError::Invalid {
-                key: "auth_token",
-                reason: "must be user:password".into(),
-            });
-        }
+        let auth_token = auth_token(self.auth_token, file.auth_token)?;
         Ok(RouterConfig {
             meta_url,
             writer,
             discovery,
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19530))),
+            listen: self.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN),
             metrics_listen: self
                 .metrics_listen
                 .or(file.metrics_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
             replication,
             auth_token,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
-            request_timeout: duration_key(
+            request_timeout: duration(
                 "request_timeout",
-                self.request_timeout,
-                file.request_timeout,
+                self.request_timeout.or(file.request_timeout),
                 "10s",
             )?,
-            flush_timeout: duration_key(
+            flush_timeout: duration(
                 "flush_timeout",
-                self.flush_timeout,
-                file.flush_timeout,
+                self.flush_timeout.or(file.flush_timeout),
                 "60s",
             )?,
-            catalog_poll: duration_key("catalog_poll", self.catalog_poll, file.catalog_poll, "1s")?,
-            health_interval: duration_key(
-                "health_interval",
-                self.health_interval,
-                file.health_interval,
+            catalog_poll: duration(
+                "catalog_poll",
+                self.catalog_poll.or(file.catalog_poll),
                 "1s",
             )?,
-            writer_failover_timeout: duration_key(
+            health_interval: duration(
+                "health_interval",
+                self.health_interval.or(file.health_interval),
+                "1s",
+            )?,
+            writer_failover_timeout: duration(
                 "writer_failover_timeout",
-                self.writer_failover_timeout,
-                file.writer_failover_timeout,
+                self.writer_failover_timeout
+                    .or(file.writer_failover_timeout),
                 "30s",
             )?,
         })

@@ -29,7 +29,10 @@ use crate::cluster::pb::{
 use crate::cluster::reader_service::{
     ReaderService, ShardBackend, ShardError, ShardQuery, run_poller,
 };
-use crate::config::{ConfigError, LogFormat, default_node_id, load_toml, parse_duration};
+use crate::config::{
+    ConfigError, DEFAULT_GRPC_LISTEN, DEFAULT_METRICS_LISTEN, LogFormat, default_node_id, duration,
+    load_toml,
+};
 use crate::core::engine::schema_of;
 use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
@@ -41,7 +44,7 @@ use crate::core::storage::collection::{
 };
 use crate::gpu::args::GpuArgs;
 use crate::gpu::{GpuOffload, GpuRuntime};
-use crate::writer::{incoming, require_meta, stop_servers};
+use crate::writer::{require_meta, spawn_grpc, stop_servers};
 use axum::extract::State;
 use clap::Args;
 use parking_lot::RwLock;
@@ -131,10 +134,6 @@ impl ReaderArgs {
     /// Merge flags/env with the TOML file and defaults.
     pub fn resolve(self) -> Result<ReaderConfig, ConfigError> {
         let file: ReaderFile = load_toml(self.config.as_deref())?;
-        let poll = self
-            .poll_interval
-            .or(file.poll_interval)
-            .unwrap_or_else(|| "1s".into());
         Ok(ReaderConfig {
             meta_url: require_meta(self.meta.or(file.meta))?,
             data_dir: self
@@ -144,20 +143,21 @@ impl ReaderArgs {
             grpc_listen: self
                 .grpc_listen
                 .or(file.grpc_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19531))),
+                .unwrap_or(DEFAULT_GRPC_LISTEN),
             metrics_listen: self
                 .metrics_listen
                 .or(file.metrics_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
             node_id: self
                 .node_id
                 .or(file.node_id)
                 .filter(|n| !n.trim().is_empty())
                 .unwrap_or_else(default_node_id),
-            poll_interval: parse_duration(&poll).map_err(|reason| ConfigError::Invalid {
-                key: "poll_interval",
-                reason,
-            })?,
+            poll_interval: duration(
+                "poll_interval",
+                self.poll_interval.or(file.poll_interval),
+                "1s",
+            )?,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             gpu: self.gpu,
         })
@@ -169,12 +169,8 @@ impl ReaderArgs {
 pub enum ReaderRunError {
     #[error("failed to connect to the metadata store")]
     Meta(#[from] MetaError),
-    #[error("failed to listen on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::api::BindError),
 }
 
 /// A listed segment that failed to load: (collection id, segment id, reason).
@@ -352,6 +348,29 @@ fn output_of(s: &Schema, names: &[String]) -> Output {
     }
 }
 
+/// A get/query answer: `rows` with their requested output fields, of `match_count` matches
+/// (the service sets the catalogue version).
+fn rows_response(
+    s: &Schema,
+    names: &[String],
+    rows: &[RowOut],
+    match_count: usize,
+    unknown: Vec<u64>,
+) -> RowsResponse {
+    RowsResponse {
+        match_count: match_count as u64,
+        rows: rows
+            .iter()
+            .map(|row| ResultRow {
+                id: row.id,
+                fields_json: fields_json(s, names, row),
+            })
+            .collect(),
+        unknown_segments: unknown,
+        catalog_version: 0,
+    }
+}
+
 /// The requested output fields of a row as a JSON object (`*` = every dynamic field and the
 /// vector); empty bytes when none were requested.
 fn fields_json(s: &Schema, names: &[String], row: &RowOut) -> Vec<u8> {
@@ -473,18 +492,13 @@ impl ShardBackend for ReplicaCatalog {
         let s = c.schema();
         let (rows, sel) = c.get_in_segments(&r.segment_ids, &r.ids, output_of(s, &r.output_fields));
         check_available(&sel)?;
-        Ok(RowsResponse {
-            match_count: rows.len() as u64,
-            rows: rows
-                .iter()
-                .map(|row| ResultRow {
-                    id: row.id,
-                    fields_json: fields_json(s, &r.output_fields, row),
-                })
-                .collect(),
-            unknown_segments: sel.unknown,
-            catalog_version: 0,
-        })
+        Ok(rows_response(
+            s,
+            &r.output_fields,
+            &rows,
+            rows.len(),
+            sel.unknown,
+        ))
     }
 
     fn query(&self, r: &QueryShardRequest) -> Result<RowsResponse, ShardError> {
@@ -500,18 +514,13 @@ impl ShardBackend for ReplicaCatalog {
             output_of(s, &r.output_fields),
         );
         check_available(&sel)?;
-        Ok(RowsResponse {
-            rows: rows
-                .iter()
-                .map(|row| ResultRow {
-                    id: row.id,
-                    fields_json: fields_json(s, &r.output_fields, row),
-                })
-                .collect(),
-            match_count: count as u64,
-            unknown_segments: sel.unknown,
-            catalog_version: 0,
-        })
+        Ok(rows_response(
+            s,
+            &r.output_fields,
+            &rows,
+            count,
+            sel.unknown,
+        ))
     }
 
     async fn refresh(&self) -> Result<u64, ShardError> {
@@ -628,62 +637,43 @@ fn render_metrics(o: &Ops) -> String {
     let _ = writeln!(s, "# TYPE shoal_reader_ready gauge");
     let _ = writeln!(s, "shoal_reader_ready {}", u8::from(b.caught_up()));
     let cols = b.collections();
-    let _ = writeln!(s, "# HELP shoal_reader_segments Sealed segments served.");
-    let _ = writeln!(s, "# TYPE shoal_reader_segments gauge");
-    for (n, c) in &cols {
-        let _ = writeln!(
-            s,
-            "shoal_reader_segments{{collection=\"{n}\"}} {}",
-            c.segment_ids().len()
-        );
-    }
-    let _ = writeln!(s, "# HELP shoal_reader_rows Live rows served.");
-    let _ = writeln!(s, "# TYPE shoal_reader_rows gauge");
-    for (n, c) in &cols {
-        let _ = writeln!(
-            s,
-            "shoal_reader_rows{{collection=\"{n}\"}} {}",
-            c.stats().live_rows
-        );
-    }
+    per_collection(
+        &mut s,
+        "shoal_reader_segments",
+        "gauge",
+        "Sealed segments served.",
+        cols.iter().map(|(n, c)| (n, c.segment_ids().len())),
+    );
+    per_collection(
+        &mut s,
+        "shoal_reader_rows",
+        "gauge",
+        "Live rows served.",
+        cols.iter().map(|(n, c)| (n, c.stats().live_rows)),
+    );
     // ANN indexes mapped from the writer's committed files (segments without one use FLAT).
     let progress: Vec<_> = cols.iter().map(|(n, c)| (n, c.index_progress())).collect();
-    let _ = writeln!(
-        s,
-        "# HELP shoal_reader_index_bytes Bytes of the ANN indexes served (mapped)."
+    per_collection(
+        &mut s,
+        "shoal_reader_index_bytes",
+        "gauge",
+        "Bytes of the ANN indexes served (mapped).",
+        progress.iter().map(|(n, p)| (n, p.index_bytes)),
     );
-    let _ = writeln!(s, "# TYPE shoal_reader_index_bytes gauge");
-    for (n, p) in &progress {
-        let _ = writeln!(
-            s,
-            "shoal_reader_index_bytes{{collection=\"{n}\"}} {}",
-            p.index_bytes
-        );
-    }
-    let _ = writeln!(
-        s,
-        "# HELP shoal_reader_indexed_segments Segments searched through their ANN index."
+    per_collection(
+        &mut s,
+        "shoal_reader_indexed_segments",
+        "gauge",
+        "Segments searched through their ANN index.",
+        progress.iter().map(|(n, p)| (n, p.indexed_segments)),
     );
-    let _ = writeln!(s, "# TYPE shoal_reader_indexed_segments gauge");
-    for (n, p) in &progress {
-        let _ = writeln!(
-            s,
-            "shoal_reader_indexed_segments{{collection=\"{n}\"}} {}",
-            p.indexed_segments
-        );
-    }
-    let _ = writeln!(
-        s,
-        "# HELP shoal_reader_index_load_failures Index files that failed verification here (their segments use FLAT)."
+    per_collection(
+        &mut s,
+        "shoal_reader_index_load_failures",
+        "counter",
+        "Index files that failed verification here (their segments use FLAT).",
+        progress.iter().map(|(n, p)| (n, p.load_failures)),
     );
-    let _ = writeln!(s, "# TYPE shoal_reader_index_load_failures counter");
-    for (n, p) in &progress {
-        let _ = writeln!(
-            s,
-            "shoal_reader_index_load_failures_total{{collection=\"{n}\"}} {}",
-            p.load_failures
-        );
-    }
     // One NVML sample per GPU, which also refreshes the residency gauges.
     let _ = o.gpu.status();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &o.registry) {
@@ -691,6 +681,23 @@ fn render_metrics(o: &Ops) -> String {
         s.push_str("# EOF\n");
     }
     s
+}
+
+/// One OpenMetrics family `family` of `kind` (`gauge` or `counter`; a counter's samples end in
+/// `_total`) with one sample per collection.
+fn per_collection<N: std::fmt::Display, V: std::fmt::Display>(
+    s: &mut String,
+    family: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (N, V)>,
+) {
+    let _ = writeln!(s, "# HELP {family} {help}");
+    let _ = writeln!(s, "# TYPE {family} {kind}");
+    let suffix = if kind == "counter" { "_total" } else { "" };
+    for (collection, value) in samples {
+        let _ = writeln!(s, "{family}{suffix}{{collection=\"{collection}\"}} {value}");
+    }
 }
 
 /// Run the reader until `shutdown` resolves.
@@ -724,41 +731,25 @@ pub async fn run(
         cfg.node_id.clone(),
         Duration::from_secs(5),
     );
-    let bind = |addr: SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ReaderRunError::Bind { addr, source })
-    };
-    let grpc_l = bind(cfg.grpc_listen).await?;
-    let ops_l = bind(cfg.metrics_listen).await?;
+    let grpc_l = crate::api::bind(cfg.grpc_listen).await?;
+    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
     tracing::info!(grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen, node_id = %cfg.node_id,
         data_dir = %cfg.data_dir.display(), "shoal reader listening");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    };
+    let stop = crate::api::StopSignal::default();
     let ops = ops_router(Arc::new(Ops {
         backend: backend.clone(),
         gpu,
         registry,
     }));
-    let ops_task = crate::api::spawn_http(ops_l, ops, stopped());
-    let grpc_task = tokio::spawn({
-        let stop = stopped();
-        async move {
-            tonic::transport::Server::builder()
-                .add_service(ReaderServer::new(svc))
-                .serve_with_incoming_shutdown(incoming(grpc_l), stop)
-                .await
-                .map_err(|e| chain(&e))
-        }
-    });
+    let ops_task = crate::api::spawn_http(ops_l, ops, stop.wait());
+    let grpc_task = spawn_grpc(
+        grpc_l,
+        tonic::service::Routes::new(ReaderServer::new(svc)),
+        stop.wait(),
+    );
     shutdown.await;
     tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
+    stop.stop();
     poller.abort();
     stop_servers([("ops", ops_task), ("gRPC", grpc_task)]).await;
     Ok(())

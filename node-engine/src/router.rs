@@ -9,7 +9,6 @@ use crate::cluster::router_backend::{RouterBackend, RouterError, RouterOptions};
 use crate::config::RouterConfig;
 use crate::core::meta::{MetaError, MetaStore};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,12 +22,8 @@ pub enum RouterServeError {
     },
     #[error(transparent)]
     Backend(#[from] RouterError),
-    #[error("failed to listen on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::api::BindError),
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -107,41 +102,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterServeError> {
     let b = build(&cfg).await?;
-    let rest_l = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| RouterServeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    let ops_l = tokio::net::TcpListener::bind(cfg.metrics_listen)
-        .await
-        .map_err(|source| RouterServeError::Bind {
-            addr: cfg.metrics_listen,
-            source,
-        })?;
+    let rest_l = api::bind(cfg.listen).await?;
+    let ops_l = api::bind(cfg.metrics_listen).await?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, writer = %cfg.writer, discovery = ?cfg.discovery, replication = cfg.replication, "shoal router listening");
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let mut rx2 = rx.clone();
-    let mut rx3 = rx;
-    let ops = b.ops;
-    let ops_task = tokio::spawn(async move {
-        axum::serve(ops_l, ops)
-            .with_graceful_shutdown(async move {
-                let _ = rx2.wait_for(|v| *v).await;
-            })
-            .await
-    });
-    let res = axum::serve(rest_l, b.rest)
-        .with_graceful_shutdown(async move {
-            let _ = rx3.wait_for(|v| *v).await;
-        })
+    let res = api::serve_rest_and_ops(rest_l, b.rest, ops_l, b.ops, shutdown)
         .await
         .map_err(RouterServeError::Serve);
-    let _ = ops_task.await;
     for l in b.loops {
         l.abort();
     }

@@ -7,19 +7,14 @@ use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::storage::collection::StorageOptions;
 use crate::gpu::GpuRuntime;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("failed to open the engine")]
     OpenEngine(#[from] EngineError),
-    #[error("failed to listen on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::api::BindError),
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -66,40 +61,12 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let (state, rest, ops) = build(&cfg).await?;
     let flusher = state.engine.spawn_flusher(cfg.flush_interval);
-    let rest_l = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    let ops_l = tokio::net::TcpListener::bind(cfg.metrics_listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.metrics_listen,
-            source,
-        })?;
+    let rest_l = api::bind(cfg.listen).await?;
+    let ops_l = api::bind(cfg.metrics_listen).await?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "shoal standalone listening");
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let mut rx2 = rx.clone();
-    let mut rx3 = rx;
-    let ops_task = tokio::spawn(async move {
-        axum::serve(ops_l, ops)
-            .with_graceful_shutdown(async move {
-                let _ = rx2.wait_for(|v| *v).await;
-            })
-            .await
-    });
-    axum::serve(rest_l, rest)
-        .with_graceful_shutdown(async move {
-            let _ = rx3.wait_for(|v| *v).await;
-        })
+    api::serve_rest_and_ops(rest_l, rest, ops_l, ops, shutdown)
         .await
         .map_err(ServeError::Serve)?;
-    let _ = ops_task.await;
     flusher.abort();
     tracing::info!("shutting down: flushing collections");
     state.engine.shutdown().await;

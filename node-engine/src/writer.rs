@@ -18,7 +18,10 @@ use crate::cluster::lease::{self, LeaseError, LeaseKeeper};
 use crate::cluster::pb::writer_server::WriterServer;
 use crate::cluster::pb::{CreateCollectionRequest, CreateIndexRequest, InsertRequest, Row};
 use crate::cluster::writer_service::{WriteError, WriterBackend, WriterService};
-use crate::config::{ConfigError, LogFormat, default_node_id, load_toml, parse_duration};
+use crate::config::{
+    ConfigError, DEFAULT_GRPC_LISTEN, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, LogFormat,
+    auth_token, default_node_id, duration, load_toml,
+};
 use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
@@ -136,11 +139,6 @@ impl std::fmt::Debug for WriterConfig {
     }
 }
 
-fn duration(key: &'static str, v: Option<String>, default: &str) -> Result<Duration, ConfigError> {
-    parse_duration(v.as_deref().unwrap_or(default))
-        .map_err(|reason| ConfigError::Invalid { key, reason })
-}
-
 /// The metadata URL is required for the cluster roles; say where to put it when missing.
 pub(crate) fn require_meta(v: Option<String>) -> Result<String, ConfigError> {
     match v.filter(|m| !m.trim().is_empty()) {
@@ -171,16 +169,7 @@ impl WriterArgs {
                 reason: "must be at least 300ms".into(),
             });
         }
-        let auth_token = self
-            .auth_token
-            .or(file.auth_token)
-            .filter(|t| !t.is_empty());
-        if auth_token.as_ref().is_some_and(|t| !t.contains(':')) {
-            return Err(ConfigError::Invalid {
-                key: "auth_token",
-                reason: "must be user:password".into(),
-            });
-        }
+        let auth_token = auth_token(self.auth_token, file.auth_token)?;
         Ok(WriterConfig {
             meta_url: require_meta(self.meta.or(file.meta))?,
             data_dir: self
@@ -188,18 +177,15 @@ impl WriterArgs {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./shoal-data")),
             wal_dir: self.wal_dir.or(file.wal_dir),
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19530))),
+            listen: self.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN),
             grpc_listen: self
                 .grpc_listen
                 .or(file.grpc_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 19531))),
+                .unwrap_or(DEFAULT_GRPC_LISTEN),
             metrics_listen: self
                 .metrics_listen
                 .or(file.metrics_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
             node_id: self
                 .node_id
                 .or(file.node_id)
@@ -226,12 +212,8 @@ pub enum WriterRunError {
     Lease(#[from] LeaseError),
     #[error("failed to open the engine")]
     Engine(#[from] EngineError),
-    #[error("failed to listen on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::api::BindError),
     #[error("{what} server failed: {detail}")]
     Serve { what: &'static str, detail: String },
     /// Another writer took the lease: this process must stop (the exit status is non-zero).
@@ -604,12 +586,6 @@ fn ops_router(ops: Arc<Ops>) -> axum::Router {
         .with_state(ops)
 }
 
-async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, WriterRunError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| WriterRunError::Bind { addr, source })
-}
-
 /// A TCP listener as the stream of connections tonic serves.
 pub(crate) fn incoming(
     l: tokio::net::TcpListener,
@@ -617,6 +593,21 @@ pub(crate) fn incoming(
     futures::stream::unfold(l, |l| async move {
         let r = l.accept().await.map(|(s, _)| s);
         Some((r, l))
+    })
+}
+
+/// Serve the gRPC `routes` on `listener` in a task until `stop` resolves.
+pub(crate) fn spawn_grpc(
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming(listener), stop)
+            .await
+            .map_err(|e| chain(&e))
     })
 }
 
@@ -744,43 +735,29 @@ pub async fn run(
         keeper.clone(),
         cfg.node_id.clone(),
     );
-    let rest_l = bind(cfg.listen).await?;
-    let grpc_l = bind(cfg.grpc_listen).await?;
-    let ops_l = bind(cfg.metrics_listen).await?;
+    let rest_l = crate::api::bind(cfg.listen).await?;
+    let grpc_l = crate::api::bind(cfg.grpc_listen).await?;
+    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
     tracing::info!(rest = %cfg.listen, grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen,
         data_dir = %cfg.data_dir.display(), epoch = lease.epoch, "shoal writer ready");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    };
-    let rest_task = crate::api::spawn_http(rest_l, rest, stopped());
-    let ops_task = crate::api::spawn_http(ops_l, ops, stopped());
-    let grpc_task = tokio::spawn({
-        let stop = stopped();
-        async move {
-            tonic::transport::Server::builder()
-                // The router forwards REST inserts of up to the REST body limit (256 MiB) in
-                // one message; tonic's 4 MiB default refused a 10,000 x 128-d insert.
-                .add_service(
-                    WriterServer::new(svc)
-                        .max_decoding_message_size(crate::api::rest::MAX_BODY_BYTES)
-                        .max_encoding_message_size(crate::api::rest::MAX_BODY_BYTES),
-                )
-                .serve_with_incoming_shutdown(incoming(grpc_l), stop)
-                .await
-                .map_err(|e| chain(&e))
-        }
-    });
+    let stop = crate::api::StopSignal::default();
+    let rest_task = crate::api::spawn_http(rest_l, rest, stop.wait());
+    let ops_task = crate::api::spawn_http(ops_l, ops, stop.wait());
+    // The router forwards REST inserts of up to the REST body limit (256 MiB) in one message;
+    // tonic's 4 MiB default refused a 10,000 x 128-d insert.
+    let grpc = tonic::service::Routes::new(
+        WriterServer::new(svc)
+            .max_decoding_message_size(crate::api::rest::MAX_BODY_BYTES)
+            .max_encoding_message_size(crate::api::rest::MAX_BODY_BYTES),
+    );
+    let grpc_task = spawn_grpc(grpc_l, grpc, stop.wait());
 
     let outcome = tokio::select! {
         () = &mut shutdown => Ok(()),
         epoch = lease_lost(keeper.clone()) => Err(WriterRunError::LeaseLost { epoch }),
     };
-    let _ = stop_tx.send(true);
+    stop.stop();
     flusher.abort();
     stop_servers([("REST", rest_task), ("ops", ops_task), ("gRPC", grpc_task)]).await;
     match outcome {

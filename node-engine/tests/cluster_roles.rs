@@ -12,6 +12,9 @@
 //!   lease is taken exits non-zero.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::engine::Engine;
 use serde_json::{Value, json};
 use shoal_engine::cluster::lease;
 use shoal_engine::cluster::pb::reader_client::ReaderClient;
@@ -25,57 +28,50 @@ use shoal_testkit::mariadb::MariaDb;
 use shoal_testkit::{JuiceFs, JuiceFsMount, RedisServer, free_port, watchdog};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::transport::Channel;
 
 const DIM: usize = 8;
 
-/// An engine process, killed on drop.
+/// An engine process (killed on drop) and the gRPC and REST addresses it was given.
 struct Proc {
-    name: &'static str,
-    child: Child,
+    engine: Engine,
     grpc: String,
     rest: String,
-    ops: String,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Proc {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
     }
 }
 
-fn ports() -> (u16, u16, u16) {
-    (
-        free_port().unwrap(),
-        free_port().unwrap(),
-        free_port().unwrap(),
-    )
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
 }
 
+/// `shoal-engine ROLE ARGS` on free gRPC (and, for a writer, REST) ports, node id `name`.
 fn spawn(name: &'static str, role: &str, args: &[String]) -> Proc {
-    let (g, r, o) = ports();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-engine"));
-    cmd.arg(role)
-        .args(args)
-        .args(["--grpc-listen", &format!("127.0.0.1:{g}")])
-        .args(["--metrics-listen", &format!("127.0.0.1:{o}")])
-        .args(["--node-id", name])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    let (g, r) = (free_port().unwrap(), free_port().unwrap());
+    let mut args = args.to_vec();
+    args.extend([
+        "--grpc-listen".into(),
+        format!("127.0.0.1:{g}"),
+        "--node-id".into(),
+        name.into(),
+    ]);
     if role == "writer" {
-        cmd.args(["--listen", &format!("127.0.0.1:{r}")]);
+        args.extend(["--listen".into(), format!("127.0.0.1:{r}")]);
     }
     Proc {
-        name,
-        child: cmd.spawn().unwrap(),
+        engine: Engine::spawn(name, role, &args),
         grpc: format!("http://127.0.0.1:{g}"),
         rest: format!("http://127.0.0.1:{r}"),
-        ops: format!("http://127.0.0.1:{o}"),
     }
 }
 
@@ -117,43 +113,6 @@ fn reader(name: &'static str, meta: &str, data: &Path) -> Proc {
 }
 
 impl Proc {
-    /// Wait (bounded) until `/readyz` answers 200.
-    async fn ready(&mut self, within: Duration) {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited with {status} before it was ready", self.name);
-            }
-            let r = http.get(format!("{}/readyz", self.ops)).send().await;
-            if r.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within {within:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Wait (bounded) for the process to exit.
-    fn exit_status(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {within:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     async fn writer_client(&self) -> WriterClient<Channel> {
         WriterClient::connect(self.grpc.clone()).await.unwrap()
     }

@@ -29,12 +29,14 @@
 //! searches' `searchParams`, e.g. `{"params":{"nprobe":16}}`).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::engine::Engine;
 use serde_json::{Value, json};
 use shoal_testkit::mariadb::MariaDb;
 use shoal_testkit::{JuiceFs, JuiceFsMount, RedisServer, free_port};
@@ -93,81 +95,6 @@ impl Seeded {
     /// Uniform in [lo, hi) milliseconds.
     fn pause(&mut self, lo_ms: u64, hi_ms: u64) -> Duration {
         Duration::from_millis(lo_ms + self.next() % (hi_ms - lo_ms))
-    }
-}
-
-/// One engine process, killed on drop; its output goes to a log file.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-    ops: String,
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[String], logs: &Path) -> Proc {
-        let log = logs.join(format!("{name}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let metrics = free_port().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal-engine"))
-            .args(args)
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-            ops: format!("http://127.0.0.1:{metrics}"),
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// Wait (bounded) for `/readyz`.
-    async fn ready(&mut self, within: Duration) {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(st)) = c.try_wait()
-            {
-                panic!("{} exited with {st}:\n{}", self.name, self.log_tail());
-            }
-            if let Ok(r) = http
-                .get(format!("{}/readyz", self.ops))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within {within:?}:\n{}",
-                self.name,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -262,30 +189,11 @@ fn write_readers_file(path: &Path, ports: &[u16]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Wait (bounded) until the router's `/metrics` reports `n` live readers.
-async fn wait_live_readers(router: &Proc, n: usize) {
-    let want = format!("shoal_router_readers{{state=\"live\"}} {n}\n");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = reqwest::get(format!("{}/metrics", router.ops))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains(&want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "router never had {n} live readers"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+/// How long the router may take to see its readers live.
+const LIVE_WITHIN: Duration = Duration::from_secs(60);
 
 struct ReaderProc {
-    proc: Proc,
+    proc: Engine,
     grpc: u16,
     // Declared after the process: the reader stops before its mount goes away.
     _mount: JuiceFsMount,
@@ -294,10 +202,10 @@ struct ReaderProc {
 fn start_reader(i: usize, meta: &str, jfs_meta: &str, logs: &Path) -> ReaderProc {
     let mount = JuiceFsMount::mount_read_only(jfs_meta, None).expect("read-only JuiceFS mount");
     let grpc = free_port().unwrap();
-    let proc = Proc::spawn(
+    let proc = Engine::spawn_logged(
         &format!("reader-{i}"),
+        "reader",
         &[
-            "reader".into(),
             "--meta".into(),
             meta.into(),
             "--data-dir".into(),
@@ -356,10 +264,10 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         work.path().join("wal")
     };
     let (wg, wrest) = (free_port().unwrap(), free_port().unwrap());
-    let mut writer = Proc::spawn(
+    let mut writer = Engine::spawn_logged(
+        "writer",
         "writer",
         &[
-            "writer".into(),
             "--meta".into(),
             meta.clone(),
             "--data-dir".into(),
@@ -388,10 +296,10 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         &readers.iter().map(|r| r.grpc).collect::<Vec<_>>(),
     );
     let rest_port = free_port().unwrap();
-    let mut router = Proc::spawn(
+    let mut router = Engine::spawn_logged(
+        "router",
         "router",
         &[
-            "router".into(),
             "--meta".into(),
             meta.clone(),
             "--writer".into(),
@@ -408,7 +316,7 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         &logs,
     );
     router.ready(Duration::from_secs(120)).await;
-    wait_live_readers(&router, 2).await;
+    router.wait_live_readers(2, LIVE_WITHIN).await;
     let rest = Rest {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(300))
@@ -546,7 +454,7 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
             &readers_file,
             &readers[..n].iter().map(|r| r.grpc).collect::<Vec<_>>(),
         );
-        wait_live_readers(&router, n).await;
+        router.wait_live_readers(n, LIVE_WITHIN).await;
         // flush returns once every live reader serves the catalogue; one warm-up round loads
         // the segments each reader now owns.
         rest.ok("collections/flush", json!({"collectionName": COLLECTION}))

@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::engine::Engine;
+
 use serde_json::{Map, Value, json};
 use shoal_engine::cluster::membership::Discovery;
 use shoal_engine::cluster::pb::reader_server::{Reader, ReaderServer};
@@ -29,7 +31,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
-use tower::ServiceExt;
 
 // ------------------------------------------------------------------ in-memory cluster doubles
 
@@ -57,12 +58,30 @@ struct Store {
     colls: parking_lot::Mutex<HashMap<String, FColl>>,
 }
 
+impl Store {
+    /// The last catalogue version a commit returned (what every answer carries).
+    fn current(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+}
+
 struct FakeWriter {
     store: Arc<Store>,
     meta: MetaStore,
 }
 
 impl FakeWriter {
+    /// The metadata store's id of collection `name`.
+    fn coll_id(&self, name: &str) -> Result<i64, Status> {
+        Ok(self
+            .store
+            .colls
+            .lock()
+            .get(name)
+            .ok_or_else(|| not_found(name))?
+            .id)
+    }
+
     /// The metadata store's catalogue version after a commit (what a real writer returns).
     async fn version(&self) -> Result<u64, Status> {
         let v = self.meta.catalog_version().await.map_err(st_internal)?;
@@ -225,7 +244,7 @@ impl Writer for FakeWriter {
             let c = colls.get_mut(&name).ok_or_else(|| not_found(&name))?;
             if c.growing.is_empty() {
                 return Ok(Response::new(FlushResponse {
-                    catalog_version: self.store.version.load(Ordering::SeqCst),
+                    catalog_version: self.store.current(),
                 }));
             }
             let seg = self.store.next_seg.fetch_add(1, Ordering::SeqCst) + 1;
@@ -259,13 +278,7 @@ impl Writer for FakeWriter {
         req: Request<SetLoadedRequest>,
     ) -> Result<Response<SetLoadedResponse>, Status> {
         let r = req.into_inner();
-        let id = self
-            .store
-            .colls
-            .lock()
-            .get(&r.collection)
-            .ok_or_else(|| not_found(&r.collection))?
-            .id;
+        let id = self.coll_id(&r.collection)?;
         self.meta
             .set_loaded(id, r.loaded)
             .await
@@ -280,13 +293,7 @@ impl Writer for FakeWriter {
         req: Request<CreateIndexRequest>,
     ) -> Result<Response<CreateIndexResponse>, Status> {
         let r = req.into_inner();
-        let id = self
-            .store
-            .colls
-            .lock()
-            .get(&r.collection)
-            .ok_or_else(|| not_found(&r.collection))?
-            .id;
+        let id = self.coll_id(&r.collection)?;
         self.meta
             .put_index(&IndexRecord {
                 collection_id: id,
@@ -308,13 +315,7 @@ impl Writer for FakeWriter {
         req: Request<DropIndexRequest>,
     ) -> Result<Response<DropIndexResponse>, Status> {
         let r = req.into_inner();
-        let id = self
-            .store
-            .colls
-            .lock()
-            .get(&r.collection)
-            .ok_or_else(|| not_found(&r.collection))?
-            .id;
+        let id = self.coll_id(&r.collection)?;
         self.meta
             .drop_index(id, &r.index_name)
             .await
@@ -329,7 +330,7 @@ impl Writer for FakeWriter {
             node_id: "fake-writer".into(),
             role: "writer".into(),
             ready: true,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
+            catalog_version: self.store.current(),
             epoch: 1,
         }))
     }
@@ -370,6 +371,13 @@ fn fields_json(r: &FRow, vector_field: &str, out: &[String]) -> Vec<u8> {
     serde_json::to_vec(&m).unwrap()
 }
 
+fn result_row(r: &FRow, vector_field: &str, out: &[String]) -> ResultRow {
+    ResultRow {
+        id: r.id,
+        fields_json: fields_json(r, vector_field, out),
+    }
+}
+
 impl FakeReader {
     fn check(&self) -> Result<(), Status> {
         if self.dead.load(Ordering::SeqCst) {
@@ -378,6 +386,21 @@ impl FakeReader {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
+    }
+
+    /// A get/query answer: `rows` of `match_count` matches, at the current catalogue version.
+    fn rows_response(
+        &self,
+        match_count: usize,
+        rows: Vec<ResultRow>,
+        unknown: Vec<u64>,
+    ) -> Response<RowsResponse> {
+        Response::new(RowsResponse {
+            match_count: match_count as u64,
+            rows,
+            unknown_segments: unknown,
+            catalog_version: self.store.current(),
+        })
     }
 
     /// Rows of the given segments matching the filter, sorted by id; and unknown segments.
@@ -441,7 +464,7 @@ impl Reader for FakeReader {
         Ok(Response::new(SearchShardResponse {
             results,
             unknown_segments: unknown,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
+            catalog_version: self.store.current(),
         }))
     }
 
@@ -455,17 +478,9 @@ impl Reader for FakeReader {
         let rows: Vec<ResultRow> = rows
             .iter()
             .filter(|x| r.ids.contains(&x.id))
-            .map(|x| ResultRow {
-                id: x.id,
-                fields_json: fields_json(x, &vf, &r.output_fields),
-            })
+            .map(|x| result_row(x, &vf, &r.output_fields))
             .collect();
-        Ok(Response::new(RowsResponse {
-            match_count: rows.len() as u64,
-            rows,
-            unknown_segments: unknown,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
-        }))
+        Ok(self.rows_response(rows.len(), rows, unknown))
     }
 
     async fn query_shard(
@@ -475,19 +490,12 @@ impl Reader for FakeReader {
         self.check()?;
         let r = req.into_inner();
         let (rows, vf, _, unknown) = self.rows(&r.collection, &r.segment_ids, &r.filter)?;
-        Ok(Response::new(RowsResponse {
-            match_count: rows.len() as u64,
-            rows: rows
-                .iter()
-                .take(r.limit as usize)
-                .map(|x| ResultRow {
-                    id: x.id,
-                    fields_json: fields_json(x, &vf, &r.output_fields),
-                })
-                .collect(),
-            unknown_segments: unknown,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
-        }))
+        let page = rows
+            .iter()
+            .take(r.limit as usize)
+            .map(|x| result_row(x, &vf, &r.output_fields))
+            .collect();
+        Ok(self.rows_response(rows.len(), page, unknown))
     }
 
     async fn notify_segments(
@@ -496,7 +504,7 @@ impl Reader for FakeReader {
     ) -> Result<Response<NotifySegmentsResponse>, Status> {
         self.check()?;
         Ok(Response::new(NotifySegmentsResponse {
-            catalog_version: self.store.version.load(Ordering::SeqCst),
+            catalog_version: self.store.current(),
         }))
     }
 
@@ -506,7 +514,7 @@ impl Reader for FakeReader {
             node_id: "fake-reader".into(),
             role: "reader".into(),
             ready: true,
-            catalog_version: self.store.version.load(Ordering::SeqCst),
+            catalog_version: self.store.current(),
             epoch: 0,
         }))
     }
@@ -646,10 +654,7 @@ async fn raw(r: &axum::Router, path: &str, body: &str) -> Value {
         .header("content-type", "application/json")
         .body(axum::body::Body::from(body.to_string()))
         .unwrap();
-    let resp = r.clone().oneshot(req).await.unwrap();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
+    let (_, bytes) = common::call(r, req).await;
     serde_json::from_slice(&bytes).unwrap()
 }
 
@@ -663,22 +668,14 @@ impl Cluster {
         v
     }
     async fn get_ops(&self, path: &str) -> (u16, String) {
-        let resp = self
-            .router
-            .ops
-            .clone()
-            .oneshot(
-                axum::http::Request::get(path)
-                    .body(axum::body::Body::empty())
-                    .unwrap(),
-            )
-            .await
+        let req = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
             .unwrap();
-        let status = resp.status().as_u16();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        let (status, bytes) = common::call(&self.router.ops, req).await;
+        (
+            status.as_u16(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     }
     /// Wait (with a deadline) until the router routes to `n` readers.
     async fn wait_live(&self, n: usize) {
@@ -1019,6 +1016,69 @@ async fn get_query_count_merge_across_readers_and_deletes_and_upserts_show_after
     assert_eq!(v["data"]["has"], false);
 }
 
+/// Searches from several tasks until stopped, counting the answers (each `search` call checks
+/// its own answer).
+struct SearchLoad {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SearchLoad {
+    /// `n` tasks; task `t` runs `search(t)`, `search(t + n)`, ... until [`SearchLoad::stop`].
+    fn start<F, Fut>(n: usize, search: F) -> SearchLoad
+    where
+        F: Fn(usize) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let (stop, answered) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let search = Arc::new(search);
+        let tasks = (0..n)
+            .map(|t| {
+                let (stop, answered, search) = (stop.clone(), answered.clone(), search.clone());
+                tokio::spawn(async move {
+                    let mut i = t;
+                    while !stop.load(Ordering::SeqCst) {
+                        search(i).await;
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        i += n;
+                    }
+                })
+            })
+            .collect();
+        SearchLoad {
+            stop,
+            answered,
+            tasks,
+        }
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Wait (bounded) until `n` searches were answered.
+    async fn wait_answers(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.answered() < n {
+            assert!(Instant::now() < deadline, "search load stalled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stop the tasks, wait for them (a panicked one fails the test); the answers in all.
+    async fn stop(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.expect("search task panicked");
+        }
+        self.answered.load(Ordering::SeqCst)
+    }
+}
+
 /// Searches from 4 tasks against collection `f` while reader 1 of `c` is killed: every answer
 /// must be code 0 and exact (the router re-sends a dead reader's segments within the request).
 /// Returns the number of answers after the kill.
@@ -1027,54 +1087,28 @@ async fn kill_a_reader_under_search_load(
     rows: &Arc<Vec<(i64, Vec<f32>, i64)>>,
     queries: &Arc<Vec<Vec<f32>>>,
 ) -> usize {
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for t in 0..4 {
-        let rest = c.router.rest.clone();
-        let (rows, queries, stop, answered) = (
-            rows.clone(),
-            queries.clone(),
-            stop.clone(),
-            answered.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut i = t;
-            while !stop.load(Ordering::SeqCst) {
-                let q = &queries[i % queries.len()];
-                let body = json!({"collectionName": "f", "data": [q], "limit": 10});
-                let v = raw(&rest, "entities/search", &body.to_string()).await;
-                assert_eq!(v["code"], 0, "search during failover: {v}");
-                assert_same(
-                    &hits_of(&v),
-                    &oracle(Metric::IP, &rows, q, 10, None),
-                    "failover",
-                );
-                answered.fetch_add(1, Ordering::SeqCst);
-                i += 4;
-            }
-        }));
-    }
-    let wait_answers = |n: usize| {
-        let answered = answered.clone();
+    let rest = c.router.rest.clone();
+    let (rows, queries) = (rows.clone(), queries.clone());
+    let load = SearchLoad::start(4, move |i| {
+        let (rest, rows, queries) = (rest.clone(), rows.clone(), queries.clone());
         async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while answered.load(Ordering::SeqCst) < n {
-                assert!(Instant::now() < deadline, "search load stalled");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let q = &queries[i % queries.len()];
+            let body = json!({"collectionName": "f", "data": [q], "limit": 10});
+            let v = raw(&rest, "entities/search", &body.to_string()).await;
+            assert_eq!(v["code"], 0, "search during failover: {v}");
+            assert_same(
+                &hits_of(&v),
+                &oracle(Metric::IP, &rows, q, 10, None),
+                "failover",
+            );
         }
-    };
-    wait_answers(20).await;
+    });
+    load.wait_answers(20).await;
     let victim = c.readers.remove(1);
     victim.kill();
-    let before = answered.load(Ordering::SeqCst);
-    wait_answers(before + 40).await;
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.expect("search task panicked");
-    }
-    answered.load(Ordering::SeqCst) - before
+    let before = load.answered();
+    load.wait_answers(before + 40).await;
+    load.stop().await - before
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1270,93 +1304,15 @@ async fn bad_requests_get_the_same_codes_through_the_router_as_standalone() {
 
 // ------------------------------------------------------------------ the real processes
 
-/// An engine process, SIGKILLed on drop.
-struct Proc {
-    name: &'static str,
-    child: std::process::Child,
-    ops: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// How long a router may take to see its readers live.
+const LIVE_WITHIN: Duration = Duration::from_secs(20);
 
 fn port() -> u16 {
     shoal_testkit::free_port().unwrap()
 }
 
-fn spawn(name: &'static str, role: &str, args: &[String]) -> Proc {
-    let o = port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-engine"))
-        .arg(role)
-        .args(args)
-        .args(["--metrics-listen", &format!("127.0.0.1:{o}")])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Proc {
-        name,
-        child,
-        ops: format!("http://127.0.0.1:{o}"),
-    }
-}
-
-impl Proc {
-    /// Wait (bounded) until `/readyz` answers 200.
-    async fn ready(&mut self, within: Duration) {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited with {status} before it was ready", self.name);
-            }
-            let r = http.get(format!("{}/readyz", self.ops)).send().await;
-            if r.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within {within:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.ops))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    /// Wait (bounded) until the router reports `n` live readers.
-    async fn wait_live_readers(&self, n: usize) {
-        let want = format!("shoal_router_readers{{state=\"live\"}} {n}\n");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let m = self.metrics().await;
-            if m.contains(&want) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "router never had {n} live readers:\n{m}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-fn reader_proc(name: &'static str, meta: &str, data: &std::path::Path, grpc: u16) -> Proc {
-    spawn(
+fn reader_proc(name: &'static str, meta: &str, data: &std::path::Path, grpc: u16) -> Engine {
+    Engine::spawn(
         name,
         "reader",
         &[
@@ -1408,7 +1364,7 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (wg, rest) = (port(), port());
-    let mut w = spawn(
+    let mut w = Engine::spawn(
         "writer",
         "writer",
         &[
@@ -1432,7 +1388,7 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     let mut r2 = reader_proc("r2", &url, &data, g2);
     r1.ready(Duration::from_secs(60)).await;
     r2.ready(Duration::from_secs(60)).await;
-    let mut router = spawn(
+    let mut router = Engine::spawn(
         "router",
         "router",
         &[
@@ -1453,7 +1409,7 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
         ],
     );
     router.ready(Duration::from_secs(60)).await;
-    router.wait_live_readers(2).await;
+    router.wait_live_readers(2, LIVE_WITHIN).await;
     let base = format!("http://127.0.0.1:{rest}");
     let http = reqwest::Client::new();
 
@@ -1642,16 +1598,13 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
     }
 
     // Search load while r1 is killed with SIGKILL: every answer stays exact.
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for t in 0..3usize {
-        let (http, base, stop, answered) =
-            (http.clone(), base.clone(), stop.clone(), answered.clone());
+    let load = SearchLoad::start(3, {
+        let (http, base) = (http.clone(), base.clone());
         let (queries, rows_l2, rows_ip) = (queries.clone(), rows_l2.clone(), rows_ip.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = t;
-            while !stop.load(Ordering::SeqCst) {
+        move |i| {
+            let (http, base) = (http.clone(), base.clone());
+            let (queries, rows_l2, rows_ip) = (queries.clone(), rows_l2.clone(), rows_ip.clone());
+            async move {
                 let q = &queries[i % queries.len()];
                 let (name, metric, rows) = if i % 2 == 0 {
                     ("l2", Metric::L2, &rows_l2)
@@ -1667,39 +1620,24 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
                 .await;
                 assert_eq!(v["code"], 0, "search during failover: {v}");
                 assert_same(&hits_of(&v), &oracle(metric, rows, q, 10, None), "failover");
-                answered.fetch_add(1, Ordering::SeqCst);
-                i += 3;
-            }
-        }));
-    }
-    let wait_answers = |n: usize| {
-        let answered = answered.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while answered.load(Ordering::SeqCst) < n {
-                assert!(Instant::now() < deadline, "search load stalled");
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-    };
-    wait_answers(15).await;
+    });
+    load.wait_answers(15).await;
     r1.child.kill().unwrap();
     let _ = r1.child.wait();
-    let before = answered.load(Ordering::SeqCst);
-    wait_answers(before + 30).await;
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.expect("search task panicked");
-    }
-    router.wait_live_readers(1).await;
+    let before = load.answered();
+    load.wait_answers(before + 30).await;
+    load.stop().await;
+    router.wait_live_readers(1, LIVE_WITHIN).await;
 
     // r3 (in the static list from the start) comes up; then r2 goes too: r3 alone serves every
     // segment, so it did get them.
     let mut r3 = reader_proc("r3", &url, &data, g3);
     r3.ready(Duration::from_secs(60)).await;
-    router.wait_live_readers(2).await;
+    router.wait_live_readers(2, LIVE_WITHIN).await;
     drop(r2);
-    router.wait_live_readers(1).await;
+    router.wait_live_readers(1, LIVE_WITHIN).await;
     for q in &queries {
         let v = ok_http(
             &http,
@@ -1861,8 +1799,8 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
 
 // ------------------------------------------------------------------ outages under load
 
-fn writer_proc(url: &str, data: &std::path::Path, grpc: u16, rest: u16) -> Proc {
-    spawn(
+fn writer_proc(url: &str, data: &std::path::Path, grpc: u16, rest: u16) -> Engine {
+    Engine::spawn(
         "writer",
         "writer",
         &[
@@ -1885,8 +1823,8 @@ fn writer_proc(url: &str, data: &std::path::Path, grpc: u16, rest: u16) -> Proc 
     )
 }
 
-fn router_proc(url: &str, writer_grpc: u16, readers: &[u16], rest: u16) -> Proc {
-    spawn(
+fn router_proc(url: &str, writer_grpc: u16, readers: &[u16], rest: u16) -> Engine {
+    Engine::spawn(
         "router",
         "router",
         &[
@@ -1998,9 +1936,9 @@ fn spawn_stream(
 /// A writer, one reader and a router as processes on MariaDB `url` and data dir `data`, with an
 /// L2 collection `collection` of `DIM` created through the router.
 struct OneReaderStack {
-    w: Proc,
-    r1: Proc,
-    router: Proc,
+    w: Engine,
+    r1: Engine,
+    router: Engine,
     /// The router's REST base URL.
     base: String,
     /// The writer's gRPC and REST ports (to restart it on the same addresses).
@@ -2016,7 +1954,7 @@ async fn one_reader_stack(url: &str, data: &std::path::Path, collection: &str) -
     r1.ready(Duration::from_secs(60)).await;
     let mut router = router_proc(url, wg, &[g1], rest);
     router.ready(Duration::from_secs(60)).await;
-    router.wait_live_readers(1).await;
+    router.wait_live_readers(1, LIVE_WITHIN).await;
     let base = format!("http://127.0.0.1:{rest}");
     let http = reqwest::Client::new();
     ok_http(

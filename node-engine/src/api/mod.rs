@@ -33,6 +33,75 @@ pub fn spawn_http(
     })
 }
 
+/// A listener could not be bound (every role's start-up).
+#[derive(Debug, thiserror::Error)]
+#[error("failed to listen on {addr}")]
+pub struct BindError {
+    pub addr: std::net::SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Bind a TCP listener on `addr`.
+///
+/// Errors: [`BindError`] naming `addr`.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
+}
+
+/// One stop signal for a role's servers: every [`StopSignal::wait`] future resolves once
+/// [`StopSignal::stop`] was called (also when it was called before the wait began).
+pub struct StopSignal(tokio::sync::watch::Sender<bool>);
+
+impl Default for StopSignal {
+    fn default() -> Self {
+        StopSignal(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl StopSignal {
+    /// A future that resolves once the signal is given.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
+
+    /// Give the signal.
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Serve the public REST API on `rest_l` and the ops routes on `ops_l` until `shutdown`
+/// resolves, when both stop gracefully (standalone and router: one signal, two listeners).
+///
+/// Errors: the REST server's I/O error (axum's `serve` never returns one in practice); the ops
+/// server's outcome is awaited, not reported.
+pub async fn serve_rest_and_ops(
+    rest_l: tokio::net::TcpListener,
+    rest: Router,
+    ops_l: tokio::net::TcpListener,
+    ops: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stop = StopSignal::default();
+    let ops_task = spawn_http(ops_l, ops, stop.wait());
+    let rest_stopped = stop.wait();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop.stop();
+    });
+    let res = axum::serve(rest_l, rest)
+        .with_graceful_shutdown(rest_stopped)
+        .await;
+    let _ = ops_task.await;
+    res
+}
+
 /// The `/readyz` answer: ready (200) when the backend can serve (standalone/writer: the metadata
 /// store answers; router: the writer and a reader answer), else 503 with the backend's reason.
 /// The GPU details (mode, reasons, devices, live samples) are reported either way and never

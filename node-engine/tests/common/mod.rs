@@ -1,5 +1,8 @@
-//! Shared helpers for the engine's integration tests: an in-process REST app and JSON posting.
+//! Shared helpers for the engine's integration tests: an in-process REST app and JSON posting,
+//! and `shoal-engine` role processes ([`engine::Engine`]).
 #![allow(dead_code, clippy::unwrap_used)]
+
+pub mod engine;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -28,9 +31,23 @@ pub fn config(dir: &std::path::Path, token: Option<&str>) -> StandaloneConfig {
     }
 }
 
+/// Send `req` to an in-process router; its status and whole body.
+pub async fn call(router: &axum::Router, req: Request<Body>) -> (StatusCode, axum::body::Bytes) {
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, bytes)
+}
+
 impl App {
     pub async fn new(token: Option<&str>) -> App {
-        let dir = tempfile::tempdir().unwrap();
+        App::open(tempfile::tempdir().unwrap(), token).await
+    }
+
+    /// The standalone role over `dir`.
+    async fn open(dir: tempfile::TempDir, token: Option<&str>) -> App {
         let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), token))
             .await
             .unwrap();
@@ -49,15 +66,7 @@ impl App {
         drop(self.rest);
         drop(self.ops);
         drop(self.state);
-        let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), None))
-            .await
-            .unwrap();
-        App {
-            rest,
-            ops,
-            state,
-            dir,
-        }
+        App::open(dir, None).await
     }
 
     pub async fn raw(
@@ -71,16 +80,8 @@ impl App {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = self
-            .rest
-            .clone()
-            .oneshot(req.body(Body::from(body.to_string())).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let (status, bytes) =
+            call(&self.rest, req.body(Body::from(body.to_string())).unwrap()).await;
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
@@ -96,16 +97,8 @@ impl App {
     }
 
     pub async fn get_ops(&self, path: &str) -> (StatusCode, String) {
-        let resp = self
-            .ops
-            .clone()
-            .oneshot(Request::get(path).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let (status, bytes) =
+            call(&self.ops, Request::get(path).body(Body::empty()).unwrap()).await;
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 }
