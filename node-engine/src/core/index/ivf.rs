@@ -421,6 +421,19 @@ impl IvfIndex {
             .collect()
     }
 
+    /// `searchParams.nprobe` (default [`DEFAULT_NPROBE`]) checked against the requested nlist.
+    fn checked_nprobe(&self, params: &SearchParams) -> Result<usize, IndexError> {
+        let nprobe = params.nprobe.unwrap_or(DEFAULT_NPROBE);
+        let max = self.meta.requested_nlist.max(1);
+        if nprobe == 0 || nprobe > max {
+            return Err(IndexError::InvalidParam {
+                name: "nprobe".into(),
+                reason: format!("must be in [1, nlist = {max}], got {nprobe}"),
+            });
+        }
+        Ok(nprobe)
+    }
+
     /// The `n` nearest lists of the prepared query `q`, nearest first, ranked as the
     /// single-query search ranks them.
     fn nearest_of(&self, q: &[f32], n: usize) -> Vec<u32> {
@@ -775,14 +788,7 @@ impl IvfIndex {
         filter: Option<&Bitset>,
     ) -> Result<Vec<Vec<u32>>, IndexError> {
         let nq = check_queries(queries, self.meta.dim)?;
-        let nprobe = params.nprobe.unwrap_or(DEFAULT_NPROBE);
-        let max = self.meta.requested_nlist.max(1);
-        if nprobe == 0 || nprobe > max {
-            return Err(IndexError::InvalidParam {
-                name: "nprobe".into(),
-                reason: format!("must be in [1, nlist = {max}], got {nprobe}"),
-            });
-        }
+        let nprobe = self.checked_nprobe(params)?;
         let dim = self.meta.dim;
         let prepared = prepare(self.meta.metric, dim, queries);
         let nprobe = nprobe.min(self.meta.nlist);
@@ -869,14 +875,7 @@ impl VectorIndexRead for IvfIndex {
         filter: Option<&Bitset>,
     ) -> Result<Vec<Vec<Neighbor>>, IndexError> {
         let nq = check_queries(queries, self.meta.dim)?;
-        let nprobe = params.nprobe.unwrap_or(DEFAULT_NPROBE);
-        let max = self.meta.requested_nlist.max(1);
-        if nprobe == 0 || nprobe > max {
-            return Err(IndexError::InvalidParam {
-                name: "nprobe".into(),
-                reason: format!("must be in [1, nlist = {max}], got {nprobe}"),
-            });
-        }
+        let nprobe = self.checked_nprobe(params)?;
         let dim = self.meta.dim;
         if nq <= 1 {
             return Ok(queries
