@@ -395,14 +395,9 @@ impl IvfIndex {
             Ok(c) => c,
             // Shapes are the index's own: cannot fail; fall back to the exact path anyway.
             Err(_) => {
-                let (mut d, mut lists) = (Vec::new(), Vec::new());
                 return prepared
                     .chunks_exact(dim)
-                    .map(|q| {
-                        self.centroid_dists(q, &mut d);
-                        nearest_lists(&d, nprobe, &mut lists);
-                        lists.iter().map(|&(_, l)| l).collect()
-                    })
+                    .map(|q| self.nearest_of(q, nprobe))
                     .collect();
             }
         };
@@ -419,6 +414,15 @@ impl IvfIndex {
                 self.top_lists(ranked, nprobe)
             })
             .collect()
+    }
+
+    /// The probe of a query whose filter keeps a fraction `p` of the rows: `nprobe / p` lists
+    /// (at most every list), so about as many allowed rows are scored as unfiltered.
+    fn widened_nprobe(&self, nprobe: usize, filter: &Bitset) -> usize {
+        let nlist = self.centroids.len() / self.meta.dim.max(1);
+        let allowed = filter.count_ones().min(self.meta.n).max(1);
+        let widened = (nprobe as f64 * self.meta.n as f64 / allowed as f64).ceil();
+        (widened.min(nlist as f64) as usize).max(nprobe)
     }
 
     /// `searchParams.nprobe` (default [`DEFAULT_NPROBE`]) checked against the requested nlist.
@@ -499,9 +503,7 @@ impl IvfIndex {
             // so about as many allowed rows are scored as an unfiltered search would score; lists
             // beyond that are still probed (nearest first) until `k` allowed rows were seen.
             self.centroid_dists(&s.q, &mut s.dists);
-            let allowed = f.count_ones().min(self.meta.n).max(1);
-            let widened = (nprobe as f64 * self.meta.n as f64 / allowed as f64).ceil();
-            nprobe = (widened.min(nlist as f64) as usize).max(nprobe);
+            nprobe = self.widened_nprobe(nprobe, f);
             s.lists.clear();
             s.lists
                 .extend(s.dists.iter().enumerate().map(|(l, &d)| (d, l as u32)));
@@ -817,11 +819,8 @@ impl IvfIndex {
                     .count()
             })
             .collect();
-        // The widening `search_one` applies to a filtered query (kept in step with it; the
-        // GPU-versus-CPU equality tests in `gpu::offload` fail if the two drift apart).
-        let allowed = f.count_ones().min(self.meta.n).max(1);
-        let widened = (nprobe as f64 * self.meta.n as f64 / allowed as f64).ceil();
-        let widened = (widened.min(self.meta.nlist as f64) as usize).max(nprobe);
+        // The widening the CPU search applies to a filtered query.
+        let widened = self.widened_nprobe(nprobe, f);
         Ok(prepared
             .par_chunks_exact(dim)
             .map(|q| {
