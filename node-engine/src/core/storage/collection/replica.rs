@@ -905,29 +905,20 @@ mod tests {
         rec
     }
 
-    fn ids_of(hits: &[Vec<ShardHit>]) -> Vec<Vec<i64>> {
-        hits.iter()
-            .map(|q| q.iter().map(|h| h.row.id).collect())
-            .collect()
-    }
-
-    /// The offload hook end to end (the reader's `GpuOffload` over the host stand-in for a
-    /// device): IVF_FLAT segments go through `search_ivf_flat`, the small segment without an
-    /// index through `search_flat`, and the answer equals the CPU replica's, with deletes and a
-    /// filter.
-    #[tokio::test]
-    async fn a_replica_offers_ivf_flat_and_flat_segments_to_the_offload_and_gets_the_cpu_answer() {
-        use crate::gpu::GpuSearcher;
-        use crate::gpu::backend::host::HostBackend;
-        use crate::gpu::offload::{GpuOffload, ScanKind, ScanRoute};
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let (meta, rec, schema) = l2_collection(dir.path(), "gpu", 8).await;
+    /// A writer `Collection` (index_min_rows 100) with two flushed 600-row segments (ids
+    /// 0..1200) and an IVF_FLAT (nlist 16) index built and committed for each; returns the
+    /// writer and the first segment's index record.
+    async fn two_ivf_flat_segments(
+        meta: &MetaStore,
+        rec: &CollectionRecord,
+        schema: &Schema,
+        data: &std::path::Path,
+    ) -> (Collection, SegmentIndexRecord) {
         let opts = StorageOptions {
             index_min_rows: 100,
             ..StorageOptions::default()
         };
-        let w = Collection::open(meta.clone(), &rec, schema.clone(), &data, opts)
+        let w = Collection::open(meta.clone(), rec, schema.clone(), data, opts)
             .await
             .unwrap();
         for part in 0..2 {
@@ -946,22 +937,53 @@ mod tests {
         };
         meta.put_index(&def).await.unwrap();
         assert!(w.set_ann_def(AnnDef::from_record(&def)));
-        build_and_commit(&meta, &w, 1).await;
-        build_and_commit(&meta, &w, 1).await;
+        let first = build_and_commit(meta, &w, 1).await;
+        build_and_commit(meta, &w, 1).await;
+        (w, first)
+    }
+
+    /// Collection `id`'s segments, index definitions and committed index files in `snap`.
+    fn catalog_of(
+        snap: &crate::core::meta::CatalogSnapshot,
+        id: i64,
+    ) -> (
+        Vec<SegmentRecord>,
+        Vec<IndexRecord>,
+        Vec<SegmentIndexRecord>,
+    ) {
+        (
+            snap.segments.get(&id).cloned().unwrap_or_default(),
+            snap.indexes.get(&id).cloned().unwrap_or_default(),
+            snap.segment_indexes.get(&id).cloned().unwrap_or_default(),
+        )
+    }
+
+    fn ids_of(hits: &[Vec<ShardHit>]) -> Vec<Vec<i64>> {
+        hits.iter()
+            .map(|q| q.iter().map(|h| h.row.id).collect())
+            .collect()
+    }
+
+    /// The offload hook end to end (the reader's `GpuOffload` over the host stand-in for a
+    /// device): IVF_FLAT segments go through `search_ivf_flat`, the small segment without an
+    /// index through `search_flat`, and the answer equals the CPU replica's, with deletes and a
+    /// filter.
+    #[tokio::test]
+    async fn a_replica_offers_ivf_flat_and_flat_segments_to_the_offload_and_gets_the_cpu_answer() {
+        use crate::gpu::GpuSearcher;
+        use crate::gpu::backend::host::HostBackend;
+        use crate::gpu::offload::{GpuOffload, ScanKind, ScanRoute};
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let (meta, rec, schema) = l2_collection(dir.path(), "gpu", 8).await;
+        let (w, _) = two_ivf_flat_segments(&meta, &rec, &schema, &data).await;
         // Under index_min_rows: searched with FLAT.
         w.upsert(random_batch(1200..1250)).await.unwrap();
         w.flush().await.unwrap();
         let deleted: Vec<i64> = (0..1250).step_by(41).collect();
         w.delete(deleted.clone()).await.unwrap();
         w.flush().await.unwrap();
-        let snap = meta.catalog_snapshot().await.unwrap();
-        let segs = snap.segments.get(&rec.id).cloned().unwrap_or_default();
-        let ixs = snap.indexes.get(&rec.id).cloned().unwrap_or_default();
-        let files = snap
-            .segment_indexes
-            .get(&rec.id)
-            .cloned()
-            .unwrap_or_default();
+        let (segs, ixs, files) = catalog_of(&meta.catalog_snapshot().await.unwrap(), rec.id);
         assert_eq!((segs.len(), files.len()), (3, 2));
         let listing = ReplicaListing {
             segments: &segs,
@@ -1065,46 +1087,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let (meta, rec, schema) = l2_collection(dir.path(), "ann", 8).await;
-        let opts = StorageOptions {
-            index_min_rows: 100,
-            ..StorageOptions::default()
-        };
-        let w = Collection::open(meta.clone(), &rec, schema.clone(), &data, opts)
-            .await
-            .unwrap();
-        w.upsert(random_batch(0..600)).await.unwrap();
-        w.flush().await.unwrap();
-        w.upsert(random_batch(600..1200)).await.unwrap();
-        w.flush().await.unwrap();
-        let def = IndexRecord {
-            collection_id: rec.id,
-            index_name: "vector".into(),
-            field_name: "vector".into(),
-            index_type: "IVF_FLAT".into(),
-            metric: "L2".into(),
-            params: r#"{"nlist":16}"#.into(),
-        };
-        meta.put_index(&def).await.unwrap();
-        assert!(w.set_ann_def(AnnDef::from_record(&def)));
-        let first = build_and_commit(&meta, &w, 1).await;
-        build_and_commit(&meta, &w, 1).await;
+        let (w, first) = two_ivf_flat_segments(&meta, &rec, &schema, &data).await;
 
-        let snap = meta.catalog_snapshot().await.unwrap();
-        let listing = |snap: &crate::core::meta::CatalogSnapshot| -> (
-            Vec<SegmentRecord>,
-            Vec<IndexRecord>,
-            Vec<SegmentIndexRecord>,
-        ) {
-            (
-                snap.segments.get(&rec.id).cloned().unwrap_or_default(),
-                snap.indexes.get(&rec.id).cloned().unwrap_or_default(),
-                snap.segment_indexes
-                    .get(&rec.id)
-                    .cloned()
-                    .unwrap_or_default(),
-            )
-        };
-        let (segs, ixs, files) = listing(&snap);
+        let listing = |snap: &crate::core::meta::CatalogSnapshot| catalog_of(snap, rec.id);
+        let (segs, ixs, files) = listing(&meta.catalog_snapshot().await.unwrap());
         assert_eq!(files.len(), 2, "{files:?}");
         let full = ReplicaListing {
             segments: &segs,
