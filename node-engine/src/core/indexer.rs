@@ -10,7 +10,6 @@
 
 use crate::core::engine::Engine;
 use crate::core::index::{self, VectorIndexRead};
-use crate::core::meta::SegmentIndexRecord;
 use crate::core::storage::ann::IndexJob;
 use crate::core::storage::collection::Collection;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -182,21 +181,11 @@ impl IndexBuilder {
                 return;
             }
         };
-        let rec = SegmentIndexRecord {
-            collection_id: job.collection_id,
-            segment_id: job.segment_id as i64,
-            index_name: job.def.index_name.clone(),
-            index_type: job.def.index_type.as_str().into(),
-            params: job.def.params_text.clone(),
-            file: job.rel.clone(),
-            crc: i64::from(crc),
-            bytes: bytes as i64,
-            rows: job.data.rows() as i64,
-            built_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0),
-        };
+        let built_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let rec = job.index_record(crc, bytes, built_ms);
         let committed = match c.meta().commit_segment_index(&rec).await {
             Ok(b) => b,
             Err(e) => {

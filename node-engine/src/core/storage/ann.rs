@@ -93,6 +93,25 @@ pub struct IndexJob {
     pub rel: String,
 }
 
+impl IndexJob {
+    /// The metadata record committing this job's index file (`crc`, `bytes` from
+    /// `index::stored_crc` of `dir`), built at `built_ms` (Unix milliseconds).
+    pub fn index_record(&self, crc: u32, bytes: u64, built_ms: i64) -> SegmentIndexRecord {
+        SegmentIndexRecord {
+            collection_id: self.collection_id,
+            segment_id: self.segment_id as i64,
+            index_name: self.def.index_name.clone(),
+            index_type: self.def.index_type.as_str().into(),
+            params: self.def.params_text.clone(),
+            file: self.rel.clone(),
+            crc: i64::from(crc),
+            bytes: bytes as i64,
+            rows: self.data.rows() as i64,
+            built_ms,
+        }
+    }
+}
+
 impl std::fmt::Debug for IndexJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IndexJob")

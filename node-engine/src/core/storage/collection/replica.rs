@@ -887,18 +887,7 @@ mod tests {
         .expect("build");
         ix.persist(&job.dir).expect("persist");
         let (crc, bytes) = crate::core::index::stored_crc(&job.dir).expect("crc");
-        let rec = SegmentIndexRecord {
-            collection_id: job.collection_id,
-            segment_id: job.segment_id as i64,
-            index_name: job.def.index_name.clone(),
-            index_type: job.def.index_type.as_str().into(),
-            params: job.def.params_text.clone(),
-            file: job.rel.clone(),
-            crc: i64::from(crc),
-            bytes: bytes as i64,
-            rows: job.data.rows() as i64,
-            built_ms,
-        };
+        let rec = job.index_record(crc, bytes, built_ms);
         assert!(meta.commit_segment_index(&rec).await.expect("commit"));
         let mapped = crate::core::index::load(&job.dir).expect("load");
         assert!(w.finish_index(&job, Ok(Arc::from(mapped))));
