@@ -404,6 +404,49 @@ fn every_visible_device_opens_and_reports_memory() {
     ));
 }
 
+/// A committed collection `name` (`metric`, `dim`, explicit ids) in `meta`, and its schema.
+async fn create_collection(
+    meta: &shoal_engine::core::meta::MetaStore,
+    name: &str,
+    metric: &str,
+    dim: usize,
+) -> (
+    shoal_engine::core::meta::CollectionRecord,
+    shoal_engine::core::storage::collection::Schema,
+) {
+    let mut rec = shoal_engine::core::meta::CollectionRecord {
+        id: 0,
+        name: name.into(),
+        dim: dim as i64,
+        metric: metric.into(),
+        auto_id: false,
+        pk_field: "id".into(),
+        vector_field: "vector".into(),
+        dynamic: true,
+        loaded: true,
+        flushed_seq: 0,
+        created_ms: 0,
+    };
+    rec.id = meta.create_collection(&rec).await.unwrap();
+    let schema = shoal_engine::core::engine::schema_of(&rec).unwrap();
+    (rec, schema)
+}
+
+/// A `SearchShard` answer as neighbour lists (row = the hit's id) for [`assert_matches`].
+fn as_neighbors(hits: &[shoal_engine::cluster::pb::QueryHits]) -> Vec<Vec<Neighbor>> {
+    hits.iter()
+        .map(|h| {
+            h.hits
+                .iter()
+                .map(|x| Neighbor {
+                    row: x.id as u32,
+                    dist: x.distance,
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The reader path on the real device: `SearchShard` over a replica whose FLAT segments are
 /// scanned through `GpuOffload` equals the CPU replica (ids, distances within 1e-4 relative;
 /// an id may differ only at a tie on the k-th distance) for every metric, with a filter and
@@ -412,7 +455,7 @@ fn every_visible_device_opens_and_reports_memory() {
 #[ignore = "needs an NVIDIA GPU with libcuda, libcublas.so.12 and libnvrtc.so.12"]
 async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric() {
     use shoal_engine::cluster::reader_service::{ShardBackend, ShardQuery};
-    use shoal_engine::core::meta::{CollectionRecord, MetaStore};
+    use shoal_engine::core::meta::MetaStore;
     use shoal_engine::core::storage::collection::{Collection, CollectionWrite, StorageOptions};
     use shoal_engine::core::storage::wal::RowBatch;
     use shoal_engine::gpu::GpuOffload;
@@ -428,21 +471,7 @@ async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let deleted: Vec<i64> = (0..3 * per_segment).step_by(97).collect();
     for (name, metric) in [("l2", "L2"), ("ip", "IP"), ("cos", "COSINE")] {
-        let mut rec = CollectionRecord {
-            id: 0,
-            name: name.into(),
-            dim: dim as i64,
-            metric: metric.into(),
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-            loaded: true,
-            flushed_seq: 0,
-            created_ms: 0,
-        };
-        rec.id = meta.create_collection(&rec).await.unwrap();
-        let schema = shoal_engine::core::engine::schema_of(&rec).unwrap();
+        let (rec, schema) = create_collection(&meta, name, metric, dim).await;
         let w = Collection::open(meta.clone(), &rec, schema, &data, StorageOptions::default())
             .await
             .unwrap();
@@ -491,20 +520,6 @@ async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric(
                 segs.len() as u64,
                 "{name}: every segment on the GPU"
             );
-            let as_neighbors =
-                |hits: &[shoal_engine::cluster::pb::QueryHits]| -> Vec<Vec<Neighbor>> {
-                    hits.iter()
-                        .map(|h| {
-                            h.hits
-                                .iter()
-                                .map(|x| Neighbor {
-                                    row: x.id as u32,
-                                    dist: x.distance,
-                                })
-                                .collect()
-                        })
-                        .collect()
-                };
             assert_matches(
                 &as_neighbors(&got),
                 &as_neighbors(&want),
@@ -528,7 +543,7 @@ async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric(
 #[ignore = "needs an NVIDIA GPU with libcuda, libcublas.so.12 and libnvrtc.so.12"]
 async fn reader_search_shard_on_the_gpu_answers_ivf_flat_segments_like_the_cpu_replica() {
     use shoal_engine::cluster::reader_service::{ShardBackend, ShardQuery};
-    use shoal_engine::core::meta::{CollectionRecord, IndexRecord, MetaStore, SegmentIndexRecord};
+    use shoal_engine::core::meta::{IndexRecord, MetaStore};
     use shoal_engine::core::storage::ann::AnnDef;
     use shoal_engine::core::storage::collection::{Collection, CollectionWrite, StorageOptions};
     use shoal_engine::core::storage::wal::RowBatch;
@@ -546,21 +561,7 @@ async fn reader_search_shard_on_the_gpu_answers_ivf_flat_segments_like_the_cpu_r
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
     let deleted: Vec<i64> = (0..2 * per_segment).step_by(89).collect();
     for (name, metric) in [("l2", "L2"), ("ip", "IP"), ("cos", "COSINE")] {
-        let mut rec = CollectionRecord {
-            id: 0,
-            name: name.into(),
-            dim: dim as i64,
-            metric: metric.into(),
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-            loaded: true,
-            flushed_seq: 0,
-            created_ms: 0,
-        };
-        rec.id = meta.create_collection(&rec).await.unwrap();
-        let schema = shoal_engine::core::engine::schema_of(&rec).unwrap();
+        let (rec, schema) = create_collection(&meta, name, metric, dim).await;
         let opts = StorageOptions {
             index_min_rows: 1000,
             build_indexes: false,
@@ -599,18 +600,7 @@ async fn reader_search_shard_on_the_gpu_answers_ivf_flat_segments_like_the_cpu_r
             .unwrap();
             ix.persist(&job.dir).unwrap();
             let (crc, bytes) = shoal_engine::core::index::stored_crc(&job.dir).unwrap();
-            let r = SegmentIndexRecord {
-                collection_id: job.collection_id,
-                segment_id: job.segment_id as i64,
-                index_name: job.def.index_name.clone(),
-                index_type: job.def.index_type.as_str().into(),
-                params: job.def.params_text.clone(),
-                file: job.rel.clone(),
-                crc: i64::from(crc),
-                bytes: bytes as i64,
-                rows: job.data.rows() as i64,
-                built_ms: 1,
-            };
+            let r = job.index_record(crc, bytes, 1);
             assert!(meta.commit_segment_index(&r).await.unwrap());
             let mapped = shoal_engine::core::index::load(&job.dir).unwrap();
             assert!(w.finish_index(&job, Ok(Arc::from(mapped))));
@@ -648,20 +638,6 @@ async fn reader_search_shard_on_the_gpu_answers_ivf_flat_segments_like_the_cpu_r
                 segs.len() as u64,
                 "{name}: every segment's lists on the GPU"
             );
-            let as_neighbors =
-                |hits: &[shoal_engine::cluster::pb::QueryHits]| -> Vec<Vec<Neighbor>> {
-                    hits.iter()
-                        .map(|h| {
-                            h.hits
-                                .iter()
-                                .map(|x| Neighbor {
-                                    row: x.id as u32,
-                                    dist: x.distance,
-                                })
-                                .collect()
-                        })
-                        .collect()
-                };
             assert_matches(
                 &as_neighbors(&got),
                 &as_neighbors(&want),
