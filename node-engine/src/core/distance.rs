@@ -7,6 +7,8 @@
 //! plain mathematical values (squared L2, dot product) up to f32 rounding, summed in a fixed order
 //! per instruction set, so repeated calls on one machine are bit-identical. The batched forms
 //! (`*_batch`, one query against consecutive rows) give exactly the values of the single forms.
+//! [`dot_rows`] is the exception: several rows share one reduction, so its sums may differ in
+//! the last bits; it ranks candidates that are then scored exactly.
 
 #![allow(unsafe_code)]
 
@@ -60,7 +62,12 @@ fn detect_isa() -> Isa {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        // Every AVX-512 CPU also has AVX2 and FMA; requiring them lets the AVX2-only kernels
+        // (`dot_rows`, the SQ8 ones) run under `Isa::Avx512` as well.
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
             return Isa::Avx512;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -188,6 +195,9 @@ pub fn sq8_l2(qs: &[f32], step: &[f32], code: &[u8]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
         Isa::Avx512 => unsafe { x86::sq8_l2_avx512(qs, &step[..n], &code[..n]) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe { x86::sq8_l2_avx2(qs, &step[..n], &code[..n]) },
         _ => {
             let mut s = 0f32;
             for j in 0..n {
@@ -207,7 +217,61 @@ pub fn sq8_dot(qs: &[f32], code: &[u8]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
         Isa::Avx512 => unsafe { x86::sq8_dot_avx512(qs, &code[..n]) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe { x86::sq8_dot_avx2(qs, &code[..n]) },
         _ => qs.iter().zip(code).map(|(a, &c)| a * f32::from(c)).sum(),
+    }
+}
+
+/// [`sq8_l2`] of `out.len()` consecutive codes of `qs.len()` bytes each, dispatched once for
+/// the run; the same values as one call per code.
+pub fn sq8_l2_batch(qs: &[f32], step: &[f32], codes: &[u8], out: &mut [f32]) {
+    let n = qs.len();
+    assert!(
+        step.len() >= n && codes.len() == n * out.len(),
+        "sq8_l2_batch: {} codes of {n} bytes and a step per dimension",
+        out.len()
+    );
+    let step = &step[..n];
+    let rows = codes.chunks_exact(n.max(1));
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe { x86::sq8_l2_batch_avx512(qs, step, codes, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe { x86::sq8_l2_batch_avx2(qs, step, codes, out) },
+        _ => {
+            for (o, c) in out.iter_mut().zip(rows) {
+                *o = sq8_l2(qs, step, c);
+            }
+        }
+    }
+}
+
+/// [`sq8_dot`] of `out.len()` consecutive codes of `qs.len()` bytes each, like
+/// [`sq8_l2_batch`].
+pub fn sq8_dot_batch(qs: &[f32], codes: &[u8], out: &mut [f32]) {
+    let n = qs.len();
+    assert!(
+        codes.len() == n * out.len(),
+        "sq8_dot_batch: {} codes of {n} bytes",
+        out.len()
+    );
+    let rows = codes.chunks_exact(n.max(1));
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
+        Isa::Avx512 => unsafe { x86::sq8_dot_batch_avx512(qs, codes, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx2 => unsafe { x86::sq8_dot_batch_avx2(qs, codes, out) },
+        _ => {
+            for (o, c) in out.iter_mut().zip(rows) {
+                *o = sq8_dot(qs, c);
+            }
+        }
     }
 }
 
@@ -230,6 +294,34 @@ pub fn dot_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 only when the CPU reports avx2 and fma.
         Isa::Avx2 => unsafe { x86::dot_batch_avx2(q, rows, out) },
+        _ => {
+            for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
+                *o = dot(q, r);
+            }
+        }
+    }
+}
+
+/// `out[i] = dot(q, row i of rows)` up to f32 rounding, computed several rows at a time (the
+/// query is loaded once per step for eight rows, and eight sums share one horizontal
+/// reduction). Faster than [`dot_batch`] but summed in another order, so the values may differ
+/// from [`dot`]'s in the last bits: for ranking candidates that are then re-scored with
+/// [`dot`] / [`l2_sq`] (the IVF coarse step), not for reported distances.
+pub fn dot_rows(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    assert_eq!(
+        rows.len(),
+        d * out.len(),
+        "rows must hold out.len() rows of q.len() floats"
+    );
+    if d == 0 {
+        out.fill(0.0);
+        return;
+    }
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx512 or Avx2 only when the CPU reports avx2 and fma.
+        Isa::Avx512 | Isa::Avx2 => unsafe { x86::dot_rows_avx2(q, rows, out) },
         _ => {
             for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
                 *o = dot(q, r);
@@ -504,6 +596,7 @@ mod x86 {
         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c8))
     }
 
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) fn sq8_l2_avx512(qs: &[f32], step: &[f32], code: &[u8]) -> f32 {
         let n = qs.len().min(step.len()).min(code.len());
@@ -531,6 +624,7 @@ mod x86 {
         s
     }
 
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) fn sq8_dot_avx512(qs: &[f32], code: &[u8]) -> f32 {
         let n = qs.len().min(code.len());
@@ -664,6 +758,180 @@ mod x86 {
         }
     }
 
+    /// 8 u8 codes widened to f32 lanes. SAFETY: the caller keeps `i + 8 <= code.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn codes8(code: &[u8], i: usize) -> __m256 {
+        // SAFETY: 8 bytes from `i` are inside `code` (caller's contract).
+        let c8 = unsafe { _mm_loadl_epi64(code.as_ptr().add(i).cast::<__m128i>()) };
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn sq8_l2_avx2(qs: &[f32], step: &[f32], code: &[u8]) -> f32 {
+        let n = qs.len().min(step.len()).min(code.len());
+        let (pq, ps) = (qs.as_ptr(), step.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (all loads below): i + 16 <= n or i + 8 <= n, within all three slices.
+        while i + 16 <= n {
+            unsafe {
+                let d0 = _mm256_fnmadd_ps(
+                    codes8(code, i),
+                    _mm256_loadu_ps(ps.add(i)),
+                    _mm256_loadu_ps(pq.add(i)),
+                );
+                let d1 = _mm256_fnmadd_ps(
+                    codes8(code, i + 8),
+                    _mm256_loadu_ps(ps.add(i + 8)),
+                    _mm256_loadu_ps(pq.add(i + 8)),
+                );
+                acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+                acc1 = _mm256_fmadd_ps(d1, d1, acc1);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            unsafe {
+                let d0 = _mm256_fnmadd_ps(
+                    codes8(code, i),
+                    _mm256_loadu_ps(ps.add(i)),
+                    _mm256_loadu_ps(pq.add(i)),
+                );
+                acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+            }
+            i += 8;
+        }
+        let mut s = hsum256(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            let d = qs[i] - f32::from(code[i]) * step[i];
+            s += d * d;
+            i += 1;
+        }
+        s
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn sq8_dot_avx2(qs: &[f32], code: &[u8]) -> f32 {
+        let n = qs.len().min(code.len());
+        let pq = qs.as_ptr();
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (all loads below): i + 16 <= n or i + 8 <= n, within both slices.
+        while i + 16 <= n {
+            unsafe {
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), codes8(code, i), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i + 8)), codes8(code, i + 8), acc1);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            unsafe {
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), codes8(code, i), acc0);
+            }
+            i += 8;
+        }
+        let mut s = hsum256(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += qs[i] * f32::from(code[i]);
+            i += 1;
+        }
+        s
+    }
+
+    /// One SQ8 kernel over consecutive codes of `qs.len()` bytes: the per-code kernel inlined
+    /// into a loop compiled for its instruction set, so the run pays one dispatch.
+    macro_rules! sq8_batch {
+        ($name:ident, $feat:literal, $one:ident, l2) => {
+            #[target_feature(enable = $feat)]
+            pub(super) fn $name(qs: &[f32], step: &[f32], codes: &[u8], out: &mut [f32]) {
+                for (o, c) in out.iter_mut().zip(codes.chunks_exact(qs.len().max(1))) {
+                    *o = $one(qs, step, c);
+                }
+            }
+        };
+        ($name:ident, $feat:literal, $one:ident, dot) => {
+            #[target_feature(enable = $feat)]
+            pub(super) fn $name(qs: &[f32], codes: &[u8], out: &mut [f32]) {
+                for (o, c) in out.iter_mut().zip(codes.chunks_exact(qs.len().max(1))) {
+                    *o = $one(qs, c);
+                }
+            }
+        };
+    }
+    sq8_batch!(sq8_l2_batch_avx512, "avx512f", sq8_l2_avx512, l2);
+    sq8_batch!(sq8_dot_batch_avx512, "avx512f", sq8_dot_avx512, dot);
+    sq8_batch!(sq8_l2_batch_avx2, "avx2,fma", sq8_l2_avx2, l2);
+    sq8_batch!(sq8_dot_batch_avx2, "avx2,fma", sq8_dot_avx2, dot);
+
+    /// Rows per step of [`dot_rows_avx2`]: eight accumulators hide the multiply-add latency.
+    const ROWS: usize = 8;
+
+    /// Dot products of `q` with eight consecutive rows: each 8-float slice of `q` is loaded once
+    /// for all eight, and the eight sums are reduced together. SAFETY: the caller keeps
+    /// `(i + ROWS) * q.len() <= rows.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot8(q: &[f32], rows: &[f32], i: usize, out: &mut [f32; ROWS]) {
+        let d = q.len();
+        let pq = q.as_ptr();
+        // SAFETY: rows i..i + ROWS lie inside `rows` (caller's contract).
+        let base = unsafe { rows.as_ptr().add(i * d) };
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        let mut j = 0;
+        while j + 8 <= d {
+            // SAFETY: j + 8 <= d, so q[j..j + 8] and every row's j..j + 8 are in bounds.
+            unsafe {
+                let qv = _mm256_loadu_ps(pq.add(j));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(base.add(r * d + j)), *a);
+                }
+            }
+            j += 8;
+        }
+        // Eight sums in one register: pairwise horizontal adds, then the two 128-bit halves.
+        let t0 = _mm256_hadd_ps(acc[0], acc[1]);
+        let t1 = _mm256_hadd_ps(acc[2], acc[3]);
+        let t2 = _mm256_hadd_ps(acc[4], acc[5]);
+        let t3 = _mm256_hadd_ps(acc[6], acc[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        let sum = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        );
+        // SAFETY: `out` holds ROWS floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
+        if j < d {
+            for (r, o) in out.iter_mut().enumerate() {
+                let row = &rows[(i + r) * d + j..(i + r + 1) * d];
+                *o += q[j..].iter().zip(row).map(|(a, b)| a * b).sum::<f32>();
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_rows_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        let d = q.len();
+        let n = out.len().min(rows.len() / d.max(1));
+        let mut i = 0;
+        let mut buf = [0f32; ROWS];
+        while i + ROWS <= n {
+            // SAFETY: (i + ROWS) * d <= n * d <= rows.len().
+            unsafe { dot8(q, rows, i, &mut buf) };
+            out[i..i + ROWS].copy_from_slice(&buf);
+            i += ROWS;
+        }
+        while i < n {
+            out[i] = dot_256(q, &rows[i * d..(i + 1) * d]);
+            i += 1;
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn hsum256(v: __m256) -> f32 {
@@ -758,18 +1026,93 @@ mod x86 {
         dot_256(a, b)
     }
 
+    /// Rows per group of [`batch_256`].
+    const GROUP: usize = 4;
+
+    /// `l2_256` (`L2`) or `dot_256` of `q` with each of `out.len()` consecutive rows, four rows
+    /// at a time: each slice of `q` is loaded once for the group, and every row is summed in
+    /// exactly the single kernel's order (two accumulators over 16-float steps, one more
+    /// 8-float step, the horizontal sum, then the scalar tail), so the values are bit-identical.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn l2_batch_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
-        for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
-            *o = l2_256(q, r);
+    fn batch_256<const L2: bool>(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        let d = q.len();
+        let n = out.len().min(rows.len() / d.max(1));
+        let pq = q.as_ptr();
+        let mut i = 0;
+        while i + GROUP <= n {
+            let group = &rows[i * d..(i + GROUP) * d];
+            let pr = group.as_ptr();
+            let mut acc0 = [_mm256_setzero_ps(); GROUP];
+            let mut acc1 = [_mm256_setzero_ps(); GROUP];
+            let mut j = 0;
+            // SAFETY (all loads below): j + 16 <= d or j + 8 <= d, and r < GROUP, so every
+            // load reads inside `q` or inside row r of `group`.
+            while j + 16 <= d {
+                unsafe {
+                    let q0 = _mm256_loadu_ps(pq.add(j));
+                    let q1 = _mm256_loadu_ps(pq.add(j + 8));
+                    for r in 0..GROUP {
+                        let b0 = _mm256_loadu_ps(pr.add(r * d + j));
+                        let b1 = _mm256_loadu_ps(pr.add(r * d + j + 8));
+                        if L2 {
+                            let d0 = _mm256_sub_ps(q0, b0);
+                            let d1 = _mm256_sub_ps(q1, b1);
+                            acc0[r] = _mm256_fmadd_ps(d0, d0, acc0[r]);
+                            acc1[r] = _mm256_fmadd_ps(d1, d1, acc1[r]);
+                        } else {
+                            acc0[r] = _mm256_fmadd_ps(q0, b0, acc0[r]);
+                            acc1[r] = _mm256_fmadd_ps(q1, b1, acc1[r]);
+                        }
+                    }
+                }
+                j += 16;
+            }
+            if j + 8 <= d {
+                unsafe {
+                    let q0 = _mm256_loadu_ps(pq.add(j));
+                    for (r, a) in acc0.iter_mut().enumerate() {
+                        let b0 = _mm256_loadu_ps(pr.add(r * d + j));
+                        if L2 {
+                            let d0 = _mm256_sub_ps(q0, b0);
+                            *a = _mm256_fmadd_ps(d0, d0, *a);
+                        } else {
+                            *a = _mm256_fmadd_ps(q0, b0, *a);
+                        }
+                    }
+                }
+                j += 8;
+            }
+            for r in 0..GROUP {
+                let mut s = hsum256(_mm256_add_ps(acc0[r], acc1[r]));
+                for (&a, &b) in q[j..].iter().zip(&group[r * d + j..(r + 1) * d]) {
+                    if L2 {
+                        let t = a - b;
+                        s += t * t;
+                    } else {
+                        s += a * b;
+                    }
+                }
+                out[i + r] = s;
+            }
+            i += GROUP;
+        }
+        for (o, r) in out[i..n]
+            .iter_mut()
+            .zip(rows[i * d..].chunks_exact(d.max(1)))
+        {
+            *o = if L2 { l2_256(q, r) } else { dot_256(q, r) };
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub(super) fn l2_batch_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
+        batch_256::<true>(q, rows, out);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot_batch_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
-        for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
-            *o = dot_256(q, r);
-        }
+        batch_256::<false>(q, rows, out);
     }
 }
 
@@ -949,16 +1292,59 @@ mod tests {
 
     #[test]
     fn batched_kernels_give_exactly_the_single_kernel_values() {
-        for d in [1usize, 5, 16, 24, 128, 131] {
+        for d in [1usize, 5, 8, 16, 24, 40, 96, 128, 131] {
             let (q, _) = vecs(d);
-            let rows: Vec<f32> = (0..d * 9).map(|i| (i as f32 * 0.013).cos()).collect();
-            let mut l2 = vec![0.0; 9];
-            let mut ip = vec![0.0; 9];
+            let rows: Vec<f32> = (0..d * 11).map(|i| (i as f32 * 0.013).cos()).collect();
+            let mut l2 = vec![0.0; 11];
+            let mut ip = vec![0.0; 11];
             l2_sq_batch(&q, &rows, &mut l2);
             dot_batch(&q, &rows, &mut ip);
             for (i, r) in rows.chunks_exact(d).enumerate() {
                 assert_eq!(l2[i].to_bits(), l2_sq(&q, r).to_bits(), "d={d} row {i}");
                 assert_eq!(ip[i].to_bits(), dot(&q, r).to_bits(), "d={d} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn sq8_batch_kernels_give_exactly_the_single_kernel_values() {
+        for d in [1usize, 8, 15, 24, 96, 128, 130] {
+            let qs: Vec<f32> = (0..d).map(|j| (j as f32 * 0.29).cos() * 2.0).collect();
+            let step: Vec<f32> = (0..d).map(|j| 0.02 + (j % 7) as f32 * 0.001).collect();
+            for n in [0usize, 1, 5, 33] {
+                let codes: Vec<u8> = (0..d * n).map(|j| ((j * 53 + 7) % 256) as u8).collect();
+                let (mut l2, mut ip) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                sq8_l2_batch(&qs, &step, &codes, &mut l2);
+                sq8_dot_batch(&qs, &codes, &mut ip);
+                for (i, c) in codes.chunks_exact(d).enumerate() {
+                    assert_eq!(
+                        l2[i].to_bits(),
+                        sq8_l2(&qs, &step, c).to_bits(),
+                        "d={d} {i}"
+                    );
+                    assert_eq!(ip[i].to_bits(), sq8_dot(&qs, c).to_bits(), "d={d} {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_rows_equals_the_plain_sums() {
+        // Row counts around the 8-row step and dimensions with and without an 8-float tail.
+        for d in [1usize, 5, 8, 13, 16, 24, 96, 128, 131] {
+            for n in [0usize, 1, 7, 8, 9, 17, 64] {
+                let (q, _) = vecs(d);
+                let rows: Vec<f32> = (0..d * n).map(|i| (i as f32 * 0.017).cos()).collect();
+                let mut out = vec![f32::NAN; n];
+                dot_rows(&q, &rows, &mut out);
+                for (i, r) in rows.chunks_exact(d).enumerate() {
+                    let want: f32 = q.iter().zip(r).map(|(a, b)| a * b).sum();
+                    assert!(
+                        (out[i] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "d={d} n={n} row {i}: {} vs {want}",
+                        out[i]
+                    );
+                }
             }
         }
     }
