@@ -68,6 +68,9 @@ pub struct IvfIndex {
     /// [`distance::pq_tables`] reads.
     pq_books_t: Vec<f32>,
     pq_ynorm: Vec<f32>,
+    /// Indexes ranked by L2 (L2, COSINE), derived on build and load (never persisted): every
+    /// centroid's squared norm, for the fast coarse ranking ([`IvfIndex::rank_lists`]).
+    cnorm: Vec<f32>,
 }
 
 /// Buffers one thread's searches reuse, so that a query allocates only its result.
@@ -116,26 +119,43 @@ fn by_dist(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
     a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
 }
 
-/// The `n` nearest of `dists` (indexed by list) as `(distance, list)` in [`by_dist`] order, into
-/// `out`: one pass keeping a sorted window of `n`, so no allocation once `out` has grown.
+/// The `n` nearest of `dists` (indexed by list) as `(distance, list)`, nearest first, into
+/// `out`: one pass keeping a sorted window of `n`, so no allocation once `out` has grown. Once
+/// the window is full, a list enters only if strictly nearer than the window's last (NaN never
+/// does); lists come in increasing order, so ties keep the smaller list.
 fn nearest_lists(dists: &[f32], n: usize, out: &mut Vec<(f32, u32)>) {
     out.clear();
     if n == 0 {
         return;
     }
+    let mut worst = f32::INFINITY;
     for (l, &d) in dists.iter().enumerate() {
         if out.len() == n {
-            // Lists come in increasing order, so an equal distance never displaces a kept one.
-            match out.last() {
-                Some(worst) if d.total_cmp(&worst.0) == Ordering::Less => {
-                    out.pop();
-                }
-                _ => continue,
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
+            if !(d < worst) {
+                continue;
             }
+            out.pop();
         }
         let pos = out.partition_point(|e| e.0.total_cmp(&d) != Ordering::Greater);
         out.insert(pos, (d, l as u32));
+        if let (true, Some(last)) = (out.len() == n, out.last()) {
+            worst = last.0;
+        }
     }
+}
+
+/// Lists beyond the wanted number that a fast coarse ranking keeps and re-scores exactly
+/// ([`IvfIndex::rank_lists`], [`IvfIndex::coarse_batch`]): the fast scores differ from the
+/// exact distances only by rounding, so the exact `n` nearest are among the fast `n + 8`.
+const RERANK_SLACK: usize = 8;
+
+/// Every centroid's squared norm when lists are ranked by L2; empty for IP.
+fn centroid_norms(metric: Metric, centroids: &[f32], dim: usize) -> Vec<f32> {
+    if metric == Metric::IP || dim == 0 {
+        return Vec::new();
+    }
+    centroids.chunks_exact(dim).map(distance::norm_sq).collect()
 }
 
 /// Σ_s lut[s · ksub + code_s] for 16-bit little-endian codes; a code outside its table (only
@@ -277,6 +297,7 @@ impl IvfIndex {
         Ok(Self {
             pq_books_t,
             pq_ynorm,
+            cnorm: centroid_norms(metric, &centroids, dim),
             meta: Meta {
                 index_type,
                 metric,
@@ -321,6 +342,7 @@ impl IvfIndex {
         let mut idx = Self {
             pq_books_t: Vec::new(),
             pq_ynorm: Vec::new(),
+            cnorm: Vec::new(),
             centroids: reader.section("centroids", Some(k * dim))?,
             offsets: reader.section("offsets", Some(k + 1))?,
             ids: reader.section("ids", Some(n))?,
@@ -343,6 +365,7 @@ impl IvfIndex {
         if let Codec::Pq { m, nbits, .. } = idx.meta.codec {
             (idx.pq_books_t, idx.pq_ynorm) = pq_derived(&idx.aux_a, dim, m, nbits);
         }
+        idx.cnorm = centroid_norms(idx.meta.metric, &idx.centroids, dim);
         Ok(idx)
     }
 
@@ -383,7 +406,7 @@ impl IvfIndex {
     fn coarse_batch(&self, prepared: &[f32], nprobe: usize) -> Vec<Vec<u32>> {
         let dim = self.meta.dim;
         let nlist = self.centroids.len() / dim.max(1);
-        let want = (nprobe + 8).min(nlist);
+        let want = (nprobe + RERANK_SLACK).min(nlist);
         let cand = match super::flat::search_slice(
             &self.centroids,
             dim,
@@ -442,15 +465,45 @@ impl IvfIndex {
     /// single-query search ranks them.
     fn nearest_of(&self, q: &[f32], n: usize) -> Vec<u32> {
         let (mut d, mut lists) = (Vec::new(), Vec::new());
-        self.centroid_dists(q, &mut d);
-        if n >= d.len() {
+        if n >= self.meta.nlist {
             // Every list: one sort (the filtered search's order).
+            self.centroid_dists(q, &mut d);
             lists.extend(d.iter().enumerate().map(|(l, &x)| (x, l as u32)));
             lists.sort_unstable_by(by_dist);
         } else {
-            nearest_lists(&d, n, &mut lists);
+            self.rank_lists(q, n, &mut d, &mut lists);
         }
         lists.into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// The `n` nearest lists of the prepared query `q` into `out` as `(distance, list)`, nearest
+    /// first by the exact distance ([`dist`]), ties to the smaller list: the lists
+    /// [`coarse_batch`](Self::coarse_batch) chooses. Every centroid gets a fast score
+    /// ([`distance::dot_rows`]: ‖c‖² − 2⟨q, c⟩ for L2, −⟨q, c⟩ for IP, which rank as the
+    /// distances do), and the `n + RERANK_SLACK` best are re-scored exactly. `scores` is a
+    /// buffer.
+    fn rank_lists(&self, q: &[f32], n: usize, scores: &mut Vec<f32>, out: &mut Vec<(f32, u32)>) {
+        let dim = self.meta.dim;
+        let nlist = self.centroids.len() / dim.max(1);
+        let metric = self.probe_metric();
+        scores.clear();
+        scores.resize(nlist, 0.0);
+        distance::dot_rows(q, &self.centroids, scores);
+        if metric == Metric::IP {
+            scores.iter_mut().for_each(|x| *x = -*x);
+        } else {
+            debug_assert_eq!(self.cnorm.len(), nlist);
+            for (x, &c) in scores.iter_mut().zip(&self.cnorm) {
+                *x = c - 2.0 * *x;
+            }
+        }
+        nearest_lists(scores, (n + RERANK_SLACK).min(nlist), out);
+        for e in out.iter_mut() {
+            let l = e.1 as usize;
+            e.0 = dist(metric, q, &self.centroids[l * dim..(l + 1) * dim]);
+        }
+        out.sort_unstable_by(by_dist);
+        out.truncate(n);
     }
 
     /// The `nprobe` best of `(distance, list)`, nearest first, ties to the smaller list.
@@ -512,8 +565,7 @@ impl IvfIndex {
             s.lists.clear();
             s.lists.extend(p.iter().map(|&l| (0.0, l)));
         } else {
-            self.centroid_dists(&s.q, &mut s.dists);
-            nearest_lists(&s.dists, nprobe, &mut s.lists);
+            self.rank_lists(&s.q, nprobe, &mut s.dists, &mut s.lists);
         }
         let Scratch {
             q,
@@ -534,7 +586,7 @@ impl IvfIndex {
         };
         match self.meta.codec {
             Codec::Flat => self.scan_flat(&scan, dists, top),
-            Codec::Sq8 => self.scan_sq8(&scan, qs, top),
+            Codec::Sq8 => self.scan_sq8(&scan, qs, dists, top),
             Codec::Pq {
                 m,
                 nbits,
@@ -571,9 +623,11 @@ impl IvfIndex {
                         buf.iter_mut().for_each(|d| *d = -*d);
                     }
                 }
+                let mut bound = top.bound();
                 for (p, &d) in (s..e).zip(buf.iter()) {
-                    if d <= top.bound() {
+                    if d <= bound {
                         top.push(self.ids[p], d);
+                        bound = top.bound();
                     }
                 }
                 continue;
@@ -590,7 +644,13 @@ impl IvfIndex {
 
     /// IVF_SQ8: residual codes scored against the query moved into code space once per list
     /// (L2) or once per query (IP).
-    fn scan_sq8(&self, sc: &Scan<'_>, qs: &mut Vec<f32>, top: &mut TopK) -> Vec<Neighbor> {
+    fn scan_sq8(
+        &self,
+        sc: &Scan<'_>,
+        qs: &mut Vec<f32>,
+        buf: &mut Vec<f32>,
+        top: &mut TopK,
+    ) -> Vec<Neighbor> {
         let (dim, metric) = (self.meta.dim, self.meta.metric);
         let q = sc.q;
         let (lo, step) = (&*self.aux_a, &*self.aux_b);
@@ -620,6 +680,25 @@ impl IvfIndex {
             };
             let (s, e) = self.list(l);
             let codes = &self.codes[s * dim..e * dim];
+            if sc.filter.is_none() {
+                // The whole list in one kernel call, then one compare per row with the bound.
+                buf.clear();
+                buf.resize(e - s, 0.0);
+                if l2 {
+                    distance::sq8_l2_batch(qs, step, codes, buf);
+                } else {
+                    distance::sq8_dot_batch(qs, codes, buf);
+                    buf.iter_mut().for_each(|d| *d = -(base + *d));
+                }
+                let mut bound = top.bound();
+                for (p, &d) in (s..e).zip(buf.iter()) {
+                    if d <= bound {
+                        top.push(self.ids[p], d);
+                        bound = top.bound();
+                    }
+                }
+                continue;
+            }
             for (p, code) in (s..e).zip(codes.chunks_exact(dim.max(1))) {
                 let row = self.ids[p];
                 if !sc.allowed(row) {
@@ -864,7 +943,7 @@ impl VectorIndexRead for IvfIndex {
             + self.aux_a.bytes()
             + self.aux_b.bytes()
             + self.codes.bytes()
-            + (self.pq_books_t.len() + self.pq_ynorm.len()) * size_of::<f32>()
+            + (self.pq_books_t.len() + self.pq_ynorm.len() + self.cnorm.len()) * size_of::<f32>()
     }
     fn search(
         &self,
@@ -1016,4 +1095,92 @@ fn pq_encode(resid: &[f32], dim: usize, m: usize, nbits: usize, books: &[f32]) -
         }
     }
     codes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The exact ranking: every list by [`dist`], nearest first, ties to the smaller list.
+    fn exact_lists(idx: &IvfIndex, q: &[f32], n: usize) -> Vec<u32> {
+        let dim = idx.meta.dim;
+        let mut all: Vec<(f32, u32)> = idx
+            .centroids
+            .chunks_exact(dim)
+            .enumerate()
+            .map(|(l, c)| (dist(idx.probe_metric(), q, c), l as u32))
+            .collect();
+        all.sort_by(by_dist);
+        all.into_iter().take(n).map(|(_, l)| l).collect()
+    }
+
+    fn ivf_flat(metric: Metric, dim: usize, nlist: usize, rows: &[f32]) -> IvfIndex {
+        IvfIndex::build(IndexType::IVF_FLAT, metric, dim, nlist, Codec::Flat, rows).expect("build")
+    }
+
+    #[test]
+    fn the_fast_coarse_ranking_chooses_the_exact_nearest_lists() {
+        let dim = 24;
+        let mut rng = ChaCha8Rng::seed_from_u64(77);
+        let rows: Vec<f32> = (0..3000 * dim)
+            .map(|_| rng.random_range(-4.0f32..4.0) + 20.0)
+            .collect();
+        let queries: Vec<f32> = (0..64 * dim)
+            .map(|_| rng.random_range(-4.0f32..4.0) + 20.0)
+            .collect();
+        for metric in [Metric::L2, Metric::IP, Metric::COSINE] {
+            let idx = ivf_flat(metric, dim, 100, &rows);
+            let prepared = prepare(metric, dim, &queries);
+            for n in [1usize, 2, 5, 17, 99] {
+                let batch = idx.coarse_batch(&prepared, n);
+                for (i, q) in prepared.chunks_exact(dim).enumerate() {
+                    let want = exact_lists(&idx, q, n);
+                    assert_eq!(idx.nearest_of(q, n), want, "{metric:?} n={n} query {i}");
+                    assert_eq!(batch[i], want, "{metric:?} n={n} batch query {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lists_at_equal_distance_go_to_the_smaller_list_number() {
+        // Centroids on the integer grid {0, 1, 2}^3 and queries on it and between its points:
+        // many centroids tie exactly, and the fast scores tie too.
+        let dim = 3;
+        let rows: Vec<f32> = (0..300).map(|i| ((i * 7) % 3) as f32).collect();
+        let mut idx = ivf_flat(Metric::L2, dim, 8, &rows);
+        let grid: Vec<f32> = (0..27)
+            .flat_map(|c| [(c / 9) as f32, ((c / 3) % 3) as f32, (c % 3) as f32])
+            .collect();
+        idx.centroids = grid.clone().into();
+        idx.cnorm = centroid_norms(Metric::L2, &grid, dim);
+        idx.meta.nlist = 27;
+        for q in [
+            [1.0f32, 1.0, 1.0],
+            [0.5, 0.5, 0.5],
+            [1.5, 0.0, 2.0],
+            [0.0, 0.0, 0.0],
+        ] {
+            for n in [1usize, 3, 6, 10] {
+                let got = idx.nearest_of(&q, n);
+                assert_eq!(got, exact_lists(&idx, &q, n), "q={q:?} n={n}");
+            }
+        }
+        // The six face neighbours of the centre tie at distance 1: smallest list numbers first.
+        assert_eq!(idx.nearest_of(&[1.0, 1.0, 1.0], 4), vec![13, 4, 10, 12]);
+    }
+
+    #[test]
+    fn nearest_lists_keeps_the_n_smallest_with_ties_to_the_smaller_list() {
+        let d = [3.0f32, 1.0, 2.0, 1.0, f32::NAN, 0.5, 2.0];
+        let mut out = Vec::new();
+        nearest_lists(&d, 3, &mut out);
+        assert_eq!(out, vec![(0.5, 5), (1.0, 1), (1.0, 3)]);
+        nearest_lists(&d, 0, &mut out);
+        assert!(out.is_empty());
+        nearest_lists(&d[..2], 5, &mut out);
+        assert_eq!(out, vec![(1.0, 1), (3.0, 0)]);
+    }
 }
