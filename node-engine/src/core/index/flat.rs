@@ -466,17 +466,29 @@ impl View<'_> {
                 );
             }
             for (i, top) in tops.iter_mut().enumerate() {
-                let dots = &tile[i * nb..(i + 1) * nb];
+                let dists = &mut tile[i * nb..(i + 1) * nb];
                 let qt = q_terms[i];
-                for (j, &dp) in dots.iter().enumerate() {
+                // The ranking distances in place, one metric branch per tile row so the loops
+                // vectorise; then one compare per row against a threshold kept in a register.
+                match self.metric {
+                    Metric::L2 => {
+                        for (d, &t) in dists.iter_mut().zip(&bterms[t0..t1]) {
+                            *d = t - 2.0 * *d;
+                        }
+                    }
+                    Metric::IP => dists.iter_mut().for_each(|d| *d = -*d),
+                    Metric::COSINE => {
+                        for (d, &t) in dists.iter_mut().zip(&bterms[t0..t1]) {
+                            *d = -(*d * t * qt);
+                        }
+                    }
+                }
+                let mut threshold = top.threshold();
+                for (j, &d) in dists.iter().enumerate() {
                     let row = t0 + j;
-                    let d = match self.metric {
-                        Metric::L2 => bterms[row] - 2.0 * dp,
-                        Metric::IP => -dp,
-                        Metric::COSINE => -(dp * bterms[row] * qt),
-                    };
-                    if d < top.threshold() && filter.is_none_or(|f| f.contains(row)) {
+                    if d < threshold && filter.is_none_or(|f| f.contains(row)) {
                         top.push(row as u32, d);
+                        threshold = top.threshold();
                     }
                 }
             }
