@@ -124,7 +124,15 @@ pub fn train(
     } else {
         data
     };
-    let mut cent = init_plus_plus(x, dim, k, &mut rng);
+    // Seeding: k-means++ for L2; k distinct random rows for spherical training, where k-means++
+    // (which favours far, isolated points) measured worse on unit vectors of uneven spread
+    // (sphere-100k-96-ip, nlist 1024: recall@10 0.9819 vs 0.9895 at nprobe 8), while on the
+    // clustered L2 set it is the better of the two (0.9599 vs 0.9382 at nprobe 1).
+    let mut cent = if spherical {
+        random_rows(x, dim, k, &mut rng)
+    } else {
+        init_plus_plus(x, dim, k, &mut rng)
+    };
     let unit = |cent: &mut [f32]| {
         if spherical {
             cent.chunks_exact_mut(dim).for_each(distance::normalize);
@@ -169,7 +177,7 @@ fn init_plus_plus(x: &[f32], dim: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<
             .collect()
     };
     if (m as f64) * (k as f64) * (dim as f64) > 4e9 {
-        return pick_rows(&sample(rng, nx, k).into_vec());
+        return random_rows(x, dim, k, rng);
     }
     let cand = sample(rng, nx, m).into_vec();
     let row = |j: usize| &x[cand[j] * dim..(cand[j] + 1) * dim];
@@ -205,6 +213,15 @@ fn init_plus_plus(x: &[f32], dim: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<
         });
     }
     pick_rows(&chosen.iter().map(|&j| cand[j]).collect::<Vec<_>>())
+}
+
+/// `k` distinct rows of `x` chosen at random.
+fn random_rows(x: &[f32], dim: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    sample(rng, x.len() / dim, k)
+        .into_vec()
+        .iter()
+        .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
+        .collect()
 }
 
 /// Give every empty cluster half of a large one (faiss's rule): copy a centroid picked with
