@@ -155,19 +155,28 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
+/// The shape check of the one-query, many-rows kernels: `rows` must hold `out.len()` rows of
+/// `q.len()` floats (panics otherwise). `false`, with `out` zeroed, for empty vectors.
+fn rows_fit(q: &[f32], rows: &[f32], out: &mut [f32]) -> bool {
+    assert_eq!(
+        rows.len(),
+        q.len() * out.len(),
+        "rows must hold out.len() rows of q.len() floats"
+    );
+    if q.is_empty() {
+        out.fill(0.0);
+        return false;
+    }
+    true
+}
+
 /// `out[i] = l2_sq(q, row i of rows)` for the `out.len()` consecutive rows of `q.len()` floats.
 /// Dispatches once for the whole run of rows.
 pub fn l2_sq_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
-    let d = q.len();
-    assert_eq!(
-        rows.len(),
-        d * out.len(),
-        "rows must hold out.len() rows of q.len() floats"
-    );
-    if d == 0 {
-        out.fill(0.0);
+    if !rows_fit(q, rows, out) {
         return;
     }
+    let d = q.len();
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
@@ -277,16 +286,10 @@ pub fn sq8_dot_batch(qs: &[f32], codes: &[u8], out: &mut [f32]) {
 
 /// `out[i] = dot(q, row i of rows)`, like [`l2_sq_batch`].
 pub fn dot_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
-    let d = q.len();
-    assert_eq!(
-        rows.len(),
-        d * out.len(),
-        "rows must hold out.len() rows of q.len() floats"
-    );
-    if d == 0 {
-        out.fill(0.0);
+    if !rows_fit(q, rows, out) {
         return;
     }
+    let d = q.len();
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 only when the CPU reports avx512f.
@@ -308,16 +311,10 @@ pub fn dot_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
 /// from [`dot`]'s in the last bits: for ranking candidates that are then re-scored with
 /// [`dot`] / [`l2_sq`] (the IVF coarse step), not for reported distances.
 pub fn dot_rows(q: &[f32], rows: &[f32], out: &mut [f32]) {
-    let d = q.len();
-    assert_eq!(
-        rows.len(),
-        d * out.len(),
-        "rows must hold out.len() rows of q.len() floats"
-    );
-    if d == 0 {
-        out.fill(0.0);
+    if !rows_fit(q, rows, out) {
         return;
     }
+    let d = q.len();
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx512 or Avx2 only when the CPU reports avx2 and fma.

@@ -145,6 +145,18 @@ fn nearest_lists(dists: &[f32], n: usize, out: &mut Vec<(f32, u32)>) {
     }
 }
 
+/// Push a scored list (`dists[i]` the distance of row `ids[i]`) into `top`, comparing each
+/// entry with the bound held in a register so that only entries that can enter touch the heap.
+fn push_scored(top: &mut TopK, ids: &[u32], dists: &[f32]) {
+    let mut bound = top.bound();
+    for (&row, &d) in ids.iter().zip(dists) {
+        if d <= bound {
+            top.push(row, d);
+            bound = top.bound();
+        }
+    }
+}
+
 /// Lists beyond the wanted number that a fast coarse ranking keeps and re-scores exactly
 /// ([`IvfIndex::rank_lists`], [`IvfIndex::coarse_batch`]): the fast scores differ from the
 /// exact distances only by rounding, so the exact `n` nearest are among the fast `n + 8`.
@@ -623,13 +635,7 @@ impl IvfIndex {
                         buf.iter_mut().for_each(|d| *d = -*d);
                     }
                 }
-                let mut bound = top.bound();
-                for (p, &d) in (s..e).zip(buf.iter()) {
-                    if d <= bound {
-                        top.push(self.ids[p], d);
-                        bound = top.bound();
-                    }
-                }
+                push_scored(top, &self.ids[s..e], buf);
                 continue;
             }
             for p in s..e {
@@ -690,13 +696,7 @@ impl IvfIndex {
                     distance::sq8_dot_batch(qs, codes, buf);
                     buf.iter_mut().for_each(|d| *d = -(base + *d));
                 }
-                let mut bound = top.bound();
-                for (p, &d) in (s..e).zip(buf.iter()) {
-                    if d <= bound {
-                        top.push(self.ids[p], d);
-                        bound = top.bound();
-                    }
-                }
+                push_scored(top, &self.ids[s..e], buf);
                 continue;
             }
             for (p, code) in (s..e).zip(codes.chunks_exact(dim.max(1))) {
