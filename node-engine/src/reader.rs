@@ -784,19 +784,7 @@ mod tests {
             ("ip", Metric::IP),
             ("cos", Metric::COSINE),
         ] {
-            let mut rec = CollectionRecord {
-                id: 0,
-                name: name.into(),
-                dim: DIM as i64,
-                metric: metric.to_string(),
-                auto_id: false,
-                pk_field: "id".into(),
-                vector_field: "vector".into(),
-                dynamic: true,
-                loaded: true,
-                flushed_seq: 0,
-                created_ms: 0,
-            };
+            let mut rec = CollectionRecord::new(name, DIM, metric.as_str());
             rec.id = meta.create_collection(&rec).await.expect("create");
             let schema = schema_of(&rec).expect("schema");
             let w = Collection::open(meta.clone(), &rec, schema, &data, StorageOptions::default())

@@ -414,19 +414,7 @@ async fn create_collection(
     shoal_engine::core::meta::CollectionRecord,
     shoal_engine::core::storage::collection::Schema,
 ) {
-    let mut rec = shoal_engine::core::meta::CollectionRecord {
-        id: 0,
-        name: name.into(),
-        dim: dim as i64,
-        metric: metric.into(),
-        auto_id: false,
-        pk_field: "id".into(),
-        vector_field: "vector".into(),
-        dynamic: true,
-        loaded: true,
-        flushed_seq: 0,
-        created_ms: 0,
-    };
+    let mut rec = shoal_engine::core::meta::CollectionRecord::new(name, dim, metric);
     rec.id = meta.create_collection(&rec).await.unwrap();
     let schema = shoal_engine::core::engine::schema_of(&rec).unwrap();
     (rec, schema)

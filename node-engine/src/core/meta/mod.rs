@@ -86,6 +86,26 @@ pub struct CollectionRecord {
     pub created_ms: i64,
 }
 
+impl CollectionRecord {
+    /// A new collection's record (id 0 until the store assigns one): client-given ids in the
+    /// primary key `id`, vectors in `vector`, dynamic fields on, loaded, nothing flushed yet.
+    pub fn new(name: &str, dim: usize, metric: &str) -> Self {
+        Self {
+            id: 0,
+            name: name.into(),
+            dim: dim as i64,
+            metric: metric.into(),
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+            loaded: true,
+            flushed_seq: 0,
+            created_ms: 0,
+        }
+    }
+}
+
 /// A committed sealed segment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentRecord {
@@ -871,19 +891,7 @@ mod tests {
         let m = MetaStore::open_sqlite(&dir.path().join("meta.db"))
             .await
             .unwrap();
-        let rec = CollectionRecord {
-            id: 0,
-            name: "c".into(),
-            dim: 4,
-            metric: "L2".into(),
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-            loaded: true,
-            flushed_seq: 0,
-            created_ms: 1,
-        };
+        let rec = record("c");
         let id = m.create_collection(&rec).await.unwrap();
         let seg = SegmentRecord {
             collection_id: id,
@@ -933,17 +941,8 @@ mod tests {
 
     fn record(name: &str) -> CollectionRecord {
         CollectionRecord {
-            id: 0,
-            name: name.into(),
-            dim: 4,
-            metric: "L2".into(),
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-            loaded: true,
-            flushed_seq: 0,
             created_ms: 1,
+            ..CollectionRecord::new(name, 4, "L2")
         }
     }
 
@@ -1095,19 +1094,7 @@ mod tests {
         let m = MetaStore::open_sqlite(&dir.path().join("meta.db"))
             .await
             .unwrap();
-        let rec = CollectionRecord {
-            id: 0,
-            name: "c".into(),
-            dim: 4,
-            metric: "L2".into(),
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-            loaded: true,
-            flushed_seq: 0,
-            created_ms: 1,
-        };
+        let rec = record("c");
         let cid = m.create_collection(&rec).await.unwrap();
         let seg = |id| SegmentRecord {
             collection_id: cid,

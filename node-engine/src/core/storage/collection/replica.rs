@@ -707,19 +707,7 @@ mod tests {
         dim: usize,
     ) -> (MetaStore, CollectionRecord, Schema) {
         let meta = MetaStore::open_sqlite(&root.join("meta.db")).await.unwrap();
-        let mut rec = CollectionRecord {
-            id: 0,
-            name: name.into(),
-            dim: dim as i64,
-            metric: "L2".into(),
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-            loaded: true,
-            flushed_seq: 0,
-            created_ms: 0,
-        };
+        let mut rec = CollectionRecord::new(name, dim, "L2");
         rec.id = meta.create_collection(&rec).await.unwrap();
         let schema = Schema {
             name: name.into(),
