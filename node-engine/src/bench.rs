@@ -369,6 +369,36 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// IVF only (`None` otherwise), computed outside the timing: the mean number of list entries a
+/// query scans with `sp` (the sum of its probed lists' lengths), and the lists' imbalance
+/// factor `nlist · Σ len² / n²` (1 for equal lists; faiss reports the same quantity), which is
+/// what the mean scan length tends to when queries follow the base's distribution.
+fn ivf_balance(
+    index: &dyn VectorIndexRead,
+    qdata: &[f32],
+    k: usize,
+    sp: &SearchParams,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    let Some(ivf) = index.as_ivf() else {
+        return Ok(None);
+    };
+    let probed = ivf.probe_lists(qdata, k, sp, None)?;
+    let scanned: usize = probed.iter().flatten().map(|&l| ivf.list_len(l)).sum();
+    let nlist = ivf.nlist();
+    let lens = (0..nlist as u32).map(|l| ivf.list_len(l) as f64);
+    let n: f64 = lens.clone().sum();
+    let sq: f64 = lens.map(|x| x * x).sum();
+    let imbalance = if n > 0.0 {
+        nlist as f64 * sq / (n * n)
+    } else {
+        1.0
+    };
+    Ok(Some((
+        scanned as f64 / probed.len().max(1) as f64,
+        imbalance,
+    )))
+}
+
 /// Time every search setting in one mode and print its JSON line.
 #[allow(clippy::too_many_arguments)]
 fn run_mode(
@@ -457,6 +487,7 @@ fn run_mode(
             ),
             Mode::Batch => (Value::Null, Value::Null),
         };
+        let ivf = ivf_balance(index, qdata, args.k, sp)?;
         let line = json!({
             "index": args.index.as_str(),
             "metric": args.metric.as_str(),
@@ -480,6 +511,8 @@ fn run_mode(
             "index_bytes": index.memory_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
             "kernels": format!("{:?}", crate::core::distance::isa()),
+            "rows_scanned": ivf.map(|b| round(b.0, 1)),
+            "list_imbalance": ivf.map(|b| round(b.1, 3)),
         });
         println!("{line}");
     }

@@ -106,6 +106,11 @@ impl TopK {
 
     /// The kept hits in rank order; the heap is left empty with its allocation (for
     /// [`reset`](Self::reset)), so only the returned vector is allocated.
+    /// The entries held, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = Neighbor> + '_ {
+        self.heap.iter().map(|r| r.0)
+    }
+
     pub fn take_sorted(&mut self) -> Vec<Neighbor> {
         let mut out: Vec<Neighbor> = self.heap.drain().map(|r| r.0).collect();
         out.sort_unstable_by(Neighbor::cmp_rank);

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 pub const DEFAULT_NLIST: usize = 128;
 pub const DEFAULT_NPROBE: usize = 8;
@@ -251,6 +252,19 @@ fn pq_derived(books: &[f32], dim: usize, m: usize, nbits: usize) -> (Vec<f32>, V
 /// Batches of at least this many unfiltered queries rank their lists through the FLAT batch
 /// kernel ([`IvfIndex::coarse_batch`]).
 const COARSE_BATCH_MIN_QUERIES: usize = 16;
+
+/// Bytes of a list read at once by a list-by-list batch ([`IvfIndex::search_list_major`]): well
+/// inside a per-core L2, so the tile stays cached while every query probing the list scores it.
+const LIST_MAJOR_TILE_BYTES: usize = 128 << 10;
+
+/// Top-k entries (queries × k × threads) a list-by-list batch may hold at once, about 32 MiB;
+/// larger batches run in chunks of queries.
+const LIST_MAJOR_TOPK_ENTRIES: usize = 1 << 22;
+
+/// Queries per chunk of a list-by-list batch on `threads` threads with top-`k`.
+fn list_major_chunk(threads: usize, k: usize) -> usize {
+    (LIST_MAJOR_TOPK_ENTRIES / (threads.max(1) * k.max(1))).max(1)
+}
 
 impl IvfIndex {
     /// Build from `vectors` (n × dim). `nlist` is clamped to `n` so tiny segments still build.
@@ -729,16 +743,7 @@ impl IvfIndex {
             }
             let (s, e) = self.list(l);
             if sc.filter.is_none() {
-                buf.clear();
-                buf.resize(e - s, 0.0);
-                let rows = &self.vectors[s * dim..e * dim];
-                match metric {
-                    Metric::L2 => distance::l2_sq_batch(q, rows, buf),
-                    Metric::IP | Metric::COSINE => {
-                        distance::dot_batch(q, rows, buf);
-                        buf.iter_mut().for_each(|d| *d = -*d);
-                    }
-                }
+                self.score_rows(q, l, s..e, &mut Vec::new(), buf);
                 push_scored(top, &self.ids[s..e], buf);
                 continue;
             }
@@ -763,52 +768,27 @@ impl IvfIndex {
     ) -> Vec<Neighbor> {
         let (dim, metric) = (self.meta.dim, self.meta.metric);
         let q = sc.q;
-        let (lo, step) = (&*self.aux_a, &*self.aux_b);
+        let step = &*self.aux_b;
         top.reset(sc.k);
-        qs.clear();
-        qs.resize(dim, 0.0);
-        let l2 = metric == Metric::L2;
-        let mut q_lo = 0.0;
-        if !l2 {
-            q_lo = distance::dot(q, lo);
-            for ((o, &x), &st) in qs.iter_mut().zip(q).zip(step) {
-                *o = x * st;
-            }
-        }
         for (i, &(_, l)) in sc.lists.iter().enumerate() {
             if i >= sc.nprobe && top.len() >= sc.k {
                 break;
             }
-            let c = &self.centroids[l as usize * dim..(l as usize + 1) * dim];
-            let base = if l2 {
-                for (((o, &x), &cj), &lj) in qs.iter_mut().zip(q).zip(c).zip(lo) {
-                    *o = x - cj - lj;
-                }
-                0.0
-            } else {
-                q_lo + distance::dot(q, c)
-            };
             let (s, e) = self.list(l);
-            let codes = &self.codes[s * dim..e * dim];
             if sc.filter.is_none() {
                 // The whole list in one kernel call, then one compare per row with the bound.
-                buf.clear();
-                buf.resize(e - s, 0.0);
-                if l2 {
-                    distance::sq8_l2_batch(qs, step, codes, buf);
-                } else {
-                    distance::sq8_dot_batch(qs, codes, buf);
-                    buf.iter_mut().for_each(|d| *d = -(base + *d));
-                }
+                self.score_rows(q, l, s..e, qs, buf);
                 push_scored(top, &self.ids[s..e], buf);
                 continue;
             }
+            let base = self.sq8_query(q, l, qs);
+            let codes = &self.codes[s * dim..e * dim];
             for (p, code) in (s..e).zip(codes.chunks_exact(dim.max(1))) {
                 let row = self.ids[p];
                 if !sc.allowed(row) {
                     continue;
                 }
-                let d = if l2 {
+                let d = if metric == Metric::L2 {
                     distance::sq8_l2(qs, step, code)
                 } else {
                     -(base + distance::sq8_dot(qs, code))
@@ -817,6 +797,24 @@ impl IvfIndex {
             }
         }
         top.take_sorted()
+    }
+
+    /// IVF_SQ8: the prepared query `q` moved into list `l`'s code space, into `qs`, and the
+    /// distance's constant term. L2: the residual `q − c − lo` (scored with the steps); IP and
+    /// COSINE: `q ⊙ step` and ⟨q, c + lo⟩, since ⟨q, c + lo + step ⊙ code⟩ is their sum plus
+    /// ⟨q ⊙ step, code⟩.
+    fn sq8_query(&self, q: &[f32], l: u32, qs: &mut Vec<f32>) -> f32 {
+        let dim = self.meta.dim;
+        let (lo, step) = (&*self.aux_a, &*self.aux_b);
+        let c = &self.centroids[l as usize * dim..(l as usize + 1) * dim];
+        qs.clear();
+        if self.meta.metric == Metric::L2 {
+            qs.extend(q.iter().zip(c).zip(lo).map(|((&x, &cj), &lj)| x - cj - lj));
+            0.0
+        } else {
+            qs.extend(q.iter().zip(step).map(|(&x, &st)| x * st));
+            distance::dot(q, lo) + distance::dot(q, c)
+        }
     }
 
     /// IVF_PQ: asymmetric distances from lookup tables, then (with `refine`) the best
@@ -929,6 +927,157 @@ impl IvfIndex {
         exact.take_sorted()
     }
 
+    /// IVF_FLAT and IVF_SQ8: into `buf` (resized to the range), the distances from the prepared
+    /// query `q` to the entries `rows` (a sub-range of list `l`), exactly as every unfiltered
+    /// scan computes them. `qs` is scratch (SQ8: the query moved into code space).
+    fn score_rows(
+        &self,
+        q: &[f32],
+        l: u32,
+        rows: std::ops::Range<usize>,
+        qs: &mut Vec<f32>,
+        buf: &mut Vec<f32>,
+    ) {
+        let (dim, metric) = (self.meta.dim, self.meta.metric);
+        buf.clear();
+        buf.resize(rows.len(), 0.0);
+        let (s, e) = (rows.start, rows.end);
+        match (self.meta.codec, metric) {
+            (Codec::Flat, Metric::L2) => {
+                distance::l2_sq_batch(q, &self.vectors[s * dim..e * dim], buf);
+            }
+            (Codec::Flat, Metric::IP | Metric::COSINE) => {
+                distance::dot_batch(q, &self.vectors[s * dim..e * dim], buf);
+                buf.iter_mut().for_each(|d| *d = -*d);
+            }
+            (Codec::Sq8, _) => {
+                let base = self.sq8_query(q, l, qs);
+                let codes = &self.codes[s * dim..e * dim];
+                if metric == Metric::L2 {
+                    distance::sq8_l2_batch(qs, &self.aux_b, codes, buf);
+                } else {
+                    distance::sq8_dot_batch(qs, codes, buf);
+                    buf.iter_mut().for_each(|d| *d = -(base + *d));
+                }
+            }
+            (Codec::Pq { .. }, _) => unreachable!("score_rows serves IVF_FLAT and IVF_SQ8"),
+        }
+    }
+
+    /// An unfiltered IVF_FLAT or IVF_SQ8 batch, list by list: every list that some query probes
+    /// is read once per tile of [`LIST_MAJOR_TILE_BYTES`] and scored against each of those
+    /// queries while the tile is in cache, instead of once per query (at 1M rows the per-query
+    /// scan waits on memory). `probes[i]` are query `i`'s lists (from [`Self::coarse_batch`]);
+    /// at most `chunk` queries are in flight, each worker thread holding a top-k per query; a
+    /// tile is `tile` rows ([`Self::list_major_tile`]).
+    ///
+    /// The distances are [`Self::score_rows`]'s and the top-k is a total order (distance, then
+    /// row), so every result equals the query-by-query search's.
+    fn search_list_major(
+        &self,
+        prepared: &[f32],
+        k: usize,
+        probes: &[Vec<u32>],
+        (chunk, tile): (usize, usize),
+    ) -> Vec<Vec<Neighbor>> {
+        let dim = self.meta.dim;
+        let mut out = Vec::with_capacity(probes.len());
+        if k == 0 || dim == 0 {
+            out.resize(probes.len(), Vec::new());
+            return out;
+        }
+        for (qs, ps) in prepared
+            .chunks(chunk.max(1) * dim)
+            .zip(probes.chunks(chunk.max(1)))
+        {
+            out.extend(self.list_major_chunk(qs, k, ps, tile.max(1)));
+        }
+        out
+    }
+
+    /// Rows per tile of [`Self::search_list_major`]: [`LIST_MAJOR_TILE_BYTES`] of codes.
+    fn list_major_tile(&self) -> usize {
+        let row_bytes = match self.meta.codec {
+            Codec::Flat => self.meta.dim * size_of::<f32>(),
+            _ => self.meta.dim,
+        };
+        (LIST_MAJOR_TILE_BYTES / row_bytes.max(1)).max(16)
+    }
+
+    fn list_major_chunk(
+        &self,
+        queries: &[f32],
+        k: usize,
+        probes: &[Vec<u32>],
+        tile: usize,
+    ) -> Vec<Vec<Neighbor>> {
+        let (dim, nlist, nq) = (self.meta.dim, self.meta.nlist, probes.len());
+        // Which queries probe each list: `members[first[l]..first[l + 1]]`.
+        let mut first = vec![0usize; nlist + 1];
+        for &l in probes.iter().flatten() {
+            first[l as usize + 1] += 1;
+        }
+        for l in 0..nlist {
+            first[l + 1] += first[l];
+        }
+        let mut fill = first.clone();
+        let mut members = vec![0u32; first[nlist]];
+        for (i, p) in probes.iter().enumerate() {
+            for &l in p {
+                members[fill[l as usize]] = i as u32;
+                fill[l as usize] += 1;
+            }
+        }
+        // One top-k per query per worker thread; a worker only ever locks its own.
+        let threads = rayon::current_num_threads().max(1);
+        let accs: Vec<Mutex<Vec<TopK>>> = (0..threads).map(|_| Mutex::new(Vec::new())).collect();
+        (0..nlist)
+            .into_par_iter()
+            .filter(|&l| first[l] < first[l + 1])
+            .for_each(|l| {
+                let t = rayon::current_thread_index().unwrap_or(0) % threads;
+                let mut acc = accs[t].lock().unwrap_or_else(PoisonError::into_inner);
+                if acc.is_empty() {
+                    acc.extend((0..nq).map(|_| TopK::new(k)));
+                }
+                let who = &members[first[l]..first[l + 1]];
+                let (s, e) = self.list(l as u32);
+                SCRATCH.with(|cell| {
+                    let mut fresh = Scratch::default();
+                    let mut held = cell.try_borrow_mut();
+                    let sc = match held.as_deref_mut() {
+                        Ok(sc) => sc,
+                        Err(_) => &mut fresh,
+                    };
+                    let mut ts = s;
+                    while ts < e {
+                        let te = (ts + tile).min(e);
+                        for &i in who {
+                            let i = i as usize;
+                            let q = &queries[i * dim..(i + 1) * dim];
+                            self.score_rows(q, l as u32, ts..te, &mut sc.qs, &mut sc.dists);
+                            push_scored(&mut acc[i], &self.ids[ts..te], &sc.dists);
+                        }
+                        ts = te;
+                    }
+                });
+            });
+        let accs: Vec<Vec<TopK>> = accs
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        (0..nq)
+            .into_par_iter()
+            .map(|i| {
+                let mut top = TopK::new(k);
+                for n in accs.iter().filter_map(|a| a.get(i)).flat_map(TopK::iter) {
+                    top.push(n.row, n.dist);
+                }
+                top.into_sorted()
+            })
+            .collect()
+    }
+
     fn list(&self, l: u32) -> (usize, usize) {
         (
             self.offsets[l as usize] as usize,
@@ -938,6 +1087,15 @@ impl IvfIndex {
 
     // Pieces for scanning the lists somewhere else (the reader's GPU, `crate::gpu::offload`)
     // with exactly the CPU search's lists and distances.
+
+    /// How many entries list `l` holds (0 for a list id outside `0..nlist()`).
+    pub fn list_len(&self, l: u32) -> usize {
+        if l as usize >= self.meta.nlist {
+            return 0;
+        }
+        let (s, e) = self.list(l);
+        e - s
+    }
 
     /// The code the list entries carry.
     pub fn codec(&self) -> Codec {
@@ -1070,8 +1228,18 @@ impl VectorIndexRead for IvfIndex {
         // An unfiltered batch ranks every query's lists in one matrix product (for a large
         // nlist and a small nprobe that is most of the work); a filtered one widens nprobe per
         // query and ranks in `search_one`.
-        let probes = (filter.is_none() && nq >= COARSE_BATCH_MIN_QUERIES)
-            .then(|| self.coarse_batch(&prepare(self.meta.metric, dim, queries), nprobe));
+        let mut probes = None;
+        if filter.is_none() && nq >= COARSE_BATCH_MIN_QUERIES {
+            let prepared = prepare(self.meta.metric, dim, queries);
+            let lists = self.coarse_batch(&prepared, nprobe);
+            if self.meta.codec != Codec::Flat && self.meta.codec != Codec::Sq8 {
+                probes = Some(lists);
+            } else {
+                let chunk = list_major_chunk(rayon::current_num_threads(), k);
+                let tile = self.list_major_tile();
+                return Ok(self.search_list_major(&prepared, k, &lists, (chunk, tile)));
+            }
+        }
         Ok(queries
             .par_chunks_exact(dim)
             .enumerate()
@@ -1232,6 +1400,58 @@ mod tests {
 
     fn ivf_flat(metric: Metric, dim: usize, nlist: usize, rows: &[f32]) -> IvfIndex {
         IvfIndex::build(IndexType::IVF_FLAT, metric, dim, nlist, Codec::Flat, rows).expect("build")
+    }
+
+    #[test]
+    fn list_by_list_batches_return_the_query_by_query_results() {
+        let dim = 24;
+        let mut rng = ChaCha8Rng::seed_from_u64(78);
+        let mut rows: Vec<f32> = (0..2000 * dim)
+            .map(|_| rng.random_range(-4.0f32..4.0) + 3.0)
+            .collect();
+        // 300 exact duplicates: equal distances, ordered by row in every path.
+        rows.extend_from_within(..300 * dim);
+        let queries: Vec<f32> = (0..40 * dim)
+            .map(|_| rng.random_range(-4.0f32..4.0) + 3.0)
+            .collect();
+        for codec in [Codec::Flat, Codec::Sq8] {
+            for metric in [Metric::L2, Metric::IP, Metric::COSINE] {
+                let t = if codec == Codec::Flat {
+                    IndexType::IVF_FLAT
+                } else {
+                    IndexType::IVF_SQ8
+                };
+                let idx = IvfIndex::build(t, metric, dim, 64, codec, &rows).expect("build");
+                let prepared = prepare(metric, dim, &queries);
+                for (k, nprobe) in [(1, 1), (10, 3), (500, 5)] {
+                    let want: Vec<Vec<Neighbor>> = queries
+                        .chunks_exact(dim)
+                        .map(|q| idx.search_one(q, k, nprobe, None, None))
+                        .collect();
+                    // k = 500 is more than 5 lists of ~36 rows hold: every row of them comes back.
+                    let full = want.iter().filter(|r| r.len() == k).count();
+                    assert_eq!(full, if k <= 10 { want.len() } else { 0 }, "{t} k={k}");
+                    let probes = idx.coarse_batch(&prepared, nprobe);
+                    // Chunks and tiles that split the batch and the lists unevenly, and the
+                    // sizes `search` picks.
+                    for shape in [
+                        (1, 1),
+                        (7, 5),
+                        (40, 1000),
+                        (list_major_chunk(2, k), idx.list_major_tile()),
+                    ] {
+                        let got = idx.search_list_major(&prepared, k, &probes, shape);
+                        assert_eq!(got, want, "{t} {metric:?} k={k} nprobe={nprobe} {shape:?}");
+                    }
+                    let params = SearchParams {
+                        nprobe: Some(nprobe),
+                        ef: None,
+                    };
+                    let batch = idx.search(&queries, k, &params, None).expect("search");
+                    assert_eq!(batch, want, "{t} {metric:?} k={k} through search");
+                }
+            }
+        }
     }
 
     #[test]
