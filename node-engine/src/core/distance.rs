@@ -306,6 +306,27 @@ pub fn dot_batch(q: &[f32], rows: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The first index `i >= from` with `xs[i] < bound` (`<=` with `or_equal`), or `xs.len()` when
+/// there is none; NaN never qualifies. What a top-k scan uses to skip, eight values per compare,
+/// the long runs of rows that cannot enter (once the bound has settled, almost all of them).
+#[inline]
+pub fn next_below(xs: &[f32], from: usize, bound: f32, or_equal: bool) -> usize {
+    let from = from.min(xs.len());
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 or Avx512 only when the CPU reports avx2.
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86::next_below_avx2(xs, from, bound, or_equal) },
+        _ => next_below_portable(xs, from, bound, or_equal),
+    }
+}
+
+fn next_below_portable(xs: &[f32], from: usize, bound: f32, or_equal: bool) -> usize {
+    xs[from..]
+        .iter()
+        .position(|&x| x < bound || (or_equal && x == bound))
+        .map_or(xs.len(), |i| from + i)
+}
+
 /// `out[i] = dot(q, row i of rows)` up to f32 rounding, computed several rows at a time (the
 /// query is loaded once per step for eight rows, and eight sums share one horizontal
 /// reduction). Faster than [`dot_batch`] but summed in another order, so the values may differ
@@ -1242,6 +1263,28 @@ mod x86 {
     pub(super) fn dot_batch_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
         batch_256::<false>(q, rows, out);
     }
+
+    /// [`super::next_below`] (`from <= xs.len()`, checked by the caller).
+    #[target_feature(enable = "avx2")]
+    pub(super) fn next_below_avx2(xs: &[f32], from: usize, bound: f32, or_equal: bool) -> usize {
+        let b = _mm256_set1_ps(bound);
+        let mut i = from;
+        while i + 8 <= xs.len() {
+            // SAFETY: i + 8 <= xs.len(), so the eight floats at i are inside `xs`.
+            let v = unsafe { _mm256_loadu_ps(xs.as_ptr().add(i)) };
+            // Ordered, quiet compares: NaN lanes are false.
+            let m = if or_equal {
+                _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(v, b))
+            } else {
+                _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(v, b))
+            };
+            if m != 0 {
+                return i + m.trailing_zeros() as usize;
+            }
+            i += 8;
+        }
+        super::next_below_portable(xs, i, bound, or_equal)
+    }
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -1309,6 +1352,34 @@ mod arm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_below_finds_the_first_value_under_the_bound() {
+        let mut rng = 0x9e37_79b9_u32;
+        let mut xs: Vec<f32> = (0..203)
+            .map(|_| {
+                rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (rng >> 20) as f32 / 64.0
+            })
+            .collect();
+        xs[17] = f32::NAN;
+        xs[90] = f32::NAN;
+        for bound in [-1.0, 0.0, 3.0, 20.0, 40.0, f32::INFINITY, f32::NAN] {
+            for or_equal in [false, true] {
+                for from in [0, 1, 7, 8, 9, 17, 100, 196, 202, 203, 500] {
+                    let want = (from.min(xs.len())..xs.len())
+                        .find(|&i| xs[i] < bound || (or_equal && xs[i] == bound))
+                        .unwrap_or(xs.len());
+                    assert_eq!(next_below(&xs, from, bound, or_equal), want, "{bound} {or_equal} {from}");
+                    assert_eq!(next_below_portable(&xs, from.min(xs.len()), bound, or_equal), want);
+                }
+            }
+        }
+        // An exact tie is found only with `or_equal`.
+        let ties = [5.0f32; 11];
+        assert_eq!(next_below(&ties, 0, 5.0, false), 11);
+        assert_eq!(next_below(&ties, 3, 5.0, true), 3);
+    }
 
     #[test]
     fn sq8_kernels_equal_the_plain_sums_for_every_length() {

@@ -483,13 +483,13 @@ impl View<'_> {
                         }
                     }
                 }
-                let mut threshold = top.threshold();
-                for (j, &d) in dists.iter().enumerate() {
+                let mut j = distance::next_below(dists, 0, top.threshold(), false);
+                while j < nb {
                     let row = t0 + j;
-                    if d < threshold && filter.is_none_or(|f| f.contains(row)) {
-                        top.push(row as u32, d);
-                        threshold = top.threshold();
+                    if filter.is_none_or(|f| f.contains(row)) {
+                        top.push(row as u32, dists[j]);
                     }
+                    j = distance::next_below(dists, j + 1, top.threshold(), false);
                 }
             }
             t0 = t1;

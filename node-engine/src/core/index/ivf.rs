@@ -160,15 +160,15 @@ fn nearest_lists(dists: &[f32], n: usize, out: &mut Vec<(f32, u32)>) {
     }
 }
 
-/// Push a scored list (`dists[i]` the distance of row `ids[i]`) into `top`, comparing each
-/// entry with the bound held in a register so that only entries that can enter touch the heap.
+/// Push a scored list (`dists[i]` the distance of row `ids[i]`) into `top`: the entries that
+/// cannot enter are skipped eight compares at a time ([`distance::next_below`]), so only those
+/// that can touch the heap.
 fn push_scored(top: &mut TopK, ids: &[u32], dists: &[f32]) {
-    let mut bound = top.bound();
-    for (&row, &d) in ids.iter().zip(dists) {
-        if d <= bound {
-            top.push(row, d);
-            bound = top.bound();
-        }
+    let dists = &dists[..dists.len().min(ids.len())];
+    let mut i = distance::next_below(dists, 0, top.bound(), true);
+    while i < dists.len() {
+        top.push(ids[i], dists[i]);
+        i = distance::next_below(dists, i + 1, top.bound(), true);
     }
 }
 
