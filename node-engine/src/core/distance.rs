@@ -1370,8 +1370,15 @@ mod tests {
                     let want = (from.min(xs.len())..xs.len())
                         .find(|&i| xs[i] < bound || (or_equal && xs[i] == bound))
                         .unwrap_or(xs.len());
-                    assert_eq!(next_below(&xs, from, bound, or_equal), want, "{bound} {or_equal} {from}");
-                    assert_eq!(next_below_portable(&xs, from.min(xs.len()), bound, or_equal), want);
+                    assert_eq!(
+                        next_below(&xs, from, bound, or_equal),
+                        want,
+                        "{bound} {or_equal} {from}"
+                    );
+                    assert_eq!(
+                        next_below_portable(&xs, from.min(xs.len()), bound, or_equal),
+                        want
+                    );
                 }
             }
         }
