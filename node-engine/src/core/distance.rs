@@ -819,9 +819,9 @@ mod x86 {
     /// prefetcher stops (a single-query scan is bound by memory, not arithmetic).
     const PREFETCH_BYTES_AHEAD: usize = 4096;
 
-    /// Prefetch row `i + ahead` of `rows` (`d` floats per row) when it exists.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
+    /// Prefetch row `i + ahead` of `rows` (`d` floats per row) when it exists. SSE only (the
+    /// x86-64 baseline), so it inlines into the AVX2 and the AVX-512 kernels.
+    #[inline(always)]
     fn prefetch_row(rows: &[f32], d: usize, i: usize, ahead: usize) {
         let start = (i + ahead) * d;
         if start + d <= rows.len() {
@@ -1189,9 +1189,13 @@ mod x86 {
         let n = out.len().min(rows.len() / d.max(1));
         let pq = q.as_ptr();
         let mut i = 0;
+        let ahead = (PREFETCH_BYTES_AHEAD / (d.max(1) * 4)).max(1);
         while i + GROUP <= n {
             let group = &rows[i * d..(i + GROUP) * d];
             let pr = group.as_ptr();
+            for r in 0..GROUP {
+                prefetch_row(rows, d, i + r, ahead);
+            }
             let mut acc0 = [_mm256_setzero_ps(); GROUP];
             let mut acc1 = [_mm256_setzero_ps(); GROUP];
             let mut j = 0;

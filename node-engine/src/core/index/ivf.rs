@@ -253,6 +253,10 @@ fn pq_derived(books: &[f32], dim: usize, m: usize, nbits: usize) -> (Vec<f32>, V
 /// kernel ([`IvfIndex::coarse_batch`]).
 const COARSE_BATCH_MIN_QUERIES: usize = 16;
 
+/// Bytes at the head of the next list that a single-query scan prefetches
+/// ([`IvfIndex::prefetch_list_head`]).
+const LIST_PREFETCH_BYTES: usize = 4096;
+
 /// Bytes of a list read at once by a list-by-list batch ([`IvfIndex::search_list_major`]): well
 /// inside a per-core L2, so the tile stays cached while every query probing the list scores it.
 const LIST_MAJOR_TILE_BYTES: usize = 128 << 10;
@@ -741,6 +745,9 @@ impl IvfIndex {
             if i >= sc.nprobe && top.len() >= sc.k {
                 break;
             }
+            if let Some(&(_, next)) = sc.lists.get(i + 1) {
+                self.prefetch_list_head(next);
+            }
             let (s, e) = self.list(l);
             if sc.filter.is_none() {
                 self.score_rows(q, l, s..e, &mut Vec::new(), buf);
@@ -773,6 +780,9 @@ impl IvfIndex {
         for (i, &(_, l)) in sc.lists.iter().enumerate() {
             if i >= sc.nprobe && top.len() >= sc.k {
                 break;
+            }
+            if let Some(&(_, next)) = sc.lists.get(i + 1) {
+                self.prefetch_list_head(next);
             }
             let (s, e) = self.list(l);
             if sc.filter.is_none() {
@@ -1076,6 +1086,25 @@ impl IvfIndex {
                 top.into_sorted()
             })
             .collect()
+    }
+
+    /// Starts loading the first [`LIST_PREFETCH_BYTES`] of list `l`'s vectors (IVF_FLAT) or
+    /// codes (IVF_SQ8) while the current list is scored: lists lie apart in memory, and a
+    /// hardware prefetcher only follows a stream once it has begun.
+    fn prefetch_list_head(&self, l: u32) {
+        let (s, e) = self.list(l);
+        let dim = self.meta.dim;
+        match self.meta.codec {
+            Codec::Flat => {
+                let rows = (LIST_PREFETCH_BYTES / (dim * size_of::<f32>()).max(1)).min(e - s);
+                distance::prefetch(&self.vectors[s * dim..(s + rows) * dim]);
+            }
+            Codec::Sq8 => {
+                let rows = (LIST_PREFETCH_BYTES / dim.max(1)).min(e - s);
+                distance::prefetch(&self.codes[s * dim..(s + rows) * dim]);
+            }
+            Codec::Pq { .. } => {}
+        }
     }
 
     fn list(&self, l: u32) -> (usize, usize) {
