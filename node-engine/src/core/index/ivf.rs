@@ -1261,7 +1261,8 @@ impl VectorIndexRead for IvfIndex {
         if filter.is_none() && nq >= COARSE_BATCH_MIN_QUERIES {
             let prepared = prepare(self.meta.metric, dim, queries);
             let lists = self.coarse_batch(&prepared, nprobe);
-            if self.meta.codec != Codec::Flat && self.meta.codec != Codec::Sq8 {
+            if matches!(self.meta.codec, Codec::Pq { .. }) {
+                // IVF_PQ builds a lookup table per query and list: query by query.
                 probes = Some(lists);
             } else {
                 let chunk = list_major_chunk(rayon::current_num_threads(), k);
