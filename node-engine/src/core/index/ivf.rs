@@ -1480,6 +1480,16 @@ mod tests {
                     let batch = idx.search(&queries, k, &params, None).expect("search");
                     assert_eq!(batch, want, "{t} {metric:?} k={k} through search");
                 }
+                // An index over no rows answers a batch with empty results.
+                let empty = IvfIndex::build(t, metric, dim, 64, codec, &[]).expect("build");
+                let got = empty
+                    .search(&queries, 10, &SearchParams::default(), None)
+                    .expect("search");
+                assert_eq!(
+                    got,
+                    vec![Vec::<Neighbor>::new(); 40],
+                    "{t} {metric:?} empty"
+                );
             }
         }
     }
