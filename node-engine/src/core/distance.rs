@@ -157,12 +157,13 @@ pub fn normalize(v: &mut [f32]) {
 }
 
 /// The shape check of the one-query, many-rows kernels: `rows` must hold `out.len()` rows of
-/// `q.len()` floats (panics otherwise). `false`, with `out` zeroed, for empty vectors.
-fn rows_fit(q: &[f32], rows: &[f32], out: &mut [f32]) -> bool {
+/// `q.len()` values (f32, or halves for [`dot_rows_f16`]; panics otherwise). `false`, with
+/// `out` zeroed, for empty vectors.
+fn rows_fit<T>(q: &[f32], rows: &[T], out: &mut [f32]) -> bool {
     assert_eq!(
         rows.len(),
         q.len() * out.len(),
-        "rows must hold out.len() rows of q.len() floats"
+        "rows must hold out.len() rows of q.len() values"
     );
     if q.is_empty() {
         out.fill(0.0);
@@ -406,13 +407,7 @@ pub fn f16_to_f32(h: u16) -> f32 {
 /// halves): each half is widened exactly, then summed like [`dot_rows`]. Half the bytes of an
 /// f32 copy, for ranking a set too large for the cache.
 pub fn dot_rows_f16(q: &[f32], rows: &[u16], out: &mut [f32]) {
-    assert_eq!(
-        rows.len(),
-        q.len() * out.len(),
-        "rows must hold out.len() rows of q.len() halves"
-    );
-    if q.is_empty() {
-        out.fill(0.0);
+    if !rows_fit(q, rows, out) {
         return;
     }
     match isa() {

@@ -719,8 +719,7 @@ impl IvfIndex {
             lists,
         };
         match self.meta.codec {
-            Codec::Flat => self.scan_flat(&scan, dists, top),
-            Codec::Sq8 => self.scan_sq8(&scan, qs, dists, top),
+            Codec::Flat | Codec::Sq8 => self.scan_lists(&scan, qs, dists, top),
             Codec::Pq {
                 m,
                 nbits,
@@ -736,46 +735,18 @@ impl IvfIndex {
         }
     }
 
-    /// IVF_FLAT: raw vectors; unfiltered lists in one batch kernel call each.
-    fn scan_flat(&self, sc: &Scan<'_>, buf: &mut Vec<f32>, top: &mut TopK) -> Vec<Neighbor> {
-        let (dim, metric) = (self.meta.dim, self.meta.metric);
-        let q = sc.q;
-        top.reset(sc.k);
-        for (i, &(_, l)) in sc.lists.iter().enumerate() {
-            if i >= sc.nprobe && top.len() >= sc.k {
-                break;
-            }
-            if let Some(&(_, next)) = sc.lists.get(i + 1) {
-                self.prefetch_list_head(next);
-            }
-            let (s, e) = self.list(l);
-            if sc.filter.is_none() {
-                self.score_rows(q, l, s..e, &mut Vec::new(), buf);
-                push_scored(top, &self.ids[s..e], buf);
-                continue;
-            }
-            for p in s..e {
-                let row = self.ids[p];
-                if sc.allowed(row) {
-                    top.push(row, dist(metric, q, &self.vectors[p * dim..(p + 1) * dim]));
-                }
-            }
-        }
-        top.take_sorted()
-    }
-
-    /// IVF_SQ8: residual codes scored against the query moved into code space once per list
-    /// (L2) or once per query (IP).
-    fn scan_sq8(
+    /// IVF_FLAT and IVF_SQ8: the lists nearest first. An unfiltered list is scored in one kernel
+    /// call ([`Self::score_rows`]) and pushed against the bound; a filtered one scores only its
+    /// allowed rows. The head of the next list is prefetched while the current one is scored.
+    fn scan_lists(
         &self,
         sc: &Scan<'_>,
         qs: &mut Vec<f32>,
         buf: &mut Vec<f32>,
         top: &mut TopK,
     ) -> Vec<Neighbor> {
-        let (dim, metric) = (self.meta.dim, self.meta.metric);
+        let (dim, metric, codec) = (self.meta.dim, self.meta.metric, self.meta.codec);
         let q = sc.q;
-        let step = &*self.aux_b;
         top.reset(sc.k);
         for (i, &(_, l)) in sc.lists.iter().enumerate() {
             if i >= sc.nprobe && top.len() >= sc.k {
@@ -786,22 +757,29 @@ impl IvfIndex {
             }
             let (s, e) = self.list(l);
             if sc.filter.is_none() {
-                // The whole list in one kernel call, then one compare per row with the bound.
                 self.score_rows(q, l, s..e, qs, buf);
                 push_scored(top, &self.ids[s..e], buf);
                 continue;
             }
-            let base = self.sq8_query(q, l, qs);
-            let codes = &self.codes[s * dim..e * dim];
-            for (p, code) in (s..e).zip(codes.chunks_exact(dim.max(1))) {
+            // SQ8: the query in this list's code space, once per list.
+            let base = if codec == Codec::Sq8 {
+                self.sq8_query(q, l, qs)
+            } else {
+                0.0
+            };
+            for p in s..e {
                 let row = self.ids[p];
                 if !sc.allowed(row) {
                     continue;
                 }
-                let d = if metric == Metric::L2 {
-                    distance::sq8_l2(qs, step, code)
-                } else {
-                    -(base + distance::sq8_dot(qs, code))
+                let d = match codec {
+                    Codec::Sq8 if metric == Metric::L2 => {
+                        distance::sq8_l2(qs, &self.aux_b, &self.codes[p * dim..(p + 1) * dim])
+                    }
+                    Codec::Sq8 => {
+                        -(base + distance::sq8_dot(qs, &self.codes[p * dim..(p + 1) * dim]))
+                    }
+                    _ => dist(metric, q, &self.vectors[p * dim..(p + 1) * dim]),
                 };
                 top.push(row, d);
             }
