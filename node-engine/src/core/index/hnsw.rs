@@ -3,10 +3,11 @@
 //! node; upper layers: `count, nbrs[M]` per level, located by per-node offsets) that persist
 //! and mmap as they are. Searches reuse pooled visited lists.
 //!
-//! Filters and tombstones apply inside the base-layer search: every node is still traversed,
-//! but only allowed rows enter the result set (hnswlib's `isIdAllowed` rule). When a filter
-//! keeps so few rows that a graph walk would visit most of the graph anyway, the allowed rows
-//! are scanned exactly instead.
+//! An unfiltered layer search keeps the best `ef` nodes seen in one sorted array (hnswlib keeps
+//! two heaps; both expand the same nodes). Filters and tombstones apply inside the base-layer
+//! search: every node is still traversed, but only allowed rows enter the result set
+//! (hnswlib's `isIdAllowed` rule). When a filter keeps so few rows that a graph walk would
+//! visit most of the graph anyway, the allowed rows are scanned exactly instead.
 
 use super::common::{TopK, check_queries, dist, prepare};
 use super::persist::{Buf, FileReader, FileWriter};
@@ -94,6 +95,55 @@ impl Visited {
         let seen = *m == self.stamp;
         *m = self.stamp;
         seen
+    }
+}
+
+/// The best `cap` candidates of a layer search, nearest first, each marked once expanded.
+struct Beam {
+    items: Vec<(Cand, bool)>,
+    cap: usize,
+    /// No item before this index is unexpanded.
+    next: usize,
+}
+
+impl Beam {
+    fn new(cap: usize) -> Self {
+        Self {
+            items: Vec::with_capacity(cap + 1),
+            cap: cap.max(1),
+            next: 0,
+        }
+    }
+    /// Keeps `c` if it is among the best `cap` seen so far; says whether it did.
+    #[inline]
+    fn push(&mut self, c: Cand) -> bool {
+        if self.items.len() >= self.cap {
+            match self.items.last() {
+                Some((worst, _)) if c < *worst => {
+                    self.items.pop();
+                }
+                _ => return false,
+            }
+        }
+        let at = self.items.partition_point(|(x, _)| *x < c);
+        self.items.insert(at, (c, false));
+        self.next = self.next.min(at);
+        true
+    }
+    /// Marks the nearest unexpanded node expanded and returns it.
+    #[inline]
+    fn expand_next(&mut self) -> Option<u32> {
+        while let Some((c, done)) = self.items.get_mut(self.next) {
+            self.next += 1;
+            if !*done {
+                *done = true;
+                return Some(c.id);
+            }
+        }
+        None
+    }
+    fn into_sorted(self) -> Vec<Cand> {
+        self.items.into_iter().map(|(c, _)| c).collect()
     }
 }
 
@@ -241,8 +291,53 @@ impl Ctx<'_> {
         cur
     }
 
-    /// Beam search on one layer; returns up to `ef` results as a max-heap (worst on top).
-    /// With `allowed`, only allowed nodes enter the results but all nodes are traversed.
+    /// Scores the unvisited neighbours of `node` on `level`, marking them visited, and hands
+    /// each to `keep`, which says whether it became a candidate for expansion. A graph walk is
+    /// bound by memory loads, so the vectors of the next few neighbours are already on their
+    /// way while one is scored, and on layer 0 a new candidate's neighbour list is fetched
+    /// as soon as it is kept, well before it is expanded.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn score_neighbours(
+        &self,
+        g: &(impl Links + ?Sized),
+        q: &[f32],
+        node: u32,
+        level: usize,
+        visited: &mut Visited,
+        buf: &mut Vec<u32>,
+        mut keep: impl FnMut(Cand) -> bool,
+    ) {
+        if level == 0 {
+            g.l0(node, buf)
+        } else {
+            g.upper(node, level, buf)
+        }
+        buf.retain(|&nb| !visited.check_and_mark(nb));
+        for &nb in buf.iter().take(PREFETCH_AHEAD) {
+            distance::prefetch(self.vec(nb));
+        }
+        for (i, &nb) in buf.iter().enumerate() {
+            if let Some(&next) = buf.get(i + PREFETCH_AHEAD) {
+                distance::prefetch(self.vec(next));
+            }
+            let kept = keep(Cand {
+                d: self.d(q, nb),
+                id: nb,
+            });
+            if kept && level == 0 {
+                g.prefetch_l0(nb);
+            }
+        }
+    }
+
+    /// Beam search on one layer where every node may enter the results (no filter): the
+    /// best `ef` nodes seen, nearest first.
+    ///
+    /// It expands exactly the nodes that hnswlib's candidate and result heaps would: a
+    /// candidate is only ever expanded while it is among the best `ef` seen, so one sorted
+    /// array of those (each marked once expanded) replaces both heaps, and the next node to
+    /// expand is the nearest unmarked one.
     #[allow(clippy::too_many_arguments)]
     fn search_layer(
         &self,
@@ -252,11 +347,36 @@ impl Ctx<'_> {
         ef: usize,
         level: usize,
         visited: &mut Visited,
-        allowed: Option<&Bitset>,
         buf: &mut Vec<u32>,
-    ) -> BinaryHeap<Cand> {
+    ) -> Vec<Cand> {
         visited.reset();
-        let ok = |id: u32| allowed.is_none_or(|b| b.contains(id as usize));
+        let mut beam = Beam::new(ef);
+        visited.check_and_mark(entry);
+        beam.push(Cand {
+            d: self.d(q, entry),
+            id: entry,
+        });
+        while let Some(node) = beam.expand_next() {
+            self.score_neighbours(g, q, node, level, visited, buf, |c| beam.push(c));
+        }
+        beam.into_sorted()
+    }
+
+    /// The layer-0 search with a filter: only allowed nodes enter the results, but every node
+    /// is traversed (hnswlib's rule). Up to `ef` results, in no order.
+    #[allow(clippy::too_many_arguments)]
+    fn search_layer0_filtered(
+        &self,
+        g: &(impl Links + ?Sized),
+        q: &[f32],
+        entry: u32,
+        ef: usize,
+        visited: &mut Visited,
+        allowed: &Bitset,
+        buf: &mut Vec<u32>,
+    ) -> Vec<Cand> {
+        visited.reset();
+        let ok = |id: u32| allowed.contains(id as usize);
         let mut results: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef + 1);
         let mut cands: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(ef * 2);
         let e = Cand {
@@ -277,26 +397,12 @@ impl Ctx<'_> {
             if c.d > bound {
                 break;
             }
-            if level == 0 {
-                g.l0(c.id, buf)
-            } else {
-                g.upper(c.id, level, buf)
-            }
-            // Drop visited nodes first, then score the rest with the vectors of the next few
-            // already on their way from memory (a graph walk is bound by these loads).
-            buf.retain(|&nb| !visited.check_and_mark(nb));
-            for &nb in buf.iter().take(PREFETCH_AHEAD) {
-                distance::prefetch(self.vec(nb));
-            }
-            for (i, &nb) in buf.iter().enumerate() {
-                if let Some(&next) = buf.get(i + PREFETCH_AHEAD) {
-                    distance::prefetch(self.vec(next));
-                }
-                let d = self.d(q, nb);
-                if results.len() < ef || d < bound {
-                    cands.push(Reverse(Cand { d, id: nb }));
-                    if ok(nb) {
-                        results.push(Cand { d, id: nb });
+            self.score_neighbours(g, q, c.id, 0, visited, buf, |c| {
+                let kept = results.len() < ef || c.d < bound;
+                if kept {
+                    cands.push(Reverse(c));
+                    if ok(c.id) {
+                        results.push(c);
                         if results.len() > ef {
                             results.pop();
                         }
@@ -305,14 +411,10 @@ impl Ctx<'_> {
                         bound = results.peek().map_or(f32::INFINITY, |r| r.d);
                     }
                 }
-            }
-            if level == 0
-                && let Some(Reverse(next)) = cands.peek()
-            {
-                g.prefetch_l0(next.id);
-            }
+                kept
+            });
         }
-        results
+        results.into_vec()
     }
 
     /// hnswlib's neighbour-selection heuristic: keep a candidate only if it is closer to the
@@ -512,7 +614,10 @@ impl HnswIndex {
             .unwrap_or_else(|| Visited::new(meta.n));
         let mut buf = Vec::with_capacity(2 * meta.m);
         let ep = ctx.greedy(&g, &q, meta.entry, meta.max_level, 1, &mut buf);
-        let res = ctx.search_layer(&g, &q, ep, ef.max(k), 0, &mut visited, filter, &mut buf);
+        let res = match filter {
+            None => ctx.search_layer(&g, &q, ep, ef.max(k), 0, &mut visited, &mut buf),
+            Some(f) => ctx.search_layer0_filtered(&g, &q, ep, ef.max(k), &mut visited, f, &mut buf),
+        };
         self.pool.lock().push(visited);
         let mut top = TopK::new(k);
         for c in res {
@@ -552,9 +657,8 @@ fn insert(
         cur = ctx.greedy(g, &q, entry, max_level, level + 1, buf);
     }
     for lev in (0..=level.min(max_level)).rev() {
-        let res = ctx.search_layer(g, &q, cur, ef_c, lev, visited, None, buf);
-        let cands: Vec<Cand> = res.into_vec();
-        if let Some(best) = cands.iter().min() {
+        let cands = ctx.search_layer(g, &q, cur, ef_c, lev, visited, buf);
+        if let Some(best) = cands.first() {
             cur = best.id;
         }
         let (cap, arr) = if lev == 0 {
