@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -65,11 +66,28 @@ int32_t truth_at(const Matrix& gt, size_t row, size_t j) {
     return v;
 }
 
+// A positive integer argument, or exit with a message naming it.
+size_t positive(const std::string& what, const std::string& s) {
+    size_t used = 0;
+    unsigned long v = 0;
+    try {
+        v = std::stoul(s, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (used == 0 || used != s.size() || v == 0) {
+        std::fprintf(stderr, "%s must be a positive integer, got '%s'\n", what.c_str(), s.c_str());
+        std::exit(2);
+    }
+    return v;
+}
+
 std::vector<size_t> parse_list(const std::string& s) {
     std::vector<size_t> out;
     std::stringstream ss(s);
     std::string item;
-    while (std::getline(ss, item, ',')) out.push_back(std::stoul(item));
+    while (std::getline(ss, item, ',')) out.push_back(positive("each EF", item));
+    if (out.empty()) positive("EF", "");
     return out;
 }
 
@@ -87,9 +105,9 @@ int main(int argc, char** argv) {
         return 2;
     }
     const std::string dir = argv[1], metric = argv[2];
-    const size_t m = std::stoul(argv[3]), efc = std::stoul(argv[4]);
+    const size_t m = positive("M", argv[3]), efc = positive("EF_CONSTRUCTION", argv[4]);
     const std::vector<size_t> efs = parse_list(argv[5]);
-    const size_t single = std::stoul(argv[6]), reps = std::max<size_t>(1, std::stoul(argv[7]));
+    const size_t single = positive("SINGLE_QUERIES", argv[6]), reps = positive("REPS", argv[7]);
     const size_t k = 10;
     if (metric != "l2" && metric != "ip") {
         std::fprintf(stderr, "metric must be l2 or ip, got %s\n", metric.c_str());
