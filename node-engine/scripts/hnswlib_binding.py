@@ -9,6 +9,8 @@ Prints JSON lines:
     `shoal-engine bench --mode single` and `hnswlib_core.sh` (the first --single queries, one
     call each, one thread, the median of --reps runs), after a 2-thread build with M and
     efConstruction as given. Run it beside hnswlib_core.sh to see the binding's share.
+The dataset is read with the bench kit's common.read_vecs ($SHOAL_BENCH_KIT, default
+../shared/bench beside the project).
 
 Example:
   /tmp/shoal-peers-venv/bin/python node-engine/scripts/hnswlib_binding.py \\
@@ -16,19 +18,19 @@ Example:
 """
 import argparse
 import json
+import os
 import sys
 import time
 
 import numpy as np
 import hnswlib
 
-
-def fvecs(path):
-    raw = np.fromfile(path, dtype=np.int32)
-    if raw.size == 0 or raw[0] <= 0 or raw.size % (raw[0] + 1):
-        sys.exit(f"{path}: not an .fvecs file")
-    d = int(raw[0])
-    return np.ascontiguousarray(raw.reshape(-1, d + 1)[:, 1:].view(np.float32))
+KIT = os.environ.get(
+    "SHOAL_BENCH_KIT",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "bench"),
+)
+sys.path.insert(0, KIT)
+from common import read_vecs  # noqa: E402
 
 
 def floor(dim, calls):
@@ -50,8 +52,8 @@ def floor(dim, calls):
 
 
 def dataset(args):
-    base = fvecs(f"{args.dataset}/base.fvecs")
-    query = fvecs(f"{args.dataset}/query.fvecs")
+    base = read_vecs(f"{args.dataset}/base.fvecs")
+    query = read_vecs(f"{args.dataset}/query.fvecs")
     p = hnswlib.Index(space=args.space, dim=base.shape[1])
     p.init_index(max_elements=base.shape[0], M=args.M, ef_construction=args.ef_construction, random_seed=100)
     t = time.perf_counter()
