@@ -15,7 +15,7 @@ use std::fmt::Debug;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret, Service,
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 
 use crate::build::secret::{Credentials, build_generated_secret};
 use crate::build::{Desired, DesiredState, Inputs, applied_hash};
+use crate::crd::ReclaimPolicy;
 use crate::names::FIELD_MANAGER;
 use crate::validate::{RedisSource, ValidatedCluster};
 
@@ -42,6 +43,14 @@ pub enum ApplyError {
     Apply {
         kind: &'static str,
         name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to patch {kind} {name} ({what})")]
+    Patch {
+        kind: &'static str,
+        name: String,
+        what: &'static str,
         #[source]
         source: kube::Error,
     },
@@ -77,7 +86,7 @@ impl ApplyError {
     pub fn category(&self) -> &'static str {
         match self {
             ApplyError::Get { .. } => "read",
-            ApplyError::Apply { .. } => "apply",
+            ApplyError::Apply { .. } | ApplyError::Patch { .. } => "apply",
             ApplyError::CreateSecret { .. } => "secret",
             ApplyError::SecretKeyMissing { .. } | ApplyError::SecretMissing { .. } => "user_secret",
             ApplyError::ListOrphans { .. } | ApplyError::DeleteOrphan { .. } => "orphans",
@@ -104,6 +113,8 @@ pub struct Observed {
     pub writer: Option<StatefulSet>,
     pub readers: Option<Deployment>,
     pub router: Option<Deployment>,
+    /// The cluster's pods, for the cause of a component that is not ready.
+    pub pods: Vec<Pod>,
 }
 
 /// Result of one apply pass.
@@ -113,6 +124,8 @@ pub struct ApplyReport {
     pub actions: Vec<(&'static str, String, Action)>,
     /// `(kind, name)` of deleted orphans.
     pub deleted: Vec<(&'static str, String)>,
+    /// A retained shared volume left `Released` by a deleted cluster was re-bound.
+    pub rebound_volume: bool,
     pub observed: Observed,
 }
 
@@ -171,6 +184,9 @@ pub async fn gather_inputs(
             name: gen_name.clone(),
             source,
         })?;
+    if let Some(secret) = &existing {
+        release_retained_secret(&secrets, vc, secret).await?;
+    }
     let (credentials, created) = match existing.as_ref().and_then(Credentials::from_secret) {
         Some(c) => (c, false),
         None if existing.is_some() => {
@@ -235,6 +251,69 @@ pub async fn gather_inputs(
         },
         created,
     ))
+}
+
+/// Under `reclaimPolicy: Retain`, the generated Secret must survive the cluster with the
+/// volumes it unlocks: one made with an owner reference (by a `Delete` cluster, or an operator
+/// before 0.1.1) has it removed, so the garbage collector leaves it when the cluster goes.
+async fn release_retained_secret(
+    api: &Api<Secret>,
+    vc: &ValidatedCluster,
+    secret: &Secret,
+) -> Result<(), ApplyError> {
+    let retain = vc.spec.storage.reclaim_policy == ReclaimPolicy::Retain;
+    if !retain || secret.owner_references().is_empty() {
+        return Ok(());
+    }
+    let name = secret.name_any();
+    let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| ApplyError::Patch {
+            kind: "Secret",
+            name,
+            what: "keep it beyond the cluster under reclaimPolicy Retain",
+            source,
+        })?;
+    Ok(())
+}
+
+/// A retained shared volume left `Released` by a deleted cluster still names the deleted
+/// claim's UID, so the re-created claim of the same name can never bind to it (the PV
+/// controller only binds a `Released` volume to the exact claim it was bound to). When the
+/// volume's claim reference names this cluster's claim, the stale UID is cleared: the volume
+/// becomes `Available`, pre-bound by name, and the new claim binds to the old data.
+/// Returns whether it patched.
+pub async fn rebind_released_volume(
+    api: &Api<PersistentVolume>,
+    vc: &ValidatedCluster,
+    live: &PersistentVolume,
+) -> Result<bool, ApplyError> {
+    let released = live
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Released");
+    let claim = live.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+    let ours = claim.is_some_and(|c| {
+        c.name.as_deref() == Some(vc.names.shared_pvc().as_str())
+            && c.namespace.as_deref() == Some(vc.names.namespace.as_str())
+    });
+    let stale_uid = claim.is_some_and(|c| c.uid.as_deref().is_some_and(|u| !u.is_empty()));
+    if !released || !ours || !stale_uid {
+        return Ok(false);
+    }
+    let name = live.name_any();
+    let patch = serde_json::json!({"spec": {"claimRef": {"uid": null, "resourceVersion": null}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| ApplyError::Patch {
+            kind: "PersistentVolume",
+            name,
+            what: "clear the deleted claim's UID so the re-created claim binds",
+            source,
+        })?;
+    Ok(true)
 }
 
 /// GET, then server-side apply unless the applied hash already matches.
@@ -363,9 +442,12 @@ pub async fn apply_all(
                     .0
             }
             Desired::PersistentVolume(o) => {
-                apply_one::<PersistentVolume>(&Api::all(client.clone()), o)
-                    .await?
-                    .0
+                let api: Api<PersistentVolume> = Api::all(client.clone());
+                let (a, live) = apply_one(&api, o).await?;
+                if rebind_released_volume(&api, vc, &live).await? {
+                    report.rebound_volume = true;
+                }
+                a
             }
             Desired::PersistentVolumeClaim(o) => {
                 let (a, live) =
@@ -416,6 +498,17 @@ pub async fn apply_all(
     if sweep {
         report.deleted = sweep_orphans(client, vc, desired).await?;
     }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&vc.names.cluster_selector());
+    report.observed.pods = pods
+        .list(&lp)
+        .await
+        .map_err(|source| ApplyError::Get {
+            kind: "Pod",
+            name: vc.names.cluster_selector(),
+            source,
+        })?
+        .items;
     Ok(report)
 }
 
@@ -471,18 +564,36 @@ pub async fn sweep_orphans(
     Ok(out)
 }
 
-/// Under `reclaimPolicy: Delete`: deletes the cluster's claims (shared volume and the
-/// StatefulSets' data volumes); the shared PersistentVolume then follows its `Delete` reclaim
-/// policy through the CSI driver. Returns the deleted claim names.
+/// Under `reclaimPolicy: Delete`: deletes the engine's workloads (writer, readers, router: the
+/// shared claim stays in use, and so undeletable, while their pods run), the cluster's claims
+/// (shared volume and the StatefulSets' data volumes) and the generated Secret (whose passwords
+/// only those volumes used); the shared PersistentVolume then follows its `Delete` reclaim
+/// policy through the CSI driver, which still needs the managed Redis (JuiceFS metadata), so
+/// MariaDB and Redis are left to the garbage collector. Returns what it deleted.
 pub async fn delete_data(
     client: &Client,
     vc_name: &str,
     namespace: &str,
 ) -> Result<Vec<String>, kube::Error> {
     let names = crate::names::Names::new(vc_name, namespace);
+    let mut deleted = Vec::new();
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let writer = names.writer();
+    match sts.delete(&writer, &DeleteParams::background()).await {
+        Ok(_) => deleted.push(format!("StatefulSet {writer}")),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e),
+    }
+    for d in [names.readers(), names.router()] {
+        match deps.delete(&d, &DeleteParams::background()).await {
+            Ok(_) => deleted.push(format!("Deployment {d}")),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let lp = ListParams::default().labels(&names.cluster_selector());
-    let mut deleted = Vec::new();
     for pvc in api.list(&lp).await?.items {
         let name = pvc.name_any();
         match api.delete(&name, &DeleteParams::background()).await {
@@ -490,6 +601,13 @@ pub async fn delete_data(
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e),
         }
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = names.generated_secret();
+    match secrets.delete(&secret, &DeleteParams::background()).await {
+        Ok(_) => deleted.push(format!("Secret {secret}")),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e),
     }
     Ok(deleted)
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{PersistentVolume, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -69,6 +69,32 @@ impl ReconcileError {
     }
 }
 
+/// An error with every cause behind it, for status messages, Events and logs: "failed to apply
+/// ConfigMap demo-engine-config: configmaps is forbidden: User ... cannot create ... (Forbidden,
+/// HTTP 403)". The API server's message is what tells a user what to fix, so it is never
+/// dropped; a kube API error is shown as its message, reason and code rather than its Debug form.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        let part = match e.downcast_ref::<kube::Error>() {
+            Some(kube::Error::Api(s)) => {
+                next = None;
+                format!("{} ({}, HTTP {})", s.message, s.reason, s.code)
+            }
+            _ => {
+                next = e.source();
+                e.to_string()
+            }
+        };
+        if !out.contains(&part) {
+            out.push_str(": ");
+            out.push_str(&part);
+        }
+    }
+    out
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -124,20 +150,23 @@ pub async fn reconcile(
     let res = reconcile_inner(&vc, &ctx).await;
     let took = start.elapsed();
     match &res {
-        Ok(Outcome::Applied(_)) | Ok(Outcome::Deleted) => ctx.metrics.observe("ok", None, took),
+        Ok(Outcome::Applied(_)) | Ok(Outcome::Deleted) | Ok(Outcome::DeletingData) => {
+            ctx.metrics.observe("ok", None, took)
+        }
         Ok(Outcome::Invalid) => ctx.metrics.observe("invalid", None, took),
         Err(e) => ctx.metrics.observe("error", Some(e.category()), took),
     }
     res.map(|o| match o {
         Outcome::Applied(true) => Requeue::requeue(REQUEUE_READY),
         Outcome::Applied(false) => Requeue::requeue(REQUEUE_NOT_READY),
+        Outcome::DeletingData => Requeue::requeue(Duration::from_secs(5)),
         Outcome::Invalid | Outcome::Deleted => Requeue::await_change(),
     })
 }
 
 /// Backoff after a failed reconcile.
 pub fn error_policy(_vc: Arc<VectorCluster>, err: &ReconcileError, _ctx: Arc<Context>) -> Requeue {
-    tracing::warn!(error = %err, category = err.category(), "reconcile failed");
+    tracing::warn!(error = %error_chain(err), category = err.category(), "reconcile failed");
     match err {
         ReconcileError::Apply(
             ApplyError::SecretMissing { .. } | ApplyError::SecretKeyMissing { .. },
@@ -158,6 +187,10 @@ pub enum Outcome {
     Invalid,
     /// The cluster is being deleted; cleanup done.
     Deleted,
+    /// The cluster is being deleted under `reclaimPolicy: Delete`: its claims are gone and the
+    /// CSI driver is still deleting the shared volume (the finalizer stays until it is gone, so
+    /// the JuiceFS Secret and metadata DeleteVolume needs outlive it).
+    DeletingData,
 }
 
 async fn patch_status_if_changed(
@@ -211,17 +244,32 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
                             name: name.clone(),
                             source,
                         })?;
-                ctx.event(
-                    vc,
-                    EventType::Normal,
-                    "DeletedData",
-                    "Delete",
-                    format!(
-                        "reclaimPolicy Delete: deleted volume claims {}",
-                        deleted.join(", ")
-                    ),
-                )
-                .await;
+                if !deleted.is_empty() {
+                    ctx.event(
+                        vc,
+                        EventType::Normal,
+                        "DeletedData",
+                        "Delete",
+                        format!(
+                            "reclaimPolicy Delete: deleted volume claims and credentials {}",
+                            deleted.join(", ")
+                        ),
+                    )
+                    .await;
+                }
+                let pv = crate::names::Names::new(&name, &ns).shared_pv();
+                let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+                let live = pvs
+                    .get_opt(&pv)
+                    .await
+                    .map_err(|source| ReconcileError::DeleteData {
+                        name: name.clone(),
+                        source,
+                    })?;
+                if live.is_some() {
+                    tracing::info!(volume = %pv, "waiting for the CSI driver to delete the shared volume");
+                    return Ok(Outcome::DeletingData);
+                }
             }
             let rest = vc
                 .finalizers()
@@ -280,13 +328,13 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
     let (created_secret, report) = match result {
         Ok(r) => r,
         Err(e) => {
-            let msg = e.to_string();
+            let msg = error_chain(&e);
             ctx.event(vc, EventType::Warning, "ApplyFailed", "Apply", msg.clone())
                 .await;
             let st = status::failed_apply_status(&msg, generation, vc.status.as_ref(), &now());
             // The apply error is what matters; a status failure here would only hide it.
             if let Err(se) = patch_status_if_changed(&api, vc, &st).await {
-                tracing::warn!(error = %se, "failed to record the apply failure in status");
+                tracing::warn!(error = %error_chain(&se), "failed to record the apply failure in status");
             }
             return Err(e.into());
         }
@@ -331,6 +379,20 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
             format!(
                 "deleted objects the spec no longer asks for: {}",
                 d.join(", ")
+            ),
+        )
+        .await;
+    }
+    if report.rebound_volume {
+        ctx.event(
+            vc,
+            EventType::Normal,
+            "RetainedVolumeRebound",
+            "Apply",
+            format!(
+                "PersistentVolume {} was Released by a deleted cluster (reclaimPolicy Retain); \
+                 re-bound it so this cluster gets the old data",
+                valid.names.shared_pv()
             ),
         )
         .await;

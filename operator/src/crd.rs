@@ -222,8 +222,9 @@ pub struct StorageSpec {
     #[serde(default = "default_volume_capacity")]
     #[schemars(length(min = 1))]
     pub capacity: String,
-    /// What happens to data when the VectorCluster is deleted: `Retain` keeps the shared volume
-    /// and the database volumes, `Delete` removes them.
+    /// What happens to data when the VectorCluster is deleted: `Retain` keeps the shared volume,
+    /// the database volumes and the generated credentials that open them, and a VectorCluster
+    /// re-created under the same name gets the old data back; `Delete` removes them all.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
 }

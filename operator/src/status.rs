@@ -5,10 +5,12 @@
 //! steady state computes an identical status and no write is made.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::apply::{Action, ApplyReport, writer_rolled_out};
 use crate::crd::{Phase, ReadersStatus, VectorClusterStatus};
+use crate::names::Component;
 use crate::validate::{MetadataSource, RedisSource, ValidatedCluster, ValidationError};
 
 pub const METADATA_READY: &str = "MetadataReady";
@@ -87,6 +89,93 @@ fn deploy_counts(d: Option<&Deployment>) -> (i32, i32, i32, i32) {
     )
 }
 
+/// Why the first not-ready pod of a component is not ready, in the kubelet's and the
+/// container's own words: a waiting reason (`CrashLoopBackOff`, `ImagePullBackOff`, ...) with
+/// the last exit and its termination message (the engine's containers fall back to their last
+/// log lines, so this is the error the process died with), or why it cannot be scheduled.
+/// `None` when every pod of the component is ready or none exists yet.
+pub fn pod_problem(pods: &[Pod], component: &str) -> Option<String> {
+    const MAX: usize = 400;
+    let of_component = pods.iter().filter(|p| {
+        p.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::names::LABEL_COMPONENT))
+            .is_some_and(|c| c == component)
+            && p.metadata.deletion_timestamp.is_none()
+    });
+    for pod in of_component {
+        let name = pod.metadata.name.as_deref().unwrap_or("?");
+        let Some(st) = pod.status.as_ref() else {
+            continue;
+        };
+        let conds = st.conditions.as_deref().unwrap_or(&[]);
+        if conds
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+        {
+            continue;
+        }
+        if let Some(c) = conds
+            .iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        {
+            return Some(format!(
+                "pod {name} cannot be scheduled: {}",
+                c.message.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        for cs in st.container_statuses.as_deref().unwrap_or(&[]) {
+            let mut parts = Vec::new();
+            if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+                let reason = w.reason.as_deref().unwrap_or("Waiting");
+                match w.message.as_deref() {
+                    Some(m) if !m.is_empty() => parts.push(format!("{reason}: {m}")),
+                    _ => parts.push(reason.to_string()),
+                }
+            }
+            let last = cs
+                .state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .or_else(|| cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()));
+            if let Some(t) = last {
+                let msg = t.message.as_deref().unwrap_or("").trim();
+                let msg: String = msg
+                    .chars()
+                    .rev()
+                    .take(MAX)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                parts.push(format!(
+                    "last exit {} ({}){}{msg}",
+                    t.exit_code,
+                    t.reason.as_deref().unwrap_or("Error"),
+                    if msg.is_empty() { "" } else { ": " }
+                ));
+            }
+            if !parts.is_empty() {
+                return Some(format!("pod {name}: {}", parts.join("; ")));
+            }
+            if cs.state.as_ref().is_some_and(|s| s.running.is_some()) && !cs.ready {
+                return Some(format!(
+                    "pod {name} runs but is not ready (its readiness probe fails; `kubectl describe pod {name}`)"
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn with_cause(message: String, pods: &[Pod], component: &str) -> String {
+    match pod_problem(pods, component) {
+        Some(p) => format!("{message}; {p}"),
+        None => message,
+    }
+}
+
 /// Status after a successful apply.
 pub fn compute_status(
     vc: &ValidatedCluster,
@@ -116,9 +205,13 @@ pub fn compute_status(
                     METADATA_READY,
                     false,
                     "MysqlNotReady",
-                    format!(
-                        "StatefulSet {} has {ready}/{want} ready pods; check its pods and volume claim",
-                        vc.names.mysql()
+                    with_cause(
+                        format!(
+                            "StatefulSet {} has {ready}/{want} ready pods; check its pods and volume claim",
+                            vc.names.mysql()
+                        ),
+                        &obs.pods,
+                        Component::Mysql.as_str(),
                     ),
                 )
             }
@@ -131,9 +224,13 @@ pub fn compute_status(
             if ready >= want {
                 Ok(())
             } else {
-                Err(format!(
-                    "StatefulSet {} has {ready}/{want} ready pods",
-                    vc.names.redis()
+                Err(with_cause(
+                    format!(
+                        "StatefulSet {} has {ready}/{want} ready pods",
+                        vc.names.redis()
+                    ),
+                    &obs.pods,
+                    Component::Redis.as_str(),
                 ))
             }
         }
@@ -156,9 +253,12 @@ pub fn compute_status(
             STORAGE_READY,
             false,
             "VolumeNotBound",
+            // A static volume binds through the PV controller, not the CSI driver: name the
+            // claim's phase and leave the driver out of it.
             format!(
-                "PersistentVolumeClaim {} is {phase}; is the csi.shoal.dev driver installed?",
-                vc.names.shared_pvc()
+                "PersistentVolumeClaim {} is {phase}, waiting to bind PersistentVolume {}",
+                vc.names.shared_pvc(),
+                vc.names.shared_pv()
             ),
         ),
     };
@@ -172,9 +272,13 @@ pub fn compute_status(
                 WRITER_READY,
                 false,
                 "WriterNotReady",
-                format!(
-                    "StatefulSet {} has {ready}/{want} ready, updated pods",
-                    vc.names.writer()
+                with_cause(
+                    format!(
+                        "StatefulSet {} has {ready}/{want} ready, updated pods",
+                        vc.names.writer()
+                    ),
+                    &obs.pods,
+                    Component::Writer.as_str(),
                 ),
             )
         }
@@ -195,9 +299,13 @@ pub fn compute_status(
             READERS_READY,
             false,
             "ReadersNotReady",
-            format!(
-                "{r_ready}/{r_want} readers ready ({r_updated} updated); check Deployment {}",
-                vc.names.readers()
+            with_cause(
+                format!(
+                    "{r_ready}/{r_want} readers ready ({r_updated} updated); check Deployment {}",
+                    vc.names.readers()
+                ),
+                &obs.pods,
+                Component::Reader.as_str(),
             ),
         )
     };

@@ -676,3 +676,47 @@ fn redis_storage_without_a_bucket_is_refused_with_an_external_redis() {
         Err(ValidationError::Empty("spec.storage.objectStorage.bucket"))
     ));
 }
+
+#[test]
+fn engine_pods_run_as_the_image_user_and_own_their_writable_volumes() {
+    // A provisioner's fresh volume root is root:root 0755: without fsGroup the writer (UID
+    // 65532) cannot create its WAL there, and the cluster never becomes usable.
+    let (_, d) = build("minimal.yaml", &inputs(None, false));
+    let pods = [
+        sts(&d, "demo-writer").spec.template.spec.as_ref().unwrap(),
+        deploy(&d, "demo-reader")
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap(),
+        deploy(&d, "demo-router")
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap(),
+    ];
+    for pod in pods {
+        let sc = pod.security_context.as_ref().expect("pod securityContext");
+        assert_eq!(sc.run_as_user, Some(65532));
+        assert_eq!(sc.run_as_group, Some(65532));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.fs_group, Some(65532));
+        assert_eq!(sc.fs_group_change_policy.as_deref(), Some("OnRootMismatch"));
+    }
+}
+
+#[test]
+fn the_generated_secret_outlives_a_retain_cluster_and_goes_with_a_delete_one() {
+    let (v, _) = build("minimal.yaml", &inputs(None, false));
+    let s = build_generated_secret(&v, &creds());
+    assert!(s.metadata.owner_references.is_none(), "Retain: no owner");
+    let (v, _) = build("gpu.yaml", &inputs(None, false));
+    let s = build_generated_secret(&v, &creds());
+    assert_eq!(
+        s.metadata.owner_references.unwrap().len(),
+        1,
+        "Delete: owned"
+    );
+}

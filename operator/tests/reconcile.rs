@@ -418,18 +418,43 @@ async fn deleting_a_delete_policy_cluster_removes_its_volume_claims_then_the_fin
     let mut v = env.fake.get(&path).unwrap();
     v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     env.fake.put(&path, v);
+    // First pass: the engine's workloads, the claims and the credentials go; the shared
+    // volume is still there (the CSI driver deletes it), so the finalizer stays.
     let (res, log, _) = env.reconcile().await;
-    assert_eq!(res.unwrap(), Outcome::Deleted);
+    assert_eq!(res.unwrap(), Outcome::DeletingData);
     let mut w = writes(&log);
-    assert_eq!(w.pop().unwrap(), "PATCH vectorclusters/gpu");
     w.sort();
     assert_eq!(
         w,
         [
+            "DELETE deployments/gpu-reader",
+            "DELETE deployments/gpu-router",
             "DELETE persistentvolumeclaims/data-gpu-mysql-0",
             "DELETE persistentvolumeclaims/gpu-data",
             "DELETE persistentvolumeclaims/wal-gpu-writer-0",
+            "DELETE secrets/gpu-credentials",
+            "DELETE statefulsets/gpu-writer",
         ]
+    );
+    assert!(env.fake.get(&path).is_some(), "finalizer kept");
+    assert!(events(&log).iter().any(|e| e.1 == "DeletedData"));
+    let pv = env
+        .fake
+        .get("/api/v1/persistentvolumes/shoal-ml-gpu-data")
+        .unwrap();
+    assert_eq!(
+        pv["metadata"]["annotations"]["volume.kubernetes.io/provisioner-deletion-secret-name"],
+        "gpu-juicefs"
+    );
+    // The external-provisioner deleted the volume through the CSI driver.
+    env.fake
+        .remove("/api/v1/persistentvolumes/shoal-ml-gpu-data");
+    let (res, log, _) = env.reconcile().await;
+    assert_eq!(res.unwrap(), Outcome::Deleted);
+    assert_eq!(
+        writes(&log).last().map(String::as_str),
+        Some("PATCH vectorclusters/gpu"),
+        "the finalizer goes last"
     );
     assert!(
         env.fake.get(&path).is_none(),
@@ -440,7 +465,78 @@ async fn deleting_a_delete_policy_cluster_removes_its_volume_claims_then_the_fin
             .get(&core("ml", "persistentvolumeclaims", "unrelated"))
             .is_some()
     );
-    assert!(events(&log).iter().any(|e| e.1 == "DeletedData"));
+}
+
+#[tokio::test]
+async fn a_retain_cluster_keeps_its_credentials_beyond_itself_so_a_recreated_one_can_log_in() {
+    let env = Env::new("minimal.yaml");
+    // As an older operator made it: owned by the cluster, so the garbage collector would
+    // delete the passwords the retained MariaDB and Redis volumes were initialised with.
+    let secret = core("shoal", "secrets", "demo-credentials");
+    env.fake.put(&secret, json!({"apiVersion":"v1","kind":"Secret",
+        "metadata":{"name":"demo-credentials","namespace":"shoal",
+            "ownerReferences":[{"apiVersion":"shoal.dev/v1alpha1","kind":"VectorCluster","name":"demo",
+                "uid":"6f1c1a2e-0000-4000-8000-000000000001","controller":true}]},
+        "data":{"mysql-root-password":"cg==","mysql-password":"dQ==","meta-uri":"bQ==","redis-password":"cA=="}}));
+    let (res, log, _) = env.reconcile().await;
+    res.unwrap();
+    assert!(
+        writes(&log).contains(&"PATCH secrets/demo-credentials".to_string()),
+        "{:?}",
+        writes(&log)
+    );
+    let live = env.fake.get(&secret).unwrap();
+    assert!(
+        live["metadata"]["ownerReferences"].is_null(),
+        "{}",
+        live["metadata"]
+    );
+    // The same passwords are used, not new ones.
+    assert_eq!(live["data"]["redis-password"], "cA==");
+}
+
+#[tokio::test]
+async fn a_retained_volume_released_by_a_deleted_cluster_binds_to_the_recreated_claim() {
+    let env = Env::new("minimal.yaml");
+    env.reconcile().await.0.unwrap();
+    // The cluster was deleted: its claim went, the PV controller marked the volume Released
+    // and it still names the deleted claim's UID.
+    let pv = "/api/v1/persistentvolumes/shoal-shoal-demo-data";
+    let mut v = env.fake.get(pv).unwrap();
+    v["spec"]["claimRef"]["uid"] = json!("uid-of-the-deleted-claim");
+    v["spec"]["claimRef"]["resourceVersion"] = json!("41");
+    v["status"] = json!({"phase": "Released"});
+    env.fake.put(pv, v);
+    env.fake
+        .remove(&core("shoal", "persistentvolumeclaims", "demo-data"));
+    let (res, log, _) = env.reconcile().await;
+    res.unwrap();
+    let patch = log
+        .iter()
+        .find(|r| {
+            r.method == "PATCH"
+                && r.path == pv
+                && r.content_type.starts_with("application/merge-patch")
+        })
+        .expect("a merge patch of the Released volume");
+    assert_eq!(
+        patch.body.as_ref().unwrap()["spec"]["claimRef"],
+        json!({"uid": null, "resourceVersion": null})
+    );
+    let claim = &env.fake.get(pv).unwrap()["spec"]["claimRef"];
+    assert!(claim["uid"].is_null(), "{claim}");
+    assert_eq!(claim["name"], "demo-data");
+    assert!(
+        events(&log).iter().any(|e| e.1 == "RetainedVolumeRebound"),
+        "{:?}",
+        events(&log)
+    );
+    // A volume that is Bound (or Released for someone else's claim) is left alone.
+    let (_, log, _) = env.reconcile().await;
+    assert!(
+        !log.iter()
+            .any(|r| r.path == pv && r.content_type.starts_with("application/merge-patch")),
+    );
 }
 
 #[tokio::test]
@@ -485,14 +581,22 @@ async fn an_api_error_mid_way_is_reported_and_the_next_reconcile_finishes() {
         "stopped at the failure, then status: {:?}",
         writes(&log)
     );
+    // The API server's own message reaches the Event and the condition, not only "failed to
+    // apply Secret demo-juicefs".
     let ev = events(&log);
     assert!(
-        ev.iter()
-            .any(|e| e.0 == "Warning" && e.1 == "ApplyFailed" && e.2.contains("demo-juicefs")),
+        ev.iter().any(|e| e.0 == "Warning"
+            && e.1 == "ApplyFailed"
+            && e.2.contains("demo-juicefs")
+            && e.2.contains("injected failure")),
         "{ev:?}"
     );
-    let (st, reason, _) = condition(&env.vc(), "Progressing");
+    let (st, reason, message) = condition(&env.vc(), "Progressing");
     assert_eq!((st.as_str(), reason.as_str()), ("True", "ApplyFailed"));
+    assert!(
+        message.contains("injected failure") && message.contains("HTTP 500"),
+        "{message}"
+    );
 
     let (res, log, _) = env.reconcile().await;
     assert_eq!(res.unwrap(), Outcome::Applied(true));
@@ -588,7 +692,11 @@ async fn operator_api_call_figures() {
 }
 
 /// `(apiGroup, resource, verb)` a recorded request needs.
-fn rbac_need(r: &Req) -> (String, String, String) {
+/// The RBAC permissions one request needs. A server-side apply (`PATCH` with
+/// `application/apply-patch+yaml`) creates the object when it does not exist, so the API server
+/// checks `create` as well as `patch` (the blocker a fresh `helm install` hit: no `create` meant
+/// the operator could build nothing, while every mock scenario passed).
+fn rbac_needs(r: &Req) -> Vec<(String, String, String)> {
     let segs: Vec<&str> = r.path.trim_matches('/').split('/').collect();
     let (group, rest) = if segs[0] == "api" {
         ("", &segs[2..])
@@ -605,16 +713,45 @@ fn rbac_need(r: &Req) -> (String, String, String) {
         [res, ..] => res.to_string(),
         [] => unreachable!(),
     };
-    let verb = match (r.method.as_str(), rest.len()) {
-        ("GET", 1) => "list",
-        ("GET", _) => "get",
-        ("POST", _) => "create",
-        ("PATCH", _) => "patch",
-        ("PUT", _) => "update",
-        ("DELETE", _) => "delete",
+    let verbs: &[&str] = match (r.method.as_str(), rest.len()) {
+        ("GET", 1) => &["list"],
+        ("GET", _) => &["get"],
+        ("POST", _) => &["create"],
+        // Apply on a subresource (status) never creates the object.
+        ("PATCH", 2) if r.content_type.starts_with("application/apply-patch") => {
+            &["patch", "create"]
+        }
+        ("PATCH", _) => &["patch"],
+        ("PUT", _) => &["update"],
+        ("DELETE", _) => &["delete"],
         (m, _) => panic!("{m}"),
     };
-    (group.to_string(), resource, verb.to_string())
+    verbs
+        .iter()
+        .map(|v| (group.to_string(), resource.clone(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_server_side_apply_needs_create_as_well_as_patch() {
+    let apply = Req {
+        method: "PATCH".into(),
+        path: "/api/v1/namespaces/ml/configmaps/demo-engine-config".into(),
+        query: "fieldManager=shoal-operator&force=true".into(),
+        content_type: "application/apply-patch+yaml".into(),
+        body: None,
+    };
+    let needs = rbac_needs(&apply);
+    assert!(needs.contains(&("".into(), "configmaps".into(), "create".into())));
+    assert!(needs.contains(&("".into(), "configmaps".into(), "patch".into())));
+    let merge = Req {
+        content_type: "application/merge-patch+json".into(),
+        ..apply
+    };
+    assert_eq!(
+        rbac_needs(&merge),
+        vec![("".into(), "configmaps".into(), "patch".into())]
+    );
 }
 
 #[tokio::test]
@@ -655,14 +792,15 @@ async fn every_request_the_scenarios_make_is_allowed_by_the_rbac_list() {
     log.extend(env.reconcile().await.1);
     let mut used = std::collections::BTreeSet::new();
     for r in &log {
-        let need = rbac_need(r);
-        assert!(
-            allowed.contains(&need),
-            "{} {} needs {need:?}, not in operator/rbac.yaml",
-            r.method,
-            r.path
-        );
-        used.insert(need);
+        for need in rbac_needs(r) {
+            assert!(
+                allowed.contains(&need),
+                "{} {} needs {need:?}, not in operator/rbac.yaml",
+                r.method,
+                r.path
+            );
+            used.insert(need);
+        }
     }
     // Every verb used on the kinds we apply shows up (the list is not wider than it must be
     // for these; watch and the Lease are exercised by the controller and leader tests).
@@ -677,4 +815,37 @@ async fn every_request_the_scenarios_make_is_allowed_by_the_rbac_list() {
             "{need:?} not exercised"
         );
     }
+}
+
+#[tokio::test]
+async fn a_crashing_writer_is_named_with_the_error_it_died_with_and_the_cluster_is_not_running() {
+    let env = Env::new("minimal.yaml");
+    env.fake.set_ready_on_apply(false);
+    // What the kubelet reports for a writer whose WAL volume it cannot write (the container's
+    // last log line is its termination message: FallbackToLogsOnError).
+    env.fake.put(
+        &core("shoal", "pods", "demo-writer-0"),
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "demo-writer-0", "namespace": "shoal",
+                "labels": {"shoal.dev/cluster": "demo", "app.kubernetes.io/managed-by": "shoal-operator",
+                           "app.kubernetes.io/component": "writer"}},
+            "status": {"phase": "Running",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [{"name": "writer", "ready": false, "restartCount": 3, "image": "x", "imageID": "",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                        "message": "error: cannot open the WAL in /wal: Permission denied (os error 13)"}}}]}}),
+    );
+    let (res, _, _) = env.reconcile().await;
+    assert_eq!(res.unwrap(), Outcome::Applied(false));
+    let vc = env.vc();
+    let (st, reason, msg) = condition(&vc, "WriterReady");
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "WriterNotReady"));
+    assert!(
+        msg.contains("demo-writer-0")
+            && msg.contains("CrashLoopBackOff")
+            && msg.contains("Permission denied"),
+        "{msg}"
+    );
+    assert_ne!(vc.status.unwrap().phase, Some(Phase::Running));
 }

@@ -17,10 +17,10 @@ pub fn build_config_map(vc: &ValidatedCluster) -> ConfigMap {
             "SHOAL_FLUSH_INTERVAL".to_string(),
             spec.engine.flush_interval.clone(),
         ),
-        ("SHOAL_LOG".to_string(), spec.engine.log_level.clone()),
+        // The engine's log filter is the standard tracing one.
         ("RUST_LOG".to_string(), spec.engine.log_level.clone()),
         (
-            "SHOAL_REPLICATION_FACTOR".to_string(),
+            "SHOAL_REPLICATION".to_string(),
             spec.readers.replication_factor.to_string(),
         ),
     ]);

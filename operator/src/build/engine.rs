@@ -14,9 +14,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, Toleration,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Service, ServicePort, ServiceSpec,
+    Toleration, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -48,6 +48,25 @@ fn http_probe(path: &str, initial_delay: i32, failure_threshold: i32) -> Probe {
         period_seconds: Some(10),
         failure_threshold: Some(failure_threshold),
         ..Probe::default()
+    }
+}
+
+/// The UID/GID the engine images run as (the Dockerfiles' `USER 65532:65532`).
+pub const ENGINE_UID: i64 = 65532;
+
+/// Every engine pod runs as the images' non-root user, and its writable volumes are handed to
+/// that group (`fsGroup`): most provisioners create a volume root as `root:root 0755`, which the
+/// writer could not write its WAL into. `OnRootMismatch` skips the recursive chown when the root
+/// already has the right owner, so a large WAL volume does not slow every restart. The shared
+/// JuiceFS volume is not touched (the CSIDriver's `fsGroupPolicy: None`).
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_user: Some(ENGINE_UID),
+        run_as_group: Some(ENGINE_UID),
+        run_as_non_root: Some(true),
+        fs_group: Some(ENGINE_UID),
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        ..PodSecurityContext::default()
     }
 }
 
@@ -126,6 +145,9 @@ fn engine_container(vc: &ValidatedCluster, c: EngineContainer) -> Container {
         } else {
             Some(c.mounts)
         },
+        // A container that dies reports its last log lines (the error it died with) in the
+        // pod's status, where the operator's conditions pick them up.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         readiness_probe: Some(http_probe("/readyz", 2, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: c.resources,
@@ -272,6 +294,7 @@ pub fn build_writer(vc: &ValidatedCluster, config_hash: &str) -> StatefulSet {
     let pod = PodSpec {
         containers: vec![container],
         volumes: Some(vec![data_vol]),
+        security_context: Some(pod_security()),
         node_selector: non_empty(&w.node_selector),
         tolerations: non_empty_vec(&w.tolerations),
         termination_grace_period_seconds: Some(60),
@@ -382,6 +405,7 @@ pub fn build_readers(vc: &ValidatedCluster, config_hash: &str) -> Deployment {
     let pod = PodSpec {
         containers: vec![container],
         volumes: Some(vec![data_vol]),
+        security_context: Some(pod_security()),
         node_selector: non_empty(&r.node_selector),
         tolerations: non_empty_vec(&tolerations),
         affinity: r.affinity.clone(),
@@ -467,6 +491,7 @@ pub fn build_router(vc: &ValidatedCluster, config_hash: &str) -> Deployment {
     );
     let pod = PodSpec {
         containers: vec![container],
+        security_context: Some(pod_security()),
         ..PodSpec::default()
     };
     stamp(

@@ -10,6 +10,7 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 
 use super::object_meta;
+use crate::crd::ReclaimPolicy;
 use crate::names::{
     Component, KEY_META_URI, KEY_MYSQL_PASSWORD, KEY_MYSQL_ROOT_PASSWORD, KEY_REDIS_PASSWORD,
     MYSQL_DATABASE, MYSQL_USER, PORT_MYSQL,
@@ -62,6 +63,11 @@ impl Credentials {
 }
 
 /// The generated Secret for these credentials.
+///
+/// Under `reclaimPolicy: Retain` it has no owner reference: the managed MariaDB's and Redis's
+/// volumes outlive a deleted cluster, and a re-created cluster of the same name must find the
+/// passwords those volumes were initialised with (new random ones could never log in). Under
+/// `Delete` the finalizer deletes it with the volumes.
 pub fn build_generated_secret(vc: &ValidatedCluster, creds: &Credentials) -> Secret {
     let n = &vc.names;
     let uri = format!(
@@ -84,8 +90,12 @@ pub fn build_generated_secret(vc: &ValidatedCluster, creds: &Credentials) -> Sec
             ByteString(creds.redis_password.clone().into_bytes()),
         ),
     ]);
+    let mut metadata = object_meta(vc, n.generated_secret(), Component::Config);
+    if vc.spec.storage.reclaim_policy == ReclaimPolicy::Retain {
+        metadata.owner_references = None;
+    }
     Secret {
-        metadata: object_meta(vc, n.generated_secret(), Component::Config),
+        metadata,
         data: Some(data),
         type_: Some("Opaque".into()),
         ..Secret::default()

@@ -89,10 +89,23 @@ pub fn build_shared_pv(vc: &ValidatedCluster) -> PersistentVolume {
         ..ObjectMeta::default()
     };
     if delete {
-        meta.annotations = Some(BTreeMap::from([(
-            "pv.kubernetes.io/provisioned-by".to_string(),
-            CSI_DRIVER.to_string(),
-        )]));
+        // The external-provisioner deletes a volume it provisioned (this annotation) through
+        // DeleteVolume, with the Secret these annotations name: the same JuiceFS Secret the
+        // nodes stage with, which the finalizer keeps alive until the volume is gone.
+        meta.annotations = Some(BTreeMap::from([
+            (
+                "pv.kubernetes.io/provisioned-by".to_string(),
+                CSI_DRIVER.to_string(),
+            ),
+            (
+                "volume.kubernetes.io/provisioner-deletion-secret-name".to_string(),
+                n.juicefs_secret(),
+            ),
+            (
+                "volume.kubernetes.io/provisioner-deletion-secret-namespace".to_string(),
+                n.namespace.clone(),
+            ),
+        ]));
     }
     let mut attrs = BTreeMap::new();
     if let Some(cache) = vc.spec.storage.juicefs.cache_size {
