@@ -1,11 +1,13 @@
 //! shoal-csi: a CSI v1 driver that provisions volumes as directories of a JuiceFS filesystem and
 //! mounts them into pods.
 //!
-//! Layers, outermost first: [`service`] (tonic, unix socket, watchdog task) → [`driver`] (CSI
+//! Layers, outermost first: [`authority_shim`] (HTTP/2 front that makes kubelets < 1.26 work)
+//! → [`service`] (tonic, unix socket, watchdog task) → [`driver`] (CSI
 //! logic, blocking) → [`mounter`] (the `Mounter` seam: `juicefs` and mount(2)). Pure helpers:
 //! [`mountinfo`], [`validate`], [`secrets`], [`error`]. See README.md for the design and its
 //! remaining limit.
 
+pub mod authority_shim;
 pub mod driver;
 pub mod error;
 pub mod guard;
