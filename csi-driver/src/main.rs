@@ -47,6 +47,11 @@ struct Args {
     /// Watchdog period in milliseconds (it also wakes at once when a mount process exits).
     #[arg(long, default_value_t = 2000)]
     watchdog_interval_ms: u64,
+    /// Serve gRPC on the socket directly, without the HTTP/2 front that replaces the socket-path
+    /// `:authority` kubelets before 1.26 send (which tonic's h2 rejects). Only for clusters whose
+    /// kubelets are all 1.26 or newer.
+    #[arg(long)]
+    no_authority_shim: bool,
 }
 
 fn resolve_binary(p: &Path) -> PathBuf {
@@ -135,6 +140,11 @@ async fn main() -> anyhow::Result<()> {
         // Mounts are left in place on purpose: pods keep their volumes across a plugin restart.
         info!("shutting down; JuiceFS mounts stay up");
     };
-    service::serve(driver, &socket, shutdown).await?;
+    let front = if args.no_authority_shim {
+        service::Front::Direct
+    } else {
+        service::Front::AuthorityShim
+    };
+    service::serve(driver, &socket, front, shutdown).await?;
     Ok(())
 }

@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use crate::authority_shim;
 use crate::csi;
 use crate::csi::controller_server::{Controller, ControllerServer};
 use crate::csi::identity_server::{Identity, IdentityServer};
@@ -354,10 +356,23 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServeError> {
     }
 }
 
-/// Binds the unix socket (replacing a stale one) and serves until `shutdown` resolves.
+/// How accepted connections reach tonic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Front {
+    /// Through [`authority_shim`], which replaces the socket-path `:authority` that kubelets
+    /// before 1.26 send (h2 rejects it). The default.
+    #[default]
+    AuthorityShim,
+    /// Straight to tonic: only for clients that send a valid `:authority` (kubelet >= 1.26).
+    Direct,
+}
+
+/// Binds the unix socket (replacing a stale one) and serves until `shutdown` resolves, each
+/// connection through `front`.
 pub async fn serve<M: Mounter>(
     driver: Arc<Driver<M>>,
     socket: &Path,
+    front: Front,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let listen_err = |source| ServeError::Listen {
@@ -375,16 +390,28 @@ pub async fn serve<M: Mounter>(
     let listener = UnixListener::bind(socket).map_err(listen_err)?;
     let mode = driver.config.mode;
     let svc = CsiService::new(driver);
-    info!(socket = %socket.display(), ?mode, "serving CSI");
-    tonic::transport::Server::builder()
+    info!(socket = %socket.display(), ?mode, ?front, "serving CSI");
+    let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(svc.clone()))
         .add_optional_service(
             mode.controller()
                 .then(|| ControllerServer::new(svc.clone())),
         )
-        .add_optional_service(mode.node().then(|| NodeServer::new(svc.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await?;
+        .add_optional_service(mode.node().then(|| NodeServer::new(svc.clone())));
+    let accepted = UnixListenerStream::new(listener);
+    match front {
+        Front::AuthorityShim => {
+            let incoming = accepted.map(|conn| conn.map(authority_shim::front));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?
+        }
+        Front::Direct => {
+            router
+                .serve_with_incoming_shutdown(accepted, shutdown)
+                .await?
+        }
+    }
     Ok(())
 }
 
