@@ -1,12 +1,17 @@
 # Shoal developer entry points. `make test` is what CI (.ci/run) runs on a fresh Debian machine.
 SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The real single-node Kubernetes kit (a sibling of the repository; see ../shared/k8s/README.md).
+K8S_KIT ?= $(abspath ../shared/k8s)
+KUBECONFIG_KIT := /var/lib/shoal-k8s/admin.kubeconfig
 
-.PHONY: test deps lint crds run bench-peers
+.PHONY: test deps lint crds run bench-peers k8s-up k8s-images test-k8s k8s-down
 
-## test: install what the tests need, then lint and run every test in the workspace
+## test: install what the tests need, then lint, run every test in the workspace, then the
+## Kubernetes suite on a real node (needs root for the node; see ../shared/k8s)
 test: deps lint
 	cargo test --workspace --all-targets
+	$(MAKE) test-k8s
 
 ## deps: Redis, MariaDB, FUSE 3, the real juicefs client and the Helm SDK used by the tests
 deps:
@@ -19,6 +24,24 @@ deps:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+## k8s-up: start the kit's Kubernetes 1.24 node and import the images the chart's defaults name
+k8s-up:
+	@[ -d "$(K8S_KIT)" ] || { echo "the Kubernetes kit is not at $(K8S_KIT) (set K8S_KIT)"; exit 1; }
+	$(K8S_KIT)/up.sh
+	$(K8S_KIT)/load-images.sh
+
+## k8s-images: build Shoal's images from this checkout and import them into the node
+k8s-images:
+	SHOAL_K8S_KIT=$(K8S_KIT) e2e/images/build.sh
+
+## test-k8s: the real-node suite (chart, operator, CSI mounts, engine pods); `make k8s-down` stops the node
+test-k8s: k8s-up k8s-images
+	KUBECONFIG=$(KUBECONFIG_KIT) cargo test -p shoal-e2e --test kubernetes -- --ignored --nocapture
+
+## k8s-down: stop the node (WIPE=1 also wipes its state)
+k8s-down:
+	$(K8S_KIT)/down.sh
 
 ## run: start Shoal standalone with embedded defaults
 run:
