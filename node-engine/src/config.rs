@@ -42,7 +42,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Default, Args)]
 pub struct StandaloneArgs {
     /// TOML file with any of the keys below (snake_case: data_dir, listen, metrics_listen,
-    /// log_format, auth_token, flush_interval, meta_url).
+    /// log_format, auth_token, flush_interval, meta_url, shutdown_delay).
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory for the WAL, segments and the SQLite metadata file [default: ./shoal-data].
@@ -66,6 +66,11 @@ pub struct StandaloneArgs {
     /// Metadata store URL (`sqlite://...` or `mysql://...`) [default: SQLite in the data dir].
     #[arg(long, env = "SHOAL_META_URL", hide_env_values = true)]
     pub meta_url: Option<String>,
+    /// After SIGTERM: how long the process reports not ready on /readyz while it keeps
+    /// serving, before it stops accepting and drains in-flight requests; `0s` for none. Must
+    /// exceed the time the router and Kubernetes endpoints take to drop it [default: 5s].
+    #[arg(long, env = "SHOAL_SHUTDOWN_DELAY")]
+    pub shutdown_delay: Option<String>,
     /// GPU flags (command line and `SHOAL_GPU_*` only). Standalone searches on the CPU and uses
     /// them for NVML telemetry (`--gpu-devices none` turns it off); readers search with them.
     #[command(flatten)]
@@ -82,6 +87,7 @@ struct FileConfig {
     auth_token: Option<String>,
     flush_interval: Option<String>,
     meta_url: Option<String>,
+    shutdown_delay: Option<String>,
 }
 
 /// Resolved standalone configuration.
@@ -94,6 +100,7 @@ pub struct StandaloneConfig {
     pub auth_token: Option<String>,
     pub flush_interval: Duration,
     pub meta_url: Option<String>,
+    pub shutdown_delay: Duration,
     pub gpu: GpuArgs,
 }
 
@@ -180,6 +187,26 @@ pub(crate) fn duration(
         .map_err(|reason| ConfigError::Invalid { key, reason })
 }
 
+/// Default of `--shutdown-delay`. The router re-resolves its readers every
+/// `--health-interval` (1 s) and drops a reader whose health check fails (a draining reader's
+/// does), so 5 s leaves room for that and for the endpoints update.
+pub const SHUTDOWN_DELAY: &str = "5s";
+
+/// A delay setting: as [`duration`], and `0`/`0s`/`0ms` mean none.
+///
+/// Errors: `Invalid { key }` when the value does not parse.
+pub(crate) fn delay(
+    key: &'static str,
+    v: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or_else(|| default.to_string());
+    if matches!(v.trim(), "0" | "0s" | "0ms") {
+        return Ok(Duration::ZERO);
+    }
+    duration(key, Some(v), default)
+}
+
 /// The REST API's `user:password` token: the flag/env value, else the file's; empty means none.
 ///
 /// Errors: `Invalid { key: "auth_token" }` when a token has no `:`.
@@ -237,6 +264,11 @@ impl StandaloneArgs {
                 "1s",
             )?,
             meta_url: self.meta_url.or(file.meta_url),
+            shutdown_delay: delay(
+                "shutdown_delay",
+                self.shutdown_delay.or(file.shutdown_delay),
+                SHUTDOWN_DELAY,
+            )?,
             gpu: self.gpu,
         })
     }
@@ -248,7 +280,8 @@ impl StandaloneArgs {
 pub struct RouterArgs {
     /// TOML file with any of the keys below (snake_case: meta, writer, readers, readers_dns,
     /// readers_file, listen, metrics_listen, replication, auth_token, log_format, request_timeout,
-    /// flush_timeout, catalog_poll, health_interval, writer_failover_timeout).
+    /// flush_timeout, catalog_poll, health_interval, writer_failover_timeout, shutdown_delay,
+    /// meta_startup_timeout).
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Metadata store URL (`mysql://...`; the router only reads the catalogue from it).
@@ -298,6 +331,15 @@ pub struct RouterArgs {
     /// being restarted or replaced), e.g. `30s` [default: 30s].
     #[arg(long, env = "SHOAL_WRITER_FAILOVER_TIMEOUT")]
     pub writer_failover_timeout: Option<String>,
+    /// After SIGTERM: how long the process reports not ready on /readyz while it keeps
+    /// serving, before it stops accepting and drains in-flight requests; `0s` for none. Must
+    /// exceed the time the router and Kubernetes endpoints take to drop it [default: 5s].
+    #[arg(long, env = "SHOAL_SHUTDOWN_DELAY")]
+    pub shutdown_delay: Option<String>,
+    /// How long start-up retries an unreachable metadata store (its name may not resolve yet
+    /// on a fresh cluster) before exiting with the cause [default: 60s].
+    #[arg(long, env = "SHOAL_META_STARTUP_TIMEOUT")]
+    pub meta_startup_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +360,8 @@ struct RouterFileConfig {
     catalog_poll: Option<String>,
     health_interval: Option<String>,
     writer_failover_timeout: Option<String>,
+    shutdown_delay: Option<String>,
+    meta_startup_timeout: Option<String>,
 }
 
 /// Resolved router configuration.
@@ -336,6 +380,8 @@ pub struct RouterConfig {
     pub catalog_poll: Duration,
     pub health_interval: Duration,
     pub writer_failover_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub meta_startup_timeout: Duration,
 }
 
 impl std::fmt::Debug for RouterConfig {
@@ -447,6 +493,16 @@ impl RouterArgs {
                 self.writer_failover_timeout
                     .or(file.writer_failover_timeout),
                 "30s",
+            )?,
+            shutdown_delay: delay(
+                "shutdown_delay",
+                self.shutdown_delay.or(file.shutdown_delay),
+                SHUTDOWN_DELAY,
+            )?,
+            meta_startup_timeout: duration(
+                "meta_startup_timeout",
+                self.meta_startup_timeout.or(file.meta_startup_timeout),
+                crate::cluster::startup::META_STARTUP_TIMEOUT,
             )?,
         })
     }

@@ -3,11 +3,13 @@
 
 pub mod api;
 pub mod bench;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod gpu;
 pub mod memory;
+pub mod probes;
 pub mod reader;
 pub mod router;
 pub mod standalone;

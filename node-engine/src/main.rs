@@ -4,7 +4,8 @@ mod bench_insert;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shoal_engine::config::{LogFormat, RouterArgs, StandaloneArgs};
+use shoal_engine::cli::Role;
+use shoal_engine::config::LogFormat;
 
 #[derive(Parser)]
 #[command(name = "shoal-engine", version, about = "Shoal vector search engine")]
@@ -15,15 +16,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run writer, reader and router in one process (SQLite metadata, local data directory).
-    Standalone(StandaloneArgs),
-    /// The cluster's single writer: takes the metadata lease, replays the WAL, serves the Writer
-    /// gRPC service and the REST API; exits non-zero when another writer takes the lease.
-    Writer(shoal_engine::writer::WriterArgs),
-    /// A read-only search node over the shared data directory (Reader gRPC service).
-    Reader(shoal_engine::reader::ReaderArgs),
-    /// Cluster front end: REST API; writes to the writer, searches fanned out to the readers.
-    Router(RouterArgs),
+    /// The engine's roles (`shoal_engine::cli::Role`, the parser the operator is tested against).
+    #[command(flatten)]
+    Role(Role),
     /// Insert benchmark client: stream an .fvecs file into a running server through REST.
     BenchInsert(bench_insert::BenchInsertArgs),
     /// Search benchmark: build an index in-process from .fvecs/.ivecs files, sweep, print JSON lines.
@@ -68,7 +63,7 @@ async fn shutdown_signal() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Standalone(args) => {
+        Command::Role(Role::Standalone(args)) => {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
             shoal_engine::memory::tune_allocator();
@@ -77,7 +72,7 @@ fn main() -> anyhow::Result<()> {
                 .context("standalone server failed")?;
             Ok(())
         }
-        Command::Writer(args) => {
+        Command::Role(Role::Writer(args)) => {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
@@ -85,7 +80,7 @@ fn main() -> anyhow::Result<()> {
                 .context("writer failed")?;
             Ok(())
         }
-        Command::Reader(args) => {
+        Command::Role(Role::Reader(args)) => {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
@@ -93,7 +88,7 @@ fn main() -> anyhow::Result<()> {
                 .context("reader failed")?;
             Ok(())
         }
-        Command::Router(args) => {
+        Command::Role(Role::Router(args)) => {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;

@@ -9,9 +9,12 @@
 //! [`crate::core::meta::CatalogSnapshot`] and applies it (new and dropped segments, tombstone
 //! versions, the writer's committed ANN index files, load state, new and dropped collections).
 //!
-//! It serves the Reader gRPC service ([`ReaderService`] over [`ReplicaCatalog`]) and `/healthz`,
-//! `/readyz` (ready once it caught up with the catalogue once; JSON with the GPU details) and
-//! `/metrics`.
+//! It serves the Reader gRPC service ([`ReaderService`] over [`ReplicaCatalog`]) and `/healthz`
+//! (liveness only), `/readyz` (ready once it caught up with the catalogue once, while its data
+//! directory's filesystem and the metadata store answer; JSON with the reason and the GPU
+//! details) and `/metrics`. The ops listener is up before the metadata store is reached (which
+//! start-up retries until `--meta-startup-timeout`); on SIGTERM `/readyz` and the gRPC health
+//! check fail at once while it keeps serving for `--shutdown-delay`, then it drains and stops.
 //!
 //! GPUs: at start the reader builds a [`GpuRuntime`] from its `--gpu-*` flags. When it opens a
 //! CUDA device, `SearchShard` offers every sealed FLAT segment scan to the GPU
@@ -20,7 +23,9 @@
 //! in `shoal_gpu_search_fallbacks_total`); both paths' hits go through the replica's one merge.
 //! Without NVML, CUDA or a device the runtime logs why and the reader searches on the CPU.
 
+use crate::api::lifecycle::Lifecycle;
 use crate::api::rest::MAX_TOPK;
+use crate::api::stop_servers;
 use crate::cluster::catalog_sync::VersionGate;
 use crate::cluster::pb::reader_server::ReaderServer;
 use crate::cluster::pb::{
@@ -29,6 +34,7 @@ use crate::cluster::pb::{
 use crate::cluster::reader_service::{
     ReaderService, ShardBackend, ShardError, ShardQuery, run_poller,
 };
+use crate::cluster::startup::{MetaAccess, MetaStartupError, connect_meta};
 use crate::config::{
     ConfigError, DEFAULT_GRPC_LISTEN, DEFAULT_METRICS_LISTEN, LogFormat, default_node_id, duration,
     load_toml,
@@ -37,14 +43,15 @@ use crate::core::engine::schema_of;
 use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
 use crate::core::index::{IndexError, SearchParams};
-use crate::core::meta::{CatalogSnapshot, MetaError, MetaStore, redact};
+use crate::core::meta::{CatalogSnapshot, MetaStore, redact};
 use crate::core::storage::collection::{
     Collection, CollectionError, CollectionRead, FlatOffload, Output, ReplicaListing, RowOut,
     Schema, SegmentSelection,
 };
 use crate::gpu::args::GpuArgs;
 use crate::gpu::{GpuOffload, GpuRuntime};
-use crate::writer::{require_meta, spawn_grpc, stop_servers};
+use crate::probes::{DirCheck, DirProbe};
+use crate::writer::{require_meta, spawn_grpc};
 use axum::extract::State;
 use clap::Args;
 use parking_lot::RwLock;
@@ -63,7 +70,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Args)]
 pub struct ReaderArgs {
     /// TOML file with any of the keys below (snake_case: meta, data_dir, grpc_listen,
-    /// metrics_listen, node_id, poll_interval, log_format).
+    /// metrics_listen, node_id, poll_interval, log_format, shutdown_delay, meta_startup_timeout).
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Metadata store URL: `mysql://user:password@host:3306/db` (or `sqlite://...?mode=ro`).
@@ -87,6 +94,15 @@ pub struct ReaderArgs {
     /// Log format [default: text].
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// After SIGTERM: how long the process reports not ready on /readyz while it keeps
+    /// serving, before it stops accepting and drains in-flight requests; `0s` for none. Must
+    /// exceed the time the router and Kubernetes endpoints take to drop it [default: 5s].
+    #[arg(long, env = "SHOAL_SHUTDOWN_DELAY")]
+    pub shutdown_delay: Option<String>,
+    /// How long start-up retries an unreachable metadata store (its name may not resolve yet
+    /// on a fresh cluster) before exiting with the cause [default: 60s].
+    #[arg(long, env = "SHOAL_META_STARTUP_TIMEOUT")]
+    pub meta_startup_timeout: Option<String>,
     #[command(flatten)]
     pub gpu: GpuArgs,
 }
@@ -101,6 +117,8 @@ struct ReaderFile {
     node_id: Option<String>,
     poll_interval: Option<String>,
     log_format: Option<LogFormat>,
+    shutdown_delay: Option<String>,
+    meta_startup_timeout: Option<String>,
 }
 
 /// Resolved reader configuration.
@@ -113,6 +131,8 @@ pub struct ReaderConfig {
     pub node_id: String,
     pub poll_interval: Duration,
     pub log_format: LogFormat,
+    pub shutdown_delay: Duration,
+    pub meta_startup_timeout: Duration,
     pub gpu: GpuArgs,
 }
 
@@ -159,6 +179,16 @@ impl ReaderArgs {
                 "1s",
             )?,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            shutdown_delay: crate::config::delay(
+                "shutdown_delay",
+                self.shutdown_delay.or(file.shutdown_delay),
+                crate::config::SHUTDOWN_DELAY,
+            )?,
+            meta_startup_timeout: duration(
+                "meta_startup_timeout",
+                self.meta_startup_timeout.or(file.meta_startup_timeout),
+                crate::cluster::startup::META_STARTUP_TIMEOUT,
+            )?,
             gpu: self.gpu,
         })
     }
@@ -167,8 +197,8 @@ impl ReaderArgs {
 /// Why the reader stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ReaderRunError {
-    #[error("failed to connect to the metadata store")]
-    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Meta(#[from] MetaStartupError),
     #[error(transparent)]
     Bind(#[from] crate::api::BindError),
 }
@@ -180,6 +210,9 @@ type Failed = (i64, u64, String);
 /// writer's files to this client yet) before the reader serves newer versions without it
 /// (requests naming it then fail as unavailable, so the router asks another reader).
 const FAILED_SEGMENT_GRACE: Duration = Duration::from_secs(30);
+
+/// How long `/readyz` waits for the metadata store's answer.
+const META_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Every collection of the catalogue as a read-only replica: the reader's [`ShardBackend`].
 pub struct ReplicaCatalog {
@@ -231,6 +264,17 @@ impl ReplicaCatalog {
     /// The catalogue version served (every segment and tombstone committed up to it).
     pub fn served_version(&self) -> u64 {
         self.served.load(Ordering::SeqCst)
+    }
+
+    /// `Err(reason)` when the metadata store does not answer within [`META_PING_TIMEOUT`].
+    pub async fn ping_meta(&self) -> Result<(), String> {
+        match tokio::time::timeout(META_PING_TIMEOUT, self.meta.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("metadata store unavailable: {}", chain(&e))),
+            Err(_) => Err(format!(
+                "metadata store unavailable: no answer within {META_PING_TIMEOUT:?}"
+            )),
+        }
     }
 
     /// Whether a refresh has succeeded at least once.
@@ -585,6 +629,22 @@ struct Ops {
     gpu: Arc<GpuRuntime>,
     /// The `shoal_gpu_*` telemetry gauges and offload counters.
     registry: prometheus_client::registry::Registry,
+    /// The shared data directory's filesystem answers.
+    data: DirProbe,
+}
+
+impl Ops {
+    /// Ready when the data directory's filesystem answers, the metadata store answers and the
+    /// catalogue was read once.
+    async fn ready(&self) -> Result<(), String> {
+        self.data.check().await?;
+        self.backend.ping_meta().await?;
+        if self.backend.caught_up() {
+            Ok(())
+        } else {
+            Err("not caught up with the catalogue yet".to_string())
+        }
+    }
 }
 
 fn ops_router(ops: Arc<Ops>) -> axum::Router {
@@ -594,12 +654,7 @@ fn ops_router(ops: Arc<Ops>) -> axum::Router {
         .route(
             "/readyz",
             get(|State(o): State<Arc<Ops>>| async move {
-                let backend = if o.backend.caught_up() {
-                    Ok(())
-                } else {
-                    Err("not caught up with the catalogue yet".to_string())
-                };
-                let (status, body) = crate::api::readiness(backend, Some(o.gpu.status()));
+                let (status, body) = crate::api::readiness(o.ready().await, Some(o.gpu.status()));
                 (status, axum::Json(body))
             }),
         )
@@ -700,12 +755,41 @@ fn per_collection<N: std::fmt::Display, V: std::fmt::Display>(
     }
 }
 
-/// Run the reader until `shutdown` resolves.
+/// Run the reader until `shutdown` resolves, then report not ready (`/readyz` and the gRPC
+/// health check) for the shutdown delay while still serving, then drain and stop.
 pub async fn run(
     cfg: ReaderConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ReaderRunError> {
-    let meta = MetaStore::connect_read_only(&cfg.meta_url).await?;
+    // The ops listener answers from the start: live, and not ready until the reader serves.
+    let life = Lifecycle::starting("connecting to the metadata store");
+    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
+    let stop = crate::api::StopSignal::default();
+    let ops_task = crate::api::spawn_http(ops_l, life.router(), stop.wait());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let connect = connect_meta(
+        &cfg.meta_url,
+        MetaAccess::ReadOnly,
+        cfg.meta_startup_timeout,
+        &life,
+    );
+    let meta = tokio::select! {
+        m = connect => match m {
+            Ok(m) => m,
+            Err(e) => {
+                stop.stop();
+                stop_servers([("ops", ops_task)]).await;
+                return Err(e.into());
+            }
+        },
+        () = &mut shutdown => {
+            tracing::info!("stopped during start-up");
+            stop.stop();
+            stop_servers([("ops", ops_task)]).await;
+            return Ok(());
+        }
+    };
+    life.set_starting("reading the catalogue");
     // Never fails: without NVML, CUDA or a device it logs why and the reader searches on the CPU.
     let gpu = Arc::new(GpuRuntime::start(&cfg.gpu));
     let mut registry = prometheus_client::registry::Registry::default();
@@ -730,28 +814,26 @@ pub async fn run(
         gate,
         cfg.node_id.clone(),
         Duration::from_secs(5),
-    );
+    )
+    .with_lifecycle(life.clone());
     let grpc_l = crate::api::bind(cfg.grpc_listen).await?;
-    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
     tracing::info!(grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen, node_id = %cfg.node_id,
         data_dir = %cfg.data_dir.display(), "shoal reader listening");
-    let stop = crate::api::StopSignal::default();
-    let ops = ops_router(Arc::new(Ops {
+    life.serve(ops_router(Arc::new(Ops {
         backend: backend.clone(),
         gpu,
         registry,
-    }));
-    let ops_task = crate::api::spawn_http(ops_l, ops, stop.wait());
+        data: DirProbe::new("data directory", cfg.data_dir.clone(), DirCheck::Filesystem),
+    })));
     let grpc_task = spawn_grpc(
         grpc_l,
         tonic::service::Routes::new(ReaderServer::new(svc)),
         stop.wait(),
     );
-    shutdown.await;
-    tracing::info!("shutting down");
+    life.shutdown_after(shutdown, cfg.shutdown_delay).await;
     stop.stop();
     poller.abort();
-    stop_servers([("ops", ops_task), ("gRPC", grpc_task)]).await;
+    stop_servers([("gRPC", grpc_task), ("ops", ops_task)]).await;
     Ok(())
 }
 
@@ -983,6 +1065,7 @@ mod tests {
             backend: Arc::new(broken),
             gpu: Arc::new(rt),
             registry,
+            data: DirProbe::new("data directory", dir.path().into(), DirCheck::Filesystem),
         };
         let text = render_metrics(&ops);
         assert!(text.contains("shoal_reader_ready 1"), "{text}");

@@ -1,53 +1,27 @@
 //! The router role: the public REST API (and /healthz, /readyz, /metrics) of a cluster over
 //! [`RouterBackend`]. It connects to the metadata store without migrating it (it only reads the
-//! catalogue; the writer owns the schema), waits
-//! for nothing else at start-up (the writer and readers may come later: `/readyz` says when it
-//! can serve), runs the catalogue poll and the reader membership loop, and stops on signal.
+//! catalogue; the writer owns the schema), retrying until `--meta-startup-timeout`
+//! ([`crate::cluster::startup`]), waits for nothing else at start-up (the writer and readers may
+//! come later: `/readyz` says when it can serve), runs the catalogue poll and the reader
+//! membership loop, and on signal drains ([`crate::api::lifecycle`]) and stops.
 
+use crate::api::lifecycle::Lifecycle;
 use crate::api::{self, metrics::Metrics, rest::RestState};
 use crate::cluster::router_backend::{RouterBackend, RouterError, RouterOptions};
+use crate::cluster::startup::{MetaAccess, MetaStartupError, connect_meta};
 use crate::config::RouterConfig;
-use crate::core::meta::{MetaError, MetaStore};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterServeError {
-    #[error("metadata store unreachable for {waited:?}")]
-    Meta {
-        waited: Duration,
-        #[source]
-        source: MetaError,
-    },
+    #[error(transparent)]
+    Meta(#[from] MetaStartupError),
     #[error(transparent)]
     Backend(#[from] RouterError),
     #[error(transparent)]
     Bind(#[from] crate::api::BindError),
-    #[error("HTTP server failed")]
-    Serve(#[source] std::io::Error),
-}
-
-/// How long start-up retries the metadata store before giving up.
-const META_STARTUP: Duration = Duration::from_secs(60);
-
-async fn connect_meta(url: &str) -> Result<MetaStore, RouterServeError> {
-    let started = Instant::now();
-    loop {
-        match MetaStore::connect_read_only(url).await {
-            Ok(m) => return Ok(m),
-            Err(source) if started.elapsed() >= META_STARTUP => {
-                return Err(RouterServeError::Meta {
-                    waited: started.elapsed(),
-                    source,
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "metadata store not reachable yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
 }
 
 /// The router's REST state and routers, and its background loops (abort them to stop).
@@ -61,7 +35,18 @@ pub struct Built {
 /// Connect to the metadata store, read the catalogue once, probe the readers once, start the
 /// loops and build the HTTP routers.
 pub async fn build(cfg: &RouterConfig) -> Result<Built, RouterServeError> {
-    let meta = connect_meta(&cfg.meta_url).await?;
+    build_with(cfg, &Lifecycle::default()).await
+}
+
+/// [`build`], reporting on `life`'s `/readyz` what start-up waits for.
+pub async fn build_with(cfg: &RouterConfig, life: &Lifecycle) -> Result<Built, RouterServeError> {
+    let meta = connect_meta(
+        &cfg.meta_url,
+        MetaAccess::ReadOnly,
+        cfg.meta_startup_timeout,
+        life,
+    )
+    .await?;
     let backend = Arc::new(RouterBackend::new(
         meta,
         RouterOptions {
@@ -96,20 +81,36 @@ pub async fn build(cfg: &RouterConfig) -> Result<Built, RouterServeError> {
     })
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve until `shutdown` resolves, then report not ready for the shutdown delay while still
+/// serving, then stop accepting and drain in-flight requests.
 pub async fn run(
     cfg: RouterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterServeError> {
-    let b = build(&cfg).await?;
-    let rest_l = api::bind(cfg.listen).await?;
+    // The ops listener answers from the start: live, and not ready until the router serves.
+    let life = Lifecycle::starting("connecting to the metadata store");
     let ops_l = api::bind(cfg.metrics_listen).await?;
+    let stop = api::StopSignal::default();
+    let ops_task = api::spawn_http(ops_l, life.router(), stop.wait());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let b = tokio::select! {
+        b = build_with(&cfg, &life) => b?,
+        () = &mut shutdown => {
+            tracing::info!("stopped during start-up");
+            stop.stop();
+            api::stop_servers([("ops", ops_task)]).await;
+            return Ok(());
+        }
+    };
+    life.serve(b.ops);
+    let rest_l = api::bind(cfg.listen).await?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, writer = %cfg.writer, discovery = ?cfg.discovery, replication = cfg.replication, "shoal router listening");
-    let res = api::serve_rest_and_ops(rest_l, b.rest, ops_l, b.ops, shutdown)
-        .await
-        .map_err(RouterServeError::Serve);
+    let rest_task = api::spawn_http(rest_l, b.rest, stop.wait());
+    life.shutdown_after(shutdown, cfg.shutdown_delay).await;
+    stop.stop();
+    api::stop_servers([("REST", rest_task), ("ops", ops_task)]).await;
     for l in b.loops {
         l.abort();
     }
-    res
+    Ok(())
 }

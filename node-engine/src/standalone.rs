@@ -1,6 +1,7 @@
 //! The standalone role: writer, reader and router in one process — the engine over SQLite and
 //! a local data directory, the REST API and the health/metrics listener.
 
+use crate::api::lifecycle::Lifecycle;
 use crate::api::{self, backend::LocalBackend, metrics::Metrics, rest::AppState};
 use crate::config::StandaloneConfig;
 use crate::core::engine::{Engine, EngineConfig, EngineError};
@@ -15,8 +16,6 @@ pub enum ServeError {
     OpenEngine(#[from] EngineError),
     #[error(transparent)]
     Bind(#[from] crate::api::BindError),
-    #[error("HTTP server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Open the engine and build the REST and ops routers over one shared state.
@@ -54,19 +53,32 @@ pub fn build_with_engine(
     (state, rest, ops)
 }
 
-/// Serve until `shutdown` resolves, then flush every collection and stop.
+/// Serve until `shutdown` resolves, report not ready for the shutdown delay while still
+/// serving, then stop accepting, drain in-flight requests, flush every collection and stop.
 pub async fn run(
     cfg: StandaloneConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (state, rest, ops) = build(&cfg).await?;
+    let life = Lifecycle::starting("opening the engine (replaying WALs)");
+    let ops_l = api::bind(cfg.metrics_listen).await?;
+    let stop = api::StopSignal::default();
+    let ops_task = api::spawn_http(ops_l, life.router(), stop.wait());
+    let (state, rest, ops) = match build(&cfg).await {
+        Ok(b) => b,
+        Err(e) => {
+            stop.stop();
+            api::stop_servers([("ops", ops_task)]).await;
+            return Err(e);
+        }
+    };
+    life.serve(ops);
     let flusher = state.engine.spawn_flusher(cfg.flush_interval);
     let rest_l = api::bind(cfg.listen).await?;
-    let ops_l = api::bind(cfg.metrics_listen).await?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "shoal standalone listening");
-    api::serve_rest_and_ops(rest_l, rest, ops_l, ops, shutdown)
-        .await
-        .map_err(ServeError::Serve)?;
+    let rest_task = api::spawn_http(rest_l, rest, stop.wait());
+    life.shutdown_after(shutdown, cfg.shutdown_delay).await;
+    stop.stop();
+    api::stop_servers([("REST", rest_task), ("ops", ops_task)]).await;
     flusher.abort();
     tracing::info!("shutting down: flushing collections");
     state.engine.shutdown().await;

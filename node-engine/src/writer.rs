@@ -1,6 +1,8 @@
 //! The writer role (`shoal-engine writer`): the one process of a cluster that writes.
 //!
-//! Startup: connect to the metadata store (migrating it), wait for the writer lease (another
+//! Startup (the ops listener answers from the first moment, `/readyz` 503 with the step): connect
+//! to the metadata store (migrating it; retried until `--meta-startup-timeout`), wait for the
+//! writer lease (another
 //! writer holding an unexpired one keeps us waiting), fence the store with the lease epoch so
 //! every metadata commit checks it, open the engine (replaying each collection's WAL: the WAL
 //! must live where a successor sees it, the shared data directory by default or `--wal-dir`),
@@ -10,13 +12,21 @@
 //! While running: the lease is renewed every `ttl / 3`; a write is acknowledged (gRPC and REST)
 //! only while the lease is valid locally. When the lease is lost (a successor took it), the
 //! process exits non-zero without flushing (its commits would be fenced anyway). On SIGTERM it
+//! reports not ready and keeps serving for `--shutdown-delay`, then stops accepting, drains,
 //! flushes, releases the lease (so a successor need not wait for the expiry) and exits 0.
+//!
+//! `/readyz` is 503 with the reason unless it holds the lease, the WAL directory takes a
+//! write + fsync, the data directory's filesystem answers ([`crate::probes`]) and the metadata
+//! store answers; `/healthz` is liveness only (a dead mount is not healed by a restart).
 
 use crate::api::error::{ApiError, code};
+use crate::api::lifecycle::Lifecycle;
 use crate::api::rest::{AppState, Ctx};
+use crate::api::stop_servers;
 use crate::cluster::lease::{self, LeaseError, LeaseKeeper};
 use crate::cluster::pb::writer_server::WriterServer;
 use crate::cluster::pb::{CreateCollectionRequest, CreateIndexRequest, InsertRequest, Row};
+use crate::cluster::startup::{MetaAccess, MetaStartupError, connect_meta};
 use crate::cluster::writer_service::{WriteError, WriterBackend, WriterService};
 use crate::config::{
     ConfigError, DEFAULT_GRPC_LISTEN, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, LogFormat,
@@ -32,6 +42,7 @@ use crate::core::storage::collection::{
 };
 use crate::core::storage::wal::RowBatch;
 use crate::core::types::Metric;
+use crate::probes::{DirCheck, DirProbe};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -48,7 +59,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, Args)]
 pub struct WriterArgs {
     /// TOML file with any of the keys below (snake_case: meta, data_dir, wal_dir, listen,
-    /// grpc_listen, metrics_listen, node_id, lease_ttl, flush_interval, log_format, auth_token).
+    /// grpc_listen, metrics_listen, node_id, lease_ttl, flush_interval, log_format, auth_token,
+    /// shutdown_delay, meta_startup_timeout).
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Metadata store URL: `mysql://user:password@host:3306/db` or `sqlite:///path/meta.db`.
@@ -87,6 +99,15 @@ pub struct WriterArgs {
     /// Require `Authorization: Bearer <user:password>` on every REST request.
     #[arg(long, env = "SHOAL_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// After SIGTERM: how long the process reports not ready on /readyz while it keeps
+    /// serving, before it stops accepting and drains in-flight requests; `0s` for none. Must
+    /// exceed the time the router and Kubernetes endpoints take to drop it [default: 5s].
+    #[arg(long, env = "SHOAL_SHUTDOWN_DELAY")]
+    pub shutdown_delay: Option<String>,
+    /// How long start-up retries an unreachable metadata store (its name may not resolve yet
+    /// on a fresh cluster) before exiting with the cause [default: 60s].
+    #[arg(long, env = "SHOAL_META_STARTUP_TIMEOUT")]
+    pub meta_startup_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +124,8 @@ struct WriterFile {
     flush_interval: Option<String>,
     log_format: Option<LogFormat>,
     auth_token: Option<String>,
+    shutdown_delay: Option<String>,
+    meta_startup_timeout: Option<String>,
 }
 
 /// Resolved writer configuration.
@@ -119,6 +142,8 @@ pub struct WriterConfig {
     pub flush_interval: Duration,
     pub log_format: LogFormat,
     pub auth_token: Option<String>,
+    pub shutdown_delay: Duration,
+    pub meta_startup_timeout: Duration,
 }
 
 impl std::fmt::Debug for WriterConfig {
@@ -199,6 +224,16 @@ impl WriterArgs {
             )?,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth_token,
+            shutdown_delay: crate::config::delay(
+                "shutdown_delay",
+                self.shutdown_delay.or(file.shutdown_delay),
+                crate::config::SHUTDOWN_DELAY,
+            )?,
+            meta_startup_timeout: duration(
+                "meta_startup_timeout",
+                self.meta_startup_timeout.or(file.meta_startup_timeout),
+                crate::cluster::startup::META_STARTUP_TIMEOUT,
+            )?,
         })
     }
 }
@@ -206,7 +241,9 @@ impl WriterArgs {
 /// Why the writer stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WriterRunError {
-    #[error("failed to open the metadata store")]
+    #[error(transparent)]
+    MetaStartup(#[from] MetaStartupError),
+    #[error("failed to read the metadata store")]
     Meta(#[from] MetaError),
     #[error("writer lease failed")]
     Lease(#[from] LeaseError),
@@ -216,6 +253,9 @@ pub enum WriterRunError {
     Bind(#[from] crate::api::BindError),
     #[error("{what} server failed: {detail}")]
     Serve { what: &'static str, detail: String },
+    /// The shutdown signal came during start-up (not an error: the process exits 0).
+    #[error("stopped during start-up")]
+    StoppedStarting,
     /// Another writer took the lease: this process must stop (the exit status is non-zero).
     #[error("writer lease lost (epoch {epoch}); stopped acknowledging writes")]
     LeaseLost { epoch: u64 },
@@ -402,16 +442,11 @@ impl WriterBackend for EngineWriter {
             vector_field: or(r.vector_field_name, "vector"),
             dynamic: r.enable_dynamic_field,
         };
-        let c = self
-            .engine()
+        // The engine writes the default index row too, all or nothing.
+        self.engine()
             .create_collection(schema)
             .await
             .map_err(engine_err)?;
-        self.state
-            .indexes
-            .register_default(&c)
-            .await
-            .map_err(api_err)?;
         Ok(self.version())
     }
 
@@ -543,9 +578,32 @@ fn not_the_writer(e: &LeaseError) -> axum::response::Response {
 struct Ops {
     state: Arc<AppState>,
     keeper: LeaseKeeper,
+    /// The WAL directory accepts a write + fsync + remove.
+    wal: DirProbe,
+    /// The shared data directory's filesystem answers (with `--wal-dir`; without, `wal` covers it).
+    data: Option<DirProbe>,
 }
 
-/// `/healthz`, `/readyz` (holds the lease and the metadata store answers), `/metrics`.
+impl Ops {
+    /// Ready when this process holds the lease, the WAL directory is writable, the data
+    /// directory's filesystem answers and the metadata store answers.
+    async fn ready(&self) -> Result<(), String> {
+        if let Err(e) = self.keeper.check() {
+            return Err(format!("not the writer: {e}"));
+        }
+        self.wal.check().await?;
+        if let Some(d) = &self.data {
+            d.check().await?;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.state.engine.meta().ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("metadata store unavailable: {}", chain(&e))),
+            Err(_) => Err("metadata store unavailable: no answer within 2s".into()),
+        }
+    }
+}
+
+/// `/healthz`, `/readyz` (see [`Ops::ready`]; 503 with the reason), `/metrics`.
 fn ops_router(ops: Arc<Ops>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
@@ -553,18 +611,9 @@ fn ops_router(ops: Arc<Ops>) -> axum::Router {
         .route(
             "/readyz",
             get(|State(o): State<Arc<Ops>>| async move {
-                if let Err(e) = o.keeper.check() {
-                    return (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not the writer: {e}"),
-                    );
-                }
-                match o.state.engine.meta().ping().await {
+                match o.ready().await {
                     Ok(()) => (StatusCode::OK, "ready".to_string()),
-                    Err(e) => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("metadata store unavailable: {e}"),
-                    ),
+                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
                 }
             }),
         )
@@ -611,23 +660,6 @@ pub(crate) fn spawn_grpc(
     })
 }
 
-/// Wait (bounded) for servers told to stop; a server that does not stop is logged, not awaited.
-pub(crate) async fn stop_servers<const N: usize>(
-    tasks: [(&'static str, tokio::task::JoinHandle<Result<(), String>>); N],
-) {
-    let grace = Duration::from_secs(10);
-    for (what, task) in tasks {
-        match tokio::time::timeout(grace, task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => {
-                tracing::warn!(server = what, error = %e, "server stopped with an error")
-            }
-            Ok(Err(e)) => tracing::warn!(server = what, error = %e, "server task failed"),
-            Err(_) => tracing::warn!(server = what, "server did not stop within the grace period"),
-        }
-    }
-}
-
 /// Wait until the lease can be taken, then take it; also returns the instant from before the
 /// successful attempt (the keeper's local deadline counts from it).
 async fn acquire(
@@ -656,6 +688,26 @@ async fn acquire(
     }
 }
 
+/// Connect to the metadata store (retrying until the start-up deadline) and wait for the
+/// lease; `life`'s `/readyz` says which step it is at.
+async fn start(
+    cfg: &WriterConfig,
+    life: &Lifecycle,
+) -> Result<(MetaStore, lease::Lease, tokio::time::Instant), WriterRunError> {
+    let meta = connect_meta(
+        &cfg.meta_url,
+        MetaAccess::Migrate,
+        cfg.meta_startup_timeout,
+        life,
+    )
+    .await?;
+    let poll = (cfg.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    tracing::info!(node_id = %cfg.node_id, meta = %redact(&cfg.meta_url), "waiting for the writer lease");
+    life.set_starting("waiting for the writer lease");
+    let (lease, taken_at) = acquire(meta.pool(), &cfg.node_id, cfg.lease_ttl, poll).await?;
+    Ok((meta, lease, taken_at))
+}
+
 /// Resolves when the keeper reports that another writer took the lease.
 async fn lease_lost(keeper: LeaseKeeper) -> u64 {
     loop {
@@ -672,18 +724,31 @@ pub async fn run(
     cfg: WriterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WriterRunError> {
-    let meta = MetaStore::connect(&cfg.meta_url).await?;
-    let pool = meta.pool().clone();
-    let poll = (cfg.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
-    tracing::info!(node_id = %cfg.node_id, meta = %redact(&cfg.meta_url), "waiting for the writer lease");
+    // The ops listener answers from the start: live, and not ready until the writer serves.
+    let life = Lifecycle::starting("connecting to the metadata store");
+    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
+    let stop = crate::api::StopSignal::default();
+    let ops_task = crate::api::spawn_http(ops_l, life.router(), stop.wait());
     let mut shutdown = std::pin::pin!(shutdown);
-    let (lease, taken_at) = tokio::select! {
-        l = acquire(&pool, &cfg.node_id, cfg.lease_ttl, poll) => l?,
+    let started = tokio::select! {
+        r = start(&cfg, &life) => r,
         () = &mut shutdown => {
-            tracing::info!("stopped while waiting for the writer lease");
-            return Ok(());
+            tracing::info!("stopped during start-up");
+            Err(WriterRunError::StoppedStarting)
         }
     };
+    let (meta, lease, taken_at) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            stop.stop();
+            stop_servers([("ops", ops_task)]).await;
+            return match e {
+                WriterRunError::StoppedStarting => Ok(()),
+                e => Err(e),
+            };
+        }
+    };
+    let pool = meta.pool().clone();
     // The successor's renewals must never outlive the store's expiry: stop acknowledging a
     // quarter of the TTL before it.
     let keeper = LeaseKeeper::new(&lease, cfg.lease_ttl, cfg.lease_ttl / 4, taken_at);
@@ -691,6 +756,7 @@ pub async fn run(
     meta.set_fence(lease.epoch);
     meta.catalog_version().await?;
     tracing::info!(epoch = lease.epoch, node_id = %cfg.node_id, "writer lease acquired; opening collections (replaying WALs)");
+    life.set_starting("opening collections (replaying WALs)");
     let engine = Engine::open_with_meta(
         &EngineConfig {
             data_dir: cfg.data_dir.clone(),
@@ -729,6 +795,15 @@ pub async fn run(
     let ops = ops_router(Arc::new(Ops {
         state: state.clone(),
         keeper: keeper.clone(),
+        wal: DirProbe::new(
+            "WAL directory",
+            cfg.wal_dir.clone().unwrap_or_else(|| cfg.data_dir.clone()),
+            DirCheck::Writable,
+        ),
+        data: cfg
+            .wal_dir
+            .as_ref()
+            .map(|_| DirProbe::new("data directory", cfg.data_dir.clone(), DirCheck::Filesystem)),
     }));
     let svc = WriterService::new(
         Arc::new(EngineWriter::new(state.clone())),
@@ -737,13 +812,11 @@ pub async fn run(
     );
     let rest_l = crate::api::bind(cfg.listen).await?;
     let grpc_l = crate::api::bind(cfg.grpc_listen).await?;
-    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
     tracing::info!(rest = %cfg.listen, grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen,
         data_dir = %cfg.data_dir.display(), epoch = lease.epoch, "shoal writer ready");
 
-    let stop = crate::api::StopSignal::default();
+    life.serve(ops);
     let rest_task = crate::api::spawn_http(rest_l, rest, stop.wait());
-    let ops_task = crate::api::spawn_http(ops_l, ops, stop.wait());
     // The router forwards REST inserts of up to the REST body limit (256 MiB) in one message;
     // tonic's 4 MiB default refused a 10,000 x 128-d insert.
     let grpc = tonic::service::Routes::new(
@@ -754,7 +827,7 @@ pub async fn run(
     let grpc_task = spawn_grpc(grpc_l, grpc, stop.wait());
 
     let outcome = tokio::select! {
-        () = &mut shutdown => Ok(()),
+        () = life.shutdown_after(&mut shutdown, cfg.shutdown_delay) => Ok(()),
         epoch = lease_lost(keeper.clone()) => Err(WriterRunError::LeaseLost { epoch }),
     };
     stop.stop();

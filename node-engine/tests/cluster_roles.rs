@@ -656,3 +656,211 @@ async fn a_waiting_writer_takes_over_after_kill_9_replays_the_wal_and_fences_the
     );
     drop(w3);
 }
+
+/// A fresh cluster: the reader starts while its MariaDB is down (in Kubernetes: the managed
+/// MariaDB's Service name does not resolve yet). It stays up, live but not ready with the cause
+/// in `/readyz`, and serves once MariaDB answers; `/readyz` turns 503 again while MariaDB is
+/// down. On SIGTERM it reports not ready at once, keeps answering for the shutdown delay, and
+/// exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_started_before_its_mariadb_waits_unready_and_serves_once_mariadb_answers() {
+    let _watchdog = watchdog(
+        "a_reader_started_before_its_mariadb_waits_unready_and_serves_once_mariadb_answers",
+        Duration::from_secs(180),
+    );
+    let mut db = MariaDb::start().expect("MariaDB");
+    let url = db.url();
+    // The writer would have migrated the schema; do it here, then take the server down.
+    drop(MetaStore::connect(&url).await.expect("migrate"));
+    tokio::task::block_in_place(|| db.stop()).expect("stop MariaDB");
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let g = free_port().unwrap();
+    let mut r = Engine::spawn_logged(
+        "early-reader",
+        "reader",
+        &[
+            "--meta".into(),
+            url.clone(),
+            "--data-dir".into(),
+            data.path().display().to_string(),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{g}"),
+            "--poll-interval".into(),
+            "200ms".into(),
+            "--shutdown-delay".into(),
+            "2s".into(),
+        ],
+        logs.path(),
+    );
+    common::engine::wait_answer(
+        &mut r,
+        "/readyz",
+        503,
+        "metadata store",
+        Duration::from_secs(30),
+    )
+    .await;
+    common::engine::wait_answer(&mut r, "/healthz", 200, "ok", Duration::from_secs(5)).await;
+
+    tokio::task::block_in_place(|| db.start_again()).expect("start MariaDB");
+    r.ready(Duration::from_secs(60)).await;
+    let mut client = ReaderClient::connect(format!("http://127.0.0.1:{g}"))
+        .await
+        .unwrap();
+    client.health(HealthRequest {}).await.expect("gRPC health");
+
+    // No metadata connection: not ready, with the reason.
+    tokio::task::block_in_place(|| db.stop()).expect("stop MariaDB again");
+    common::engine::wait_answer(
+        &mut r,
+        "/readyz",
+        503,
+        "metadata store",
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::task::block_in_place(|| db.start_again()).expect("start MariaDB again");
+    r.ready(Duration::from_secs(60)).await;
+
+    // SIGTERM: unready at once (HTTP and gRPC health), still answering, then a clean exit.
+    let t = std::time::Instant::now();
+    common::engine::sigterm(&r);
+    common::engine::wait_answer(
+        &mut r,
+        "/readyz",
+        503,
+        "shutting down",
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        client.health(HealthRequest {}).await.is_err(),
+        "a draining reader must fail its health check"
+    );
+    assert!(
+        common::engine::get(&r, "/metrics")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    );
+    let status = r.exit_status(Duration::from_secs(20));
+    assert!(status.success(), "{status}{}", r.log_tail());
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "exited {:?} after SIGTERM, before the shutdown delay",
+        t.elapsed()
+    );
+}
+
+/// A metadata host that never resolves: the reader retries until its start-up deadline, then
+/// exits non-zero saying how long it tried and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_whose_metadata_host_never_resolves_exits_with_the_cause_after_the_deadline() {
+    let _watchdog = watchdog(
+        "a_reader_whose_metadata_host_never_resolves_exits_with_the_cause_after_the_deadline",
+        Duration::from_secs(60),
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    let mut r = Engine::spawn_logged(
+        "lost-reader",
+        "reader",
+        &[
+            "--meta".into(),
+            "mysql://shoal:pw@shoal-no-such-host.invalid:3306/shoal".into(),
+            "--data-dir".into(),
+            data.path().display().to_string(),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{}", free_port().unwrap()),
+            "--meta-startup-timeout".into(),
+            "3s".into(),
+        ],
+        logs.path(),
+    );
+    let status = r.exit_status(Duration::from_secs(30));
+    let waited = t.elapsed();
+    let log = r.log_tail();
+    assert!(!status.success(), "{status}{log}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "gave up after {waited:?}{log}"
+    );
+    assert!(log.contains("gave up after"), "{log}");
+    assert!(log.contains("shoal-no-such-host.invalid"), "{log}");
+    assert!(!log.contains(":pw@"), "the password is logged{log}");
+}
+
+/// A writer whose WAL directory becomes unusable: `/readyz` says so (503), a collection create
+/// fails with the real error, as the writer's own answer (not a transport failure), and leaves
+/// nothing behind; once the directory is fixed the writer is ready again and the same create
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_wal_makes_the_writer_unready_and_a_create_fails_whole_until_it_is_fixed() {
+    let _watchdog = watchdog(
+        "an_unwritable_wal_makes_the_writer_unready_and_a_create_fails_whole_until_it_is_fixed",
+        Duration::from_secs(120),
+    );
+    let db = MariaDb::start().expect("MariaDB");
+    let url = db.url();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = dir.path().join("wal");
+    let mut w = writer("w-wal", &url, &dir.path().join("data"), Some(&wal));
+    w.ready(Duration::from_secs(60)).await;
+
+    // Root ignores permission bits: make the WAL root a regular file instead (ENOTDIR).
+    std::fs::remove_dir(&wal).expect("the WAL root is empty before any collection");
+    std::fs::write(&wal, b"not a directory").unwrap();
+    common::engine::wait_answer(
+        &mut w,
+        "/readyz",
+        503,
+        "WAL directory",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let create = CreateCollectionRequest {
+        collection: "docs".into(),
+        dimension: DIM as u32,
+        metric_type: "L2".into(),
+        ..Default::default()
+    };
+    let mut wc = w.writer_client().await;
+    let s = wc
+        .create_collection(create.clone())
+        .await
+        .expect_err("the WAL directory cannot be created");
+    assert!(
+        shoal_engine::cluster::writer_service::is_answer(&s),
+        "not marked as the writer's answer: {s:?}"
+    );
+    assert_eq!(
+        shoal_engine::cluster::router_backend::forward_failure(&s),
+        shoal_engine::cluster::router_backend::ForwardFailure::Answered
+    );
+    assert!(
+        s.message().to_lowercase().contains("not a directory"),
+        "{s:?}"
+    );
+    let meta = MetaStore::connect_read_only(&url).await.unwrap();
+    assert!(
+        meta.list_collections().await.unwrap().is_empty(),
+        "half-created collection left in the catalogue"
+    );
+
+    std::fs::remove_file(&wal).unwrap();
+    std::fs::create_dir(&wal).unwrap();
+    w.ready(Duration::from_secs(10)).await;
+    wc.create_collection(create)
+        .await
+        .expect("the same create once the WAL directory is fixed");
+    let names: Vec<String> = meta
+        .list_collections()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, vec!["docs".to_string()]);
+}

@@ -636,6 +636,8 @@ async fn cluster(
         catalog_poll: Duration::from_millis(200),
         health_interval: Duration::from_millis(100),
         writer_failover_timeout: Duration::from_secs(10),
+        shutdown_delay: Duration::ZERO,
+        meta_startup_timeout: Duration::from_secs(10),
     };
     let router = shoal_engine::router::build(&cfg).await.unwrap();
     (

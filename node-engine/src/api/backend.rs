@@ -261,8 +261,8 @@ impl Backend for LocalBackend {
     }
 
     async fn create_collection(&self, schema: Schema) -> Result<(), ApiError> {
-        let c = self.engine.create_collection(schema).await?;
-        self.indexes.register_default(&c).await?;
+        // The engine writes the default index row too, all or nothing.
+        self.engine.create_collection(schema).await?;
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use super::error::ApiError;
 use super::rest::{Ctx, Reply, RestState, collection, opt_str, req_str};
 use crate::core::engine::Engine;
 use crate::core::meta::IndexRecord;
-use crate::core::storage::collection::{Collection, CollectionRead};
+use crate::core::storage::collection::Collection;
 use crate::core::types::{IndexType, Metric};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
@@ -22,23 +22,6 @@ pub struct IndexService {
 impl IndexService {
     pub fn new(engine: Arc<Engine>) -> Self {
         Self { engine }
-    }
-
-    /// The quick-setup index every new collection gets (Milvus creates one on the vector field).
-    pub async fn register_default(&self, c: &Collection) -> Result<(), ApiError> {
-        let s = c.schema();
-        self.engine
-            .meta()
-            .put_index(&IndexRecord {
-                collection_id: c.collection_id(),
-                index_name: s.vector_field.clone(),
-                field_name: s.vector_field.clone(),
-                index_type: IndexType::FLAT.as_str().into(),
-                metric: s.metric.as_str().into(),
-                params: "{}".into(),
-            })
-            .await?;
-        Ok(())
     }
 
     /// A collection was dropped: its builds stop at the next claim (the collection is closed).

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod error;
 pub mod indexes;
+pub mod lifecycle;
 pub mod metrics;
 pub mod rest;
 pub mod rows;
@@ -76,30 +77,22 @@ impl StopSignal {
     }
 }
 
-/// Serve the public REST API on `rest_l` and the ops routes on `ops_l` until `shutdown`
-/// resolves, when both stop gracefully (standalone and router: one signal, two listeners).
-///
-/// Errors: the REST server's I/O error (axum's `serve` never returns one in practice); the ops
-/// server's outcome is awaited, not reported.
-pub async fn serve_rest_and_ops(
-    rest_l: tokio::net::TcpListener,
-    rest: Router,
-    ops_l: tokio::net::TcpListener,
-    ops: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let stop = StopSignal::default();
-    let ops_task = spawn_http(ops_l, ops, stop.wait());
-    let rest_stopped = stop.wait();
-    tokio::spawn(async move {
-        shutdown.await;
-        stop.stop();
-    });
-    let res = axum::serve(rest_l, rest)
-        .with_graceful_shutdown(rest_stopped)
-        .await;
-    let _ = ops_task.await;
-    res
+/// Wait (bounded) for servers told to stop to drain their in-flight requests; a server that
+/// does not stop within the grace period is logged, not awaited.
+pub async fn stop_servers<const N: usize>(
+    tasks: [(&'static str, tokio::task::JoinHandle<Result<(), String>>); N],
+) {
+    let grace = std::time::Duration::from_secs(10);
+    for (what, task) in tasks {
+        match tokio::time::timeout(grace, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(server = what, error = %e, "server stopped with an error")
+            }
+            Ok(Err(e)) => tracing::warn!(server = what, error = %e, "server task failed"),
+            Err(_) => tracing::warn!(server = what, "server did not stop within the grace period"),
+        }
+    }
 }
 
 /// The `/readyz` answer: ready (200) when the backend can serve (standalone/writer: the metadata

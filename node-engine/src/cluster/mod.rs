@@ -11,7 +11,8 @@
 //! - [`reader_service`]: the reader's gRPC service over a [`reader_service::ShardBackend`];
 //! - [`writer_service`]: the writer's gRPC service, acknowledging only under a valid lease;
 //! - [`router_backend`]: the router's REST backend (writes forwarded, reads fanned out, cached
-//!   catalogue).
+//!   catalogue);
+//! - [`startup`]: connecting to the metadata store at start-up, with backoff up to a deadline.
 //!
 //! The role processes built from these live in `crate::writer` (`shoal-engine writer`) and
 //! `crate::reader` (`shoal-engine reader`). The catalogue version every message carries is the
@@ -27,6 +28,7 @@ pub mod membership;
 pub mod merge;
 pub mod reader_service;
 pub mod router_backend;
+pub mod startup;
 pub mod writer_service;
 
 /// Messages and gRPC stubs generated from `proto/shoal_internal.proto` at build time.

@@ -81,6 +81,9 @@ pub struct ReaderService<B> {
     node_id: String,
     /// How long a request waits for the reader to reach its `min_catalog_version`.
     catch_up: Duration,
+    /// The process's phase: while draining, `Health` fails so routers stop sending work here
+    /// (requests that still arrive are served).
+    lifecycle: crate::api::lifecycle::Lifecycle,
 }
 
 impl<B: ShardBackend> ReaderService<B> {
@@ -95,7 +98,14 @@ impl<B: ShardBackend> ReaderService<B> {
             gate,
             node_id,
             catch_up,
+            lifecycle: Default::default(),
         }
+    }
+
+    /// Fail `Health` once `life` drains (after SIGTERM).
+    pub fn with_lifecycle(mut self, life: crate::api::lifecycle::Lifecycle) -> Self {
+        self.lifecycle = life;
+        self
     }
 
     /// Wait until the served version reaches `min`, triggering a refresh first (a push is
@@ -201,6 +211,12 @@ impl<B: ShardBackend> Reader for ReaderService<B> {
         &self,
         _req: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
+        if self.lifecycle.is_draining() {
+            return Err(Status::unavailable(format!(
+                "reader {} is shutting down",
+                self.node_id
+            )));
+        }
         let v = self.gate.current();
         Ok(Response::new(HealthResponse {
             node_id: self.node_id.clone(),

@@ -618,10 +618,16 @@ pub enum ForwardFailure {
     Answered,
 }
 
-/// Classify a failed writer call (tonic turns connect failures into `Unavailable` with the
-/// connector's message and keeps no source, so the message is what tells them apart).
+/// Classify a failed writer call. An error the writer service answered with carries its
+/// [`super::writer_service::ANSWERED_BY`] mark: relayed as it is, whatever its code (a WAL
+/// permission error is `Unavailable` too). For the rest, tonic turns connect failures into
+/// `Unavailable` with the connector's message and keeps no source, so the message is what tells
+/// a request never sent from one that broke in flight.
 pub fn forward_failure(s: &tonic::Status) -> ForwardFailure {
     use tonic::Code;
+    if super::writer_service::is_answer(s) {
+        return ForwardFailure::Answered;
+    }
     let connect = {
         let m = s.message();
         ["tcp connect error", "tcp open error", "dns error"]

@@ -40,20 +40,40 @@ pub enum WriteError {
     Storage(String),
 }
 
+/// gRPC metadata key on every error this service answers with. A caller that finds it knows
+/// the writer received the request and answered (relay the code and message); an error without
+/// it came from the transport (connection refused or broken, deadline), where the request's
+/// outcome may be unknown.
+pub const ANSWERED_BY: &str = "shoal-answered-by";
+
+/// Mark `s` as the writer's own answer (see [`ANSWERED_BY`]).
+pub fn answered(mut s: Status) -> Status {
+    s.metadata_mut().insert(
+        ANSWERED_BY,
+        tonic::metadata::MetadataValue::from_static("writer"),
+    );
+    s
+}
+
+/// Whether `s` is the writer's own answer rather than a transport failure.
+pub fn is_answer(s: &Status) -> bool {
+    s.metadata().get(ANSWERED_BY).is_some()
+}
+
 /// The one mapping from write errors to gRPC codes (no catch-all arm).
 pub fn to_status(e: &WriteError) -> Status {
-    match e {
+    answered(match e {
         WriteError::CollectionNotFound(_) => Status::not_found(e.to_string()),
         WriteError::CollectionExists(_) => Status::already_exists(e.to_string()),
         WriteError::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
         WriteError::Fenced(_) => Status::failed_precondition(e.to_string()),
         WriteError::Storage(_) => Status::unavailable(e.to_string()),
-    }
+    })
 }
 
 /// Lease problems surface as "not the writer": the router must not retry on this process.
 fn lease_status(e: &LeaseError) -> Status {
-    match e {
+    answered(match e {
         LeaseError::Lost { .. }
         | LeaseError::Expired { .. }
         | LeaseError::Fenced { .. }
@@ -61,7 +81,7 @@ fn lease_status(e: &LeaseError) -> Status {
             Status::failed_precondition(format!("this process is not the writer: {e}"))
         }
         LeaseError::Store { .. } => Status::unavailable(e.to_string()),
-    }
+    })
 }
 
 /// What applies the writes. Every method gets the epoch it must carry into metadata commits.
@@ -186,9 +206,9 @@ impl<B: WriterBackend> Writer for WriterService<B> {
         // Durable now; acknowledge only if the lease still holds (a successor may replay it).
         let still = self.epoch()?;
         if still != epoch {
-            return Err(Status::failed_precondition(format!(
+            return Err(answered(Status::failed_precondition(format!(
                 "writer epoch changed from {epoch} to {still} during the write"
-            )));
+            ))));
         }
         Ok(Response::new(InsertResponse { ids, epoch }))
     }
@@ -296,9 +316,15 @@ mod tests {
     impl WriterBackend for MemWriter {
         async fn create_collection(
             &self,
-            _r: CreateCollectionRequest,
+            r: CreateCollectionRequest,
             _epoch: u64,
         ) -> Result<u64, WriteError> {
+            if r.collection == "unwritable" {
+                return Err(WriteError::Storage(
+                    "failed to create WAL directory /wal/c1: Permission denied (os error 13)"
+                        .into(),
+                ));
+            }
             Ok(0)
         }
         async fn drop_collection(&self, _name: String, _epoch: u64) -> Result<u64, WriteError> {
@@ -345,6 +371,72 @@ mod tests {
         fn catalog_version(&self) -> u64 {
             0
         }
+    }
+
+    #[tokio::test]
+    async fn a_storage_error_is_the_writers_answer_and_is_relayed_not_reported_as_a_broken_connection()
+     {
+        use crate::cluster::router_backend::{ForwardFailure, forward_failure, status_to_api};
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display());
+        let pool = AnyPoolOptions::new().connect(&url).await.unwrap();
+        lease::ensure_schema(&pool).await.unwrap();
+        let ttl = Duration::from_secs(30);
+        let t = Instant::now();
+        let l = lease::try_acquire(&pool, "w1", ttl, lease::now_ms())
+            .await
+            .unwrap();
+        let keeper = LeaseKeeper::new(&l, ttl, Duration::from_secs(1), t);
+        let backend = Arc::new(MemWriter {
+            pool: pool.clone(),
+            rows: Mutex::new(vec![]),
+        });
+        let svc = WriterService::new(backend, keeper, "w1".into());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let r = l.accept().await.map(|(s, _)| s);
+            Some((r, l))
+        });
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(WriterServer::new(svc))
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap();
+        });
+        let mut c = WriterClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let s = c
+            .create_collection(CreateCollectionRequest {
+                collection: "unwritable".into(),
+                dimension: 4,
+                ..Default::default()
+            })
+            .await
+            .expect_err("the backend's storage failure");
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(is_answer(&s), "{s:?}");
+        assert_eq!(forward_failure(&s), ForwardFailure::Answered);
+        let api = status_to_api("writer", &s);
+        assert_eq!(api.code, crate::api::error::code::INTERNAL);
+        assert!(api.message.contains("Permission denied"), "{api:?}");
+        assert!(!api.message.contains("connection"), "{api:?}");
+
+        // The same code from the transport (nothing listens) is not an answer.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let s = WriterClient::connect(format!("http://{closed}"))
+            .await
+            .map(|_| ())
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+            .expect_err("nothing listens");
+        assert!(!is_answer(&s));
+        assert_ne!(forward_failure(&s), ForwardFailure::Answered);
     }
 
     #[tokio::test]

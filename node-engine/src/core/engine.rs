@@ -382,29 +382,66 @@ impl Engine {
         rec.id = self.meta.create_collection(&rec).await?;
         let dir = collection_dir(&self.data_dir, rec.id);
         let wal_dir = wal_dir_of(&dir, self.wal_root.as_deref(), rec.id);
-        for d in [&dir, &wal_dir] {
+        match self.finish_create(&rec, schema, &dir, &wal_dir).await {
+            Ok(c) => {
+                self.collections.write().insert(rec.name.clone(), c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                // All or nothing: a collection that cannot take writes must not stay listed.
+                tracing::warn!(collection = %rec.name, error = %crate::core::error_chain(&e),
+                    "creating the collection failed after its catalogue row was written; rolling back");
+                if let Err(r) = self.meta.drop_collection(rec.id).await {
+                    tracing::error!(collection = %rec.name, error = %crate::core::error_chain(&r),
+                        "rolling back the catalogue row failed; it stays until a drop or restart");
+                }
+                for d in [&dir, &wal_dir] {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The steps of a create after the catalogue row: its default index row (Milvus gives every
+    /// new collection one on the vector field: FLAT), its directories, its WAL.
+    async fn finish_create(
+        &self,
+        rec: &CollectionRecord,
+        schema: Schema,
+        dir: &Path,
+        wal_dir: &Path,
+    ) -> Result<Arc<Collection>, EngineError> {
+        self.meta
+            .put_index(&IndexRecord {
+                collection_id: rec.id,
+                index_name: schema.vector_field.clone(),
+                field_name: schema.vector_field.clone(),
+                index_type: IndexType::FLAT.as_str().into(),
+                metric: schema.metric.as_str().into(),
+                params: "{}".into(),
+            })
+            .await?;
+        for d in [dir, wal_dir] {
             if d.exists() {
                 // Leftover of a drop that crashed after its metadata commit.
                 std::fs::remove_dir_all(d).map_err(|source| EngineError::Io {
                     action: "remove",
-                    path: d.clone(),
+                    path: d.to_path_buf(),
                     source,
                 })?;
             }
         }
-        let c = Arc::new(
-            Collection::open_with_wal(
-                self.meta.clone(),
-                &rec,
-                schema,
-                &self.data_dir,
-                self.wal_root.as_deref(),
-                self.opts.clone(),
-            )
-            .await?,
-        );
-        self.collections.write().insert(rec.name.clone(), c.clone());
-        Ok(c)
+        let c = Collection::open_with_wal(
+            self.meta.clone(),
+            rec,
+            schema,
+            &self.data_dir,
+            self.wal_root.as_deref(),
+            self.opts.clone(),
+        )
+        .await?;
+        Ok(Arc::new(c))
     }
 
     /// Drop a collection: metadata first (so a crash never resurrects it), then files.
@@ -488,5 +525,74 @@ impl Engine {
         for c in self.all() {
             c.close().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(name: &str) -> Schema {
+        Schema {
+            name: name.into(),
+            dim: 4,
+            metric: Metric::L2,
+            auto_id: false,
+            pk_field: "id".into(),
+            vector_field: "vector".into(),
+            dynamic: true,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_create_that_fails_after_the_catalogue_row_leaves_nothing_and_can_be_retried() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let wal = dir.path().join("wal");
+        let meta = MetaStore::open_sqlite(&dir.path().join("meta.db"))
+            .await
+            .expect("sqlite");
+        let cfg = EngineConfig {
+            data_dir: data.clone(),
+            meta_url: None,
+            flush_interval: Duration::from_secs(3600),
+            storage: StorageOptions::default(),
+        };
+        let engine = Engine::open_with_meta(&cfg, meta.clone(), Some(wal.clone()))
+            .await
+            .expect("open");
+        // The WAL root turns into a regular file: every WAL directory under it fails with
+        // ENOTDIR, also for root (which ignores permission bits).
+        std::fs::remove_dir(&wal).expect("rmdir wal");
+        std::fs::write(&wal, b"not a directory").expect("write");
+
+        let err = engine
+            .create_collection(schema("c"))
+            .await
+            .expect_err("the WAL directory cannot be created");
+        let msg = crate::core::error_chain(&err);
+        assert!(msg.to_lowercase().contains("not a directory"), "{msg}");
+        assert!(engine.list().is_empty(), "listed after a failed create");
+        assert!(
+            meta.list_collections().await.expect("list").is_empty(),
+            "catalogue row left behind"
+        );
+        let ids: Vec<_> = std::fs::read_dir(data.join("collections"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(ids.is_empty(), "collection directory left behind: {ids:?}");
+
+        // Fixed: the same name can be created and written.
+        std::fs::remove_file(&wal).expect("rm");
+        std::fs::create_dir(&wal).expect("mkdir");
+        let c = engine
+            .create_collection(schema("c"))
+            .await
+            .expect("create after the fix");
+        assert_eq!(engine.list(), vec!["c".to_string()]);
+        let idx = meta.indexes(c.collection_id()).await.expect("indexes");
+        assert_eq!(idx.len(), 1, "the default index row: {idx:?}");
+        assert_eq!(idx[0].index_type, "FLAT");
+        engine.shutdown().await;
     }
 }

@@ -146,3 +146,55 @@ impl Drop for Engine {
         let _ = self.child.wait();
     }
 }
+
+/// Send SIGTERM to `e` (Kubernetes' stop).
+pub fn sigterm(e: &Engine) {
+    // Our own child, not reaped yet: its pid cannot have been reused.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(e.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+}
+
+/// `GET {ops}{path}`: status and body; `None` when nothing answers.
+pub async fn get(e: &Engine, path: &str) -> Option<(u16, String)> {
+    let r = reqwest::Client::new()
+        .get(format!("{}{path}", e.ops))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.unwrap_or_default()))
+}
+
+/// Wait (bounded) until `GET path` answers `status` with a body containing `needle`; panics
+/// at once if the process exits.
+pub async fn wait_answer(e: &mut Engine, path: &str, status: u16, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    loop {
+        if let Some(s) = e.child.try_wait().expect("polling the process") {
+            panic!(
+                "{} exited with {s} while waiting for {path} to answer {status} {needle:?} (last {last:?}){}",
+                e.name,
+                e.log_tail()
+            );
+        }
+        last = get(e, path).await;
+        if last
+            .as_ref()
+            .is_some_and(|(s, b)| *s == status && b.contains(needle))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {path} never answered {status} with {needle:?} within {within:?}; last {last:?}{}",
+            e.name,
+            e.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

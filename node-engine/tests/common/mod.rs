@@ -27,6 +27,7 @@ pub fn config(dir: &std::path::Path, token: Option<&str>) -> StandaloneConfig {
         auth_token: token.map(str::to_string),
         flush_interval: Duration::from_secs(3600),
         meta_url: None,
+        shutdown_delay: std::time::Duration::ZERO,
         gpu: Default::default(),
     }
 }
