@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 /// How long a check's answer is reused.
 pub const CHECK_EVERY: Duration = Duration::from_secs(3);
-/// How long one check may take before the directory counts as not answering.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one check may take before the directory counts as not answering (the kubelet's
+/// default probe timeout is 1 s for the whole `/readyz` answer).
+pub const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What a [`DirProbe`] checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -591,14 +591,22 @@ impl Ops {
         if let Err(e) = self.keeper.check() {
             return Err(format!("not the writer: {e}"));
         }
-        self.wal.check().await?;
-        if let Some(d) = &self.data {
-            d.check().await?;
-        }
-        match tokio::time::timeout(Duration::from_secs(2), self.state.engine.meta().ping()).await {
+        // Concurrently: the kubelet's default probe timeout is 1 s for the whole answer.
+        let data = async {
+            match &self.data {
+                Some(d) => d.check().await,
+                None => Ok(()),
+            }
+        };
+        let meta =
+            tokio::time::timeout(Duration::from_millis(500), self.state.engine.meta().ping());
+        let (wal, data, meta) = tokio::join!(self.wal.check(), data, meta);
+        wal?;
+        data?;
+        match meta {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("metadata store unavailable: {}", chain(&e))),
-            Err(_) => Err("metadata store unavailable: no answer within 2s".into()),
+            Err(_) => Err("metadata store unavailable: no answer within 500ms".into()),
         }
     }
 }

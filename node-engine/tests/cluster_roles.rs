@@ -669,7 +669,14 @@ async fn a_reader_started_before_its_mariadb_waits_unready_and_serves_once_maria
         Duration::from_secs(180),
     );
     let mut db = MariaDb::start().expect("MariaDB");
-    let url = db.url();
+    // A user only this server has: while it is down, another test's MariaDB may take over its
+    // port, and the reader must not mistake that one for its own.
+    db.root_sql(
+        "CREATE USER 'early'@'127.0.0.1' IDENTIFIED BY 'early-pw'; \
+         GRANT ALL PRIVILEGES ON shoal.* TO 'early'@'127.0.0.1'; FLUSH PRIVILEGES;",
+    )
+    .expect("create user");
+    let url = format!("mysql://early:early-pw@127.0.0.1:{}/shoal", db.port());
     // The writer would have migrated the schema; do it here, then take the server down.
     drop(MetaStore::connect(&url).await.expect("migrate"));
     tokio::task::block_in_place(|| db.stop()).expect("stop MariaDB");
