@@ -58,7 +58,17 @@ pub struct Config {
     pub mode: Mode,
     /// How often the watchdog checks mounts (it also wakes when a mount process exits).
     pub watchdog_interval: Duration,
+    /// NodeGetInfo's `max_volumes_per_node` (positive; see [`DEFAULT_MAX_VOLUMES_PER_NODE`]).
+    pub max_volumes_per_node: i64,
 }
+
+/// Default of [`Config::max_volumes_per_node`]. The kubelet turns this into the node's
+/// attach limit for csi.shoal.dev (`CSINode` allocatable) and logs 0 ("no limit" in the CSI
+/// spec) as an invalid attach limit at every registration. The real bound on a node is memory
+/// for one JuiceFS client per staged volume and the node's pod limit (110 by default), far
+/// below this, so the scheduler never refuses a pod because of it while the kubelet gets a
+/// valid value; set `--max-volumes-per-node` lower to cap clients per node.
+pub const DEFAULT_MAX_VOLUMES_PER_NODE: i64 = 1024;
 
 /// Bookkeeping the controller keeps beside each volume directory, in `/.shoal-csi/<name>.json`
 /// at the filesystem root (outside every volume, so pods never see it).
@@ -373,7 +383,10 @@ impl<M: Mounter> Driver<M> {
                 });
             }
             state => {
-                if matches!(state, MountState::Dead(_)) {
+                // In pod mode the restarting mount pod clears a dead mount itself.
+                if matches!(state, MountState::Dead(_))
+                    && !self.mounter.replaces_dead_mounts(&staging)
+                {
                     self.mounter.unmount(&staging, true)?;
                 }
                 if secrets.wants_format() {
@@ -398,6 +411,7 @@ impl<M: Mounter> Driver<M> {
         };
         if !rec.bind_source().is_dir() {
             // The volume's directory is missing: it was never created or has been deleted.
+            self.mounter.release_fs(&staging)?;
             self.unmount_patiently(&staging)?;
             return Err(CsiError::VolumeNotFound { volume_id });
         }
@@ -428,6 +442,8 @@ impl<M: Mounter> Driver<M> {
                 });
             }
         }
+        // First stop what serves the mount (pod mode: the mount pod, which would mount again).
+        self.mounter.release_fs(&staging)?;
         match self.mounter.state(&staging)? {
             MountState::Healthy(e) if e.is_juicefs() => self.unmount_patiently(&staging)?,
             MountState::Dead(e) if e.is_juicefs() => self.mounter.unmount(&staging, true)?,
@@ -523,15 +539,33 @@ impl<M: Mounter> Driver<M> {
         Ok(())
     }
 
-    /// NodeGetVolumeStats: bytes and inodes of a published (or staged) path.
+    /// NodeGetVolumeStats: bytes and inodes of a path where the volume is published or staged.
+    ///
+    /// Spec: `volume_path` "MUST be an absolute path in the root filesystem of the process
+    /// serving this request" and is REQUIRED (absent: `INVALID_ARGUMENT`); "Volume does not
+    /// exist | 5 NOT_FOUND | Indicates that a volume corresponding to the specified
+    /// `volume_id` does not exist on specified `volume_path`." A relative path, a missing one,
+    /// or one that is neither the volume's staging path nor one of its targets holds no volume
+    /// of ours: `NOT_FOUND`. Reads only, so repeatable.
     pub fn volume_stats(
         &self,
         req: csi::NodeGetVolumeStatsRequest,
     ) -> Result<Vec<csi::VolumeUsage>, CsiError> {
-        validate::required("volume_id", &req.volume_id)?;
-        let path = validate::abs_path("volume_path", &req.volume_path)?;
-        if !path.exists() {
-            return Err(CsiError::PathNotFound { path });
+        let volume_id = validate::required("volume_id", &req.volume_id)?;
+        validate::required("volume_path", &req.volume_path)?;
+        let path = PathBuf::from(&req.volume_path);
+        let not_found = || CsiError::PathNotFound { path: path.clone() };
+        if validate::abs_path("volume_path", &req.volume_path).is_err() || !path.exists() {
+            return Err(not_found());
+        }
+        let ours = self
+            .staged()
+            .get(volume_id)
+            .is_some_and(|r| r.staging_path == path || r.targets.contains_key(&path));
+        if !ours {
+            return Err(CsiError::VolumeNotFound {
+                volume_id: volume_id.to_string(),
+            });
         }
         let st = nix::sys::statvfs::statvfs(&path).map_err(|e| CsiError::Io {
             action: "statvfs",
@@ -559,6 +593,35 @@ impl<M: Mounter> Driver<M> {
                 unit: csi::volume_usage::Unit::Inodes as i32,
             },
         ])
+    }
+
+    /// NodeExpandVolume: nothing on the node grows with a volume (a JuiceFS mount has no
+    /// device or filesystem size; a volume's quota is the controller's), so a volume published
+    /// or staged at `volume_path` answers success with the requested size, read-only or not.
+    ///
+    /// Why it exists: the kubelet calls it when a PV's capacity exceeds its PVC's
+    /// `status.capacity`; without the node EXPAND_VOLUME capability that fails the writer's
+    /// mount ("found CSI plugin ... to not support node expansion") and the PVC's status is
+    /// never brought up to the PV's, so every read-only reader mount keeps raising a
+    /// `FileSystemResizeFailed` event (the kubelet warns before it calls any driver). Spec:
+    /// "Volume does not exist | 5 NOT_FOUND"; repeating the call changes nothing.
+    pub fn expand(&self, req: csi::NodeExpandVolumeRequest) -> Result<i64, CsiError> {
+        let volume_id = validate::required("volume_id", &req.volume_id)?;
+        validate::required("volume_path", &req.volume_path)?;
+        let path = PathBuf::from(&req.volume_path);
+        let ours = self
+            .staged()
+            .get(volume_id)
+            .is_some_and(|r| r.staging_path == path || r.targets.contains_key(&path));
+        if !ours {
+            return Err(CsiError::VolumeNotFound {
+                volume_id: volume_id.to_string(),
+            });
+        }
+        Ok(req
+            .capacity_range
+            .map(|r| r.required_bytes.max(r.limit_bytes).max(0))
+            .unwrap_or(0))
     }
 
     /// Unmounts `path` without forcing first: a busy unmount (EBUSY) is retried for up to
@@ -673,7 +736,11 @@ impl<M: Mounter> Driver<M> {
             for target in rec.targets.keys() {
                 self.detach_all(target, Detach::Lazy)?;
             }
-            self.detach_all(&rec.staging_path, Detach::Lazy)?;
+            // A mount pod clears the dead mount when it restarts the client; detaching here
+            // as well could detach its fresh mount. `mount_fs` then waits for it.
+            if !self.mounter.replaces_dead_mounts(&rec.staging_path) {
+                self.detach_all(&rec.staging_path, Detach::Lazy)?;
+            }
             self.mounter
                 .mount_fs(&secrets, &rec.staging_path, &rec.mount_flags)?;
         }
@@ -725,6 +792,10 @@ mod tests {
         refuse: Mutex<HashMap<PathBuf, (usize, i32)>>,
         /// Every unmount attempt: (path, lazy).
         unmounts: Mutex<Vec<(PathBuf, bool)>>,
+        /// Plays pod mode: a mount pod replaces dead mounts and is released on unstage.
+        pod_mode: std::sync::atomic::AtomicBool,
+        /// `release <path>` and `unmount <path>`, in order.
+        events: Mutex<Vec<String>>,
     }
 
     impl TempDirMounter {
@@ -736,6 +807,8 @@ mod tests {
                 fs_mounts: AtomicUsize::new(0),
                 refuse: Mutex::new(HashMap::new()),
                 unmounts: Mutex::new(Vec::new()),
+                pod_mode: Default::default(),
+                events: Mutex::new(Vec::new()),
             }
         }
         /// The next `times` plain unmounts of `path` fail with `errno`.
@@ -776,6 +849,14 @@ mod tests {
             Ok(())
         }
         fn mount_fs(&self, _: &JuiceFsSecrets, at: &Path, _: &[String]) -> Result<(), CsiError> {
+            if self.pod_mode.load(Ordering::SeqCst) {
+                // The restarted mount pod clears the dead mount it finds, then mounts.
+                let mut t = self.table.lock().unwrap();
+                if let Some(i) = t.iter().rposition(|m| m.at == at && m.dead) {
+                    t.remove(i);
+                    fs::remove_file(at).unwrap();
+                }
+            }
             Self::replace_with_link(at, &self.fs_root);
             self.table.lock().unwrap().push(FakeMount {
                 at: at.to_path_buf(),
@@ -798,7 +879,21 @@ mod tests {
             });
             Ok(())
         }
+        fn release_fs(&self, at: &Path) -> Result<(), CsiError> {
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("release {}", at.display()));
+            Ok(())
+        }
+        fn replaces_dead_mounts(&self, _: &Path) -> bool {
+            self.pod_mode.load(Ordering::SeqCst)
+        }
         fn unmount(&self, path: &Path, lazy: bool) -> Result<(), CsiError> {
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("unmount {}", path.display()));
             self.unmounts
                 .lock()
                 .unwrap()
@@ -875,6 +970,7 @@ mod tests {
             state_dir: dir.join("state"),
             mode: Mode::All,
             watchdog_interval: Duration::from_millis(100),
+            max_volumes_per_node: DEFAULT_MAX_VOLUMES_PER_NODE,
         };
         Driver::new(config, mounter, Arc::new(Metrics::new())).unwrap()
     }
@@ -1156,5 +1252,116 @@ mod tests {
         // The next try (the CO retries) succeeds.
         unpublish_t(&f, &v).unwrap();
         assert!(f.driver.staged_snapshot()["pvc-eperm"].is_empty());
+    }
+
+    #[test]
+    fn in_pod_mode_a_dead_stage_is_left_to_the_mount_pod_and_every_target_is_rebound() {
+        let f = fixture();
+        f.mounter.pod_mode.store(true, Ordering::SeqCst);
+        let v = f.create("pvc-pod", 0).unwrap();
+        f.stage(&v, "stage").unwrap();
+        f.publish(&v, "stage", "t1", AccessMode::MultiNodeMultiWriter)
+            .unwrap();
+        f.publish(&v, "stage", "t2", AccessMode::MultiNodeReaderOnly)
+            .unwrap();
+        f.mounter.kill_all();
+        assert_eq!(f.driver.reconcile(), 1);
+        assert!(
+            f.mounter.unmount_attempts(&f.p("stage")).is_empty(),
+            "the driver never detaches a dead stage a mount pod replaces"
+        );
+        assert_eq!(f.mounter.unmount_attempts(&f.p("t1")), vec![true]);
+        let t = f.mounter.table.lock().unwrap().clone();
+        for (target, ro) in [("t1", false), ("t2", true), ("stage", false)] {
+            assert!(
+                t.iter()
+                    .any(|m| m.at == f.p(target) && m.read_only == ro && !m.dead),
+                "{target}: {t:?}"
+            );
+        }
+        drop(t);
+        assert_eq!(f.driver.reconcile(), 0, "healed");
+    }
+
+    #[test]
+    fn unstage_releases_the_mount_pod_before_unmounting_the_staging_path() {
+        let f = fixture();
+        f.mounter.pod_mode.store(true, Ordering::SeqCst);
+        let v = f.create("pvc-rel", 0).unwrap();
+        f.stage(&v, "stage").unwrap();
+        f.mounter.events.lock().unwrap().clear();
+        let req = || csi::NodeUnstageVolumeRequest {
+            volume_id: "pvc-rel".into(),
+            staging_target_path: f.p("stage").display().to_string(),
+        };
+        f.driver.unstage(req()).unwrap();
+        let stage = f.p("stage").display().to_string();
+        assert_eq!(
+            f.mounter.events.lock().unwrap()[..2],
+            [format!("release {stage}"), format!("unmount {stage}")]
+        );
+        // Not staged any more: still released (a lost record must not leak a mount pod).
+        f.driver.unstage(req()).unwrap();
+        assert_eq!(
+            f.mounter.events.lock().unwrap().last(),
+            Some(&format!("release {stage}"))
+        );
+    }
+
+    #[test]
+    fn volume_stats_is_not_found_for_a_path_that_holds_no_volume_and_invalid_without_one() {
+        let f = fixture();
+        let v = published_pvc(&f, "pvc-stats");
+        let stats = |path: String| {
+            f.driver.volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: path,
+                staging_target_path: String::new(),
+            })
+        };
+        assert_eq!(stats(f.p("t").display().to_string()).unwrap().len(), 2);
+        assert_eq!(stats(f.p("stage").display().to_string()).unwrap().len(), 2);
+        for path in [
+            "t".to_string(),
+            "relative/mount".to_string(),
+            f.p("missing").display().to_string(),
+            f.p("fs").display().to_string(),
+        ] {
+            let err = stats(path.clone()).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::NotFound, "{path}: {err}");
+        }
+        assert_eq!(
+            stats(String::new()).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn node_expand_answers_success_for_a_read_only_target_and_not_found_elsewhere() {
+        let f = fixture();
+        let v = f.create("pvc-grow", 0).unwrap();
+        f.stage(&v, "stage").unwrap();
+        f.publish(&v, "stage", "ro", AccessMode::MultiNodeReaderOnly)
+            .unwrap();
+        let expand = |path: PathBuf| {
+            f.driver.expand(csi::NodeExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: path.display().to_string(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 2 << 30,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(cap(AccessMode::MultiNodeReaderOnly)),
+                ..Default::default()
+            })
+        };
+        let mounts_before = f.mounter.table.lock().unwrap().len();
+        assert_eq!(expand(f.p("ro")).unwrap(), 2 << 30);
+        assert_eq!(expand(f.p("ro")).unwrap(), 2 << 30, "repeatable");
+        assert_eq!(f.mounter.table.lock().unwrap().len(), mounts_before);
+        assert_eq!(
+            expand(f.p("elsewhere")).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
     }
 }

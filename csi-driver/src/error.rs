@@ -91,6 +91,9 @@ pub enum CsiError {
     /// Reading or writing the state directory failed.
     #[error("state dir {path:?}: {detail}")]
     State { path: PathBuf, detail: String },
+    /// A Kubernetes call of pod mount mode failed (Secret or mount pod).
+    #[error(transparent)]
+    MountPod(#[from] crate::mountpod::MountPodError),
 }
 
 impl CsiError {
@@ -117,7 +120,8 @@ impl CsiError {
             | CsiError::Bind { .. }
             | CsiError::Unmount { .. }
             | CsiError::Io { .. }
-            | CsiError::State { .. } => Code::Internal,
+            | CsiError::State { .. }
+            | CsiError::MountPod(_) => Code::Internal,
         }
     }
 
@@ -145,6 +149,7 @@ impl CsiError {
             CsiError::Unmount { .. } => "unmount",
             CsiError::Io { .. } => "io",
             CsiError::State { .. } => "state",
+            CsiError::MountPod(_) => "mount_pod",
         }
     }
 

@@ -2,8 +2,10 @@
 //! mounts them into pods.
 //!
 //! Layers, outermost first: [`authority_shim`] (HTTP/2 front that makes kubelets < 1.26 work)
-//! → [`service`] (tonic, unix socket, watchdog task) → [`driver`] (CSI
-//! logic, blocking) → [`mounter`] (the `Mounter` seam: `juicefs` and mount(2)). Pure helpers:
+//! → [`service`] (tonic, unix socket, watchdog task) → [`driver`] (CSI logic, blocking) →
+//! [`mounter`] (the `Mounter` seam: `juicefs` and mount(2)), or [`mountpod`] (the same seam with
+//! one mount pod per staged filesystem, so the client outlives the plugin's container). Pure
+//! helpers:
 //! [`mountinfo`], [`validate`], [`secrets`], [`error`]. See README.md for the design and its
 //! remaining limit.
 
@@ -14,6 +16,7 @@ pub mod guard;
 pub mod metrics;
 pub mod mounter;
 pub mod mountinfo;
+pub mod mountpod;
 pub mod secrets;
 pub mod service;
 pub mod state;

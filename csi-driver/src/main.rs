@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use shoal_csi::driver::{Config, Driver, Mode};
 use shoal_csi::metrics::Metrics;
-use shoal_csi::mounter::JuiceFsMounter;
+use shoal_csi::mounter::{JuiceFsMounter, Mounter};
+use shoal_csi::mountpod::{KubeMountPodApi, MountPodConfig, PodMounter};
 use shoal_csi::service;
 use tracing::{info, warn};
 
@@ -16,11 +17,50 @@ use tracing::{info, warn};
 ///
 /// CreateVolume makes a directory per volume in the filesystem named by the provisioner
 /// secret (JuiceFS CSI field names: name, metaurl, storage, bucket, access-key, secret-key,
-/// format-options). NodeStageVolume runs one `juicefs mount` per volume per node (in its own
-/// session, so restarting shoal-csi keeps it); NodePublishVolume bind-mounts the volume's
-/// directory into the pod. A watchdog remounts dead mounts (ENOTCONN) and re-binds targets.
+/// format-options). NodeStageVolume runs one `juicefs mount` per volume per node: with
+/// `--mount-mode pod` in a mount pod of its own (it outlives this container), with `process` in
+/// this container; NodePublishVolume bind-mounts the volume's directory into the pod. A watchdog
+/// remounts dead mounts (ENOTCONN) and re-binds targets.
 #[derive(Debug, Parser)]
-#[command(name = "shoal-csi", version, about, long_about)]
+#[command(
+    name = "shoal-csi",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// What a mount pod runs: clears a dead mount left at the mount point by a crashed client
+    /// (lazy unmount), then execs the given `juicefs mount ...` in the foreground, so signals
+    /// reach juicefs. Credentials come from the environment (the pod's Secret).
+    MountPod {
+        /// The staging path the client mounts.
+        #[arg(long)]
+        mount_point: PathBuf,
+        /// The command to exec: the juicefs binary and its arguments.
+        #[arg(last = true, required = true, num_args = 1..)]
+        command: Vec<std::ffi::OsString>,
+    },
+}
+
+/// Where the node plugin runs its `juicefs mount` clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MountMode {
+    /// In this process's container (its own session): a restart of the container kills them.
+    Process,
+    /// One mount pod per staged filesystem: they outlive the plugin's container.
+    Pod,
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// gRPC endpoint, a unix socket.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
@@ -52,6 +92,48 @@ struct Args {
     /// kubelets are all 1.26 or newer.
     #[arg(long)]
     no_authority_shim: bool,
+    /// NodeGetInfo's max_volumes_per_node: how many csi.shoal.dev volumes the scheduler puts on
+    /// one node. Must be positive (the kubelet rejects 0 as an attach limit).
+    #[arg(long, default_value_t = shoal_csi::driver::DEFAULT_MAX_VOLUMES_PER_NODE,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    max_volumes_per_node: i64,
+    /// Where staged filesystems' `juicefs mount` clients run: `process` (this container) or
+    /// `pod` (one mount pod each, created through the Kubernetes API; they survive a restart
+    /// of this container).
+    #[arg(
+        long,
+        value_enum,
+        env = "SHOAL_CSI_MOUNT_MODE",
+        default_value = "process"
+    )]
+    mount_mode: MountMode,
+    /// Pod mode: the namespace of mount pods and their Secrets (this pod's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// Pod mode: the mount pods' image (shoal-csi's own: it carries shoal-csi and juicefs).
+    #[arg(long, env = "SHOAL_CSI_MOUNT_POD_IMAGE")]
+    mount_pod_image: Option<String>,
+    /// Pod mode: the mount pods' imagePullPolicy.
+    #[arg(
+        long,
+        env = "SHOAL_CSI_MOUNT_POD_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    mount_pod_image_pull_policy: String,
+    /// Pod mode: the mount pods' priorityClassName ("" for none).
+    #[arg(long, default_value = "system-node-critical")]
+    mount_pod_priority_class: String,
+    /// Pod mode: the host directory of the JuiceFS cache (default: <state-dir>/cache, right
+    /// when the state dir is the same path on the host).
+    #[arg(long)]
+    mount_pod_cache_dir: Option<PathBuf>,
+    /// Pod mode: shoal-csi inside the mount pod image.
+    #[arg(long, default_value = "/usr/local/bin/shoal-csi")]
+    mount_pod_shoal_csi: PathBuf,
+    /// The kubelet root dir; mounted at the same path, Bidirectional, in this container and
+    /// the mount pods. Staging paths under it are served by mount pods in pod mode.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
 }
 
 fn resolve_binary(p: &Path) -> PathBuf {
@@ -66,8 +148,7 @@ fn resolve_binary(p: &Path) -> PathBuf {
         .unwrap_or_else(|| p.to_path_buf())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -75,33 +156,111 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let node_id = match (args.mode.node(), args.node_id) {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::MountPod {
+            mount_point,
+            command,
+        }) => mount_pod(&mount_point, &command),
+        None => tokio::runtime::Runtime::new()
+            .context("starting the async runtime")?
+            .block_on(plugin(cli.serve)),
+    }
+}
+
+/// `shoal-csi mount-pod`: returns only when the exec failed.
+fn mount_pod(mount_point: &Path, command: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let found = shoal_csi::mounter::prepare_mount_point(mount_point)
+        .with_context(|| format!("readying {}", mount_point.display()))?;
+    if let shoal_csi::mounter::MountState::Dead(_) = found {
+        warn!(mount_point = %mount_point.display(), "detached the dead mount a previous client left");
+    }
+    let (program, args) = command
+        .split_first()
+        .context("mount-pod needs a command after --")?;
+    info!(mount_point = %mount_point.display(), program = %Path::new(program).display(), "starting the client");
+    let err = std::process::Command::new(program).args(args).exec();
+    Err(anyhow::Error::new(err).context(format!("exec {}", Path::new(program).display())))
+}
+
+async fn plugin(args: Args) -> anyhow::Result<()> {
+    let node_id = match (args.mode.node(), args.node_id.clone()) {
         (true, None) => anyhow::bail!("--node-id (or NODE_ID) is required with --mode node|all"),
         (_, id) => id.unwrap_or_default(),
     };
-    let socket = service::socket_path(&args.endpoint)?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let juicefs = resolve_binary(&args.juicefs);
-    let mounter = Arc::new(JuiceFsMounter::new(juicefs.clone(), args.state_dir.clone()));
-    let wake = mounter.exit_notify();
-    let metrics = Arc::new(Metrics::new());
+    let host = JuiceFsMounter::new(juicefs.clone(), args.state_dir.clone());
+    let wake = host.exit_notify();
     let config = Config {
-        node_id,
+        node_id: node_id.clone(),
         state_dir: args.state_dir.clone(),
         mode: args.mode,
         watchdog_interval: Duration::from_millis(args.watchdog_interval_ms.max(50)),
+        max_volumes_per_node: args.max_volumes_per_node,
     };
-    let driver = Arc::new(Driver::new(config, mounter, metrics.clone())?);
     info!(
         version = shoal_csi::VERSION,
         driver = shoal_csi::DRIVER_NAME,
         juicefs = %juicefs.display(),
         state_dir = %args.state_dir.display(),
+        mount_mode = ?args.mount_mode,
         "starting"
     );
+    match args.mount_mode {
+        MountMode::Process => run(args, config, Arc::new(host), wake).await,
+        MountMode::Pod => {
+            let namespace = args
+                .namespace
+                .clone()
+                .context("--mount-mode pod needs --namespace (or POD_NAMESPACE)")?;
+            let image = args.mount_pod_image.clone().context(
+                "--mount-mode pod needs --mount-pod-image (or SHOAL_CSI_MOUNT_POD_IMAGE)",
+            )?;
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (pod mount mode)")?;
+            let api = KubeMountPodApi::new(client, &namespace, tokio::runtime::Handle::current());
+            let cfg = MountPodConfig {
+                namespace,
+                node_name: node_id,
+                image,
+                image_pull_policy: args.mount_pod_image_pull_policy.clone(),
+                kubelet_dir: args.kubelet_dir.clone(),
+                cache_host_dir: args
+                    .mount_pod_cache_dir
+                    .clone()
+                    .unwrap_or_else(|| args.state_dir.join("cache")),
+                priority_class: Some(args.mount_pod_priority_class.clone())
+                    .filter(|p| !p.is_empty()),
+                shoal_csi: args.mount_pod_shoal_csi.clone(),
+                juicefs: juicefs.clone(),
+                mount_timeout: Duration::from_secs(60),
+                termination_grace_seconds: 30,
+                poll: Duration::from_millis(100),
+            };
+            run(
+                args,
+                config,
+                Arc::new(PodMounter::new(api, host, cfg)),
+                wake,
+            )
+            .await
+        }
+    }
+}
 
+async fn run<M: Mounter>(
+    args: Args,
+    config: Config,
+    mounter: Arc<M>,
+    wake: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    let socket = service::socket_path(&args.endpoint)?;
+    let metrics = Arc::new(Metrics::new());
+    let driver = Arc::new(Driver::new(config, mounter, metrics.clone())?);
     if args.mode.node() {
         // Re-adopt what a previous run staged: healthy mounts are kept, dead ones healed.
         let d = driver.clone();

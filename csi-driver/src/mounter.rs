@@ -4,7 +4,9 @@
 //! Owns: spawning `juicefs` (each `juicefs mount` in its own session via `setsid(2)`, so a
 //! restart of shoal-csi or a signal to its process group does not take the mounts down),
 //! waiting for a mount to appear in `/proc/self/mountinfo`, and classifying a mount point as
-//! healthy, dead (`ENOTCONN`) or absent. Must not know CSI messages or volume bookkeeping.
+//! healthy, dead (`ENOTCONN`) or absent, and readying a mount point for a new client (what the
+//! mount pod does first). Must not know CSI messages, volume bookkeeping or Kubernetes (pod mode
+//! lives in [`crate::mountpod`]).
 //! Blocking by design: callers run it on `spawn_blocking`.
 #![allow(unsafe_code)]
 
@@ -66,6 +68,71 @@ pub trait Mounter: Send + Sync + 'static {
         let table = self.mounts()?;
         Ok(classify(&table, path))
     }
+    /// Stops whatever keeps serving the filesystem mounted at `at` by [`Mounter::mount_fs`],
+    /// before the driver unmounts it for good (pod mode: deletes the mount pod, whose restart
+    /// policy would otherwise mount again, and its Secret). Nothing to stop is success.
+    /// The default has nothing to stop: unmounting ends a `juicefs mount` process.
+    fn release_fs(&self, _at: &Path) -> Result<(), CsiError> {
+        Ok(())
+    }
+    /// True when whatever serves the mount at `at` clears a dead mount there and mounts again
+    /// by itself (pod mode: the mount pod's restart does). The driver then leaves a dead
+    /// staging mount alone and waits in [`Mounter::mount_fs`], instead of detaching it from
+    /// under the restarting client (which could detach the fresh mount instead).
+    fn replaces_dead_mounts(&self, _at: &Path) -> bool {
+        false
+    }
+}
+
+/// The `juicefs mount` arguments (after the binary) shared by process and pod mode: the client
+/// runs in the foreground, credentials come from the environment ([`JuiceFsSecrets::child_env`]).
+pub fn juicefs_mount_args(
+    secrets: &JuiceFsSecrets,
+    cache_dir: &Path,
+    flags: &[String],
+    at: &Path,
+) -> Vec<String> {
+    let mut args = vec![
+        "mount".to_string(),
+        "--no-usage-report".to_string(),
+        "--metrics=127.0.0.1:0".to_string(),
+        format!("--cache-dir={}", cache_dir.display()),
+    ];
+    args.extend(flags.iter().cloned());
+    args.push(secrets.meta_url().without_password);
+    args.push(at.display().to_string());
+    args
+}
+
+/// Readies `at` for a new `juicefs mount` (the mount pod's first step): a dead mount left there
+/// by a client that crashed (`ENOTCONN`) is detached lazily, and a missing directory created.
+/// Returns what was found there.
+///
+/// Errors: reading the mount table, the lazy unmount or creating the directory failed.
+pub fn prepare_mount_point(at: &Path) -> Result<MountState, CsiError> {
+    let table = mountinfo::read_self().map_err(|source| CsiError::Io {
+        action: "read",
+        path: PathBuf::from("/proc/self/mountinfo"),
+        source,
+    })?;
+    let found = classify(&table, at);
+    if let MountState::Dead(_) = &found {
+        match nix::mount::umount2(at, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => {
+                return Err(CsiError::Unmount {
+                    path: at.to_path_buf(),
+                    source: std::io::Error::from(e),
+                });
+            }
+        }
+    }
+    fs::create_dir_all(at).map_err(|source| CsiError::Io {
+        action: "create mount point",
+        path: at.to_path_buf(),
+        source,
+    })?;
+    Ok(found)
 }
 
 /// Classifies `path` against a mount table using `statfs(2)`, which always reaches the FUSE
@@ -131,7 +198,8 @@ impl JuiceFsMounter {
     }
 }
 
-fn last_lines(text: &str, n: usize) -> String {
+/// The last `n` non-empty lines of `text`, joined with ` | `.
+pub(crate) fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
@@ -208,13 +276,7 @@ impl Mounter for JuiceFsMounter {
         let log_err = log_file.try_clone().map_err(io("open log", &log))?;
         let cache = self.state_dir.join("cache");
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("mount")
-            .arg("--no-usage-report")
-            .arg("--metrics=127.0.0.1:0")
-            .arg(format!("--cache-dir={}", cache.display()))
-            .args(flags)
-            .arg(secrets.meta_url().without_password)
-            .arg(at)
+        cmd.args(juicefs_mount_args(secrets, &cache, flags, at))
             .envs(secrets.child_env())
             .stdin(Stdio::null())
             .stdout(log_file)

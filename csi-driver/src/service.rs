@@ -294,25 +294,47 @@ impl<M: Mounter> Node for CsiService<M> {
         .await
     }
 
-    /// NodeGetCapabilities: STAGE_UNSTAGE_VOLUME and GET_VOLUME_STATS. Stateless.
+    /// See [`Driver::expand`]: success without work, so a kubelet's resize never fails a mount.
+    async fn node_expand_volume(
+        &self,
+        req: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let scrub = scrubber_for(&req.secrets, &HashMap::new());
+        let id = req.volume_id.clone();
+        self.run("NodeExpandVolume", &id, scrub, move |d| {
+            d.expand(req)
+                .map(|capacity_bytes| csi::NodeExpandVolumeResponse { capacity_bytes })
+        })
+        .await
+    }
+
+    /// NodeGetCapabilities: STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS and EXPAND_VOLUME (see
+    /// [`Driver::expand`]). Stateless.
     async fn node_get_capabilities(
         &self,
         _req: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         use csi::node_service_capability::{Rpc, Type, rpc};
         self.driver.metrics.call("NodeGetCapabilities");
-        let capabilities = [rpc::Type::StageUnstageVolume, rpc::Type::GetVolumeStats]
-            .into_iter()
-            .map(|t| csi::NodeServiceCapability {
-                r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
-            })
-            .collect();
+        let capabilities = [
+            rpc::Type::StageUnstageVolume,
+            rpc::Type::GetVolumeStats,
+            rpc::Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(|t| csi::NodeServiceCapability {
+            r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
         Ok(Response::new(csi::NodeGetCapabilitiesResponse {
             capabilities,
         }))
     }
 
-    /// NodeGetInfo: this node's id; no topology (the filesystem is reachable from every node).
+    /// NodeGetInfo: this node's id, a positive volume limit (the kubelet rejects 0; see
+    /// [`crate::driver::DEFAULT_MAX_VOLUMES_PER_NODE`]); no topology (the filesystem is
+    /// reachable from every node).
     async fn node_get_info(
         &self,
         _req: Request<csi::NodeGetInfoRequest>,
@@ -320,7 +342,7 @@ impl<M: Mounter> Node for CsiService<M> {
         self.driver.metrics.call("NodeGetInfo");
         Ok(Response::new(csi::NodeGetInfoResponse {
             node_id: self.driver.config.node_id.clone(),
-            max_volumes_per_node: 0,
+            max_volumes_per_node: self.driver.config.max_volumes_per_node,
             accessible_topology: None,
         }))
     }

@@ -36,7 +36,7 @@ async fn full_lifecycle_with_rw_and_ro_targets_sharing_one_staged_mount() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(caps.capabilities.len(), 2);
+    assert_eq!(caps.capabilities.len(), 3);
     let ni = c
         .node
         .node_get_info(csi::NodeGetInfoRequest {})
@@ -44,6 +44,12 @@ async fn full_lifecycle_with_rw_and_ro_targets_sharing_one_staged_mount() {
         .unwrap()
         .into_inner();
     assert_eq!(ni.node_id, "node-a");
+    // 0 means "no limit" to the spec but is an invalid attach limit to the kubelet.
+    assert_eq!(
+        ni.max_volumes_per_node,
+        shoal_csi::driver::DEFAULT_MAX_VOLUMES_PER_NODE
+    );
+    assert!(ni.max_volumes_per_node > 0);
 
     let vol = create(&mut c, &env, "pvc-life").await;
     assert_eq!(vol.volume_id, "pvc-life");
@@ -750,6 +756,10 @@ fn help_text_names_every_flag() {
         "--juicefs",
         "--metrics-listen",
         "--watchdog-interval-ms",
+        "--max-volumes-per-node",
+        "--mount-mode",
+        "--kubelet-dir",
+        "--mount-pod-image",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
     }
