@@ -500,10 +500,15 @@ async fn a_waiting_writer_takes_over_after_kill_9_replays_the_wal_and_fences_the
         "w2 exited while waiting"
     );
     assert_eq!(lease::current(meta.pool()).await.unwrap().holder, "w1");
-    assert!(
-        reqwest::get(format!("{}/readyz", w2.ops)).await.is_err(),
-        "a waiting writer must not serve"
-    );
+    // A waiting writer is live but not ready, and says what it waits for.
+    common::engine::wait_answer(
+        &mut w2,
+        "/readyz",
+        503,
+        "waiting for the writer lease",
+        Duration::from_secs(5),
+    )
+    .await;
 
     // Acknowledged writes, some flushed into segments and some only in the WAL, then more
     // writes in flight while w1 is killed.
