@@ -316,6 +316,34 @@ pub async fn rebind_released_volume(
     Ok(true)
 }
 
+/// The desired shared volume, carrying the claim UID the PV controller bound it with.
+///
+/// `claimRef` is an atomic field: applying the built volume (which pre-binds by name, without
+/// a UID) over a bound one would take the UID away, after which the volume looks pre-bound
+/// rather than bound: when its claim is deleted it turns `Available` instead of `Released`, and
+/// a `Delete` volume is then never deleted. A `Released` volume's stale UID is not kept (see
+/// [`rebind_released_volume`]).
+fn keep_bound_claim(desired: &PersistentVolume, live: Option<&PersistentVolume>) -> PersistentVolume {
+    let mut out = desired.clone();
+    let Some(live) = live else { return out };
+    let released = live
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Released");
+    let live_claim = live.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+    if let (false, Some(lc), Some(dc)) = (
+        released,
+        live_claim,
+        out.spec.as_mut().and_then(|s| s.claim_ref.as_mut()),
+    ) && lc.name == dc.name
+        && lc.namespace == dc.namespace
+    {
+        dc.uid = lc.uid.clone();
+    }
+    out
+}
+
 /// GET, then server-side apply unless the applied hash already matches.
 async fn apply_one<K>(api: &Api<K>, desired: &K) -> Result<(Action, K), ApplyError>
 where
@@ -443,7 +471,9 @@ pub async fn apply_all(
             }
             Desired::PersistentVolume(o) => {
                 let api: Api<PersistentVolume> = Api::all(client.clone());
-                let (a, live) = apply_one(&api, o).await?;
+                let existing = get_existing(&api, o).await?;
+                let desired = keep_bound_claim(o, existing.as_ref());
+                let (a, live) = apply_over(&api, &desired, existing).await?;
                 if rebind_released_volume(&api, vc, &live).await? {
                     report.rebound_volume = true;
                 }

@@ -849,3 +849,36 @@ async fn a_crashing_writer_is_named_with_the_error_it_died_with_and_the_cluster_
     );
     assert_ne!(vc.status.unwrap().phase, Some(Phase::Running));
 }
+
+#[tokio::test]
+async fn reapplying_a_bound_shared_volume_keeps_the_claim_uid_it_was_bound_with() {
+    // Applying the built volume (pre-bound by name, no UID) over a bound one took the UID away:
+    // the volume then looked pre-bound, turned Available instead of Released when its claim was
+    // deleted, and a Delete cluster's finalizer waited forever for it to be deleted.
+    let env = Env::new("minimal.yaml");
+    env.reconcile().await.0.unwrap();
+    let pv = "/api/v1/persistentvolumes/shoal-shoal-demo-data";
+    let mut v = env.fake.get(pv).unwrap();
+    v["spec"]["claimRef"]["uid"] = json!("uid-of-the-bound-claim");
+    v["status"] = json!({"phase": "Bound"});
+    env.fake.put(pv, v);
+    env.edit(|v| v["spec"]["storage"]["reclaimPolicy"] = json!("Delete"));
+    let (res, log, _) = env.reconcile().await;
+    res.unwrap();
+    let apply = log
+        .iter()
+        .find(|r| {
+            r.method == "PATCH"
+                && r.path == pv
+                && r.content_type.starts_with("application/apply-patch")
+        })
+        .expect("the volume is re-applied (its reclaim policy changed)");
+    assert_eq!(
+        apply.body.as_ref().unwrap()["spec"]["claimRef"]["uid"],
+        "uid-of-the-bound-claim"
+    );
+    assert_eq!(
+        env.fake.get(pv).unwrap()["spec"]["persistentVolumeReclaimPolicy"],
+        "Delete"
+    );
+}
