@@ -152,7 +152,10 @@ fn every_engine_container_the_operator_builds_parses_with_the_engines_own_comman
                 }
             }
             shoal_engine::cli::check_invocation(&args, &env).unwrap_or_else(|e| {
-                panic!("{file}: the operator's {} container does not parse: {e}", c.name)
+                panic!(
+                    "{file}: the operator's {} container does not parse: {e}",
+                    c.name
+                )
             });
             checked += 1;
         }

@@ -1201,19 +1201,45 @@ async fn the_chart_and_a_vector_cluster_survive_scaling_upgrades_plugin_and_writ
         )
         .await
         .expect("creating the test namespace");
+    // An aborted earlier run may have left the chart, a cluster and its retained data behind:
+    // remove them (the leftover operator handles the cluster's finalizer), so this run's pods
+    // run this run's images even when the tags did not change.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    if deployments
+        .get_opt("shoal-operator")
+        .await
+        .expect("reading the operator Deployment")
+        .is_some()
+    {
+        let (disc, docs) = install_chart(&client, &ns)
+            .await
+            .expect("the leftover chart");
+        delete_cluster(&client, &ns)
+            .await
+            .expect("removing a leftover cluster");
+        remove_retained_data(&client, &ns)
+            .await
+            .expect("removing leftover retained data");
+        uninstall_chart(&client, &disc, &ns, &docs)
+            .await
+            .expect("uninstalling the leftover chart");
+    } else {
+        // A cluster whose operator is gone cannot finish its finalizer; say so rather than hang.
+        let vcs: Api<VectorCluster> = Api::namespaced(client.clone(), &ns);
+        if let Ok(Some(vc)) = vcs.get_opt(CLUSTER).await {
+            panic!(
+                "namespace {ns} holds VectorCluster {} without an operator; delete it first",
+                vc.name_any()
+            );
+        }
+        remove_retained_data(&client, &ns)
+            .await
+            .expect("removing leftover retained data");
+    }
     let t_install = Instant::now();
     let (disc, docs) = install_chart(&client, &ns)
         .await
         .expect("installing the chart");
-    let chart_s = t_install.elapsed();
-    // An aborted earlier run may have left a cluster and its retained data.
-    delete_cluster(&client, &ns)
-        .await
-        .expect("removing a leftover cluster");
-    remove_retained_data(&client, &ns)
-        .await
-        .expect("removing leftover retained data");
-    let t_install = Instant::now() - chart_s;
     let outcome = scenario(&client, &disc, &ns, t_install).await;
     if outcome.is_err() {
         dump_diagnostics(&client, &ns, CLUSTER).await;
