@@ -323,7 +323,10 @@ pub async fn rebind_released_volume(
 /// rather than bound: when its claim is deleted it turns `Available` instead of `Released`, and
 /// a `Delete` volume is then never deleted. A `Released` volume's stale UID is not kept (see
 /// [`rebind_released_volume`]).
-fn keep_bound_claim(desired: &PersistentVolume, live: Option<&PersistentVolume>) -> PersistentVolume {
+fn keep_bound_claim(
+    desired: &PersistentVolume,
+    live: Option<&PersistentVolume>,
+) -> PersistentVolume {
     let mut out = desired.clone();
     let Some(live) = live else { return out };
     let released = live
