@@ -34,7 +34,11 @@ impl Engine {
         cmd.arg(role)
             .args(args)
             .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            // A failing process's output is what the tests read: keep an anyhow backtrace
+            // (RUST_BACKTRACE in the caller's environment) from pushing it out of the tail.
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0");
         match &log {
             None => cmd.stdout(Stdio::null()).stderr(Stdio::inherit()),
             Some(path) => {
