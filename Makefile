@@ -28,7 +28,10 @@ lint:
 ## k8s-up: start the kit's Kubernetes 1.24 node and import the images the chart's defaults name
 k8s-up:
 	@[ -d "$(K8S_KIT)" ] || { echo "the Kubernetes kit is not at $(K8S_KIT) (set K8S_KIT)"; exit 1; }
-	$(K8S_KIT)/up.sh
+	# The stock 1.24 kubelet (what a 1.24 user has: shoal-csi's :authority front must serve it)
+	# and volumes whose root is root:root 0755, as most provisioners make them (the writer's
+	# fsGroup must make its WAL volume writable).
+	SHOAL_K8S_KUBELET=kubelet PV_MODE=0755 $(K8S_KIT)/up.sh
 	$(K8S_KIT)/load-images.sh
 
 ## k8s-images: build Shoal's images from this checkout and import them into the node
