@@ -31,7 +31,10 @@ k8s-up:
 	# The stock 1.24 kubelet (what a 1.24 user has: shoal-csi's :authority front must serve it)
 	# and volumes whose root is root:root 0755, as most provisioners make them (the writer's
 	# fsGroup must make its WAL volume writable).
-	SHOAL_K8S_KUBELET=kubelet PV_MODE=0755 $(K8S_KIT)/up.sh
+	# up.sh is idempotent; it is run a second time only when the first stops at the kit's known
+	# race (node-up.sh checks the bridge address with `ip addr show | grep -q` under pipefail,
+	# so a SIGPIPE'd `ip` reads as "address missing" and the add fails with "already assigned").
+	SHOAL_K8S_KUBELET=kubelet PV_MODE=0755 $(K8S_KIT)/up.sh || SHOAL_K8S_KUBELET=kubelet PV_MODE=0755 $(K8S_KIT)/up.sh
 	$(K8S_KIT)/load-images.sh
 
 ## k8s-images: build Shoal's images from this checkout and import them into the node
@@ -39,8 +42,10 @@ k8s-images:
 	SHOAL_K8S_KIT=$(K8S_KIT) e2e/images/build.sh
 
 ## test-k8s: the real-node suite (chart, operator, CSI mounts, engine pods); `make k8s-down` stops the node
+## (the test binary is run directly: `cargo test -p` would rebuild dependencies with other features)
 test-k8s: k8s-up k8s-images
-	KUBECONFIG=$(KUBECONFIG_KIT) cargo test -p shoal-e2e --test kubernetes -- --ignored --nocapture
+	bin=$$(cargo test --workspace --all-targets --no-run --message-format=json | e2e/scripts/test_binary.py kubernetes) && \
+	  KUBECONFIG=$(KUBECONFIG_KIT) "$$bin" --ignored --nocapture
 
 ## k8s-down: stop the node (WIPE=1 also wipes its state)
 k8s-down:
