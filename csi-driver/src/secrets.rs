@@ -445,9 +445,12 @@ impl Scrubber {
                 | serde_yaml::Value::Tagged(_) => None,
             }));
         }
-        // Names of filesystems are not secret in JuiceFS CSI either; keep errors readable.
-        if let Some(name) = secrets.get(keys::NAME) {
-            values.retain(|v| v != name);
+        // Names of filesystems and storage types (`wasb`, `s3`) are not secret in JuiceFS CSI
+        // either; keep errors readable.
+        for key in [keys::NAME, keys::STORAGE] {
+            if let Some(plain) = secrets.get(key) {
+                values.retain(|v| v != plain);
+            }
         }
         Self::new(values)
     }
@@ -667,8 +670,11 @@ mod tests {
                 &format!("{{\"AZURE_STORAGE_CONNECTION_STRING\": \"{CONN}\"}}"),
             ),
         ]);
-        let text = format!("bad string {CONN}; key S0mE+Key/Value== rejected for devstoreaccount1");
-        let want = "bad string <redacted>; key <redacted> rejected for devstoreaccount1";
+        let text = format!(
+            "bad string {CONN}; key S0mE+Key/Value== rejected for devstoreaccount1 on wasb://fs1"
+        );
+        let want =
+            "bad string <redacted>; key <redacted> rejected for devstoreaccount1 on wasb://fs1";
         assert_eq!(Scrubber::from_map(&raw).scrub(&text), want);
         let parsed = JuiceFsSecrets::from_maps(&raw, &HashMap::new()).unwrap();
         assert_eq!(parsed.scrubber().scrub(&text), want);
