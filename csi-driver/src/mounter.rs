@@ -85,7 +85,10 @@ pub trait Mounter: Send + Sync + 'static {
 }
 
 /// The `juicefs mount` arguments (after the binary) shared by process and pod mode: the client
-/// runs in the foreground, credentials come from the environment ([`JuiceFsSecrets::child_env`]).
+/// runs in the foreground, credentials come from the environment ([`JuiceFsSecrets::child_env`]),
+/// and `--check-storage` makes it write, read and delete a test object before mounting, so
+/// wrong object storage credentials fail the mount with the store's answer instead of
+/// mounting a filesystem whose every read and upload then fails.
 pub fn juicefs_mount_args(
     secrets: &JuiceFsSecrets,
     cache_dir: &Path,
@@ -97,6 +100,7 @@ pub fn juicefs_mount_args(
         "--no-usage-report".to_string(),
         "--metrics=127.0.0.1:0".to_string(),
         format!("--cache-dir={}", cache_dir.display()),
+        "--check-storage".to_string(),
     ];
     args.extend(flags.iter().cloned());
     args.push(secrets.meta_url().without_password);
@@ -179,22 +183,86 @@ impl JuiceFsMounter {
         ))
     }
 
+    /// Runs a short `juicefs` command (format, quota) to completion, killing it after
+    /// [`COMMAND_TIMEOUT`]: an object store that accepts connections but never answers must not
+    /// hang the CSI call.
     fn run(&self, what: &str, secrets: &JuiceFsSecrets, args: &[String]) -> Result<(), String> {
-        let out = Command::new(&self.binary)
+        let mut child = Command::new(&self.binary)
             .args(args)
             .envs(secrets.child_env())
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.binary.display()))?;
-        if out.status.success() {
-            return Ok(());
+        // Drain stderr on a thread so a chatty child never blocks on a full pipe.
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                let _ = pipe.read_to_end(&mut text);
+                String::from_utf8_lossy(&text).to_string()
+            })
+        });
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("waiting for {what}: {e}")),
+            }
+        };
+        let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+        let detail = match status {
+            Some(status) if status.success() => return Ok(()),
+            Some(status) => format!("{what} exited with {status}: {}", juicefs_failure(&stderr)),
+            None => format!(
+                "{what} did not finish within {COMMAND_TIMEOUT:?} (is the object storage \
+                 reachable?): {}",
+                juicefs_failure(&stderr)
+            ),
+        };
+        Err(secrets.scrubber().scrub(&detail))
+    }
+}
+
+/// How long `juicefs format` or `juicefs quota` may run. Format retries a failing object store
+/// three times (about 12 s against a store that refuses the credentials).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a failed `juicefs` run said, for a CSI error: its last `<FATAL>`/`<ERROR>` line (cut
+/// before the source location) and the object store's status and error code lines (an Azure
+/// or S3 answer spans many lines, and its last ones are only request ids); the last lines when
+/// it said neither.
+pub(crate) fn juicefs_failure(text: &str) -> String {
+    let mut picked: Vec<String> = Vec::new();
+    if let Some(l) = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("<FATAL>") || l.contains("<ERROR>"))
+    {
+        let from = l.find("<FATAL>").or_else(|| l.find("<ERROR>")).unwrap_or(0);
+        let l = &l[from..];
+        let l = l.rsplit_once(" [").map_or(l, |(msg, _)| msg);
+        picked.push(l.trim().to_string());
+    }
+    for l in text.lines().map(str::trim) {
+        let answer = l.starts_with("RESPONSE ") || l.starts_with("ERROR CODE:");
+        if answer && !picked.iter().any(|p| p == l) {
+            picked.push(l.to_string());
         }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(secrets.scrubber().scrub(&format!(
-            "{what} exited with {}: {}",
-            out.status,
-            last_lines(&stderr, 3)
-        )))
+        if picked.len() >= 4 {
+            break;
+        }
+    }
+    if picked.is_empty() {
+        last_lines(text, 3)
+    } else {
+        picked.join(" | ")
     }
 }
 
@@ -211,7 +279,7 @@ fn tail_of_file(path: &Path, bytes: u64) -> String {
         let _ = f.seek(SeekFrom::Start(len.saturating_sub(bytes)));
         let _ = f.read_to_string(&mut s);
     }
-    last_lines(&s, 3)
+    juicefs_failure(&s)
 }
 
 impl Mounter for JuiceFsMounter {
@@ -303,7 +371,7 @@ impl Mounter for JuiceFsMounter {
                 Ok(Some(status)) => {
                     return Err(fail(secrets.scrubber().scrub(&format!(
                         "juicefs mount exited with {status}: {}",
-                        tail_of_file(&log, 4096)
+                        tail_of_file(&log, 16 * 1024)
                     ))));
                 }
                 Ok(None) => {}
@@ -315,7 +383,7 @@ impl Mounter for JuiceFsMounter {
                 return Err(fail(format!(
                     "not mounted after {:?}: {}",
                     self.mount_timeout,
-                    secrets.scrubber().scrub(&tail_of_file(&log, 4096))
+                    secrets.scrubber().scrub(&tail_of_file(&log, 16 * 1024))
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -418,6 +486,27 @@ impl Mounter for JuiceFsMounter {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_juicefs_failure_is_summarised_by_its_fatal_line_and_the_stores_answer() {
+        let log = "2026/12/07 01:06:47.7 juicefs[1] <INFO>: Data use wasb://jfs/fs1/ [mount@mount.go:620]
+2026/12/07 01:06:59.8 juicefs[1] <FATAL>: Failed to create bucket wasb://jfs/fs1/: PUT http://127.0.0.1:1/devstoreaccount1/jfs
+--------------------------------------------------------------------------------
+RESPONSE 403: 403 Server failed to authenticate the request.
+ERROR CODE: AuthorizationFailure
+--------------------------------------------------------------------------------
+RequestId:0346931c
+Time:2026-12-07T01:03:31.065Z</Message>
+-------------------------------------------------------------------------------- [format@format.go:574]
+";
+        assert_eq!(
+            juicefs_failure(log),
+            "<FATAL>: Failed to create bucket wasb://jfs/fs1/: PUT \
+             http://127.0.0.1:1/devstoreaccount1/jfs | RESPONSE 403: 403 Server failed to \
+             authenticate the request. | ERROR CODE: AuthorizationFailure"
+        );
+        assert_eq!(juicefs_failure("a\n\nb\nc\nd\n"), "b | c | d");
+    }
 
     #[test]
     fn probe_reports_a_missing_juicefs_binary() {

@@ -1,10 +1,30 @@
 //! JuiceFS credentials as CSI hands them over, under JuiceFS CSI's field names.
 //!
 //! Owns: reading the secret map (`name`, `metaurl`, `storage`, `bucket`, `access-key`,
-//! `secret-key`, `format-options`), keeping the meta password out of command lines, and the
-//! [`Scrubber`] that removes every secret value from text before it is logged or returned.
+//! `secret-key`, `format-options`, `envs`), keeping every credential out of command lines (a
+//! `juicefs` child gets them in its environment, which `ps` does not show to other users and
+//! the mount pod reads from a Secret), and the [`Scrubber`] that removes every secret value from
+//! text before it is logged or returned.
 //! Must not: implement `Display`, or a `Debug` that shows a value. Nothing else in the crate
 //! ever formats a raw secret map.
+//!
+//! Object storage credentials, as JuiceFS takes them:
+//! - S3 and most stores: `access-key`/`secret-key` (`ACCESS_KEY`/`SECRET_KEY` in the child's
+//!   environment, which `juicefs` reads when the flags are absent).
+//! - Azure Blob (`storage: wasb`): either the account name and key as `access-key`/`secret-key`
+//!   with bucket `https://CONTAINER.blob.core.windows.net`, or a connection string in
+//!   `AZURE_STORAGE_CONNECTION_STRING`, given through `envs`. JuiceFS takes the container name
+//!   from the first label of the bucket's host and, with a connection string, the endpoint from
+//!   the string (so Azurite's bucket is `http://CONTAINER.127.0.0.1:PORT`).
+//!
+//! Why `envs` and no dedicated `connection-string` key: `envs` is JuiceFS CSI's own field (a
+//! JSON or YAML map of environment variables for the client), so a Secret written for JuiceFS
+//! CSI works unchanged here; the variable is the one `juicefs` itself reads, so nothing has to
+//! translate it; and the same field carries every other setting JuiceFS takes from the
+//! environment (`AWS_*` session tokens, `GOOGLE_APPLICATION_CREDENTIALS`, ...) without a new key
+//! each. Its values are treated as secrets throughout. Variables that would change what the
+//! child runs (`LD_*`, `PATH`) or shadow the driver's own (`META_PASSWORD`, `ACCESS_KEY`,
+//! `SECRET_KEY`) are refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -25,7 +45,13 @@ pub mod keys {
     pub const SECRET_KEY: &str = "secret-key";
     /// Extra `juicefs format` options, comma-separated `key=value` or `flag`.
     pub const FORMAT_OPTIONS: &str = "format-options";
+    /// Environment variables for the `juicefs` client: a JSON or YAML map (JuiceFS CSI's field),
+    /// e.g. `{"AZURE_STORAGE_CONNECTION_STRING": "DefaultEndpointsProtocol=..."}`.
+    pub const ENVS: &str = "envs";
 }
+
+/// The environment variables the driver sets itself; `envs` may not shadow them.
+const DRIVER_ENV: [&str; 3] = ["META_PASSWORD", "ACCESS_KEY", "SECRET_KEY"];
 
 /// A secret field that is required and absent or empty.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -38,6 +64,21 @@ pub enum ReadSecrets {
         "secret field \"format-options\" has an invalid entry (use key=value, comma separated)"
     )]
     BadFormatOption,
+    /// `envs` is not a map of variable names to scalar values (the text is not repeated: it
+    /// holds credentials).
+    #[error("secret field \"envs\" is not a JSON or YAML map of environment variables")]
+    BadEnvs,
+    /// An `envs` name is not a plain variable name, changes what the child runs, or shadows a
+    /// variable the driver sets.
+    #[error("secret field \"envs\" may not set {name:?} ({why})")]
+    ForbiddenEnv { name: String, why: &'static str },
+    /// A `wasb` bucket whose host is an IP address: JuiceFS would take its first number as the
+    /// container name.
+    #[error(
+        "secret field \"bucket\" for storage wasb must be http(s)://CONTAINER.HOST[:PORT]: \
+         JuiceFS takes the container name from the first label of the host (got an IP address)"
+    )]
+    WasbBucketWithoutContainer,
 }
 
 /// JuiceFS credentials for one filesystem. `Debug` shows which fields are set, never values.
@@ -51,6 +92,7 @@ pub struct JuiceFsSecrets {
     access_key: Option<String>,
     secret_key: Option<String>,
     format_options: Vec<String>,
+    envs: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for JuiceFsSecrets {
@@ -64,6 +106,7 @@ impl fmt::Debug for JuiceFsSecrets {
             .field("access-key", &set(&self.access_key))
             .field("secret-key", &set(&self.secret_key))
             .field("format-options", &self.format_options.len())
+            .field("envs", &self.envs.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -89,7 +132,9 @@ impl JuiceFsSecrets {
     /// Reads the CSI secret map (plus, for static volumes, the volume context as fallback).
     ///
     /// Errors: [`ReadSecrets::MissingKey`] for an absent `name` or `metaurl`;
-    /// [`ReadSecrets::BadFormatOption`] for a `format-options` entry that is not a plain flag.
+    /// [`ReadSecrets::BadFormatOption`] for a `format-options` entry that is not a plain flag;
+    /// [`ReadSecrets::BadEnvs`] / [`ReadSecrets::ForbiddenEnv`] for an unusable `envs`;
+    /// [`ReadSecrets::WasbBucketWithoutContainer`] for a `wasb` bucket on an IP address.
     pub fn from_maps(
         secrets: &HashMap<String, String>,
         context: &HashMap<String, String>,
@@ -122,14 +167,27 @@ impl JuiceFsSecrets {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let envs = match get(keys::ENVS) {
+            None => BTreeMap::new(),
+            Some(raw) => parse_envs(&raw)?,
+        };
+        let storage = get(keys::STORAGE);
+        let bucket = get(keys::BUCKET);
+        if storage.as_deref() == Some("wasb")
+            && let Some(b) = &bucket
+            && bucket_host_is_ip(b)
+        {
+            return Err(ReadSecrets::WasbBucketWithoutContainer);
+        }
         Ok(Self {
             name,
             meta_url,
-            storage: get(keys::STORAGE),
-            bucket: get(keys::BUCKET),
+            storage,
+            bucket,
             access_key: get(keys::ACCESS_KEY),
             secret_key: get(keys::SECRET_KEY),
             format_options,
+            envs,
         })
     }
 
@@ -156,17 +214,22 @@ impl JuiceFsSecrets {
         args
     }
 
-    /// Environment for a `juicefs` child: credentials go here, never into argv.
-    pub fn child_env(&self) -> Vec<(&'static str, String)> {
-        let mut env = Vec::new();
+    /// Environment for a `juicefs` child: credentials go here, never into argv. The `envs`
+    /// variables come first; none of them shares a name with the driver's own.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if let Some(p) = self.meta_url().password {
-            env.push(("META_PASSWORD", p));
+            env.push(("META_PASSWORD".into(), p));
         }
         if let Some(a) = &self.access_key {
-            env.push(("ACCESS_KEY", a.clone()));
+            env.push(("ACCESS_KEY".into(), a.clone()));
         }
         if let Some(s) = &self.secret_key {
-            env.push(("SECRET_KEY", s.clone()));
+            env.push(("SECRET_KEY".into(), s.clone()));
         }
         env
     }
@@ -186,6 +249,14 @@ impl JuiceFsSecrets {
         values.extend(self.meta_url().password);
         values.extend(self.access_key.iter().cloned());
         values.extend(self.secret_key.iter().cloned());
+        // Numbers and booleans in `envs` are settings, not credentials; scrubbing "1" from every
+        // message would only garble it.
+        values.extend(
+            self.envs
+                .values()
+                .filter(|v| v.parse::<f64>().is_err() && *v != "true" && *v != "false")
+                .cloned(),
+        );
         Scrubber::new(values)
     }
 
@@ -214,8 +285,81 @@ impl JuiceFsSecrets {
                 .collect();
             m.insert(keys::FORMAT_OPTIONS.to_string(), raw.join(","));
         }
+        if !self.envs.is_empty() {
+            // A map of strings always serialises.
+            m.insert(
+                keys::ENVS.to_string(),
+                serde_json::to_string(&self.envs).unwrap_or_default(),
+            );
+        }
         m
     }
+}
+
+/// Parses `envs`: a JSON or YAML map (YAML is a superset of JSON) of variable names to scalar
+/// values; names are checked, values kept verbatim.
+fn parse_envs(raw: &str) -> Result<BTreeMap<String, String>, ReadSecrets> {
+    let map: BTreeMap<String, serde_yaml::Value> =
+        serde_yaml::from_str(raw).map_err(|_| ReadSecrets::BadEnvs)?;
+    let mut out = BTreeMap::new();
+    for (name, value) in map {
+        let value = match value {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            serde_yaml::Value::Null
+            | serde_yaml::Value::Sequence(_)
+            | serde_yaml::Value::Mapping(_)
+            | serde_yaml::Value::Tagged(_) => return Err(ReadSecrets::BadEnvs),
+        };
+        let forbid = |why| ReadSecrets::ForbiddenEnv {
+            name: name.clone(),
+            why,
+        };
+        let plain = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !plain {
+            return Err(forbid("not a variable name"));
+        }
+        if name.starts_with("LD_") || name == "PATH" {
+            return Err(forbid("it changes what the client runs"));
+        }
+        if DRIVER_ENV.contains(&name.as_str()) {
+            return Err(forbid(
+                "the driver sets it from metaurl, access-key, secret-key",
+            ));
+        }
+        out.insert(name, value);
+    }
+    Ok(out)
+}
+
+/// True when a bucket URL's host is an IPv4 address (or `[IPv6]`).
+fn bucket_host_is_ip(bucket: &str) -> bool {
+    let rest = bucket.split_once("://").map_or(bucket, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.starts_with('[') {
+        return true;
+    }
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    host.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+/// The credential parts of an Azure connection string (`AccountKey=...;SharedAccessSignature=...`),
+/// which a client may echo on their own.
+fn connection_string_secrets(value: &str) -> Vec<String> {
+    value
+        .split(';')
+        .filter_map(|part| part.split_once('='))
+        .filter(|(k, _)| {
+            let k = k.trim();
+            k.eq_ignore_ascii_case("AccountKey") || k.eq_ignore_ascii_case("SharedAccessSignature")
+        })
+        .map(|(_, v)| v.trim().to_string())
+        .collect()
 }
 
 /// Splits `scheme://user:password@host/...` into the URL without the password and the password.
@@ -267,9 +411,15 @@ impl fmt::Debug for Scrubber {
 }
 
 impl Scrubber {
-    /// A scrubber for these values (empty ones ignored; longest replaced first).
+    /// A scrubber for these values and the key parts of any Azure connection string among
+    /// them (empty ones ignored; longest replaced first).
     pub fn new(values: impl IntoIterator<Item = String>) -> Self {
         let mut values: Vec<String> = values.into_iter().filter(|v| !v.is_empty()).collect();
+        let parts: Vec<String> = values
+            .iter()
+            .flat_map(|v| connection_string_secrets(v))
+            .collect();
+        values.extend(parts.into_iter().filter(|v| !v.is_empty()));
         values.sort_by_key(|v| std::cmp::Reverse(v.len()));
         values.dedup();
         Self { values }
@@ -281,9 +431,26 @@ impl Scrubber {
         if let Some(url) = secrets.get(keys::METAURL) {
             values.extend(split_meta_password(url).password);
         }
-        // Names of filesystems are not secret in JuiceFS CSI either; keep errors readable.
-        if let Some(name) = secrets.get(keys::NAME) {
-            values.retain(|v| v != name);
+        // The values inside `envs`, even when the map as a whole is malformed elsewhere.
+        if let Some(raw) = secrets.get(keys::ENVS)
+            && let Ok(map) = serde_yaml::from_str::<BTreeMap<String, serde_yaml::Value>>(raw)
+        {
+            values.extend(map.into_values().filter_map(|v| match v {
+                serde_yaml::Value::String(s) => Some(s),
+                serde_yaml::Value::Number(n) => Some(n.to_string()),
+                serde_yaml::Value::Null
+                | serde_yaml::Value::Bool(_)
+                | serde_yaml::Value::Sequence(_)
+                | serde_yaml::Value::Mapping(_)
+                | serde_yaml::Value::Tagged(_) => None,
+            }));
+        }
+        // Names of filesystems and storage types (`wasb`, `s3`) are not secret in JuiceFS CSI
+        // either; keep errors readable.
+        for key in [keys::NAME, keys::STORAGE] {
+            if let Some(plain) = secrets.get(key) {
+                values.retain(|v| v != plain);
+            }
         }
         Self::new(values)
     }
@@ -385,6 +552,132 @@ mod tests {
             t,
             "dial <redacted> failed; auth <redacted>; key <redacted> on fs1"
         );
+    }
+
+    const CONN: &str = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;\
+                        AccountKey=S0mE+Key/Value==;BlobEndpoint=http://127.0.0.1:1/devstoreaccount1;";
+
+    #[test]
+    fn a_connection_string_in_envs_reaches_the_child_environment_and_never_argv_or_debug() {
+        for envs in [
+            format!("{{\"AZURE_STORAGE_CONNECTION_STRING\": \"{CONN}\", \"JFS_X\": 1}}"),
+            format!("AZURE_STORAGE_CONNECTION_STRING: \"{CONN}\"\nJFS_X: 1\n"),
+        ] {
+            let s = JuiceFsSecrets::from_maps(
+                &map(&[
+                    ("name", "az"),
+                    ("metaurl", "redis://:pw@h/1"),
+                    ("storage", "wasb"),
+                    ("bucket", "http://jfs.127.0.0.1:10000"),
+                    ("envs", &envs),
+                ]),
+                &HashMap::new(),
+            )
+            .unwrap();
+            let env = s.child_env();
+            assert!(
+                env.contains(&("AZURE_STORAGE_CONNECTION_STRING".into(), CONN.into())),
+                "{env:?}"
+            );
+            assert!(env.contains(&("JFS_X".into(), "1".into())));
+            assert_eq!(
+                s.format_args(),
+                vec!["--storage=wasb", "--bucket=http://jfs.127.0.0.1:10000"]
+            );
+            let shown = format!("{s:?}");
+            assert!(!shown.contains("S0mE") && shown.contains("AZURE_STORAGE_CONNECTION_STRING"));
+            // Persisted for remounts and read back the same.
+            let back =
+                JuiceFsSecrets::from_maps(&s.to_map().into_iter().collect(), &HashMap::new())
+                    .unwrap();
+            assert_eq!(back, s);
+        }
+    }
+
+    #[test]
+    fn account_name_and_key_go_to_access_key_and_secret_key_variables() {
+        let s = JuiceFsSecrets::from_maps(
+            &map(&[
+                ("name", "az"),
+                ("metaurl", "redis://h/1"),
+                ("storage", "wasb"),
+                ("bucket", "https://jfs.blob.core.windows.net"),
+                ("access-key", "myaccount"),
+                ("secret-key", "bXlrZXk="),
+            ]),
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.child_env(),
+            vec![
+                ("ACCESS_KEY".to_string(), "myaccount".to_string()),
+                ("SECRET_KEY".to_string(), "bXlrZXk=".to_string())
+            ]
+        );
+        assert!(s.format_args().iter().all(|a| !a.contains("bXlrZXk")));
+    }
+
+    #[test]
+    fn unusable_envs_and_a_wasb_bucket_on_an_ip_address_are_refused() {
+        let with = |extra: &[(&str, &str)]| {
+            let mut m = map(&[("name", "a"), ("metaurl", "redis://h")]);
+            m.extend(map(extra));
+            JuiceFsSecrets::from_maps(&m, &HashMap::new())
+        };
+        assert_eq!(with(&[("envs", "[1, 2]")]), Err(ReadSecrets::BadEnvs));
+        assert_eq!(with(&[("envs", "{A: [1]}")]), Err(ReadSecrets::BadEnvs));
+        assert_eq!(with(&[("envs", "{\"x")]), Err(ReadSecrets::BadEnvs));
+        for name in [
+            "LD_PRELOAD",
+            "PATH",
+            "META_PASSWORD",
+            "SECRET_KEY",
+            "A-B",
+            "1X",
+        ] {
+            let e = with(&[("envs", &format!("{{\"{name}\": \"v\"}}"))]).unwrap_err();
+            assert!(
+                matches!(&e, ReadSecrets::ForbiddenEnv { name: n, .. } if n == name),
+                "{e:?}"
+            );
+        }
+        // The error never repeats the value.
+        let e = with(&[("envs", "{\"AZURE\": [\"s3cr3t\"]}")]).unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t"));
+        for bucket in [
+            "http://127.0.0.1:10000/devstoreaccount1/jfs",
+            "http://[::1]:10000/x",
+        ] {
+            assert_eq!(
+                with(&[("storage", "wasb"), ("bucket", bucket)]),
+                Err(ReadSecrets::WasbBucketWithoutContainer)
+            );
+        }
+        // The same path-style URL is how S3-compatible servers are addressed.
+        assert!(with(&[("storage", "s3"), ("bucket", "http://127.0.0.1:9000/b")]).is_ok());
+        assert!(with(&[("storage", "wasb"), ("bucket", "http://jfs.127.0.0.1:1")]).is_ok());
+        assert!(with(&[("envs", "{}")]).is_ok_and(|s| s.child_env().is_empty()));
+    }
+
+    #[test]
+    fn scrubber_removes_envs_values_and_the_account_key_inside_a_connection_string() {
+        let raw = map(&[
+            ("name", "fs1"),
+            ("metaurl", "redis://h/1"),
+            (
+                "envs",
+                &format!("{{\"AZURE_STORAGE_CONNECTION_STRING\": \"{CONN}\"}}"),
+            ),
+        ]);
+        let text = format!(
+            "bad string {CONN}; key S0mE+Key/Value== rejected for devstoreaccount1 on wasb://fs1"
+        );
+        let want =
+            "bad string <redacted>; key <redacted> rejected for devstoreaccount1 on wasb://fs1";
+        assert_eq!(Scrubber::from_map(&raw).scrub(&text), want);
+        let parsed = JuiceFsSecrets::from_maps(&raw, &HashMap::new()).unwrap();
+        assert_eq!(parsed.scrubber().scrub(&text), want);
     }
 
     #[test]

@@ -49,6 +49,7 @@ fn scrubber_for(secrets: &HashMap<String, String>, context: &HashMap<String, Str
         keys::ACCESS_KEY,
         keys::SECRET_KEY,
         keys::BUCKET,
+        keys::ENVS,
     ];
     let from_context: HashMap<String, String> = context
         .iter()

@@ -1,5 +1,7 @@
 //! The real `shoal-csi` binary driven over its unix socket by a Rust CSI client, with real
 //! Redis, the real `juicefs` client and FUSE. Needs root and /dev/fuse (CI has both).
+//! Stage, publish and heal run on each object store: local files, Azurite (`wasb`) and an S3
+//! server (`s3`), the last two started on loopback ports by the testkit (`make deps`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -18,7 +20,34 @@ async fn create(c: &mut Clients, env: &Env, name: &str) -> csi::Volume {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_lifecycle_with_rw_and_ro_targets_sharing_one_staged_mount() {
-    let env = Env::new("lifecycle");
+    full_lifecycle(Store::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_lifecycle_with_rw_and_ro_targets_sharing_one_staged_mount_on_azurite() {
+    full_lifecycle(Store::Azurite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_lifecycle_with_rw_and_ro_targets_sharing_one_staged_mount_on_s3() {
+    full_lifecycle(Store::S3).await;
+}
+
+/// Waits until the filesystem's data objects in the object store hold at least `bytes`.
+async fn wait_for_chunks_in_store(env: &Env, bytes: u64) {
+    if env.object_store.is_none() {
+        return;
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "data to reach the object store",
+        || env.stored_chunk_bytes() >= bytes,
+    )
+    .await;
+}
+
+async fn full_lifecycle(store: Store) {
+    let env = Env::with_store("lifecycle", store);
     let mut plugin = Plugin::spawn(&env.path("plugin"), "node-a");
     let mut c = plugin.clients().await;
 
@@ -86,6 +115,11 @@ async fn full_lifecycle_with_rw_and_ro_targets_sharing_one_staged_mount() {
         std::fs::read(ro.join("hello.txt")).unwrap(),
         b"from the rw target"
     );
+    // The data really went to the object store under test (not a local fallback).
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(rw.join("big.bin"), &big).unwrap();
+    wait_for_chunks_in_store(&env, big.len() as u64).await;
+    assert_eq!(std::fs::read(ro.join("big.bin")).unwrap(), big);
     assert_eq!(
         std::fs::read(staging.join("pvc-life/hello.txt")).unwrap(),
         b"from the rw target"
@@ -530,7 +564,21 @@ async fn data_written_through_one_target_is_read_through_another_target_and_a_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watchdog_remounts_and_rebinds_targets_after_the_juicefs_process_is_killed_and_a_held_target_still_unpublishes()
  {
-    let env = Env::new("heal");
+    heal(Store::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watchdog_heals_a_killed_juicefs_on_azurite() {
+    heal(Store::Azurite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watchdog_heals_a_killed_juicefs_on_s3() {
+    heal(Store::S3).await;
+}
+
+async fn heal(store: Store) {
+    let env = Env::with_store("heal", store);
     let mut plugin = Plugin::spawn(&env.path("plugin"), "node-a");
     let mut c = plugin.clients().await;
     let vol = create(&mut c, &env, "pvc-heal").await;
@@ -737,6 +785,72 @@ async fn secret_values_never_appear_in_plugin_logs_or_errors() {
         for s in &secrets {
             assert!(!text.contains(s.as_str()), "juicefs log leaks {s}");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_azure_key_fails_create_and_stage_within_a_minute_with_the_stores_answer_and_no_secret()
+ {
+    let env = Env::with_store("wrongkey", Store::Azurite);
+    let os = env.object_store.as_ref().unwrap();
+    let mut plugin = Plugin::spawn(&env.path("plugin"), "node-a");
+    let mut c = plugin.clients().await;
+    // A key of the right shape that is not the account's.
+    let wrong_key = "V3JvbmdLZXlWaXNpYmxlSWZMZWFrZWRXcm9uZ0tleQ==";
+    let wrong_envs = serde_json::json!({
+        "AZURE_STORAGE_CONNECTION_STRING": os.connection_string_with_key(wrong_key)
+    })
+    .to_string();
+
+    // A new filesystem: `juicefs format` cannot write its test object.
+    let mut bad_create = create_req(&env, "pvc-wrong", 0);
+    bad_create.secrets.insert("envs".into(), wrong_envs.clone());
+    let started = std::time::Instant::now();
+    let create_err = c.controller.create_volume(bad_create).await.unwrap_err();
+    let create_took = started.elapsed();
+
+    // An existing filesystem mounted with the wrong key: `--check-storage` refuses it.
+    let vol = create(&mut c, &env, "pvc-right").await;
+    let staging = env.path("staging");
+    let mut bad_stage = stage_req(&env, &vol, &staging);
+    bad_stage.secrets.insert("envs".into(), wrong_envs.clone());
+    let started = std::time::Instant::now();
+    let stage_err = c.node.node_stage_volume(bad_stage).await.unwrap_err();
+    let stage_took = started.elapsed();
+    eprintln!("create failed in {create_took:?}: {create_err:?}");
+    eprintln!("stage failed in {stage_took:?}: {stage_err:?}");
+    for (err, took) in [(&create_err, create_took), (&stage_err, stage_took)] {
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+        assert!(
+            err.message().contains("AuthorizationFailure"),
+            "the store's answer is in the error: {err:?}"
+        );
+        assert!(took < Duration::from_secs(60), "took {took:?}");
+    }
+    assert_eq!(
+        juicefs_mounts_at(&staging),
+        0,
+        "a refused stage mounts nothing"
+    );
+
+    // With the right key the same volume stages, and no process shows a credential.
+    c.node
+        .node_stage_volume(stage_req(&env, &vol, &staging))
+        .await
+        .unwrap();
+    let mut secrets = env.secret_values();
+    secrets.push(wrong_key.to_string());
+    assert_eq!(command_lines_containing(&secrets), Vec::<String>::new());
+    c.node
+        .node_unstage_volume(unstage_req(&vol, &staging))
+        .await
+        .unwrap();
+    let logs = plugin.log_text();
+    for s in &secrets {
+        for err in [&create_err, &stage_err] {
+            assert!(!err.message().contains(s.as_str()), "error leaks {s}");
+        }
+        assert!(!logs.contains(s.as_str()), "plugin log leaks {s}");
     }
 }
 

@@ -6,6 +6,10 @@
 //! a reader is `kill -9`ed, and the JuiceFS mount process is `kill -9`ed (the CSI watchdog
 //! remounts and re-binds). Everything is torn down and unmounted at the end, even on failure.
 //!
+//! The same run goes once per object store under JuiceFS: local files, Azurite (`wasb`, with a
+//! connection string through the JuiceFS Secret's `envs`) and moto's S3 server (`s3`, path-style
+//! bucket), the last two started on loopback ports by the testkit (`make deps`).
+//!
 //! Prints one `E2E-FIGURES {json}` line (BENCHMARKS.md, "End-to-end"):
 //! `cargo test -p shoal-e2e --test local_stack -- --nocapture`.
 #![allow(clippy::unwrap_used)]
@@ -24,7 +28,7 @@ use shoal_csi::csi::node_client::NodeClient;
 use shoal_csi::csi::volume_capability::access_mode::Mode;
 use shoal_csi::csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use shoal_testkit::mariadb::MariaDb;
-use shoal_testkit::{RedisOptions, RedisServer, free_port};
+use shoal_testkit::{ObjectStoreKind, ObjectStoreServer, RedisOptions, RedisServer, free_port};
 use tonic::transport::Channel;
 
 const DIM: usize = 32;
@@ -346,6 +350,60 @@ struct LoadStats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_stack_stays_exact_through_scaling_a_reader_kill_and_a_mount_kill() {
+    local_stack(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_stack_stays_exact_through_scaling_a_reader_kill_and_a_mount_kill_on_azurite() {
+    local_stack(Some(ObjectStoreKind::Azurite)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_stack_stays_exact_through_scaling_a_reader_kill_and_a_mount_kill_on_s3() {
+    local_stack(Some(ObjectStoreKind::S3)).await;
+}
+
+/// The JuiceFS secret fields that choose the object store (a local directory when `None`).
+fn store_secrets(
+    store: Option<&ObjectStoreServer>,
+    root: &Path,
+    fs: &str,
+) -> Vec<(&'static str, String)> {
+    match store {
+        None => vec![
+            ("storage", "file".to_string()),
+            ("bucket", format!("{}/", root.join("bucket").display())),
+        ],
+        Some(os) => {
+            os.create_bucket(fs).unwrap();
+            match os.kind() {
+                ObjectStoreKind::Azurite => vec![
+                    ("storage", "wasb".to_string()),
+                    ("bucket", os.bucket_url(fs)),
+                    (
+                        "envs",
+                        json!({ "AZURE_STORAGE_CONNECTION_STRING": os.connection_string() })
+                            .to_string(),
+                    ),
+                ],
+                ObjectStoreKind::S3 => vec![
+                    ("storage", "s3".to_string()),
+                    ("bucket", os.bucket_url(fs)),
+                    (
+                        "access-key",
+                        shoal_testkit::objstore::S3_ACCESS_KEY.to_string(),
+                    ),
+                    (
+                        "secret-key",
+                        shoal_testkit::objstore::S3_SECRET_KEY.to_string(),
+                    ),
+                ],
+            }
+        }
+    }
+}
+
+async fn local_stack(store: Option<ObjectStoreKind>) {
     let _watchdog = shoal_testkit::watchdog("local_stack", Duration::from_secs(480));
     shoal_testkit::require_fuse().unwrap();
     let t_start = Instant::now();
@@ -362,6 +420,7 @@ async fn local_stack_stays_exact_through_scaling_a_reader_kill_and_a_mount_kill(
     })
     .unwrap();
     let db = MariaDb::start().unwrap();
+    let object_store = store.map(|k| ObjectStoreServer::start(k).unwrap());
     // Declared after the services so it drops first: mounts go before Redis does.
     let _sweeper = MountSweeper(root.clone());
 
@@ -403,11 +462,10 @@ async fn local_stack_stays_exact_through_scaling_a_reader_kill_and_a_mount_kill(
     let secrets: HashMap<String, String> = [
         ("name", "shoale2e".to_string()),
         ("metaurl", redis.url(1)),
-        ("storage", "file".to_string()),
-        ("bucket", format!("{}/", root.join("bucket").display())),
         ("format-options", "trash-days=0".to_string()),
     ]
     .into_iter()
+    .chain(store_secrets(object_store.as_ref(), &root, "shoale2e"))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let vol = controller

@@ -233,21 +233,29 @@ pub async fn gather_inputs(
         }
         RedisSource::Managed(_) => None,
     };
-    let object_keys = match &vc.spec.storage.object_storage.credentials_secret_ref {
-        Some(r) => {
-            let s = read_secret(&secrets, &r.name).await?;
-            Some((
-                key_of(&s, &r.name, &r.access_key_key)?,
-                key_of(&s, &r.name, &r.secret_key_key)?,
-            ))
-        }
-        None => None,
-    };
+    let (object_keys, azure_connection_string) =
+        match &vc.spec.storage.object_storage.credentials_secret_ref {
+            Some(r) => {
+                let s = read_secret(&secrets, &r.name).await?;
+                match &r.connection_string_key {
+                    Some(key) => (None, Some(key_of(&s, &r.name, key)?)),
+                    None => (
+                        Some((
+                            key_of(&s, &r.name, &r.access_key_key)?,
+                            key_of(&s, &r.name, &r.secret_key_key)?,
+                        )),
+                        None,
+                    ),
+                }
+            }
+            None => (None, None),
+        };
     Ok((
         Inputs {
             credentials,
             external_redis_url,
             object_keys,
+            azure_connection_string,
         },
         created,
     ))

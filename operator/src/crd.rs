@@ -288,12 +288,14 @@ pub struct ObjectStorageSpec {
     #[serde(rename = "type")]
     pub type_: ObjectStorageType,
     /// Bucket URL as JuiceFS expects it, e.g. `https://mybucket.s3.us-east-1.amazonaws.com`,
-    /// `http://minio.storage:9000/shoal`, or a directory for `file`. Required for every type but
+    /// `http://minio.storage:9000/shoal`, `https://CONTAINER.blob.core.windows.net` for `wasb`
+    /// (JuiceFS takes the container from the first label of the host), or a directory for `file`. Required for every type but
     /// `redis` with the managed Redis, where empty means "database 2 of the managed Redis".
     #[serde(default)]
     pub bucket: String,
-    /// Secret with the access and secret keys; omit for storage that needs none (`file`) or uses
-    /// workload identity.
+    /// Secret with the access and secret keys (for `wasb`: the account name and key) or, for
+    /// `wasb`, an Azure Storage connection string; omit for storage that needs none (`file`) or
+    /// uses workload identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<CredentialsSecretRef>,
 }
@@ -350,6 +352,12 @@ pub struct CredentialsSecretRef {
     /// Key of the secret key.
     #[serde(default = "default_secret_key_key")]
     pub secret_key_key: String,
+    /// Key of an Azure Storage connection string (type `wasb` only). When set, the access and
+    /// secret keys are not read: the string reaches `juicefs` as
+    /// `AZURE_STORAGE_CONNECTION_STRING` through the JuiceFS Secret's `envs` field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub connection_string_key: Option<String>,
 }
 
 /// JuiceFS settings.

@@ -54,6 +54,17 @@ pub enum ValidationError {
         "spec.storage.objectStorage.bucket is {0:?}; with type file it must be an absolute directory"
     )]
     FileBucket(String),
+    #[error(
+        "spec.storage.objectStorage.bucket is {0:?}; with type wasb it must be \
+         http(s)://CONTAINER.HOST[:PORT] (JuiceFS takes the container from the first label of \
+         the host, and an IP address has none)"
+    )]
+    WasbBucket(String),
+    #[error(
+        "spec.storage.objectStorage.credentialsSecretRef.connectionStringKey is set but type is \
+         {0}; a connection string is for type wasb only"
+    )]
+    ConnectionStringNotWasb(&'static str),
 }
 
 impl ValidationError {
@@ -74,7 +85,8 @@ impl ValidationError {
             ValidationError::Quantity { .. } => "InvalidQuantity",
             ValidationError::FlushInterval(_) => "InvalidFlushInterval",
             ValidationError::Empty(_) => "EmptyField",
-            ValidationError::FileBucket(_) => "InvalidBucket",
+            ValidationError::FileBucket(_) | ValidationError::WasbBucket(_) => "InvalidBucket",
+            ValidationError::ConnectionStringNotWasb(_) => "InvalidCredentials",
         }
     }
 }
@@ -199,6 +211,17 @@ pub fn validate(vc: &VectorCluster) -> Result<ValidatedCluster, ValidationError>
     if os.type_ == ObjectStorageType::File && !os.bucket.starts_with('/') {
         return Err(ValidationError::FileBucket(os.bucket.clone()));
     }
+    if os.type_ == ObjectStorageType::Wasb && bucket_host_is_ip(&os.bucket) {
+        return Err(ValidationError::WasbBucket(os.bucket.clone()));
+    }
+    if os.type_ != ObjectStorageType::Wasb
+        && os
+            .credentials_secret_ref
+            .as_ref()
+            .is_some_and(|r| r.connection_string_key.is_some())
+    {
+        return Err(ValidationError::ConnectionStringNotWasb(os.type_.as_str()));
+    }
     Ok(ValidatedCluster {
         names: Names::new(&name, &namespace),
         uid,
@@ -207,6 +230,17 @@ pub fn validate(vc: &VectorCluster) -> Result<ValidatedCluster, ValidationError>
         metadata,
         redis,
     })
+}
+
+/// True when a bucket URL's host is an IPv4 address or a bracketed IPv6 one.
+fn bucket_host_is_ip(bucket: &str) -> bool {
+    let rest = bucket.split_once("://").map_or(bucket, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.starts_with('[') {
+        return true;
+    }
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    host.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 fn check_quantity(field: &'static str, value: &str) -> Result<(), ValidationError> {

@@ -29,6 +29,7 @@ fn inputs(external_redis: Option<&str>, keys: bool) -> Inputs {
         credentials: creds(),
         external_redis_url: external_redis.map(String::from),
         object_keys: keys.then(|| ("AK".to_string(), "SK".to_string())),
+        azure_connection_string: None,
     }
 }
 
@@ -226,6 +227,66 @@ fn juicefs_secret_uses_the_csi_field_names_and_the_managed_redis_url() {
     assert_eq!(secret_str(s, "access-key"), "AK");
     assert_eq!(secret_str(s, "secret-key"), "SK");
     assert!(!s.data.as_ref().unwrap().contains_key("format-options"));
+}
+
+#[test]
+fn an_azure_connection_string_goes_to_the_juicefs_secret_as_envs_and_nowhere_else() {
+    const CS: &str = "DefaultEndpointsProtocol=https;AccountName=shoal;AccountKey=QUJD;\
+                      EndpointSuffix=core.windows.net";
+    let inputs = Inputs {
+        azure_connection_string: Some(CS.to_string()),
+        ..inputs(None, false)
+    };
+    let (v, d) = build("azure-blob.yaml", &inputs);
+    let s = secret(&d, &v.names.juicefs_secret());
+    assert_eq!(secret_str(s, "storage"), "wasb");
+    assert_eq!(
+        secret_str(s, "bucket"),
+        "https://shoal.blob.core.windows.net"
+    );
+    let envs: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&secret_str(s, "envs")).unwrap();
+    assert_eq!(
+        envs,
+        [(
+            "AZURE_STORAGE_CONNECTION_STRING".to_string(),
+            CS.to_string()
+        )]
+        .into()
+    );
+    let data = s.data.as_ref().unwrap();
+    assert!(!data.contains_key("access-key") && !data.contains_key("secret-key"));
+    // The string is in that one Secret only: no other object carries it or its key.
+    for o in &d.objects {
+        if o.kind() == "Secret" && o.name() == v.names.juicefs_secret() {
+            continue;
+        }
+        let text = format!("{o:?}");
+        assert!(
+            !text.contains("QUJD"),
+            "{} {} carries the key",
+            o.kind(),
+            o.name()
+        );
+    }
+}
+
+#[test]
+fn a_wasb_bucket_on_an_ip_address_and_a_connection_string_off_wasb_are_rejected() {
+    let mut vc = fixture("azure-blob.yaml");
+    vc.spec.storage.object_storage.bucket = "http://10.0.0.5:10000/devstoreaccount1/shoal".into();
+    let e = validate(&vc).unwrap_err();
+    assert!(matches!(e, ValidationError::WasbBucket(_)), "{e}");
+    assert_eq!(e.reason(), "InvalidBucket");
+    let mut vc = fixture("azure-blob.yaml");
+    vc.spec.storage.object_storage.type_ = shoal_operator::crd::ObjectStorageType::S3;
+    vc.spec.storage.object_storage.bucket = "http://10.0.0.5:9000/shoal".into();
+    let e = validate(&vc).unwrap_err();
+    assert!(
+        matches!(e, ValidationError::ConnectionStringNotWasb("s3")),
+        "{e}"
+    );
+    assert_eq!(e.reason(), "InvalidCredentials");
 }
 
 #[test]

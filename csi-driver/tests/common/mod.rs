@@ -1,5 +1,6 @@
 //! Harness for the CSI tests: the real `shoal-csi` binary on a real unix socket, a real Redis
-//! (with a password) for JuiceFS metadata, local-file object storage, FUSE. Everything is torn
+//! (with a password) for JuiceFS metadata, object storage on local files, Azurite (`wasb`) or an
+//! S3 server (`s3`) on loopback ports, FUSE. Everything is torn
 //! down in `Drop` — mounts under the test's directory are detached and any `juicefs` process
 //! serving them is killed — so a failing test leaves nothing behind.
 #![allow(clippy::unwrap_used, dead_code)]
@@ -16,7 +17,7 @@ use shoal_csi::csi::identity_client::IdentityClient;
 use shoal_csi::csi::node_client::NodeClient;
 use shoal_csi::csi::volume_capability::access_mode::Mode;
 use shoal_csi::csi::volume_capability::{AccessMode, AccessType, MountVolume};
-use shoal_testkit::{RedisOptions, RedisServer};
+use shoal_testkit::{ObjectStoreKind, ObjectStoreServer, RedisOptions, RedisServer};
 use tonic::transport::Channel;
 
 /// The Redis password; must never appear in the plugin's logs or errors.
@@ -156,12 +157,25 @@ impl Drop for Plugin {
     }
 }
 
+/// Where the filesystem's data goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// A local directory (`storage: file`).
+    File,
+    /// Azurite's blob service (`storage: wasb`, connection string through `envs`).
+    Azurite,
+    /// moto's S3 server (`storage: s3`, path-style bucket URL, access/secret key).
+    S3,
+}
+
 /// A test environment: Redis, a bucket, a root dir for staging paths and targets, and a
 /// watchdog that ends the test process if the test hangs.
 pub struct Env {
     pub redis: RedisServer,
     pub root: tempfile::TempDir,
     pub fs_name: String,
+    /// The object store server, for `Store::Azurite` and `Store::S3`.
+    pub object_store: Option<ObjectStoreServer>,
     _watchdog: shoal_testkit::watchdog::Watchdog,
 }
 
@@ -175,6 +189,16 @@ impl Env {
 
     /// [`Env::new`] with another watchdog limit (the benchmark runs for minutes).
     pub fn with_limit(fs_name: &str, limit: Duration) -> Env {
+        Self::with_store_and_limit(fs_name, Store::File, limit)
+    }
+
+    /// [`Env::new`] with the data in `store` (its server started, the container/bucket named
+    /// after the filesystem created).
+    pub fn with_store(fs_name: &str, store: Store) -> Env {
+        Self::with_store_and_limit(fs_name, store, TEST_LIMIT)
+    }
+
+    pub fn with_store_and_limit(fs_name: &str, store: Store, limit: Duration) -> Env {
         // libtest names each test's thread after the test.
         let test = std::thread::current().name().unwrap_or(fs_name).to_string();
         let watchdog = shoal_testkit::watchdog(&test, limit);
@@ -188,10 +212,19 @@ impl Env {
             .prefix("shoal-csi-test-")
             .tempdir()
             .unwrap();
+        let object_store = match store {
+            Store::File => None,
+            Store::Azurite => Some(ObjectStoreServer::start(ObjectStoreKind::Azurite).unwrap()),
+            Store::S3 => Some(ObjectStoreServer::start(ObjectStoreKind::S3).unwrap()),
+        };
+        if let Some(os) = &object_store {
+            os.create_bucket(fs_name).unwrap();
+        }
         Env {
             redis,
             root,
             fs_name: fs_name.to_string(),
+            object_store,
             _watchdog: watchdog,
         }
     }
@@ -202,27 +235,87 @@ impl Env {
 
     /// Secrets under JuiceFS CSI's field names; asks for `juicefs format` (storage set).
     pub fn secrets(&self) -> HashMap<String, String> {
-        [
+        let common = [
             ("name", self.fs_name.clone()),
             ("metaurl", self.redis.url(1)),
-            ("storage", "file".to_string()),
-            ("bucket", format!("{}/", self.path("bucket").display())),
-            ("access-key", ACCESS_KEY.to_string()),
-            ("secret-key", SECRET_KEY.to_string()),
             ("format-options", "trash-days=0".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        ];
+        let store: Vec<(&str, String)> = match &self.object_store {
+            None => vec![
+                ("storage", "file".to_string()),
+                ("bucket", format!("{}/", self.path("bucket").display())),
+                ("access-key", ACCESS_KEY.to_string()),
+                ("secret-key", SECRET_KEY.to_string()),
+            ],
+            Some(os) => match os.kind() {
+                ObjectStoreKind::Azurite => vec![
+                    ("storage", "wasb".to_string()),
+                    ("bucket", os.bucket_url(&self.fs_name)),
+                    (
+                        "envs",
+                        serde_json::json!({
+                            "AZURE_STORAGE_CONNECTION_STRING": os.connection_string()
+                        })
+                        .to_string(),
+                    ),
+                ],
+                ObjectStoreKind::S3 => vec![
+                    ("storage", "s3".to_string()),
+                    ("bucket", os.bucket_url(&self.fs_name)),
+                    (
+                        "access-key",
+                        shoal_testkit::objstore::S3_ACCESS_KEY.to_string(),
+                    ),
+                    (
+                        "secret-key",
+                        shoal_testkit::objstore::S3_SECRET_KEY.to_string(),
+                    ),
+                ],
+            },
+        };
+        common
+            .into_iter()
+            .chain(store)
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
     }
 
     pub fn secret_values(&self) -> Vec<String> {
-        vec![
+        let mut v = vec![
             REDIS_PASSWORD.to_string(),
             SECRET_KEY.to_string(),
             ACCESS_KEY.to_string(),
             self.redis.url(1),
-        ]
+        ];
+        if let Some(os) = &self.object_store {
+            match os.kind() {
+                ObjectStoreKind::Azurite => {
+                    v.push(os.connection_string());
+                    v.push(shoal_testkit::objstore::AZURITE_ACCOUNT_KEY.to_string());
+                }
+                ObjectStoreKind::S3 => {
+                    v.push(shoal_testkit::objstore::S3_SECRET_KEY.to_string());
+                    v.push(shoal_testkit::objstore::S3_ACCESS_KEY.to_string());
+                }
+            }
+        }
+        v
+    }
+
+    /// Bytes of the filesystem's data blocks (`NAME/chunks/...`) in its container/bucket
+    /// (0 for a file store).
+    pub fn stored_chunk_bytes(&self) -> u64 {
+        let prefix = format!("{}/chunks/", self.fs_name);
+        match &self.object_store {
+            None => 0,
+            Some(os) => os
+                .list_objects(&self.fs_name)
+                .unwrap()
+                .iter()
+                .filter(|(name, _)| name.starts_with(&prefix))
+                .map(|(_, size)| size)
+                .sum(),
+        }
     }
 }
 
@@ -257,9 +350,36 @@ pub fn cleanup_mounts_under(root: &Path) {
     }
 }
 
-/// Pids of `juicefs` processes whose command line mentions `path`.
+/// Command lines of every process that contains any of `values` (what `ps` would show).
+pub fn command_lines_containing(values: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if values.iter().any(|v| cmd.contains(v.as_str())) {
+            found.push(cmd);
+        }
+    }
+    found
+}
+
+/// How many bytes of its command line `juicefs` keeps when it rewrites its process title.
+const JUICEFS_TITLE_LIMIT: usize = 255;
+
+/// Pids of `juicefs` processes whose command line mentions `path` (or, where juicefs cut its
+/// title at [`JUICEFS_TITLE_LIMIT`] bytes, ends in a prefix of it).
 pub fn juicefs_pids_for(path: &Path) -> Vec<i32> {
     let needle = path.to_string_lossy().to_string();
+    let names = |cmd: &str| {
+        let cmd = cmd.trim_end_matches([' ', '\0']);
+        if cmd.contains(&needle) {
+            return true;
+        }
+        let last = cmd.rsplit(' ').next().unwrap_or_default();
+        cmd.len() >= JUICEFS_TITLE_LIMIT - 1 && last.len() > 1 && needle.starts_with(last)
+    };
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -269,7 +389,7 @@ pub fn juicefs_pids_for(path: &Path) -> Vec<i32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("juicefs") && cmd.contains(" mount ") && cmd.contains(&needle) {
+        if cmd.contains("juicefs") && cmd.contains(" mount ") && names(&cmd) {
             pids.push(pid);
         }
     }

@@ -1,4 +1,4 @@
-//! Test services (Redis, MariaDB, JuiceFS) started on loopback ports and cleaned up on drop.
+//! Test services (Redis, MariaDB, JuiceFS, Azurite and an S3 server) started on loopback ports and cleaned up on drop.
 //!
 //! Every helper starts the real program, waits for a readiness condition (never a fixed
 //! sleep), and cleans up in `Drop` so a panicking test leaves nothing running. Errors say what
@@ -6,10 +6,12 @@
 
 pub mod juicefs;
 pub mod mariadb;
+pub mod objstore;
 pub mod redis;
 pub mod watchdog;
 
 pub use juicefs::{JuiceFs, JuiceFsMount, juicefs_binary, require_fuse};
+pub use objstore::{ObjectStoreKind, ObjectStoreServer};
 pub use redis::{RedisOptions, RedisServer, free_port};
 pub use watchdog::watchdog;
 

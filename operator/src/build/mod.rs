@@ -33,8 +33,11 @@ pub struct Inputs {
     pub credentials: secret::Credentials,
     /// The external Redis URL, when `storage.redis.external` is used.
     pub external_redis_url: Option<String>,
-    /// Object storage access key and secret key, when a credentials Secret is referenced.
+    /// Object storage access key and secret key, when a credentials Secret is referenced
+    /// without a connection string.
     pub object_keys: Option<(String, String)>,
+    /// The Azure Storage connection string, when the credentials Secret reference names one.
+    pub azure_connection_string: Option<String>,
 }
 
 impl std::fmt::Debug for Inputs {

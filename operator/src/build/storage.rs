@@ -1,4 +1,6 @@
-//! The shared filesystem: the JuiceFS Secret `csi.shoal.dev` reads (JuiceFS CSI field names),
+//! The shared filesystem: the JuiceFS Secret `csi.shoal.dev` reads (JuiceFS CSI field names;
+//! an Azure connection string goes in `envs` as `AZURE_STORAGE_CONNECTION_STRING`, the variable
+//! `juicefs` reads, as JuiceFS CSI users write it),
 //! the static PersistentVolume on that driver (ReadWriteMany) and the claim the engine pods
 //! mount. Also the volume-claim template helper used by the StatefulSets.
 
@@ -18,6 +20,9 @@ use crate::crd::ObjectStorageType;
 use crate::crd::ReclaimPolicy;
 use crate::names::{CSI_DRIVER, Component, PORT_REDIS, REDIS_DATA_DB, REDIS_DB};
 use crate::validate::{RedisSource, ValidatedCluster};
+
+/// The environment variable JuiceFS's `wasb` reads its connection string from.
+pub const AZURE_CONNECTION_STRING_ENV: &str = "AZURE_STORAGE_CONNECTION_STRING";
 
 /// The JuiceFS metadata URL for the cluster's Redis.
 pub fn juicefs_meta_url(vc: &ValidatedCluster, inputs: &Inputs) -> String {
@@ -59,6 +64,10 @@ pub fn build_juicefs_secret(vc: &ValidatedCluster, inputs: &Inputs) -> Secret {
     if let Some((ak, sk)) = &inputs.object_keys {
         data.insert("access-key".into(), ak.clone());
         data.insert("secret-key".into(), sk.clone());
+    }
+    if let Some(cs) = &inputs.azure_connection_string {
+        let envs = serde_json::json!({ AZURE_CONNECTION_STRING_ENV: cs });
+        data.insert("envs".into(), envs.to_string());
     }
     if let Some(opts) = &vc.spec.storage.juicefs.format_options {
         data.insert("format-options".into(), opts.clone());
