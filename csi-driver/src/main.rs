@@ -304,6 +304,38 @@ async fn run<M: Mounter>(
     } else {
         service::Front::AuthorityShim
     };
+    let controller_dir = args.state_dir.join("controller");
+    let unmount_controller = matches!(args.mode, Mode::Controller);
     service::serve(driver, &socket, front, shutdown).await?;
+    if unmount_controller {
+        release_controller_mounts(&controller_dir);
+    }
     Ok(())
+}
+
+/// The controller's own mounts (the whole filesystem, for CreateVolume/DeleteVolume) serve no
+/// pod: they are detached before the controller exits, so each juicefs client sees its mount go
+/// and exits on its own. Left mounted, the container's teardown killed the client mid-request
+/// and a client thread blocked on its own FUSE connection (seen on the real node: the pod stuck
+/// in Terminating, unkillable, until the connection was aborted through fusectl).
+fn release_controller_mounts(dir: &Path) {
+    let mounts = match shoal_csi::mountinfo::read_self() {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("cannot read the mount table to release controller mounts: {e}");
+            return;
+        }
+    };
+    for m in mounts
+        .iter()
+        .rev()
+        .filter(|m| m.mount_point.starts_with(dir))
+    {
+        match nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => info!(path = %m.mount_point.display(), "released controller mount"),
+            Err(e) => {
+                warn!(path = %m.mount_point.display(), "cannot release controller mount: {e}")
+            }
+        }
+    }
 }

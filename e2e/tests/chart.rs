@@ -856,11 +856,17 @@ fn secret_refs(v: &Value, out: &mut Vec<(String, Option<String>)>) {
                 if k.ends_with("SecretRef") {
                     let name = child["name"].as_str().unwrap_or_default().to_string();
                     // Credentials refs name their keys with *Key fields; the others with `key`.
+                    // A connection string (Azure Blob) replaces the access and secret keys.
+                    let by_connection_string = child.get("connectionStringKey").is_some();
                     let mut keys: Vec<String> = child
                         .as_object()
                         .into_iter()
                         .flatten()
                         .filter(|(f, _)| *f == "key" || f.ends_with("Key"))
+                        .filter(|(f, _)| {
+                            !(by_connection_string
+                                && (*f == "accessKeyKey" || *f == "secretKeyKey"))
+                        })
                         .filter_map(|(_, k)| k.as_str().map(str::to_string))
                         .collect();
                     if keys.is_empty() {

@@ -56,6 +56,7 @@ fn inputs() -> Inputs {
         },
         external_redis_url: Some("redis://:pw@redis.example:6379/1".into()),
         object_keys: Some(("AK".into(), "SK".into())),
+        azure_connection_string: None,
     }
 }
 
