@@ -857,6 +857,18 @@ async fn router_url(client: &Client, ns: &str) -> Res<String> {
     Ok(format!("http://{ip}:19530"))
 }
 
+/// The router Service answers: `Ready` comes from pod readiness, and kube-proxy programs a new
+/// Service's address on its own schedule (seconds on a loaded node).
+async fn router_answering(client: &Client, ns: &str) -> Res<Rest> {
+    let rest = Rest::new(router_url(client, ns).await?);
+    wait_until("the router Service answers", timeout(), || {
+        let rest = rest.clone();
+        async move { Ok(rest.call("collections/list", json!({})).await.is_ok()) }
+    })
+    .await?;
+    Ok(rest)
+}
+
 fn upgrade_image() -> String {
     std::env::var("SHOAL_E2E_UPGRADE_IMAGE")
         .unwrap_or_else(|_| format!("{}-rollout", shoal_operator::crd::DEFAULT_ENGINE_IMAGE))
@@ -875,7 +887,7 @@ async fn scenario(client: &Client, disc: &Discovery, ns: &str, t_install: Instan
     );
     eprintln!("chart + minimal.yaml: Ready");
 
-    let rest = Rest::new(router_url(client, ns).await?);
+    let rest = router_answering(client, ns).await?;
     rest.call(
         "collections/create",
         json!({"collectionName": COLLECTION, "dimension": DIM, "metricType": "L2"}),
@@ -1138,7 +1150,7 @@ async fn scenario(client: &Client, disc: &Discovery, ns: &str, t_install: Instan
     let t = Instant::now();
     create_cluster(client, disc, ns, "Retain").await?;
     wait_ready(&vcs, CLUSTER, Some(2)).await?;
-    let rest = Rest::new(router_url(client, ns).await?);
+    let rest = router_answering(client, ns).await?;
     wait_until("the retained rows served again", timeout(), || async {
         Ok(rest.count().await.ok() == Some(total))
     })
@@ -1162,7 +1174,7 @@ async fn scenario(client: &Client, disc: &Discovery, ns: &str, t_install: Instan
     let t = Instant::now();
     create_cluster(client, disc, ns, "Delete").await?;
     wait_ready(&vcs, CLUSTER, Some(2)).await?;
-    let rest = Rest::new(router_url(client, ns).await?);
+    let rest = router_answering(client, ns).await?;
     let list = rest.call("collections/list", json!({})).await?;
     if list["data"].as_array().is_none_or(|a| !a.is_empty()) {
         return Err(format!(
