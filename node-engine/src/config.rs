@@ -187,9 +187,10 @@ pub(crate) fn duration(
         .map_err(|reason| ConfigError::Invalid { key, reason })
 }
 
-/// Default of `--shutdown-delay`. The router re-resolves its readers every
-/// `--health-interval` (1 s) and drops a reader whose health check fails (a draining reader's
-/// does), so 5 s leaves room for that and for the endpoints update.
+/// Default of `--shutdown-delay`. The router re-resolves and probes its readers every
+/// `--health-interval` (1 s) and sends a draining reader work only while no other reader is
+/// live, so 5 s leaves room for a successor to appear in discovery (endpoints and DNS updates)
+/// and answer its first probe.
 pub const SHUTDOWN_DELAY: &str = "5s";
 
 /// A delay setting: as [`duration`], and `0`/`0s`/`0ms` mean none.

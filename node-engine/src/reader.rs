@@ -13,8 +13,9 @@
 //! (liveness only), `/readyz` (ready once it caught up with the catalogue once, while its data
 //! directory's filesystem and the metadata store answer; JSON with the reason and the GPU
 //! details) and `/metrics`. The ops listener is up before the metadata store is reached (which
-//! start-up retries until `--meta-startup-timeout`); on SIGTERM `/readyz` and the gRPC health
-//! check fail at once while it keeps serving for `--shutdown-delay`, then it drains and stops.
+//! start-up retries until `--meta-startup-timeout`); on SIGTERM `/readyz` fails and the gRPC
+//! health check answers `draining` at once while it keeps serving for `--shutdown-delay`, then
+//! it drains and stops.
 //!
 //! GPUs: at start the reader builds a [`GpuRuntime`] from its `--gpu-*` flags. When it opens a
 //! CUDA device, `SearchShard` offers every sealed FLAT segment scan to the GPU

@@ -332,6 +332,7 @@ impl Writer for FakeWriter {
             ready: true,
             catalog_version: self.store.current(),
             epoch: 1,
+            draining: false,
         }))
     }
 }
@@ -516,6 +517,7 @@ impl Reader for FakeReader {
             ready: true,
             catalog_version: self.store.current(),
             epoch: 0,
+            draining: false,
         }))
     }
 }
@@ -2277,5 +2279,176 @@ async fn the_router_holds_forwarded_writes_while_the_writer_restarts_after_kill_
     drop(router);
     drop(r1);
     drop(w2);
+    drop(db);
+}
+
+/// A rolling upgrade of a single reader, as Kubernetes does it: the old reader gets SIGTERM
+/// and serves for its shutdown delay, while the router learns of its successor only later
+/// (discovery — a file here, DNS in Kubernetes — lags). The router keeps sending work to the
+/// draining reader until the successor has answered a probe, then moves to it: not one search
+/// fails, and every answer is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_draining_reader_serves_until_the_router_has_probed_its_successor() {
+    let _watchdog = shoal_testkit::watchdog(
+        "a_single_draining_reader_serves_until_the_router_has_probed_its_successor",
+        Duration::from_secs(150),
+    );
+    let db = shoal_testkit::mariadb::MariaDb::start().expect("MariaDB");
+    let url = db.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let readers_file = dir.path().join("readers.txt");
+    let (wg, wrest, g1, g2, rest) = (port(), port(), port(), port(), port());
+    let mut w = writer_proc(&url, &data, wg, wrest);
+    w.ready(Duration::from_secs(60)).await;
+    let reader = |name: &'static str, grpc: u16| {
+        let mut args = vec![
+            "--meta".to_string(),
+            url.clone(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{grpc}"),
+            "--node-id".into(),
+            name.into(),
+            "--poll-interval".into(),
+            "200ms".into(),
+        ];
+        args.extend(["--shutdown-delay".into(), "5s".into()]);
+        Engine::spawn(name, "reader", &args)
+    };
+    let write_readers = |ports: &[u16]| {
+        let tmp = readers_file.with_extension("tmp");
+        let text: String = ports.iter().map(|p| format!("127.0.0.1:{p}\n")).collect();
+        std::fs::write(&tmp, text).expect("write the readers file");
+        std::fs::rename(&tmp, &readers_file).expect("replace the readers file");
+    };
+    let mut old = reader("old", g1);
+    old.ready(Duration::from_secs(60)).await;
+    write_readers(&[g1]);
+    let mut router = Engine::spawn(
+        "router",
+        "router",
+        &[
+            "--meta".into(),
+            url.clone(),
+            "--writer".into(),
+            format!("127.0.0.1:{wg}"),
+            "--readers-file".into(),
+            readers_file.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{rest}"),
+            "--request-timeout".into(),
+            "3s".into(),
+            "--catalog-poll".into(),
+            "300ms".into(),
+            "--health-interval".into(),
+            "200ms".into(),
+        ],
+    );
+    router.ready(Duration::from_secs(60)).await;
+    router.wait_live_readers(1, LIVE_WITHIN).await;
+    let base = format!("http://127.0.0.1:{rest}");
+    let http = reqwest::Client::new();
+    ok_http(
+        &http,
+        &base,
+        "collections/create",
+        json!({"collectionName": "d", "dimension": DIM, "metricType": "L2"}),
+    )
+    .await;
+    let n = 300;
+    let rows: Vec<Value> = vectors(n, DIM, 5)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| json!({"id": i, "vector": v}))
+        .collect();
+    ok_http(
+        &http,
+        &base,
+        "entities/insert",
+        json!({"collectionName": "d", "data": rows}),
+    )
+    .await;
+    ok_http(
+        &http,
+        &base,
+        "collections/flush",
+        json!({"collectionName": "d"}),
+    )
+    .await;
+
+    // Searches in a loop; each must succeed with `limit` hits.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (base, stop, failures, answered) = (
+            base.clone(),
+            stop.clone(),
+            failures.clone(),
+            answered.clone(),
+        );
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let q = vectors(1, DIM, 1_000 + i)[0].clone();
+                i += 1;
+                let body = json!({"collectionName": "d", "data": [q], "limit": 5});
+                let v = post_http(&http, &base, "entities/search", &body.to_string()).await;
+                let hits = v["data"].as_array().map_or(0, Vec::len);
+                if v["code"] == 0 && hits == 5 {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failures.lock().push(v.to_string());
+                }
+            }
+        })
+    };
+    let wait_answers = |more: usize, what: &'static str| {
+        let answered = answered.clone();
+        async move {
+            let want = answered.load(Ordering::SeqCst) + more;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while answered.load(Ordering::SeqCst) < want {
+                assert!(
+                    Instant::now() < deadline,
+                    "no {more} answered searches {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_answers(20, "before the upgrade").await;
+
+    // The successor starts and becomes ready; the old reader gets SIGTERM; discovery still
+    // lists only the old one for longer than the router needs to count three failed probes.
+    let mut new = reader("new", g2);
+    new.ready(Duration::from_secs(60)).await;
+    common::engine::sigterm(&old);
+    let sigterm = Instant::now();
+    while sigterm.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_answers(5, "from the draining reader").await;
+    write_readers(&[g2]);
+    router.wait_live_readers(1, LIVE_WITHIN).await;
+    let status = tokio::task::block_in_place(|| old.exit_status(Duration::from_secs(30)));
+    assert!(status.success(), "the old reader: {status}");
+    wait_answers(20, "after the old reader exited").await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.expect("search load task");
+    let failures = failures.lock().clone();
+    assert!(
+        failures.is_empty(),
+        "{} of {} searches failed during the single-reader replacement; first: {}",
+        failures.len(),
+        failures.len() + answered.load(Ordering::SeqCst),
+        failures[0]
+    );
+    drop(router);
+    drop(new);
+    drop(w);
     drop(db);
 }

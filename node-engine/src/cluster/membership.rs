@@ -3,9 +3,12 @@
 //!
 //! States: `Joining` (discovered, not yet answered a health check) → `Live` (answered) →
 //! `Suspect` (a health check or a request failed) → `Dead` (`dead_after` consecutive
-//! failures). One success from any state makes a reader `Live` again. A reader that disappears
-//! from discovery is removed. Only `Live` readers get traffic; when none is live, `Suspect`
-//! ones are tried rather than failing every request.
+//! failures). One success from any state makes a reader `Live` again. A reader that answers
+//! that it is shutting down is `Draining`: it keeps serving for its shutdown delay, so it is not
+//! counted as failing. A reader that disappears from discovery is removed. Only `Live` readers
+//! get traffic; when none is live, `Draining` and `Suspect` ones are tried rather than failing
+//! every request — a single reader replaced by a rolling upgrade keeps serving until the router
+//! has found and probed its successor, however late discovery shows it.
 //!
 //! Owns no network client: the health loop takes a probe function, so the state machine is
 //! tested without sockets and the router plugs in its gRPC `Health` call. Must not depend on the
@@ -123,13 +126,30 @@ impl Discovery {
     }
 }
 
+/// What one health check of a reader found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// It answered and serves.
+    Serving,
+    /// It answered that it is shutting down (it still serves for its shutdown delay).
+    Draining,
+    /// No answer: an error or a timeout.
+    Failed,
+}
+
 /// Health state of one reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReaderState {
     Joining,
     Live,
-    Suspect { failures: u32 },
-    Dead { failures: u32 },
+    /// Answered that it is shutting down: a last resort while no reader is `Live`.
+    Draining,
+    Suspect {
+        failures: u32,
+    },
+    Dead {
+        failures: u32,
+    },
 }
 
 /// When a reader counts as dead.
@@ -195,12 +215,29 @@ impl Membership {
         }
     }
 
+    /// A health check of `addr` answered that it is shutting down. Unknown addresses are
+    /// ignored.
+    pub fn record_draining(&mut self, addr: &str) {
+        if let Some(s) = self.readers.get_mut(addr) {
+            *s = ReaderState::Draining;
+        }
+    }
+
+    /// Record the outcome of one health check of `addr`.
+    pub fn record_probe(&mut self, addr: &str, probe: Probe) {
+        match probe {
+            Probe::Serving => self.record_success(addr),
+            Probe::Draining => self.record_draining(addr),
+            Probe::Failed => self.record_failure(addr),
+        }
+    }
+
     /// A health check or request to `addr` failed (error or timeout).
     pub fn record_failure(&mut self, addr: &str) {
         let dead_after = self.policy.dead_after.max(1);
         if let Some(s) = self.readers.get_mut(addr) {
             let failures = match *s {
-                ReaderState::Joining | ReaderState::Live => 1,
+                ReaderState::Joining | ReaderState::Live | ReaderState::Draining => 1,
                 ReaderState::Suspect { failures } | ReaderState::Dead { failures } => {
                     failures.saturating_add(1)
                 }
@@ -223,7 +260,7 @@ impl Membership {
     }
 
     /// The readers that get traffic, sorted: the `Live` ones, or when none is live the
-    /// `Suspect` ones (a last resort better than failing every request).
+    /// `Draining` and `Suspect` ones (a last resort better than failing every request).
     pub fn routable(&self) -> Vec<String> {
         let live: Vec<String> = self
             .readers
@@ -236,14 +273,17 @@ impl Membership {
         }
         self.readers
             .iter()
-            .filter(|(_, s)| matches!(s, ReaderState::Suspect { .. }))
+            .filter(|(_, s)| matches!(s, ReaderState::Draining | ReaderState::Suspect { .. }))
             .map(|(a, _)| a.clone())
             .collect()
     }
 }
 
-/// One round of the membership loop: resolve (keeping the old set when DNS fails), then probe
-/// every known reader concurrently and record the outcome. Returns what discovery changed.
+/// One round of the membership loop: resolve (keeping the old set when DNS fails), probe every
+/// known and newly found reader concurrently, then apply the new set and the outcomes together.
+/// Probing before applying means a reader that leaves discovery is never dropped while its
+/// successor is still `Joining` (a moment in which no reader would be routable). Returns what
+/// discovery changed.
 pub async fn refresh<P, F>(
     membership: &Arc<Mutex<Membership>>,
     discovery: &Discovery,
@@ -251,14 +291,28 @@ pub async fn refresh<P, F>(
 ) -> MembershipChange
 where
     P: Fn(String) -> F,
-    F: Future<Output = bool>,
+    F: Future<Output = Probe>,
 {
-    let change = match discovery.resolve().await {
-        Ok(found) => membership.lock().sync(&found),
+    let found = match discovery.resolve().await {
+        Ok(found) => Some(found),
         Err(e) => {
             tracing::warn!(error = %e, "reader discovery failed; keeping the last known readers");
-            MembershipChange::default()
+            None
         }
+    };
+    let mut targets = membership.lock().known();
+    targets.extend(found.iter().flatten().cloned());
+    targets.sort();
+    targets.dedup();
+    let results = futures::future::join_all(targets.into_iter().map(|addr| {
+        let fut = probe(addr.clone());
+        async move { (addr, fut.await) }
+    }))
+    .await;
+    let mut m = membership.lock();
+    let change = match &found {
+        Some(found) => m.sync(found),
+        None => MembershipChange::default(),
     };
     for joined in &change.joined {
         tracing::info!(reader = %joined, "reader discovered");
@@ -266,22 +320,11 @@ where
     for left in &change.left {
         tracing::info!(reader = %left, "reader left discovery");
     }
-    let known = membership.lock().known();
-    let results = futures::future::join_all(known.into_iter().map(|addr| {
-        let fut = probe(addr.clone());
-        async move { (addr, fut.await) }
-    }))
-    .await;
-    let mut m = membership.lock();
-    for (addr, ok) in results {
+    for (addr, probe) in results {
         let before = m.state(&addr);
-        if ok {
-            m.record_success(&addr);
-        } else {
-            m.record_failure(&addr);
-        }
+        m.record_probe(&addr, probe);
         let after = m.state(&addr);
-        if before != after {
+        if before.is_some() && before != after {
             tracing::info!(reader = %addr, ?before, ?after, "reader health changed");
         }
     }
@@ -296,7 +339,7 @@ pub async fn run_membership_loop<P, F>(
     probe: P,
 ) where
     P: Fn(String) -> F,
-    F: Future<Output = bool>,
+    F: Future<Output = Probe>,
 {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -351,6 +394,32 @@ mod tests {
         assert_eq!(m.routable(), addrs(&["a:1"]));
         m.record_failure("a:1");
         assert!(m.routable().is_empty());
+    }
+
+    #[test]
+    fn a_draining_reader_serves_only_while_no_reader_is_live_and_is_not_counted_as_failing() {
+        let mut m = Membership::new(HealthPolicy { dead_after: 2 });
+        m.sync(&addrs(&["old:1"]));
+        m.record_probe("old:1", Probe::Serving);
+        // SIGTERM: it answers "draining" for its shutdown delay, every round.
+        for _ in 0..5 {
+            m.record_probe("old:1", Probe::Draining);
+        }
+        assert_eq!(m.state("old:1"), Some(ReaderState::Draining));
+        assert_eq!(m.routable(), addrs(&["old:1"]));
+        // Its successor shows up late in discovery; until its first probe the old one serves.
+        m.sync(&addrs(&["new:1", "old:1"]));
+        assert_eq!(m.routable(), addrs(&["old:1"]));
+        m.record_probe("new:1", Probe::Serving);
+        assert_eq!(m.routable(), addrs(&["new:1"]));
+        // A request that failed on it counts once; the next "draining" answer restores it.
+        m.record_failure("old:1");
+        m.record_probe("old:1", Probe::Draining);
+        assert_eq!(m.state("old:1"), Some(ReaderState::Draining));
+        // Once it stops answering it dies like any other reader.
+        m.record_probe("old:1", Probe::Failed);
+        m.record_probe("old:1", Probe::Failed);
+        assert_eq!(m.state("old:1"), Some(ReaderState::Dead { failures: 2 }));
     }
 
     #[test]
@@ -437,7 +506,13 @@ mod tests {
     async fn refresh_probes_every_reader_and_records_the_outcome() {
         let m = Arc::new(Mutex::new(Membership::new(HealthPolicy { dead_after: 2 })));
         let d = Discovery::Static(addrs(&["a:1", "b:1"]));
-        let probe = |addr: String| async move { addr == "a:1" };
+        let probe = |addr: String| async move {
+            if addr == "a:1" {
+                Probe::Serving
+            } else {
+                Probe::Failed
+            }
+        };
         let ch = refresh(&m, &d, &probe).await;
         assert_eq!(ch.joined.len(), 2);
         assert_eq!(m.lock().routable(), addrs(&["a:1"]));
@@ -449,9 +524,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reader_replaced_in_discovery_hands_over_in_one_round_with_no_gap() {
+        let m = Arc::new(Mutex::new(Membership::new(HealthPolicy::default())));
+        let probe = |_addr: String| async move { Probe::Serving };
+        refresh(&m, &Discovery::Static(addrs(&["old:1"])), &probe).await;
+        assert_eq!(m.lock().routable(), addrs(&["old:1"]));
+        // While the round probes, the old set stays in force; then the successor is live.
+        let slow = |addr: String| {
+            let m = m.clone();
+            async move {
+                assert_eq!(m.lock().routable(), addrs(&["old:1"]), "probing {addr}");
+                Probe::Serving
+            }
+        };
+        let ch = refresh(&m, &Discovery::Static(addrs(&["new:1"])), &slow).await;
+        assert_eq!(ch.left, addrs(&["old:1"]));
+        assert_eq!(m.lock().routable(), addrs(&["new:1"]));
+    }
+
+    #[tokio::test]
     async fn failed_dns_keeps_the_last_known_readers() {
         let m = Arc::new(Mutex::new(Membership::new(HealthPolicy::default())));
-        let probe = |_addr: String| async move { true };
+        let probe = |_addr: String| async move { Probe::Serving };
         refresh(&m, &Discovery::Static(addrs(&["a:1"])), &probe).await;
         let bad = Discovery::dns("no-such-host.invalid:1").unwrap();
         refresh(&m, &bad, &probe).await;

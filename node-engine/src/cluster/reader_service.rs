@@ -81,8 +81,9 @@ pub struct ReaderService<B> {
     node_id: String,
     /// How long a request waits for the reader to reach its `min_catalog_version`.
     catch_up: Duration,
-    /// The process's phase: while draining, `Health` fails so routers stop sending work here
-    /// (requests that still arrive are served).
+    /// The process's phase: while draining, `Health` answers `draining` (and not ready) so
+    /// routers send work elsewhere as soon as another reader is live (requests that still
+    /// arrive are served).
     lifecycle: crate::api::lifecycle::Lifecycle,
 }
 
@@ -102,7 +103,7 @@ impl<B: ShardBackend> ReaderService<B> {
         }
     }
 
-    /// Fail `Health` once `life` drains (after SIGTERM).
+    /// Answer `draining` from `Health` once `life` drains (after SIGTERM).
     pub fn with_lifecycle(mut self, life: crate::api::lifecycle::Lifecycle) -> Self {
         self.lifecycle = life;
         self
@@ -211,19 +212,15 @@ impl<B: ShardBackend> Reader for ReaderService<B> {
         &self,
         _req: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
-        if self.lifecycle.is_draining() {
-            return Err(Status::unavailable(format!(
-                "reader {} is shutting down",
-                self.node_id
-            )));
-        }
         let v = self.gate.current();
+        let draining = self.lifecycle.is_draining();
         Ok(Response::new(HealthResponse {
             node_id: self.node_id.clone(),
             role: "reader".into(),
-            ready: v > 0,
+            ready: v > 0 && !draining,
             catalog_version: v,
             epoch: 0,
+            draining,
         }))
     }
 }

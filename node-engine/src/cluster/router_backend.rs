@@ -375,7 +375,9 @@ impl RouterBackend {
             let probe = move |addr: String| {
                 let me = me.clone();
                 async move {
-                    let Some(b) = me.upgrade() else { return false };
+                    let Some(b) = me.upgrade() else {
+                        return membership::Probe::Failed;
+                    };
                     b.probe_reader(&addr, timeout).await
                 }
             };
@@ -417,19 +419,21 @@ impl RouterBackend {
         self.readers.retain(&known);
     }
 
-    async fn probe_reader(&self, addr: &str, timeout: Duration) -> bool {
+    async fn probe_reader(&self, addr: &str, timeout: Duration) -> membership::Probe {
         let Ok(mut c) = self.readers.get(addr) else {
-            return false;
+            return membership::Probe::Failed;
         };
         let mut req = tonic::Request::new(HealthRequest {});
         req.set_timeout(timeout);
         // Any answer counts as alive: `ready` is false on a fresh cluster whose catalogue
         // version is still 0, and requests carry `min_catalog_version`, so a reader that is
-        // behind catches up (or fails over) per request anyway.
-        matches!(
-            tokio::time::timeout(timeout, c.health(req)).await,
-            Ok(Ok(_))
-        )
+        // behind catches up (or fails over) per request anyway. A draining reader still serves
+        // until its shutdown delay ends.
+        match tokio::time::timeout(timeout, c.health(req)).await {
+            Ok(Ok(r)) if r.get_ref().draining => membership::Probe::Draining,
+            Ok(Ok(_)) => membership::Probe::Serving,
+            Ok(Err(_)) | Err(_) => membership::Probe::Failed,
+        }
     }
 
     /// Run a rows call (`GetRows` / `QueryShard`) over every segment of `c`: plan onto the
@@ -1117,13 +1121,20 @@ impl Backend for RouterBackend {
 
     fn update_gauges(&self, metrics: &Metrics) {
         let m = self.membership.lock();
-        let mut counts = [("joining", 0), ("live", 0), ("suspect", 0), ("dead", 0)];
+        let mut counts = [
+            ("joining", 0),
+            ("live", 0),
+            ("suspect", 0),
+            ("dead", 0),
+            ("draining", 0),
+        ];
         for a in m.known() {
             let i = match m.state(&a) {
                 Some(ReaderState::Joining) | None => 0,
                 Some(ReaderState::Live) => 1,
                 Some(ReaderState::Suspect { .. }) => 2,
                 Some(ReaderState::Dead { .. }) => 3,
+                Some(ReaderState::Draining) => 4,
             };
             counts[i].1 += 1;
         }

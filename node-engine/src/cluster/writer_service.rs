@@ -291,6 +291,7 @@ impl<B: WriterBackend> Writer for WriterService<B> {
             ready: epoch.is_some(),
             catalog_version: self.backend.catalog_version(),
             epoch: epoch.unwrap_or(0),
+            draining: false,
         }))
     }
 }
