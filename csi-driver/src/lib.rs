@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mounter;
 pub mod mountinfo;
 pub mod mountpod;
+pub mod release;
 pub mod secrets;
 pub mod service;
 pub mod state;

@@ -314,28 +314,31 @@ async fn run<M: Mounter>(
 }
 
 /// The controller's own mounts (the whole filesystem, for CreateVolume/DeleteVolume) serve no
-/// pod: they are detached before the controller exits, so each juicefs client sees its mount go
-/// and exits on its own. Left mounted, the container's teardown killed the client mid-request
-/// and a client thread blocked on its own FUSE connection (seen on the real node: the pod stuck
-/// in Terminating, unkillable, until the connection was aborted through fusectl).
+/// pod: they are unmounted for good before the controller exits, and it waits for its juicefs
+/// clients to exit, so the container's teardown never kills one mid-request
+/// ([`shoal_csi::release`] says why that matters).
 fn release_controller_mounts(dir: &Path) {
-    let mounts = match shoal_csi::mountinfo::read_self() {
+    let table = match shoal_csi::mountinfo::read_self() {
         Ok(m) => m,
         Err(e) => {
             warn!("cannot read the mount table to release controller mounts: {e}");
             return;
         }
     };
-    for m in mounts
-        .iter()
-        .rev()
-        .filter(|m| m.mount_point.starts_with(dir))
-    {
-        match nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH) {
-            Ok(()) => info!(path = %m.mount_point.display(), "released controller mount"),
-            Err(e) => {
-                warn!(path = %m.mount_point.display(), "cannot release controller mount: {e}")
+    let (released, children_gone) =
+        shoal_csi::release::release_mounts_under(&table, dir, Duration::from_secs(10));
+    for (path, outcome) in released {
+        match outcome {
+            shoal_csi::release::Released::Failed(why) => {
+                warn!(path = %path.display(), "cannot release controller mount: {why}")
             }
+            ok => info!(path = %path.display(), ?ok, "released controller mount"),
         }
+    }
+    if !children_gone {
+        warn!(
+            children = ?shoal_csi::release::live_children(),
+            "juicefs clients still running 10 s after their mounts were released"
+        );
     }
 }

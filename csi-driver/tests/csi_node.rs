@@ -879,3 +879,62 @@ fn help_text_names_every_flag() {
     }
     assert!(help.contains("csi.shoal.dev"));
 }
+
+/// The controller's own whole-filesystem mounts go with it: on SIGTERM it unmounts them (a busy
+/// one by aborting its FUSE connection first) and exits only once its juicefs clients have
+/// exited, so a container's teardown never kills a client mid-request (on the real node that
+/// left a request waiting forever and the controller pod unkillable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_controller_releases_its_mounts_and_outlives_its_juicefs_clients() {
+    let env = Env::new("release");
+    let mut plugin = Plugin::spawn_mode(&env.path("plugin"), "ctrl", "controller");
+    let mut c = plugin.clients().await;
+    create(&mut c, &env, "pvc-release").await;
+    drop(c);
+    let controller_dir = plugin.state_dir.join("controller");
+    let under = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        shoal_csi::mountinfo::read_self()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(dir))
+            .map(|m| m.mount_point)
+            .collect()
+    };
+    let mounts = under(&controller_dir);
+    assert_eq!(mounts.len(), 1, "one controller mount: {mounts:?}");
+    let root = mounts[0].clone();
+    assert!(
+        !juicefs_pids_for(&root).is_empty(),
+        "no juicefs client serves {}",
+        root.display()
+    );
+    // A file held open in it: a plain unmount fails with EBUSY, the abort path must run.
+    std::fs::write(root.join("held"), b"held open").unwrap();
+    let mut held = std::fs::File::open(root.join("held")).unwrap();
+
+    let status = tokio::task::block_in_place(|| plugin.stop(Duration::from_secs(30)));
+    assert!(status.success(), "{status}\n{}", plugin.log_text());
+    // At the moment the controller has exited, its clients are gone and so are its mounts.
+    let left = juicefs_pids_for(&root);
+    assert!(
+        left.is_empty(),
+        "juicefs clients {left:?} outlived the controller\n{}",
+        plugin.log_text()
+    );
+    assert!(under(&controller_dir).is_empty(), "controller mounts left");
+    assert!(
+        plugin.log_text().contains("Aborted"),
+        "the busy mount was not aborted:\n{}",
+        plugin.log_text()
+    );
+    // The held file fails at once instead of waiting for a client that is gone.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = tx.send(held.read_to_end(&mut buf).map(|_| buf));
+    });
+    let read = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a read of the held file hung after the controller left");
+    assert!(read.is_err(), "read through a released mount: {read:?}");
+}

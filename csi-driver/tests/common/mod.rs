@@ -62,10 +62,17 @@ pub struct Plugin {
     pub log: PathBuf,
     pub metrics_port: u16,
     pub node_id: String,
+    /// `--mode`: `all`, `controller` or `node`.
+    pub mode: &'static str,
 }
 
 impl Plugin {
     pub fn spawn(dir: &Path, node_id: &str) -> Plugin {
+        Plugin::spawn_mode(dir, node_id, "all")
+    }
+
+    /// As [`Plugin::spawn`], serving only `mode` (`controller` or `node`).
+    pub fn spawn_mode(dir: &Path, node_id: &str, mode: &'static str) -> Plugin {
         std::fs::create_dir_all(dir).unwrap();
         let mut p = Plugin {
             child: None,
@@ -74,6 +81,7 @@ impl Plugin {
             log: dir.join("plugin.log"),
             metrics_port: shoal_testkit::free_port().unwrap(),
             node_id: node_id.to_string(),
+            mode,
         };
         p.start();
         p
@@ -88,7 +96,7 @@ impl Plugin {
         let child = Command::new(env!("CARGO_BIN_EXE_shoal-csi"))
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket.display()))
-            .args(["--node-id", &self.node_id, "--mode", "all"])
+            .args(["--node-id", &self.node_id, "--mode", self.mode])
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--juicefs")
@@ -126,6 +134,31 @@ impl Plugin {
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGTERM, then wait up to `within` for the exit; panics with the log when it does not.
+    pub fn stop(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("the plugin is running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "shoal-csi did not exit within {within:?} of SIGTERM:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
