@@ -16,6 +16,11 @@
 //! - `SHOAL_E2E_ROUTER_URL`: how this process reaches the router Service (default: its
 //!   ClusterIP, which the kit's node routes to the host).
 //! - `SHOAL_E2E_TIMEOUT_S` (default 600): how long each wait may take.
+//! - `SHOAL_E2E_OBJECT_STORE_IP`: the address of this machine the pods reach, where the suite
+//!   starts Azurite for `examples/azure-blob.yaml` (default: the node's InternalIP when it is
+//!   an address of this machine, as on `../shared/k8s`). On a remote cluster with no such
+//!   address the run fails unless `SHOAL_E2E_SKIP_AZURE_BLOB=1`, which skips that step and
+//!   says so.
 //!
 //! The scenario, each step waiting on a condition (a watch or a polled API answer), never on a
 //! fixed sleep: chart install (CRD first, as `helm install`) → `examples/minimal.yaml` → `Ready`
@@ -25,7 +30,8 @@
 //! acknowledged row lost) → the CSI node plugin pod deleted (mounts keep working, no engine pod
 //! restarts) → the writer pod deleted mid-insert (every acknowledged row there once, writes
 //! resume) → delete and re-create under `Retain` (old data back) and under `Delete` (empty) →
-//! `helm uninstall`. Leftovers of an earlier, aborted run in the namespace are removed first.
+//! `examples/azure-blob.yaml` on an Azurite the suite starts where the pods reach it → `helm
+//! uninstall`. Leftovers of an earlier, aborted run in the namespace are removed first.
 //!
 //! Prints `E2E-K8S-FIGURE name=value` lines (BENCHMARKS.md, "Kubernetes").
 #![allow(clippy::unwrap_used)]
@@ -38,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    Event, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
+    Event, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
 };
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams};
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
@@ -676,17 +682,22 @@ async fn create_cluster(client: &Client, disc: &Discovery, ns: &str, reclaim: &s
     Ok(())
 }
 
-/// Deletes the VectorCluster and waits until it and every workload it made are gone.
+/// Deletes the VectorCluster `demo` and waits until it and every workload it made are gone.
 async fn delete_cluster(client: &Client, ns: &str) -> Res<Duration> {
+    delete_named_cluster(client, ns, CLUSTER).await
+}
+
+/// Deletes the VectorCluster `name` and waits until it and every workload it made are gone.
+async fn delete_named_cluster(client: &Client, ns: &str, name: &str) -> Res<Duration> {
     let t = Instant::now();
     let api: Api<VectorCluster> = Api::namespaced(client.clone(), ns);
     // Background propagation, as `kubectl delete` does.
-    match api.delete(CLUSTER, &DeleteParams::background()).await {
+    match api.delete(name, &DeleteParams::background()).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(format!("deleting the VectorCluster: {e}")),
     }
-    let lp = ListParams::default().labels(&format!("shoal.dev/cluster={CLUSTER}"));
+    let lp = ListParams::default().labels(&format!("shoal.dev/cluster={name}"));
     wait_until(
         "the VectorCluster and its workloads gone",
         timeout(),
@@ -711,7 +722,7 @@ async fn delete_cluster(client: &Client, ns: &str) -> Res<Duration> {
                     .map_err(err("listing"))?
                     .items
                     .len();
-                let vc_gone = api.get_opt(CLUSTER).await.map_err(err("get"))?.is_none();
+                let vc_gone = api.get_opt(name).await.map_err(err("get"))?.is_none();
                 Ok(d + s + p == 0 && vc_gone)
             }
         },
@@ -848,8 +859,13 @@ async fn router_url(client: &Client, ns: &str) -> Res<String> {
     if let Ok(u) = std::env::var("SHOAL_E2E_ROUTER_URL") {
         return Ok(u);
     }
+    service_url(client, ns, CLUSTER).await
+}
+
+/// `http://CLUSTER-IP:19530` of the router Service of cluster `name`.
+async fn service_url(client: &Client, ns: &str, name: &str) -> Res<String> {
     let svc: Api<Service> = Api::namespaced(client.clone(), ns);
-    let s = svc.get(CLUSTER).await.map_err(err("router Service"))?;
+    let s = svc.get(name).await.map_err(err("router Service"))?;
     let ip = s
         .spec
         .and_then(|s| s.cluster_ip)
@@ -1189,6 +1205,164 @@ async fn scenario(client: &Client, disc: &Discovery, ns: &str, t_install: Instan
     );
     eprintln!("re-created under Delete: empty");
     delete_cluster(client, ns).await?;
+
+    azure_blob_cluster(client, disc, ns).await
+}
+
+/// The VectorCluster of `examples/azure-blob.yaml`.
+const AZURE_CLUSTER: &str = "azure";
+
+/// The address pods reach this machine at, for an object store the suite starts here:
+/// `SHOAL_E2E_OBJECT_STORE_IP`, else the node's InternalIP when it is an address of this
+/// machine (the `../shared/k8s` node). `None` when neither applies (a remote cluster).
+async fn object_store_ip(client: &Client) -> Res<Option<std::net::Ipv4Addr>> {
+    if let Ok(v) = std::env::var("SHOAL_E2E_OBJECT_STORE_IP") {
+        return v
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("SHOAL_E2E_OBJECT_STORE_IP={v:?}: {e}"));
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    for node in nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(err("nodes"))?
+    {
+        let addrs = node.status.and_then(|s| s.addresses).unwrap_or_default();
+        for a in addrs.iter().filter(|a| a.type_ == "InternalIP") {
+            if let Ok(ip) = a.address.parse::<std::net::Ipv4Addr>()
+                // Only an address of this machine can be bound.
+                && std::net::TcpListener::bind((ip, 0)).is_ok()
+            {
+                return Ok(Some(ip));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `examples/azure-blob.yaml` end to end on Azurite (Microsoft's Azure Storage server) started
+/// on this machine where the node's pods reach it: the example's Secret gets Azurite's
+/// connection string and the cluster Azurite's container as its bucket (nothing else changes
+/// but one reader and `reclaimPolicy: Delete`, to spare the node); it must come `Ready`, take
+/// rows, flush them into blobs and answer exact searches, then be deleted with its data.
+async fn azure_blob_cluster(client: &Client, disc: &Discovery, ns: &str) -> Res<()> {
+    let Some(ip) = object_store_ip(client).await? else {
+        if std::env::var_os("SHOAL_E2E_SKIP_AZURE_BLOB").is_some() {
+            eprintln!(
+                "SKIPPED the examples/azure-blob.yaml step (SHOAL_E2E_SKIP_AZURE_BLOB is set): \
+                 no address of this machine that the pods reach"
+            );
+            return Ok(());
+        }
+        return Err(
+            "the examples/azure-blob.yaml step needs an Azurite the pods reach: set \
+                    SHOAL_E2E_OBJECT_STORE_IP to this machine's address as the pods see it, or \
+                    SHOAL_E2E_SKIP_AZURE_BLOB=1 to skip the step"
+                .into(),
+        );
+    };
+    let azurite = shoal_testkit::objstore::ObjectStoreServer::start_on(
+        shoal_testkit::objstore::ObjectStoreKind::Azurite,
+        ip,
+    )
+    .map_err(err("starting Azurite"))?;
+    let path = repo_root().join("examples/azure-blob.yaml");
+    let text = std::fs::read_to_string(&path).map_err(err("reading examples/azure-blob.yaml"))?;
+    let mut secret_name = None;
+    let t = Instant::now();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut v: Value = serde::Deserialize::deserialize(doc).map_err(err("example yaml"))?;
+        match v["kind"].as_str() {
+            Some("Secret") => {
+                v["stringData"]["connection-string"] = json!(azurite.connection_string());
+                secret_name = v["metadata"]["name"].as_str().map(String::from);
+            }
+            Some("VectorCluster") => {
+                if v["metadata"]["name"] != AZURE_CLUSTER {
+                    return Err(format!(
+                        "examples/azure-blob.yaml names {}",
+                        v["metadata"]["name"]
+                    ));
+                }
+                if v["spec"]["storage"]["objectStorage"]["type"] != "wasb" {
+                    return Err("examples/azure-blob.yaml is not of type wasb".into());
+                }
+                v["spec"]["storage"]["objectStorage"]["bucket"] =
+                    json!(azurite.bucket_url("shoal"));
+                v["spec"]["storage"]["reclaimPolicy"] = json!("Delete");
+                v["spec"]["readers"]["replicas"] = json!(1);
+            }
+            _ => {}
+        }
+        apply(client, disc, ns, &v).await?;
+    }
+    let vcs: Api<VectorCluster> = Api::namespaced(client.clone(), ns);
+    wait_ready(&vcs, AZURE_CLUSTER, Some(1)).await?;
+    let rest = Rest::new(service_url(client, ns, AZURE_CLUSTER).await?);
+    wait_until("the azure router Service answers", timeout(), || {
+        let rest = rest.clone();
+        async move { Ok(rest.call("collections/list", json!({})).await.is_ok()) }
+    })
+    .await?;
+    figure(
+        "azure_blob_apply_to_ready_s",
+        format!("{:.1}", t.elapsed().as_secs_f64()),
+    );
+    rest.call(
+        "collections/create",
+        json!({"collectionName": COLLECTION, "dimension": DIM, "metricType": "L2"}),
+    )
+    .await?;
+    const N: usize = 5_000;
+    let base = vectors(N, 11);
+    let rows: Vec<Value> = base
+        .chunks_exact(DIM)
+        .enumerate()
+        .map(|(i, v)| json!({"id": i as i64, "vector": v}))
+        .collect();
+    rest.call(
+        "entities/insert",
+        json!({"collectionName": COLLECTION, "data": rows}),
+    )
+    .await?;
+    rest.flush_and_count(N as u64).await?;
+    let queries = vectors(8, 98);
+    for (qi, q) in queries.chunks_exact(DIM).enumerate() {
+        let v = rest
+            .call(
+                "entities/search",
+                json!({"collectionName": COLLECTION, "data": [q], "limit": K}),
+            )
+            .await?;
+        if !is_exact(&base, q, &oracle(&base, q), &v) {
+            return Err(format!("azure-blob search {qi} is not exact: {v}"));
+        }
+    }
+    // The flushed segment's data went to Azurite as blobs (JuiceFS chunks).
+    let blobs = azurite
+        .list_objects("shoal")
+        .map_err(err("listing Azurite's container"))?;
+    let bytes: u64 = blobs.iter().map(|(_, n)| n).sum();
+    if bytes < (N * DIM * 4) as u64 {
+        return Err(format!(
+            "Azurite's container holds {bytes} bytes in {} blobs after a flush of {N} rows",
+            blobs.len()
+        ));
+    }
+    figure("azure_blob_bytes_after_flush", bytes);
+    eprintln!(
+        "examples/azure-blob.yaml on Azurite: Ready, {N} rows flushed into {} blobs ({bytes} bytes), 8 searches exact",
+        blobs.len()
+    );
+    delete_named_cluster(client, ns, AZURE_CLUSTER).await?;
+    if let Some(name) = secret_name {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let _ = secrets.delete(&name, &DeleteParams::background()).await;
+    }
+    // The Delete finalizer waits until the CSI driver deleted the volume on Azurite: the PV
+    // of this cluster is gone by now.
+    drop(azurite);
     Ok(())
 }
 
@@ -1231,6 +1405,9 @@ async fn the_chart_and_a_vector_cluster_survive_scaling_upgrades_plugin_and_writ
         delete_cluster(&client, &ns)
             .await
             .expect("removing a leftover cluster");
+        delete_named_cluster(&client, &ns, AZURE_CLUSTER)
+            .await
+            .expect("removing a leftover azure-blob cluster");
         remove_retained_data(&client, &ns)
             .await
             .expect("removing leftover retained data");
@@ -1260,6 +1437,7 @@ async fn the_chart_and_a_vector_cluster_survive_scaling_upgrades_plugin_and_writ
     }
     let cleanup = async {
         delete_cluster(&client, &ns).await?;
+        delete_named_cluster(&client, &ns, AZURE_CLUSTER).await?;
         remove_retained_data(&client, &ns).await?;
         uninstall_chart(&client, &disc, &ns, &docs).await
     }

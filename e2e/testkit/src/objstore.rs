@@ -83,6 +83,8 @@ impl ObjectStoreKind {
 pub struct ObjectStoreServer {
     kind: ObjectStoreKind,
     child: Child,
+    /// The address it listens on (loopback unless started with [`ObjectStoreServer::start_on`]).
+    ip: Ipv4Addr,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -104,8 +106,15 @@ impl ObjectStoreServer {
         Self::start(ObjectStoreKind::S3)
     }
 
-    /// Starts a server of `kind`, retrying on a fresh port when one was taken meanwhile.
+    /// Starts a server of `kind` on loopback, retrying on a fresh port when one was taken
+    /// meanwhile.
     pub fn start(kind: ObjectStoreKind) -> Result<Self, TestkitError> {
+        Self::start_on(kind, Ipv4Addr::LOCALHOST)
+    }
+
+    /// As [`ObjectStoreServer::start`], listening on `ip` (for instance the address pods of a
+    /// local Kubernetes node reach this machine at).
+    pub fn start_on(kind: ObjectStoreKind, ip: Ipv4Addr) -> Result<Self, TestkitError> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("shoal-{}-", kind.tool()))
             .tempdir()
@@ -116,12 +125,13 @@ impl ObjectStoreServer {
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port()?;
-            let mut child = spawn(kind, port, dir.path())?;
-            match wait_ready(kind, &mut child, port, dir.path()) {
+            let mut child = spawn(kind, ip, port, dir.path())?;
+            match wait_ready(kind, &mut child, ip, port, dir.path()) {
                 Ok(()) => {
                     return Ok(ObjectStoreServer {
                         kind,
                         child,
+                        ip,
                         port,
                         dir,
                     });
@@ -157,8 +167,8 @@ impl ObjectStoreServer {
     /// the S3 server).
     pub fn bucket_url(&self, container: &str) -> String {
         match self.kind {
-            ObjectStoreKind::Azurite => format!("http://{container}.127.0.0.1:{}", self.port),
-            ObjectStoreKind::S3 => format!("http://127.0.0.1:{}/{container}", self.port),
+            ObjectStoreKind::Azurite => format!("http://{container}.{}:{}", self.ip, self.port),
+            ObjectStoreKind::S3 => format!("http://{}:{}/{container}", self.ip, self.port),
         }
     }
 
@@ -171,8 +181,8 @@ impl ObjectStoreServer {
     pub fn connection_string_with_key(&self, key: &str) -> String {
         format!(
             "DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};\
-             BlobEndpoint=http://127.0.0.1:{}/{AZURITE_ACCOUNT};",
-            self.port
+             BlobEndpoint=http://{}:{}/{AZURITE_ACCOUNT};",
+            self.ip, self.port
         )
     }
 
@@ -184,7 +194,7 @@ impl ObjectStoreServer {
             ObjectStoreKind::Azurite => {
                 self.azure_request("PUT", name, &[("restype", "container")])?
             }
-            ObjectStoreKind::S3 => http(self.port, "PUT", &format!("/{name}"), &[])?,
+            ObjectStoreKind::S3 => http(self.ip, self.port, "PUT", &format!("/{name}"), &[])?,
         };
         // 409: Azurite's ContainerAlreadyExists; S3's BucketAlreadyOwnedByYou.
         if (200..300).contains(&status) || status == 409 {
@@ -205,7 +215,13 @@ impl ObjectStoreServer {
             ObjectStoreKind::Azurite => {
                 self.azure_request("GET", bucket, &[("comp", "list"), ("restype", "container")])?
             }
-            ObjectStoreKind::S3 => http(self.port, "GET", &format!("/{bucket}?list-type=2"), &[])?,
+            ObjectStoreKind::S3 => http(
+                self.ip,
+                self.port,
+                "GET",
+                &format!("/{bucket}?list-type=2"),
+                &[],
+            )?,
         };
         if !(200..300).contains(&status) {
             return Err(TestkitError::CommandFailed {
@@ -273,6 +289,7 @@ impl ObjectStoreServer {
         let path = format!("/{AZURITE_ACCOUNT}/{container}?{}", query_string.join("&"));
         let auth = format!("SharedKey {AZURITE_ACCOUNT}:{signature}");
         http(
+            self.ip,
             self.port,
             method,
             &path,
@@ -292,7 +309,12 @@ impl Drop for ObjectStoreServer {
     }
 }
 
-fn spawn(kind: ObjectStoreKind, port: u16, dir: &Path) -> Result<Child, TestkitError> {
+fn spawn(
+    kind: ObjectStoreKind,
+    ip: Ipv4Addr,
+    port: u16,
+    dir: &Path,
+) -> Result<Child, TestkitError> {
     let log = std::fs::File::create(dir.join("server.log")).map_err(|source| TestkitError::Io {
         action: "create object store log",
         source,
@@ -304,7 +326,9 @@ fn spawn(kind: ObjectStoreKind, port: u16, dir: &Path) -> Result<Child, TestkitE
     let mut cmd = Command::new(kind.program());
     match kind {
         ObjectStoreKind::Azurite => {
-            cmd.args(["--blobHost", "127.0.0.1", "--blobPort"])
+            cmd.arg("--blobHost")
+                .arg(ip.to_string())
+                .arg("--blobPort")
                 .arg(port.to_string())
                 .arg("--location")
                 .arg(dir.join("data"))
@@ -317,7 +341,10 @@ fn spawn(kind: ObjectStoreKind, port: u16, dir: &Path) -> Result<Child, TestkitE
                 ]);
         }
         ObjectStoreKind::S3 => {
-            cmd.args(["-H", "127.0.0.1", "-p"]).arg(port.to_string());
+            cmd.arg("-H")
+                .arg(ip.to_string())
+                .arg("-p")
+                .arg(port.to_string());
         }
     }
     cmd.current_dir(dir)
@@ -334,6 +361,7 @@ fn spawn(kind: ObjectStoreKind, port: u16, dir: &Path) -> Result<Child, TestkitE
 fn wait_ready(
     kind: ObjectStoreKind,
     child: &mut Child,
+    ip: Ipv4Addr,
     port: u16,
     dir: &Path,
 ) -> Result<(), TestkitError> {
@@ -346,7 +374,7 @@ fn wait_ready(
             });
         }
         // Any HTTP answer (Azurite answers an unsigned listing with 403) means it serves.
-        if http(port, "GET", "/", &[]).is_ok() {
+        if http(ip, port, "GET", "/", &[]).is_ok() {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -380,6 +408,7 @@ fn signal_group(child: &Child, signal: nix::sys::signal::Signal) -> Result<(), T
 
 /// One HTTP/1.1 request with `Connection: close`; returns the status and the (de-chunked) body.
 fn http(
+    ip: Ipv4Addr,
     port: u16,
     method: &str,
     path: &str,
@@ -387,13 +416,13 @@ fn http(
 ) -> Result<(u16, String), TestkitError> {
     let io =
         |action: &'static str| move |source: std::io::Error| TestkitError::Io { action, source };
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let addr = SocketAddr::from((ip, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
         .map_err(io("connect to the object store"))?;
     s.set_read_timeout(Some(REQUEST_TIMEOUT))
         .map_err(io("set a read timeout"))?;
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: 0\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\nContent-Length: 0\r\n"
     );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
