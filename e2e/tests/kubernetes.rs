@@ -432,6 +432,22 @@ impl Rest {
         Ok(t.elapsed())
     }
 
+    /// Each of `queries` (flat, `DIM` apart) answers exactly `want`'s distances over `base`.
+    async fn check_exact(&self, base: &[f32], queries: &[f32], want: &[Vec<f32>]) -> Res<()> {
+        for (qi, q) in queries.chunks_exact(DIM).enumerate() {
+            let v = self
+                .call(
+                    "entities/search",
+                    json!({"collectionName": COLLECTION, "data": [q], "limit": K}),
+                )
+                .await?;
+            if !is_exact(base, q, &want[qi], &v) {
+                return Err(format!("search {qi} is not exact: {v}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Every id appears exactly once.
     async fn check_present_once(&self, ids: &[i64]) -> Res<()> {
         for chunk in ids.chunks(1000) {
@@ -937,17 +953,7 @@ async fn scenario(client: &Client, disc: &Discovery, ns: &str, t_install: Instan
             .map(|q| oracle(&base, q))
             .collect(),
     );
-    for (qi, q) in queries.chunks_exact(DIM).enumerate() {
-        let v = rest
-            .call(
-                "entities/search",
-                json!({"collectionName": COLLECTION, "data": [q], "limit": K}),
-            )
-            .await?;
-        if !is_exact(&base, q, &want[qi], &v) {
-            return Err(format!("search {qi} is not exact: {v}"));
-        }
-    }
+    rest.check_exact(&base, &queries, &want).await?;
     eprintln!("100k rows inserted; 32 searches exact");
 
     // Readers 2 → 4 → 1 under a search load.
@@ -1328,17 +1334,13 @@ async fn azure_blob_cluster(client: &Client, disc: &Discovery, ns: &str) -> Res<
     .await?;
     rest.flush_and_count(N as u64).await?;
     let queries = vectors(8, 98);
-    for (qi, q) in queries.chunks_exact(DIM).enumerate() {
-        let v = rest
-            .call(
-                "entities/search",
-                json!({"collectionName": COLLECTION, "data": [q], "limit": K}),
-            )
-            .await?;
-        if !is_exact(&base, q, &oracle(&base, q), &v) {
-            return Err(format!("azure-blob search {qi} is not exact: {v}"));
-        }
-    }
+    let want: Vec<Vec<f32>> = queries
+        .chunks_exact(DIM)
+        .map(|q| oracle(&base, q))
+        .collect();
+    rest.check_exact(&base, &queries, &want)
+        .await
+        .map_err(|e| format!("azure-blob: {e}"))?;
     // The flushed segment's data went to Azurite as blobs (JuiceFS chunks).
     let blobs = azurite
         .list_objects("shoal")

@@ -1316,22 +1316,31 @@ fn port() -> u16 {
 }
 
 fn reader_proc(name: &'static str, meta: &str, data: &std::path::Path, grpc: u16) -> Engine {
-    Engine::spawn(
-        name,
-        "reader",
-        &[
-            "--meta".into(),
-            meta.into(),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--grpc-listen".into(),
-            format!("127.0.0.1:{grpc}"),
-            "--node-id".into(),
-            name.into(),
-            "--poll-interval".into(),
-            "200ms".into(),
-        ],
-    )
+    reader_proc_with(name, meta, data, grpc, &[])
+}
+
+/// As [`reader_proc`], with `extra` arguments.
+fn reader_proc_with(
+    name: &'static str,
+    meta: &str,
+    data: &std::path::Path,
+    grpc: u16,
+    extra: &[&str],
+) -> Engine {
+    let mut args = vec![
+        "--meta".to_string(),
+        meta.into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--grpc-listen".into(),
+        format!("127.0.0.1:{grpc}"),
+        "--node-id".into(),
+        name.into(),
+        "--poll-interval".into(),
+        "200ms".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Engine::spawn(name, "reader", &args)
 }
 
 async fn post_http(http: &reqwest::Client, base: &str, path: &str, body: &str) -> Value {
@@ -1344,6 +1353,14 @@ async fn post_http(http: &reqwest::Client, base: &str, path: &str, body: &str) -
         .json()
         .await
         .unwrap()
+}
+
+/// Insert `rows` into `collection` through `base`, then flush it.
+async fn insert_flushed(http: &reqwest::Client, base: &str, collection: &str, rows: Vec<Value>) {
+    let insert = json!({"collectionName": collection, "data": rows});
+    ok_http(http, base, "entities/insert", insert).await;
+    let flush = json!({"collectionName": collection});
+    ok_http(http, base, "collections/flush", flush).await;
 }
 
 async fn ok_http(http: &reqwest::Client, base: &str, path: &str, body: Value) -> Value {
@@ -1676,20 +1693,7 @@ async fn real_writer_readers_and_router_processes_on_mariadb() {
             .iter()
             .map(|(id, v, _)| json!({"id": id, "vector": v}))
             .collect();
-        ok_http(
-            &http,
-            &base,
-            "entities/insert",
-            json!({"collectionName": "ann", "data": batch}),
-        )
-        .await;
-        ok_http(
-            &http,
-            &base,
-            "collections/flush",
-            json!({"collectionName": "ann"}),
-        )
-        .await;
+        insert_flushed(&http, &base, "ann", batch).await;
     }
     ok_http(
         &http,
@@ -1828,6 +1832,18 @@ fn writer_proc(url: &str, data: &std::path::Path, grpc: u16, rest: u16) -> Engin
 }
 
 fn router_proc(url: &str, writer_grpc: u16, readers: &[u16], rest: u16) -> Engine {
+    let list = readers
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    router_proc_with(url, writer_grpc, ["--readers".into(), list], rest)
+}
+
+/// As [`router_proc`], finding its readers with `discovery` (`--readers LIST`,
+/// `--readers-file PATH`, ...).
+fn router_proc_with(url: &str, writer_grpc: u16, discovery: [String; 2], rest: u16) -> Engine {
+    let [how, what] = discovery;
     Engine::spawn(
         "router",
         "router",
@@ -1836,12 +1852,8 @@ fn router_proc(url: &str, writer_grpc: u16, readers: &[u16], rest: u16) -> Engin
             url.into(),
             "--writer".into(),
             format!("127.0.0.1:{writer_grpc}"),
-            "--readers".into(),
-            readers
-                .iter()
-                .map(|p| format!("127.0.0.1:{p}"))
-                .collect::<Vec<_>>()
-                .join(","),
+            how,
+            what,
             "--listen".into(),
             format!("127.0.0.1:{rest}"),
             "--request-timeout".into(),
@@ -2302,20 +2314,7 @@ async fn a_single_draining_reader_serves_until_the_router_has_probed_its_success
     let mut w = writer_proc(&url, &data, wg, wrest);
     w.ready(Duration::from_secs(60)).await;
     let reader = |name: &'static str, grpc: u16| {
-        let mut args = vec![
-            "--meta".to_string(),
-            url.clone(),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--grpc-listen".into(),
-            format!("127.0.0.1:{grpc}"),
-            "--node-id".into(),
-            name.into(),
-            "--poll-interval".into(),
-            "200ms".into(),
-        ];
-        args.extend(["--shutdown-delay".into(), "5s".into()]);
-        Engine::spawn(name, "reader", &args)
+        reader_proc_with(name, &url, &data, grpc, &["--shutdown-delay", "5s"])
     };
     let write_readers = |ports: &[u16]| {
         let tmp = readers_file.with_extension("tmp");
@@ -2326,26 +2325,8 @@ async fn a_single_draining_reader_serves_until_the_router_has_probed_its_success
     let mut old = reader("old", g1);
     old.ready(Duration::from_secs(60)).await;
     write_readers(&[g1]);
-    let mut router = Engine::spawn(
-        "router",
-        "router",
-        &[
-            "--meta".into(),
-            url.clone(),
-            "--writer".into(),
-            format!("127.0.0.1:{wg}"),
-            "--readers-file".into(),
-            readers_file.display().to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{rest}"),
-            "--request-timeout".into(),
-            "3s".into(),
-            "--catalog-poll".into(),
-            "300ms".into(),
-            "--health-interval".into(),
-            "200ms".into(),
-        ],
-    );
+    let readers_arg = ["--readers-file".into(), readers_file.display().to_string()];
+    let mut router = router_proc_with(&url, wg, readers_arg, rest);
     router.ready(Duration::from_secs(60)).await;
     router.wait_live_readers(1, LIVE_WITHIN).await;
     let base = format!("http://127.0.0.1:{rest}");
@@ -2363,20 +2344,7 @@ async fn a_single_draining_reader_serves_until_the_router_has_probed_its_success
         .enumerate()
         .map(|(i, v)| json!({"id": i, "vector": v}))
         .collect();
-    ok_http(
-        &http,
-        &base,
-        "entities/insert",
-        json!({"collectionName": "d", "data": rows}),
-    )
-    .await;
-    ok_http(
-        &http,
-        &base,
-        "collections/flush",
-        json!({"collectionName": "d"}),
-    )
-    .await;
+    insert_flushed(&http, &base, "d", rows).await;
 
     // Searches in a loop; each must succeed with `limit` hits.
     let stop = Arc::new(AtomicBool::new(false));
