@@ -49,11 +49,15 @@ k8s-up:
 k8s-images:
 	SHOAL_K8S_KIT=$(K8S_KIT) e2e/images/build.sh
 
-## test-k8s: the real-node suite (chart, operator, CSI mounts, engine pods); `make k8s-down` stops the node
+## test-k8s: the real-node suite (chart, operator, CSI mounts, engine pods), then the operator's
+## reconcile scenarios against the same API server; `make k8s-down` stops the node
 ## (the test binary is run directly: `cargo test -p` would rebuild dependencies with other features)
 test-k8s: k8s-up k8s-images
-	bin=$$(cargo test --workspace --all-targets --no-run --message-format=json | e2e/scripts/test_binary.py kubernetes) && \
-	  KUBECONFIG=$(KUBECONFIG_KIT) "$$bin" --ignored --nocapture
+	bins=$$(cargo test --workspace --all-targets --no-run --message-format=json) && \
+	  e2e=$$(echo "$$bins" | e2e/scripts/test_binary.py kubernetes) && \
+	  op=$$(echo "$$bins" | e2e/scripts/test_binary.py cluster) && \
+	  KUBECONFIG=$(KUBECONFIG_KIT) "$$e2e" --ignored --nocapture && \
+	  KUBECONFIG=$(KUBECONFIG_KIT) "$$op" --ignored --test-threads=1
 
 ## k8s-down: stop the node (WIPE=1 also wipes its state)
 k8s-down:
