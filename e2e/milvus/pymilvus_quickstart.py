@@ -1,18 +1,30 @@
 """The Milvus documentation's quickstart through pymilvus's MilvusClient (gRPC), against a
 running Shoal, with every result checked against a brute-force oracle computed here.
 
-Usage: pymilvus_quickstart.py URI [TOKEN]
-Run by node-engine/tests/milvus_grpc.rs; exits non-zero (with the reason) on any mismatch.
+Usage: pymilvus_quickstart.py URI [--token USER:PASSWORD] [--flush-after-writes]
+
+--flush-after-writes: through a router, rows are searched once the writer has sealed them
+(Bounded staleness, see the README's Milvus compatibility table), so the script flushes after
+each write before reading it back, as a Milvus user reading their own writes under Bounded
+consistency would; against standalone every acknowledged write is read back at once.
+
+Run by node-engine/tests/milvus_grpc.rs (standalone) and e2e/tests/local_stack.rs (router);
+exits non-zero (with the reason) on any mismatch.
 """
 
+import argparse
 import math
 import random
-import sys
 
 from pymilvus import MilvusClient, MilvusException
 
-URI = sys.argv[1]
-TOKEN = sys.argv[2] if len(sys.argv) > 2 else ""
+ARGS = argparse.ArgumentParser()
+ARGS.add_argument("uri")
+ARGS.add_argument("--token", default="")
+ARGS.add_argument("--flush-after-writes", action="store_true")
+ARGS = ARGS.parse_args()
+URI = ARGS.uri
+TOKEN = ARGS.token
 DIM = 8
 N = 200
 NAME = "demo_collection"
@@ -51,6 +63,10 @@ def check_hits(hits, expected, what):
 def main():
     rng = random.Random(7)
     client = MilvusClient(uri=URI, token=TOKEN)
+
+    def written():
+        if ARGS.flush_after_writes:
+            client.flush(NAME)
     check(client.get_server_version().startswith("v2."), "server version")
 
     if client.has_collection(collection_name=NAME):
@@ -78,8 +94,7 @@ def main():
     res = client.insert(collection_name=NAME, data=rows)
     check(res["insert_count"] == N, f"insert count {res}")
     check(list(res["ids"]) == list(range(N)), "insert ids")
-    stats = client.get_collection_stats(NAME)
-    check(int(stats["row_count"]) == N, f"row count {stats}")
+    written()
 
     # Vector search.
     queries = [[rng.uniform(-1, 1) for _ in range(DIM)] for _ in range(3)]
@@ -150,6 +165,7 @@ def main():
     # Upsert replaces a row.
     new_vec = [0.5] * DIM
     client.upsert(collection_name=NAME, data=[{"id": 1, "vector": new_vec, "text": "changed"}])
+    written()
     res = client.get(collection_name=NAME, ids=[1], output_fields=["text", "subject"])
     check(res[0]["text"] == "changed" and "subject" not in res[0], f"upsert {res}")
     rows[1] = {"id": 1, "vector": new_vec, "text": "changed", "subject": None}
@@ -160,6 +176,7 @@ def main():
     res = client.delete(collection_name=NAME, filter="subject == 'biology'")
     biology = [r["id"] for r in rows if r["subject"] == "biology" and r["id"] not in (0, 2)]
     check(res["delete_count"] == len(biology), f"delete by filter {res}, want {len(biology)}")
+    written()
     live = [r for r in rows if r["id"] not in (0, 2) and r["subject"] != "biology"]
     res = client.query(collection_name=NAME, filter="", output_fields=["count(*)"])
     check(res[0]["count(*)"] == len(live), f"count after delete {res}")
@@ -168,6 +185,9 @@ def main():
 
     # Flush, indexes, release/load.
     client.flush(NAME)
+    # As in Milvus, the statistics count flushed rows (the router counts sealed segments).
+    stats = client.get_collection_stats(NAME)
+    check(int(stats["row_count"]) == len(live), f"row count {stats}, want {len(live)}")
     idx = client.list_indexes(NAME)
     check(len(idx) >= 1, f"indexes {idx}")
     info = client.describe_index(NAME, idx[0])
@@ -205,6 +225,7 @@ def main():
     client.drop_collection(NAME)
     client.create_collection(collection_name=NAME, dimension=DIM, metric_type="L2")
     client.insert(collection_name=NAME, data=rows[3:50])
+    written()
     q = queries[0]
     res = client.search(collection_name=NAME, data=[q], limit=3)
     l2 = sorted((sum((a - b) ** 2 for a, b in zip(r["vector"], q)), r["id"]) for r in rows[3:50])

@@ -435,7 +435,12 @@ async fn pymilvus_runs_the_milvus_quickstart_against_standalone() {
         "/../e2e/milvus/pymilvus_quickstart.py"
     );
     let out = tokio::process::Command::new("python3")
-        .args([script, &format!("http://127.0.0.1:{port}"), "root:Milvus"])
+        .args([
+            script,
+            &format!("http://127.0.0.1:{port}"),
+            "--token",
+            "root:Milvus",
+        ])
         .output();
     let out = tokio::time::timeout(Duration::from_secs(180), out)
         .await

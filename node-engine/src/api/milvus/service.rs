@@ -593,7 +593,9 @@ impl<B: Backend> MilvusService for MilvusApi<B> {
                     db_name: "default".into(),
                     shards_num: 1,
                     num_partitions: 1,
-                    consistency_level: super::pb::common::ConsistencyLevel::Strong as i32,
+                    // Standalone reads see every acknowledged write; through a router rows are read once
+                    // sealed (Bounded staleness): report what holds for both.
+                    consistency_level: super::pb::common::ConsistencyLevel::Bounded as i32,
                     virtual_channel_names: vec![format!("shoal-{}", c.id)],
                     physical_channel_names: vec![format!("shoal-{}", c.id)],
                     ..DescribeCollectionResponse::default()
@@ -1200,14 +1202,14 @@ impl<B: Backend> MilvusService for MilvusApi<B> {
                     return Err(invalid(format!("limit + offset exceeds {MAX_TOPK}")));
                 }
                 // Without a limit Milvus returns every match; Shoal returns at most MAX_TOPK
-                // and says so instead of truncating.
-                let fetch = limit.unwrap_or(MAX_TOPK + 1);
+                // (offset included) and says so instead of truncating.
+                let fetch = limit.unwrap_or(MAX_TOPK.saturating_sub(offset));
                 let rows = self
                     .backend()
                     .query(
                         &c,
                         BQuery {
-                            filter,
+                            filter: filter.clone(),
                             offset,
                             limit: fetch,
                             fields: plan.read.clone(),
@@ -1215,10 +1217,14 @@ impl<B: Backend> MilvusService for MilvusApi<B> {
                     )
                     .await
                     .map_err(api)?;
-                if limit.is_none() && rows.len() > MAX_TOPK {
-                    return Err(invalid(format!(
-                        "more than {MAX_TOPK} rows match; add a limit (and offset) to page"
-                    )));
+                if limit.is_none() && rows.len() == fetch {
+                    let total = self.backend().count(&c, filter).await.map_err(api)?;
+                    if total > (offset + fetch) as u64 {
+                        return Err(invalid(format!(
+                            "{total} rows match; a query without a limit returns at most \
+                             {MAX_TOPK}: add a limit (and offset) to page"
+                        )));
+                    }
                 }
                 let mut names = vec![s.pk_field.clone()];
                 names.extend(plan.names.iter().filter(|n| **n != s.pk_field).cloned());
