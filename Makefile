@@ -9,6 +9,8 @@ AZURITE_VERSION := 3.35.0
 MOTO_VERSION := 5.2.5
 # The Milvus SDK the gRPC API is tested with (e2e/milvus; the newest on PyPI when pinned).
 PYMILVUS_VERSION := 3.0.2
+# Exits 0 when e2e/milvus/node_modules holds the Node SDK version e2e/milvus/package.json pins.
+export NODE_SDK_INSTALLED := process.exit(require("./node_modules/@zilliz/milvus2-sdk-node/package.json").version === require("./package.json").dependencies["@zilliz/milvus2-sdk-node"] ? 0 : 1)
 KUBECONFIG_KIT := /var/lib/shoal-k8s/admin.kubeconfig
 
 .PHONY: test deps lint crds run bench-peers k8s-up k8s-images test-k8s k8s-down
@@ -20,7 +22,8 @@ test: deps lint
 	$(MAKE) test-k8s
 
 ## deps: Redis, MariaDB, FUSE 3, the real juicefs client, the Helm SDK, Azurite, moto's S3
-## server and pymilvus used by the tests (pinned; each step is skipped when already in place)
+## server, pymilvus and the Milvus Node SDK (e2e/milvus/package.json) used by the tests (pinned;
+## each step is skipped when already in place)
 deps:
 	@if ! command -v redis-server >/dev/null || ! command -v mariadbd >/dev/null || ! command -v fusermount3 >/dev/null; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server mariadb-server fuse3 >/dev/null; fi
@@ -31,6 +34,7 @@ deps:
 	  || python3 -m pip install -q "moto[server]==$(MOTO_VERSION)"
 	@[ "$$(python3 -c 'import importlib.metadata as m; print(m.version("pymilvus"))' 2>/dev/null)" = "$(PYMILVUS_VERSION)" ] \
 	  || python3 -m pip install -q "pymilvus==$(PYMILVUS_VERSION)"
+	@cd e2e/milvus && node -e "$$NODE_SDK_INSTALLED" 2>/dev/null || npm ci --no-fund --no-audit --loglevel=error
 
 ## lint: formatting and clippy exactly as CI checks them
 lint:

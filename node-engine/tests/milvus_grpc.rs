@@ -1,8 +1,8 @@
 //! The Milvus gRPC API on the REST port: a tonic client against the standalone role served on a
 //! loopback port (bad input gives the Milvus error and changes nothing; unsupported RPCs answer
-//! a Milvus status; the token is checked), and the real pymilvus client running the Milvus
-//! documentation's quickstart (`e2e/milvus/pymilvus_quickstart.py`) against a `shoal-engine`
-//! process.
+//! a Milvus status; the token is checked), and the real pymilvus and Node SDK clients running the
+//! Milvus documentation's quickstart (`e2e/milvus/pymilvus_quickstart.py`, `node_quickstart.js`)
+//! against a `shoal-engine` process.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -402,6 +402,42 @@ async fn the_rest_token_is_required_in_the_authorization_metadata() {
     ok(r.status);
 }
 
+/// A standalone `shoal-engine` process with token `root:Milvus` on a free loopback port.
+async fn standalone_process(dir: &std::path::Path) -> (Engine, u16) {
+    let port = shoal_testkit::free_port().unwrap();
+    let mut e = Engine::spawn_logged(
+        "standalone",
+        "standalone",
+        &[
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--auth-token".into(),
+            "root:Milvus".into(),
+        ],
+        dir,
+    );
+    e.ready(Duration::from_secs(60)).await;
+    (e, port)
+}
+
+/// Runs `program args` (bounded); fails with its output and the engine's log unless it passes.
+async fn run_client(program: &str, args: &[String], e: &Engine) {
+    let out = tokio::process::Command::new(program).args(args).output();
+    let out = tokio::time::timeout(Duration::from_secs(180), out)
+        .await
+        .expect("the client finishes within 3 minutes")
+        .unwrap_or_else(|err| panic!("{program} runs: {err}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        e.log_tail()
+    );
+}
+
 /// The Milvus quickstart through pymilvus (pinned by `make deps`), checked against an oracle.
 #[tokio::test]
 async fn pymilvus_runs_the_milvus_quickstart_against_standalone() {
@@ -415,42 +451,49 @@ async fn pymilvus_runs_the_milvus_quickstart_against_standalone() {
         String::from_utf8_lossy(&probe.stderr)
     );
     let dir = tempfile::tempdir().unwrap();
-    let port = shoal_testkit::free_port().unwrap();
-    let mut e = Engine::spawn_logged(
-        "standalone",
-        "standalone",
-        &[
-            "--data-dir".into(),
-            dir.path().join("data").display().to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--auth-token".into(),
-            "root:Milvus".into(),
-        ],
-        dir.path(),
-    );
-    e.ready(Duration::from_secs(60)).await;
+    let (e, port) = standalone_process(dir.path()).await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../e2e/milvus/pymilvus_quickstart.py"
     );
-    let out = tokio::process::Command::new("python3")
-        .args([
-            script,
-            &format!("http://127.0.0.1:{port}"),
-            "--token",
-            "root:Milvus",
-        ])
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(180), out)
-        .await
-        .expect("the quickstart finishes within 3 minutes")
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pymilvus quickstart failed:\n{}\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        e.log_tail()
+    run_client(
+        "python3",
+        &[
+            script.into(),
+            format!("http://127.0.0.1:{port}"),
+            "--token".into(),
+            "root:Milvus".into(),
+        ],
+        &e,
+    )
+    .await;
+}
+
+/// The same quickstart through the Node SDK's gRPC client (`e2e/milvus/package.json`).
+#[tokio::test]
+async fn node_sdk_runs_the_milvus_quickstart_against_standalone() {
+    let sdk = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../e2e/milvus/node_modules/@zilliz/milvus2-sdk-node/package.json"
     );
+    assert!(
+        std::path::Path::new(sdk).exists(),
+        "the Milvus Node SDK is not installed: run `make deps`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (e, port) = standalone_process(dir.path()).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../e2e/milvus/node_quickstart.js"
+    );
+    run_client(
+        "node",
+        &[
+            script.into(),
+            format!("127.0.0.1:{port}"),
+            "root:Milvus".into(),
+        ],
+        &e,
+    )
+    .await;
 }

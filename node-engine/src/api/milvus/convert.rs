@@ -425,8 +425,6 @@ pub struct OutputPlan {
     pub read: ReadFields,
     /// `count(*)` was asked (query only).
     pub count: bool,
-    /// The primary key column was asked for explicitly (search results carry ids anyway).
-    pub pk: bool,
     /// `output_fields` of the reply: what pymilvus uses to pick dynamic keys out of `$meta`.
     pub names: Vec<String>,
 }
@@ -454,7 +452,6 @@ pub fn output_plan(s: &Schema, fields: &[String]) -> Result<OutputPlan, Status> 
                 push(&mut p.names, DYNAMIC_FIELD);
             }
         } else if name == s.pk_field {
-            p.pk = true;
             push(&mut p.names, name);
         } else if name == s.vector_field {
             p.read.vector = true;

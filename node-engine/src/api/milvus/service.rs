@@ -4,7 +4,7 @@
 //! OK gRPC response, as Milvus answers, so the SDKs raise `MilvusException` with its text.
 
 use super::convert::{
-    OutputPlan, columns, count_column, ids_pb, output_plan, queries_from_placeholder, rows_from_pb,
+    columns, count_column, ids_pb, output_plan, queries_from_placeholder, rows_from_pb,
     schema_from_pb, schema_to_pb,
 };
 use super::pb::common::{
@@ -1074,7 +1074,11 @@ impl<B: Backend> MilvusService for MilvusApi<B> {
                     .map(|h| round(h.score, o.round_decimal))
                     .collect();
                 let ids = kept.iter().map(|h| h.row.id).collect();
-                let fields_data = columns(s, &plan, kept.iter().map(|h| &h.row), plan.pk);
+                // As Milvus does, the primary key is a result column and an output field too
+                // (the Node SDK reads hit ids from there).
+                let fields_data = columns(s, &plan, kept.iter().map(|h| &h.row), true);
+                let mut names = vec![s.pk_field.clone()];
+                names.extend(plan.names.iter().filter(|n| **n != s.pk_field).cloned());
                 Ok(SearchResults {
                     collection_name: s.name.clone(),
                     results: Some(SearchResultData {
@@ -1084,7 +1088,7 @@ impl<B: Backend> MilvusService for MilvusApi<B> {
                         scores,
                         ids: Some(ids_pb(ids)),
                         topks,
-                        output_fields: plan.names.clone(),
+                        output_fields: names,
                         primary_field_name: s.pk_field.clone(),
                         ..Default::default()
                     }),
@@ -1230,7 +1234,7 @@ impl<B: Backend> MilvusService for MilvusApi<B> {
                 names.extend(plan.names.iter().filter(|n| **n != s.pk_field).cloned());
                 Ok(QueryResults {
                     collection_name: s.name.clone(),
-                    fields_data: columns(s, &plan_for_query(&plan), rows.iter(), true),
+                    fields_data: columns(s, &plan, rows.iter(), true),
                     output_fields: names,
                     primary_field_name: s.pk_field.clone(),
                     ..Default::default()
@@ -1304,14 +1308,6 @@ fn hybrid_now() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     ms << 18
-}
-
-/// The plan for query results: the primary key column is always there, so it is not repeated.
-fn plan_for_query(p: &OutputPlan) -> OutputPlan {
-    OutputPlan {
-        pk: false,
-        ..p.clone()
-    }
 }
 
 fn index_state(p: &crate::api::backend::IndexProgress) -> IndexState {
