@@ -7,6 +7,10 @@ K8S_KIT ?= $(abspath ../shared/k8s)
 # the newest that runs on the Node.js Debian 12 ships (3.36+ need Node 21+).
 AZURITE_VERSION := 3.35.0
 MOTO_VERSION := 5.2.5
+# The Milvus SDK the gRPC API is tested with (e2e/milvus; the newest on PyPI when pinned).
+PYMILVUS_VERSION := 3.0.2
+# Exits 0 when e2e/milvus/node_modules holds the Node SDK version e2e/milvus/package.json pins.
+export NODE_SDK_INSTALLED := process.exit(require("./node_modules/@zilliz/milvus2-sdk-node/package.json").version === require("./package.json").dependencies["@zilliz/milvus2-sdk-node"] ? 0 : 1)
 KUBECONFIG_KIT := /var/lib/shoal-k8s/admin.kubeconfig
 
 .PHONY: test deps lint crds run bench-peers k8s-up k8s-images test-k8s k8s-down
@@ -17,8 +21,9 @@ test: deps lint
 	cargo test --workspace --all-targets
 	$(MAKE) test-k8s
 
-## deps: Redis, MariaDB, FUSE 3, the real juicefs client, the Helm SDK, Azurite and moto's S3
-## server used by the tests (pinned; each step is skipped when already in place)
+## deps: Redis, MariaDB, FUSE 3, the real juicefs client, the Helm SDK, Azurite, moto's S3
+## server, pymilvus and the Milvus Node SDK (e2e/milvus/package.json) used by the tests (pinned;
+## each step is skipped when already in place)
 deps:
 	@if ! command -v redis-server >/dev/null || ! command -v mariadbd >/dev/null || ! command -v fusermount3 >/dev/null; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server mariadb-server fuse3 >/dev/null; fi
@@ -27,6 +32,9 @@ deps:
 	@[ "$$(azurite-blob --version 2>/dev/null)" = "$(AZURITE_VERSION)" ] || $(SUDO) npm install -g --no-fund --no-audit --loglevel=error azurite@$(AZURITE_VERSION)
 	@[ "$$(python3 -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null)" = "$(MOTO_VERSION)" ] && command -v moto_server >/dev/null \
 	  || python3 -m pip install -q "moto[server]==$(MOTO_VERSION)"
+	@[ "$$(python3 -c 'import importlib.metadata as m; print(m.version("pymilvus"))' 2>/dev/null)" = "$(PYMILVUS_VERSION)" ] \
+	  || python3 -m pip install -q "pymilvus==$(PYMILVUS_VERSION)"
+	@cd e2e/milvus && node -e "$$NODE_SDK_INSTALLED" 2>/dev/null || npm ci --no-fund --no-audit --loglevel=error
 
 ## lint: formatting and clippy exactly as CI checks them
 lint:

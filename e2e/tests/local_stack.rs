@@ -4,7 +4,9 @@
 //! `router` run as processes on those targets. A client inserts 200,000 vectors through the
 //! router and checks every search against an exact oracle while the readers scale 2 → 4 → 1 → 2,
 //! a reader is `kill -9`ed, and the JuiceFS mount process is `kill -9`ed (the CSI watchdog
-//! remounts and re-binds). Everything is torn down and unmounted at the end, even on failure.
+//! remounts and re-binds). Then pymilvus runs the Milvus quickstart through the router's gRPC
+//! API (`e2e/milvus/pymilvus_quickstart.py`). Everything is torn down and unmounted at the end,
+//! even on failure.
 //!
 //! The same run goes once per object store under JuiceFS: local files, Azurite (`wasb`, with a
 //! connection string through the JuiceFS Secret's `envs`) and moto's S3 server (`s3`, path-style
@@ -839,6 +841,12 @@ async fn local_stack(store: Option<ObjectStoreKind>) {
         "searches failed while scaling readers: {figures}"
     );
 
+    // --- The Milvus gRPC API through the router: pymilvus (`make deps`) runs the Milvus
+    // quickstart against its oracle (once, on the local-files store).
+    if store.is_none() {
+        pymilvus_quickstart(&addr(router_rest), &router).await;
+    }
+
     // --- Teardown in order: engines, targets, staging, plugin; then the sweeper and services.
     drop(router);
     readers.clear();
@@ -870,6 +878,26 @@ async fn local_stack(store: Option<ObjectStoreKind>) {
         "node mounts left after unpublish/unstage: {left:?}"
     );
     drop(plugin);
+}
+
+/// Runs `e2e/milvus/pymilvus_quickstart.py` against the router at `addr`; fails with the
+/// script's output and the router's log when it does.
+async fn pymilvus_quickstart(addr: &str, router: &Proc) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/milvus/pymilvus_quickstart.py");
+    let run = tokio::process::Command::new("python3")
+        .args([script, &format!("http://{addr}"), "--flush-after-writes"])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("the pymilvus quickstart finishes within 3 minutes")
+        .expect("python3 runs (pymilvus comes from `make deps`)");
+    assert!(
+        out.status.success(),
+        "pymilvus quickstart through the router failed:\n{}\n{}\nrouter{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        router.log_tail()
+    );
 }
 
 /// Latency samples shared with the load task (a mutex is enough at this rate).

@@ -71,7 +71,7 @@ pub async fn build_with(cfg: &RouterConfig, life: &Lifecycle) -> Result<Built, R
         auth_token: cfg.auth_token.clone(),
         metrics: Arc::new(Metrics::new()),
     });
-    let rest = api::rest::router(state.clone());
+    let rest = api::milvus::with_grpc(api::rest::router(state.clone()), state.clone());
     let ops = api::ops_router(state.clone());
     Ok(Built {
         state,

@@ -48,7 +48,7 @@ pub fn build_with_engine(
         auth_token,
         metrics: Arc::new(metrics),
     });
-    let rest = api::rest::router(state.clone());
+    let rest = api::milvus::with_grpc(api::rest::router(state.clone()), state.clone());
     let ops = api::ops_router(state.clone());
     (state, rest, ops)
 }

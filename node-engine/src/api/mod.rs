@@ -7,6 +7,7 @@ pub mod error;
 pub mod indexes;
 pub mod lifecycle;
 pub mod metrics;
+pub mod milvus;
 pub mod rest;
 pub mod rows;
 
