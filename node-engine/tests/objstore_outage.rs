@@ -12,11 +12,12 @@
 //!   load; the rows inserted under load lie far from every query); searches of sealed data keep
 //!   being answered during the outage, from the readers' mapped segments;
 //! - a search that cannot be answered fails within the router's deadlines with an error that
-//!   names each reader's timeout. Measured (2026-12-07, 8 runs): in about a third of the Azurite
-//!   runs the writer had committed a segment just before the store stopped; a reader catching
-//!   up to that catalogue version blocks in the JuiceFS read of the new segment until the store
-//!   answers, so searches routed to it wait 10 s per reader and then fail or, once re-sent to
-//!   the other reader, are answered late (one in 18 s); every other search was answered;
+//!   names each reader's timeout. Measured (2026-12-07, BENCHMARKS.md): in 3 of 9 Azurite runs
+//!   searches stalled during the outage and one failed after 10 s per reader or was answered
+//!   late (18 s); every other search was answered. Inferred, not confirmed from logs: the
+//!   writer had committed a segment just before the store stopped, and a reader catching up to
+//!   that catalogue version blocks in the JuiceFS read of the new segment until the store
+//!   answers;
 //! - inserts keep being acknowledged during the outage (the WAL is local; the flush that writes
 //!   their segment waits for the store);
 //! - after the store answers again the stack recovers by itself: a new row is inserted,
