@@ -12,12 +12,13 @@
 //!   load; the rows inserted under load lie far from every query); searches of sealed data keep
 //!   being answered during the outage, from the readers' mapped segments;
 //! - a search that cannot be answered fails within the router's deadlines with an error that
-//!   names each reader's timeout. Measured (2026-12-07, BENCHMARKS.md): in 3 of 9 Azurite runs
-//!   searches stalled during the outage and one failed after 10 s per reader or was answered
-//!   late (18 s); every other search was answered. Inferred, not confirmed from logs: the
-//!   writer had committed a segment just before the store stopped, and a reader catching up to
-//!   that catalogue version blocks in the JuiceFS read of the new segment until the store
-//!   answers;
+//!   names each reader's timeout. The store is frozen right after the writer committed a
+//!   segment (the worst moment, chosen on purpose: at a random moment 3 of 9 Azurite runs hit
+//!   it): the router learns the new catalogue version at its next poll, the readers catching
+//!   up to it block in the JuiceFS read of the new segment until the store answers, and
+//!   searches, which must see that version, wait 10 s per reader and then fail or, re-sent to
+//!   the other reader, are answered late. Before the router named the readers' failures this
+//!   error said only "no live reader left to search segment 1";
 //! - inserts keep being acknowledged during the outage (the WAL is local; the flush that writes
 //!   their segment waits for the store);
 //! - after the store answers again the stack recovers by itself: a new row is inserted,
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use common::engine::Engine;
 use serde_json::{Value, json};
+use shoal_engine::core::meta::MetaStore;
 use shoal_testkit::mariadb::MariaDb;
 use shoal_testkit::{JuiceFs, ObjectStoreKind, ObjectStoreServer, RedisServer, free_port};
 
@@ -270,6 +272,10 @@ async fn outage(kind: ObjectStoreKind) {
             format!("127.0.0.1:{rest_port}"),
             "--health-interval".into(),
             "200ms".into(),
+            // The freeze comes right after a segment commit; the router learns it at its
+            // next poll and pushes it to the readers, who must then read it from the store.
+            "--catalog-poll".into(),
+            "3s".into(),
         ],
         &logs,
     );
@@ -408,7 +414,19 @@ async fn outage(kind: ObjectStoreKind) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // ---- the outage
+    // ---- the outage, right after the writer committed a segment the readers have not loaded:
+    // the worst moment (deterministic instead of a 1-in-3 race between a flush and the freeze).
+    let catalog = MetaStore::connect_read_only(&meta).await.unwrap();
+    let version = || async { catalog.catalog_snapshot().await.unwrap().version };
+    let v0 = version().await;
+    let t = Instant::now();
+    while version().await == v0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the writer committed nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let paused_at = origin.elapsed();
     store.pause().unwrap();
     tokio::time::sleep(OUTAGE).await;
