@@ -791,38 +791,101 @@ async fn secret_values_never_appear_in_plugin_logs_or_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_azure_key_fails_create_and_stage_within_a_minute_with_the_stores_answer_and_no_secret()
  {
-    let env = Env::with_store("wrongkey", Store::Azurite);
+    wrong_key_fails_create_and_stage(Store::Azurite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_s3_secret_key_fails_create_within_a_minute_with_the_stores_answer_and_no_secret() {
+    wrong_key_fails_create_and_stage(Store::S3).await;
+}
+
+/// What should hold and does not yet (issue #21): `juicefs mount` takes an S3 filesystem's keys
+/// from its metadata (stored by `juicefs format`), not from the environment, so NodeStage of an
+/// existing filesystem ignores the Secret's `access-key`/`secret-key`: a wrong key stages fine,
+/// and a rotated key never takes effect. juicefs-csi re-runs `juicefs format` with the Secret's
+/// keys before mounting; `juicefs config META` (keys from `ACCESS_KEY`/`SECRET_KEY`, storage
+/// checked) would do the same here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "open defect: NodeStage ignores the Secret's S3 keys of an existing filesystem"]
+async fn a_wrong_s3_secret_key_fails_stage_of_an_existing_filesystem() {
+    let mut env = Env::with_store("wrongkeystage", Store::S3);
+    env.require_s3_auth();
+    let mut plugin = Plugin::spawn(&env.path("plugin"), "node-a");
+    let mut c = plugin.clients().await;
+    let vol = create(&mut c, &env, "pvc-right").await;
+    let staging = env.path("staging");
+    let mut bad_stage = stage_req(&env, &vol, &staging);
+    bad_stage
+        .secrets
+        .insert("secret-key".into(), "wrong-secret-key-0042-abcdefgh".into());
+    let err = c.node.node_stage_volume(bad_stage).await.unwrap_err();
+    assert!(err.message().contains("SignatureDoesNotMatch"), "{err:?}");
+}
+
+/// A key of the right shape that is not the account's: `CreateVolume` (a new filesystem:
+/// `juicefs format` cannot write its test object) and, on Azure, `NodeStageVolume` (an existing
+/// one: `--check-storage` refuses it) fail within a minute with the store's own error code, mount
+/// nothing, and no credential (right or wrong) shows in an error, the plugin's log or any
+/// process's command line.
+async fn wrong_key_fails_create_and_stage(store: Store) {
+    let mut env = Env::with_store("wrongkey", store);
+    if store == Store::S3 {
+        // moto accepts any key unless told to check them, as a real S3 does.
+        env.require_s3_auth();
+    }
     let os = env.object_store.as_ref().unwrap();
     let mut plugin = Plugin::spawn(&env.path("plugin"), "node-a");
     let mut c = plugin.clients().await;
-    // A key of the right shape that is not the account's.
-    let wrong_key = "V3JvbmdLZXlWaXNpYmxlSWZMZWFrZWRXcm9uZ0tleQ==";
-    let wrong_envs = serde_json::json!({
-        "AZURE_STORAGE_CONNECTION_STRING": os.connection_string_with_key(wrong_key)
-    })
-    .to_string();
+    let (wrong_key, wrong_secrets, store_says) = match store {
+        Store::Azurite => {
+            let key = "V3JvbmdLZXlWaXNpYmxlSWZMZWFrZWRXcm9uZ0tleQ==";
+            let envs = serde_json::json!({
+                "AZURE_STORAGE_CONNECTION_STRING": os.connection_string_with_key(key)
+            })
+            .to_string();
+            (key, vec![("envs", envs)], "AuthorizationFailure")
+        }
+        Store::S3 | Store::File => {
+            let key = "wrong-secret-key-visible-if-leaked-0042";
+            (
+                key,
+                vec![("secret-key", key.to_string())],
+                "SignatureDoesNotMatch",
+            )
+        }
+    };
+    let with_wrong = |secrets: &mut std::collections::HashMap<String, String>| {
+        for (k, v) in &wrong_secrets {
+            secrets.insert(k.to_string(), v.clone());
+        }
+    };
 
-    // A new filesystem: `juicefs format` cannot write its test object.
     let mut bad_create = create_req(&env, "pvc-wrong", 0);
-    bad_create.secrets.insert("envs".into(), wrong_envs.clone());
+    with_wrong(&mut bad_create.secrets);
     let started = std::time::Instant::now();
     let create_err = c.controller.create_volume(bad_create).await.unwrap_err();
     let create_took = started.elapsed();
 
-    // An existing filesystem mounted with the wrong key: `--check-storage` refuses it.
     let vol = create(&mut c, &env, "pvc-right").await;
     let staging = env.path("staging");
-    let mut bad_stage = stage_req(&env, &vol, &staging);
-    bad_stage.secrets.insert("envs".into(), wrong_envs.clone());
-    let started = std::time::Instant::now();
-    let stage_err = c.node.node_stage_volume(bad_stage).await.unwrap_err();
-    let stage_took = started.elapsed();
     eprintln!("create failed in {create_took:?}: {create_err:?}");
-    eprintln!("stage failed in {stage_took:?}: {stage_err:?}");
-    for (err, took) in [(&create_err, create_took), (&stage_err, stage_took)] {
+    let mut failed = vec![(create_err, create_took)];
+    // S3: NodeStage of an existing filesystem does not use the Secret's keys (an open defect,
+    // a_wrong_s3_secret_key_fails_stage_of_an_existing_filesystem).
+    if store == Store::Azurite {
+        let mut bad_stage = stage_req(&env, &vol, &staging);
+        with_wrong(&mut bad_stage.secrets);
+        let started = std::time::Instant::now();
+        let stage_err = c.node.node_stage_volume(bad_stage).await.unwrap_err();
+        let stage_took = started.elapsed();
+        eprintln!("stage failed in {stage_took:?}: {stage_err:?}");
+        failed.push((stage_err, stage_took));
+    }
+    for (err, took) in &failed {
+        let took = *took;
         assert_eq!(err.code(), Code::Internal, "{err:?}");
         assert!(
-            err.message().contains("AuthorizationFailure"),
+            err.message().contains(store_says),
             "the store's answer is in the error: {err:?}"
         );
         assert!(took < Duration::from_secs(60), "took {took:?}");
@@ -847,7 +910,7 @@ async fn a_wrong_azure_key_fails_create_and_stage_within_a_minute_with_the_store
         .unwrap();
     let logs = plugin.log_text();
     for s in &secrets {
-        for err in [&create_err, &stage_err] {
+        for (err, _) in &failed {
             assert!(!err.message().contains(s.as_str()), "error leaks {s}");
         }
         assert!(!logs.contains(s.as_str()), "plugin log leaks {s}");

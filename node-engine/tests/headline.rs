@@ -26,7 +26,18 @@
 //! (`local` [default]: the writer's WAL on local disk; `shared`: on the JuiceFS mount),
 //! `SHOAL_HEADLINE_INDEX` (an index definition built on every sealed segment, e.g.
 //! `{"indexType":"IVF_FLAT","params":{"nlist":256}}`) with `SHOAL_HEADLINE_SEARCH_PARAMS` (the
-//! searches' `searchParams`, e.g. `{"params":{"nprobe":16}}`).
+//! searches' `searchParams`, e.g. `{"params":{"nprobe":16}}`), `SHOAL_HEADLINE_STORE` (JuiceFS's
+//! object store: `file` [default], a local directory; `wasb`, Azurite; `s3`, moto's S3 server;
+//! the last two started on a loopback port by the testkit, issue #21).
+//!
+//! Issue #21's figures besides (a) and (b), after the QPS part: one more 100,000-row batch (the
+//! first batch's vectors under new ids) is inserted and `collections/flush` timed from its
+//! acknowledgement (flush time: the growing rows sealed into a segment written through JuiceFS
+//! to the store, committed, and served by the readers; one `HEADLINE-FLUSH {json}`); then that
+//! newest segment's files are read through fresh read-only JuiceFS mounts (a reader's cold load of a new
+//! segment at the file level): with `--cache-size 0` (every block from the store), and twice
+//! through mounts sharing one local cache directory (the first read fills it; the second, on
+//! a new mount with an empty page cache, is served from it). One `HEADLINE-COLD-LOAD {json}`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -39,7 +50,9 @@ use std::time::{Duration, Instant};
 use common::engine::Engine;
 use serde_json::{Value, json};
 use shoal_testkit::mariadb::MariaDb;
-use shoal_testkit::{JuiceFs, JuiceFsMount, RedisServer, free_port};
+use shoal_testkit::{
+    JuiceFs, JuiceFsMount, ObjectStoreKind, ObjectStoreServer, RedisServer, free_port,
+};
 
 const DIM: usize = 128;
 const BATCH: usize = 100_000;
@@ -127,6 +140,11 @@ impl Rest {
 /// `{"collectionName":..,"data":[{"id":..,"vector":[..]},..]}` built by hand (fast enough
 /// that encoding never dominates a batch).
 fn insert_body(base: &[f32], first_id: usize, rows: usize) -> String {
+    insert_body_as(base, first_id, rows, 0)
+}
+
+/// [`insert_body`] with every id shifted by `id_offset` (the same vectors again as new rows).
+fn insert_body_as(base: &[f32], first_id: usize, rows: usize, id_offset: usize) -> String {
     use std::fmt::Write;
     let mut s = String::with_capacity(rows * DIM * 11 + 64);
     write!(s, "{{\"collectionName\":\"{COLLECTION}\",\"data\":[").unwrap();
@@ -135,7 +153,8 @@ fn insert_body(base: &[f32], first_id: usize, rows: usize) -> String {
         if r > 0 {
             s.push(',');
         }
-        write!(s, "{{\"id\":{id},\"vector\":[").unwrap();
+        let shown = id + id_offset;
+        write!(s, "{{\"id\":{shown},\"vector\":[").unwrap();
         for (j, x) in base[id * DIM..(id + 1) * DIM].iter().enumerate() {
             if j > 0 {
                 s.push(',');
@@ -199,8 +218,10 @@ struct ReaderProc {
     _mount: JuiceFsMount,
 }
 
-fn start_reader(i: usize, meta: &str, jfs_meta: &str, logs: &Path) -> ReaderProc {
-    let mount = JuiceFsMount::mount_read_only(jfs_meta, None).expect("read-only JuiceFS mount");
+fn start_reader(i: usize, meta: &str, jfs: &JuiceFs, logs: &Path) -> ReaderProc {
+    let mount = jfs
+        .mount_with(&["--read-only"])
+        .expect("read-only JuiceFS mount");
     let grpc = free_port().unwrap();
     let proc = Engine::spawn_logged(
         &format!("reader-{i}"),
@@ -222,6 +243,71 @@ fn start_reader(i: usize, meta: &str, jfs_meta: &str, logs: &Path) -> ReaderProc
         grpc,
         _mount: mount,
     }
+}
+
+/// The newest segment directory under `data` (`collections/c<id>/segments/<id>`, ids
+/// zero-padded).
+fn newest_segment(data: &Path) -> PathBuf {
+    let mut newest: Option<PathBuf> = None;
+    for c in std::fs::read_dir(data.join("collections"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(segs) = std::fs::read_dir(c.path().join("segments")) else {
+            continue;
+        };
+        for s in segs.flatten() {
+            let p = s.path();
+            let key = |p: &Path| p.file_name().map(|n| n.to_os_string());
+            if p.join("manifest.json").exists() && newest.as_ref().is_none_or(|n| key(&p) > key(n))
+            {
+                newest = Some(p);
+            }
+        }
+    }
+    newest.unwrap_or_else(|| panic!("no sealed segment under {}", data.display()))
+}
+
+/// Reads every file of `seg` (relative to the writer's data dir) under `mount`; bytes and s.
+fn read_segment(mount: &JuiceFsMount, rel: &Path) -> (u64, f64) {
+    let dir = mount.path().join("data").join(rel);
+    let t = Instant::now();
+    let mut bytes = 0u64;
+    for f in std::fs::read_dir(&dir).unwrap().flatten() {
+        if f.file_type().unwrap().is_file() {
+            bytes += std::fs::read(f.path()).unwrap().len() as u64;
+        }
+    }
+    (bytes, t.elapsed().as_secs_f64())
+}
+
+/// Issue #21's reader cold-load figures for the newest segment (see the module docs).
+fn cold_load(jfs: &JuiceFs, writer_data: &Path, store: &str, work: &Path) {
+    let seg = newest_segment(writer_data);
+    let rel = seg.strip_prefix(writer_data).unwrap().to_path_buf();
+    let no_cache = jfs
+        .mount_with(&["--read-only", "--cache-size", "0"])
+        .expect("read-only mount without cache");
+    let (bytes, no_cache_s) = read_segment(&no_cache, &rel);
+    drop(no_cache);
+    let cache_dir = work.join("cold-load-cache");
+    let cache_arg = cache_dir.display().to_string();
+    let first = jfs
+        .mount_with(&["--read-only", "--cache-dir", &cache_arg])
+        .expect("read-only mount with a local cache");
+    let (_, fill_s) = read_segment(&first, &rel);
+    drop(first);
+    let second = jfs
+        .mount_with(&["--read-only", "--cache-dir", &cache_arg])
+        .expect("read-only mount over the filled cache");
+    let (_, cached_s) = read_segment(&second, &rel);
+    drop(second);
+    let line = json!({
+        "store": store, "segment": rel.display().to_string(), "bytes": bytes,
+        "no_local_cache_s": no_cache_s, "empty_local_cache_s": fill_s,
+        "from_local_cache_s": cached_s,
+    });
+    println!("HEADLINE-COLD-LOAD {line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -253,8 +339,20 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         .unwrap();
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
+    let store_name = std::env::var("SHOAL_HEADLINE_STORE").unwrap_or_else(|_| "file".into());
+    let store = match store_name.as_str() {
+        "file" => None,
+        "wasb" => Some(ObjectStoreServer::start(ObjectStoreKind::Azurite).expect("Azurite")),
+        "s3" => Some(ObjectStoreServer::start(ObjectStoreKind::S3).expect("moto S3 server")),
+        other => panic!("SHOAL_HEADLINE_STORE={other}: expected file, wasb or s3"),
+    };
+    println!("HEADLINE-STORE {}", json!({"store": store_name}));
     let redis = RedisServer::start().expect("Redis");
-    let jfs = JuiceFs::format(&redis.url(1), "headline").expect("juicefs format");
+    let jfs = match &store {
+        None => JuiceFs::format(&redis.url(1), "headline"),
+        Some(os) => JuiceFs::format_on(&redis.url(1), "headline", os),
+    }
+    .expect("juicefs format");
     let wmount = jfs.mount().expect("writer JuiceFS mount");
     let db = MariaDb::start().expect("MariaDB");
     let meta = db.url();
@@ -286,7 +384,7 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
     writer.ready(Duration::from_secs(120)).await;
     let mut readers: Vec<ReaderProc> = Vec::new();
     for i in 0..2 {
-        let mut r = start_reader(i, &meta, &jfs.meta_url, &logs);
+        let mut r = start_reader(i, &meta, &jfs, &logs);
         r.proc.ready(Duration::from_secs(120)).await;
         readers.push(r);
     }
@@ -408,7 +506,7 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         }
     }
     let summary = json!({
-        "rows": rows, "batches": n_batches,
+        "store": store_name, "rows": rows, "batches": n_batches,
         "visibility_lag_avg_s": mean(&lags), "visibility_lag_p99_s": p99(&lags),
         "first_query_avg_s": mean(&firsts), "first_query_p99_s": p99(&firsts),
         "target_visibility_lag_avg_s": 1.5, "target_first_query_avg_s": 0.016,
@@ -441,7 +539,7 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         }
     }
     for i in 2..4 {
-        let mut r = start_reader(i, &meta, &jfs.meta_url, &logs);
+        let mut r = start_reader(i, &meta, &jfs, &logs);
         r.proc.ready(Duration::from_secs(120)).await;
         readers.push(r);
     }
@@ -505,6 +603,24 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
         println!("HEADLINE-QPS {line}");
     }
 
+    // ---- issue #21: flush time of a fresh 100k-row batch, then its segment's cold load
+    let n = BATCH.min(rows);
+    let body: String = {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || insert_body_as(&base, 0, n, rows))
+            .await
+            .unwrap()
+    };
+    rest.ok("entities/insert", serde_json::from_str(&body).unwrap())
+        .await;
+    let f0 = Instant::now();
+    rest.ok("collections/flush", json!({"collectionName": COLLECTION}))
+        .await;
+    let line =
+        json!({"store": store_name, "rows": n, "ack_to_flushed_s": f0.elapsed().as_secs_f64()});
+    println!("HEADLINE-FLUSH {line}");
+    cold_load(&jfs, &wmount.path().join("data"), &store_name, work.path());
+
     // Teardown: engine processes, then the mounts, then Redis and MariaDB.
     drop(router);
     drop(readers);
@@ -513,4 +629,5 @@ async fn headline_visibility_lag_first_query_time_and_qps_scaling() {
     drop(jfs);
     drop(db);
     drop(redis);
+    drop(store);
 }

@@ -15,7 +15,7 @@ use std::fmt::Debug;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
+    ConfigMap, Event, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -115,6 +115,9 @@ pub struct Observed {
     pub router: Option<Deployment>,
     /// The cluster's pods, for the cause of a component that is not ready.
     pub pods: Vec<Pod>,
+    /// The kubelet's volume Warnings (`FailedMount`, `FailedAttachVolume`) about those pods: a
+    /// pod stuck in `ContainerCreating` has no container status saying why, only these.
+    pub pod_volume_events: Vec<Event>,
 }
 
 /// Result of one apply pass.
@@ -550,7 +553,54 @@ pub async fn apply_all(
             source,
         })?
         .items;
+    report.observed.pod_volume_events =
+        pod_volume_events(client, ns, &report.observed.pods).await?;
     Ok(report)
+}
+
+/// Event reasons the kubelet gives when a pod's volume cannot be attached or mounted (the CSI
+/// driver's error is in the message).
+pub const POD_VOLUME_EVENT_REASONS: [&str; 2] = ["FailedMount", "FailedAttachVolume"];
+
+/// The kubelet's volume Warnings about `pods` (only when one of them is not running: a
+/// steady-state reconcile makes no extra call).
+async fn pod_volume_events(
+    client: &Client,
+    ns: &str,
+    pods: &[Pod],
+) -> Result<Vec<Event>, ApplyError> {
+    let waiting = |p: &&Pod| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running")
+            && p.metadata.deletion_timestamp.is_none()
+    };
+    let names: BTreeSet<&str> = pods
+        .iter()
+        .filter(waiting)
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().fields("involvedObject.kind=Pod,type=Warning");
+    let list = events.list(&lp).await.map_err(|source| ApplyError::Get {
+        kind: "Event",
+        name: "involvedObject.kind=Pod,type=Warning".into(),
+        source,
+    })?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.involved_object
+                .name
+                .as_deref()
+                .is_some_and(|n| names.contains(n))
+                && e.reason
+                    .as_deref()
+                    .is_some_and(|r| POD_VOLUME_EVENT_REASONS.contains(&r))
+        })
+        .collect())
 }
 
 async fn sweep_kind<K>(

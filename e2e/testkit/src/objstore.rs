@@ -243,6 +243,84 @@ impl ObjectStoreServer {
             .collect())
     }
 
+    /// Makes moto's S3 server check credentials from now on, as a real S3 does (by default it
+    /// accepts any): creates an IAM user allowed everything and returns its generated
+    /// `(access key, secret key)`. A wrong key then gets `SignatureDoesNotMatch` or
+    /// `InvalidAccessKeyId`. Afterwards the unsigned helpers ([`Self::create_bucket`],
+    /// [`Self::list_objects`]) are refused too: create buckets first.
+    ///
+    /// Errors: [`TestkitError::CommandFailed`] on Azurite (it always checks) or when moto
+    /// refuses a step.
+    pub fn require_s3_auth(&self) -> Result<(String, String), TestkitError> {
+        if self.kind != ObjectStoreKind::S3 {
+            return Err(TestkitError::CommandFailed {
+                what: "require S3 authentication",
+                detail: "only the S3 server can be switched".into(),
+            });
+        }
+        let fail = |step: &str, status: u16, body: &str| TestkitError::CommandFailed {
+            what: "require S3 authentication",
+            detail: format!("{step}: HTTP {status}: {}", first_chars(body, 400)),
+        };
+        // The next 3 actions (the IAM calls below) go unchecked, every later one is checked.
+        let (status, body) = http_with_body(
+            self.ip,
+            self.port,
+            "POST",
+            "/moto-api/reset-auth",
+            &[("Content-Type", "text/plain")],
+            "3",
+        )?;
+        if status != 200 {
+            return Err(fail("reset-auth", status, &body));
+        }
+        // moto routes a request to IAM by the service in its credential scope; unchecked, so
+        // the signature is a placeholder.
+        let iam = [(
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=setup/20260101/us-east-1/iam/aws4_request, \
+             SignedHeaders=host, Signature=0",
+        )];
+        let user = "shoal-test";
+        let policy = "%7B%22Version%22%3A%222012-10-17%22%2C%22Statement%22%3A%5B%7B%22Effect%22%3A\
+                      %22Allow%22%2C%22Action%22%3A%22*%22%2C%22Resource%22%3A%22*%22%7D%5D%7D";
+        let mut keys = None;
+        for (step, query) in [
+            ("CreateUser", format!("Action=CreateUser&UserName={user}")),
+            (
+                "CreateAccessKey",
+                format!("Action=CreateAccessKey&UserName={user}"),
+            ),
+            (
+                "PutUserPolicy",
+                format!(
+                    "Action=PutUserPolicy&UserName={user}&PolicyName=all&PolicyDocument={policy}"
+                ),
+            ),
+        ] {
+            let (status, body) = http(
+                self.ip,
+                self.port,
+                "POST",
+                &format!("/?{query}&Version=2010-05-08"),
+                &iam,
+            )?;
+            if status != 200 {
+                return Err(fail(step, status, &body));
+            }
+            if step == "CreateAccessKey" {
+                let id = xml_elements(&body, "AccessKeyId")
+                    .first()
+                    .map(|s| s.to_string());
+                let secret = xml_elements(&body, "SecretAccessKey")
+                    .first()
+                    .map(|s| s.to_string());
+                keys = id.zip(secret);
+            }
+        }
+        keys.ok_or_else(|| fail("CreateAccessKey", 200, "no key in the answer"))
+    }
+
     /// Freezes the server (SIGSTOP to its process group): connections are accepted by the
     /// kernel but nothing is answered, as with a store that stopped responding.
     pub fn pause(&self) -> Result<(), TestkitError> {
@@ -414,6 +492,18 @@ fn http(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(u16, String), TestkitError> {
+    http_with_body(ip, port, method, path, headers, "")
+}
+
+/// [`http`] with a request body.
+fn http_with_body(
+    ip: Ipv4Addr,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String), TestkitError> {
     let io =
         |action: &'static str| move |source: std::io::Error| TestkitError::Io { action, source };
     let addr = SocketAddr::from((ip, port));
@@ -422,12 +512,14 @@ fn http(
     s.set_read_timeout(Some(REQUEST_TIMEOUT))
         .map_err(io("set a read timeout"))?;
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\nContent-Length: 0\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
     );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
+    req.push_str(body);
     s.write_all(req.as_bytes())
         .map_err(io("send to the object store"))?;
     let mut raw = Vec::new();
@@ -511,6 +603,16 @@ mod tests {
             dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
             "hello world"
         );
+    }
+
+    #[test]
+    fn the_s3_server_checks_keys_once_required() {
+        let s = ObjectStoreServer::start_s3().unwrap();
+        s.create_bucket("shoal").unwrap();
+        let (access, secret) = s.require_s3_auth().unwrap();
+        assert!(access.len() >= 16 && secret.len() >= 30, "{access}");
+        // Unsigned requests are refused from now on.
+        assert!(s.list_objects("shoal").is_err());
     }
 
     #[test]

@@ -27,9 +27,16 @@ pub enum FanoutError {
         #[source]
         source: tonic::transport::Error,
     },
-    /// Every reader that could serve a segment failed in this request.
-    #[error("no reader could serve the search")]
-    NoReaderLeft(#[from] PlanError),
+    /// Every reader that could serve a segment failed in this request. `failures` says how
+    /// each one failed in this request (a timeout: a reader can be stuck loading a new segment
+    /// from the shared filesystem while its object store does not answer), the cause a client
+    /// and an operator need; empty when no reader was live to begin with.
+    #[error("no reader could serve the search ({})", failures_text(.failures))]
+    NoReaderLeft {
+        #[source]
+        source: PlanError,
+        failures: Vec<(String, String)>,
+    },
     /// A reader rejected the request itself (bad filter, unknown collection, bad parameter):
     /// retrying elsewhere would fail the same way.
     #[error("reader {addr} rejected the search: {status}")]
@@ -41,6 +48,17 @@ pub enum FanoutError {
         #[source]
         source: QueryCountMismatch,
     },
+}
+
+fn failures_text(failures: &[(String, String)]) -> String {
+    if failures.is_empty() {
+        return "no reader is live".into();
+    }
+    failures
+        .iter()
+        .map(|(addr, why)| format!("reader {addr}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Whether a failed call should be re-sent to the next reader (the reader or the network is at
@@ -147,9 +165,19 @@ async fn call(
         ..s.request.clone()
     });
     req.set_timeout(s.timeout);
+    let started = std::time::Instant::now();
+    let timed_out = || CallError::Retry(format!("timed out after {:?}", s.timeout));
     match tokio::time::timeout(s.timeout, client.search_shard(req)).await {
-        Err(_elapsed) => Err(CallError::Retry(format!("timed out after {:?}", s.timeout))),
-        Ok(Err(status)) if is_retryable(status.code()) => Err(CallError::Retry(status.to_string())),
+        Err(_elapsed) => Err(timed_out()),
+        // tonic's own deadline (the grpc-timeout above) fires as `Cancelled`: say what it was.
+        Ok(Err(status)) if is_retryable(status.code()) && started.elapsed() >= s.timeout => {
+            Err(timed_out())
+        }
+        Ok(Err(status)) if is_retryable(status.code()) => Err(CallError::Retry(format!(
+            "{:?}: {}",
+            status.code(),
+            status.message()
+        ))),
         Ok(Err(status)) => Err(CallError::Fatal(FanoutError::Rejected {
             addr: addr.to_string(),
             status,
@@ -186,7 +214,13 @@ pub async fn search(
     spread: u64,
     s: &ShardSearch,
 ) -> Result<SearchOutcome, FanoutError> {
-    let mut plan = hrw::plan(segments, readers, replication, spread)?;
+    let mut failures: Vec<(String, String)> = Vec::new();
+    let no_reader_left = |source, failures: &[(String, String)]| FanoutError::NoReaderLeft {
+        source,
+        failures: failures.to_vec(),
+    };
+    let mut plan = hrw::plan(segments, readers, replication, spread)
+        .map_err(|source| no_reader_left(source, &failures))?;
     let mut excluded = BTreeSet::new();
     let mut parts: Vec<Vec<Vec<Hit>>> = Vec::new();
     let mut out = SearchOutcome::default();
@@ -208,13 +242,15 @@ pub async fn search(
                 Err(CallError::Retry(why)) => {
                     tracing::warn!(reader = %addr, error = %why, segments = segs.len(), "reader failed; re-sending its segments");
                     excluded.insert(idx);
+                    failures.push((addr.clone(), why));
                     out.failed_readers.push(addr);
                     failed_segments.extend(segs);
                 }
                 Err(CallError::Fatal(e)) => return Err(e),
             }
         }
-        plan = hrw::replan(&failed_segments, readers, &excluded)?;
+        plan = hrw::replan(&failed_segments, readers, &excluded)
+            .map_err(|source| no_reader_left(source, &failures))?;
     }
     let k = s.request.top_k as usize;
     // Counts were checked per answer, so the batch merge cannot fail here.
@@ -488,10 +524,37 @@ mod tests {
             .unwrap();
         assert_eq!(ids(&out.results[0]), oracle(&d, &qs[0], 5));
         assert_eq!(out.failed_readers, vec![dead.clone()]);
-        let err = search(&clients, &[dead], &segs, 1, 0, &s)
+        let err = search(&clients, std::slice::from_ref(&dead), &segs, 1, 0, &s)
             .await
             .unwrap_err();
-        assert!(matches!(err, FanoutError::NoReaderLeft(_)), "{err:?}");
+        assert!(matches!(err, FanoutError::NoReaderLeft { .. }), "{err:?}");
+        // The error says how each reader failed, not only that none was left.
+        assert!(
+            err.to_string().contains(&format!("reader {dead}: ")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn when_every_reader_hangs_the_error_names_each_readers_timeout() {
+        // What a store outage does to readers stuck loading a new segment from JuiceFS.
+        let d = data();
+        let a = spawn_reader(d.clone(), Mode::Hang).await;
+        let b = spawn_reader(d.clone(), Mode::Hang).await;
+        let clients = ReaderClients::new(Duration::from_secs(1));
+        let segs: Vec<u64> = d.keys().copied().collect();
+        let qs = vec![vec![0.0, 0.0, 0.0]];
+        let s = request(&qs, 5, Duration::from_millis(200));
+        let err = search(&clients, &[a.0.clone(), b.0.clone()], &segs, 1, 0, &s)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        for r in [&a.0, &b.0] {
+            assert!(
+                text.contains(&format!("reader {r}: timed out after 200ms")),
+                "{text}"
+            );
+        }
     }
 
     #[tokio::test]

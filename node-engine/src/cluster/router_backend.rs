@@ -159,7 +159,7 @@ fn fanout_to_api(e: FanoutError) -> ApiError {
     match e {
         FanoutError::Rejected { addr, status } => status_to_api(&format!("reader {addr}"), &status),
         FanoutError::ReaderAddress { .. }
-        | FanoutError::NoReaderLeft(_)
+        | FanoutError::NoReaderLeft { .. }
         | FanoutError::Malformed { .. } => internal(chain(&e)),
     }
 }

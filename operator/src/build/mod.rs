@@ -40,6 +40,48 @@ pub struct Inputs {
     pub azure_connection_string: Option<String>,
 }
 
+impl Inputs {
+    /// Every credential these inputs hold, and the parts of compound ones a message could
+    /// quote on their own (the password of a Redis URL, the `AccountKey` of an Azure
+    /// connection string): what [`crate::status::redact_secrets`] keeps out of the status.
+    pub fn secret_values(&self) -> Vec<String> {
+        let c = &self.credentials;
+        let mut out = vec![
+            c.mysql_root_password.clone(),
+            c.mysql_password.clone(),
+            c.redis_password.clone(),
+        ];
+        if let Some(url) = &self.external_redis_url {
+            out.push(url.clone());
+            // scheme://[user]:password@host...
+            if let Some(userinfo) = url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.rsplit_once('@'))
+                .map(|(u, _)| u)
+                && let Some((_, pw)) = userinfo.split_once(':')
+            {
+                out.push(pw.to_string());
+            }
+        }
+        if let Some((ak, sk)) = &self.object_keys {
+            out.push(ak.clone());
+            out.push(sk.clone());
+        }
+        if let Some(cs) = &self.azure_connection_string {
+            out.push(cs.clone());
+            for part in cs.split(';') {
+                if let Some((k, v)) = part.split_once('=')
+                    && matches!(k.trim(), "AccountKey" | "SharedAccessSignature")
+                {
+                    out.push(v.trim().to_string());
+                }
+            }
+        }
+        out.retain(|v| !v.is_empty());
+        out
+    }
+}
+
 impl std::fmt::Debug for Inputs {
     // Secrets never reach logs, not even through Debug.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
