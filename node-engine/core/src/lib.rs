@@ -1,5 +1,7 @@
-//! The engine core: types, distance kernels, indexes, filters, storage and metadata.
-//! Must not depend on tonic, axum or kube: every role and API adapter builds on this.
+//! `shoal-core`: the engine's types, distance kernels, indexes, filters, storage, WAL and
+//! metadata. Its own crate so that the compiler holds the line: `Cargo.toml` lists no tonic,
+//! axum, clap, kube or tower, so nothing network- or CLI-shaped can creep in. Every role and API
+//! adapter of `shoal-engine` builds on this; this crate knows none of them.
 
 pub mod bitset;
 pub mod distance;
@@ -9,6 +11,8 @@ pub mod index;
 pub mod indexer;
 pub mod meta;
 pub mod storage;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod types;
 
 /// An error and its whole `source()` chain as one line (`outer: inner: root`), for messages

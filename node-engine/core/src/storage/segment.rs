@@ -9,9 +9,9 @@
 
 use super::mapped::{MappedBytes, MappedF32};
 use super::wal::RowBatch;
-use crate::core::bitset::Bitset;
-use crate::core::index::flat::FlatIndex;
-use crate::core::types::Metric;
+use crate::bitset::Bitset;
+use crate::index::flat::FlatIndex;
+use crate::types::Metric;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File};

@@ -12,9 +12,9 @@
 use super::common::{TopK, check_queries, dist, prepare};
 use super::persist::{Buf, FileReader, FileWriter};
 use super::{IndexError, SearchParams, VectorIndex, VectorIndexRead};
-use crate::core::bitset::Bitset;
-use crate::core::distance;
-use crate::core::types::{IndexType, Metric, Neighbor};
+use crate::bitset::Bitset;
+use crate::distance;
+use crate::types::{IndexType, Metric, Neighbor};
 use parking_lot::{Mutex, RwLock};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

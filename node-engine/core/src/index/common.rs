@@ -2,8 +2,8 @@
 //! preparation (COSINE normalisation) and Milvus-style parameter reading.
 
 use super::IndexError;
-use crate::core::distance;
-use crate::core::types::{Metric, Neighbor};
+use crate::distance;
+use crate::types::{Metric, Neighbor};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 

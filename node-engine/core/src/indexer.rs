@@ -8,10 +8,10 @@
 //! Builds resume after a restart by construction: a segment with no committed, verified index
 //! file is simply picked up again. No network types here.
 
-use crate::core::engine::Engine;
-use crate::core::index::{self, VectorIndexRead};
-use crate::core::storage::ann::IndexJob;
-use crate::core::storage::collection::Collection;
+use crate::engine::Engine;
+use crate::index::{self, VectorIndexRead};
+use crate::storage::ann::IndexJob;
+use crate::storage::collection::Collection;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -4,7 +4,7 @@
 //!
 //! Conventions every implementation keeps:
 //! - vectors are row-major `f32`, `dim` per row; row `i` of the segment is `Neighbor::row == i`;
-//! - distances are internal (smaller is better; see [`crate::core::types::Neighbor`]);
+//! - distances are internal (smaller is better; see [`crate::types::Neighbor`]);
 //! - `filter`, when given, is applied *inside* the search: rows whose bit is unset are never
 //!   returned, and the index still returns up to `k` allowed rows when that many exist;
 //! - results per query are sorted by [`Neighbor::cmp_rank`] and hold at most `k` entries.
@@ -26,8 +26,8 @@ pub use registry::{
     validate_search_params,
 };
 
-use crate::core::bitset::Bitset;
-use crate::core::types::{IndexType, Metric, Neighbor};
+use crate::bitset::Bitset;
+use crate::types::{IndexType, Metric, Neighbor};
 use std::path::Path;
 
 /// Search-time knobs (Milvus names); `None` means the index's default.

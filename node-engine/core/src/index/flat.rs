@@ -2,7 +2,7 @@
 //!
 //! Owns: [`FlatIndex`] over any row-major `f32` storage (a `Vec`, an mmapped segment file) and
 //! [`search_slice`] for plain slices such as the writer's growing buffer. Both share one engine:
-//! - one query (or a handful): a SIMD scan through [`crate::core::distance`] feeding a bounded
+//! - one query (or a handful): a SIMD scan through [`crate::distance`] feeding a bounded
 //!   heap, the base split across the rayon pool when the pool has more than one thread;
 //! - a batch: queries x base tiles through a blocked matrix multiply (dot products), the top-k
 //!   selection fused per tile so the distance matrix never leaves the cache, rayon over
@@ -17,10 +17,10 @@
 
 #![allow(unsafe_code)]
 
-use crate::core::bitset::Bitset;
-use crate::core::distance;
-use crate::core::index::{IndexError, SearchParams, VectorIndexRead};
-use crate::core::types::{IndexType, Metric, Neighbor};
+use crate::bitset::Bitset;
+use crate::distance;
+use crate::index::{IndexError, SearchParams, VectorIndexRead};
+use crate::types::{IndexType, Metric, Neighbor};
 use rayon::prelude::*;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -506,8 +506,8 @@ mod fused {
     //! the distance matrix is never written out. Operands are packed k-major: a query block once
     //! per task (it stays in L2), each base micro-panel once per block (it stays in L1).
     use super::{TopK, View};
-    use crate::core::bitset::Bitset;
-    use crate::core::types::Metric;
+    use crate::bitset::Bitset;
+    use crate::types::Metric;
     use std::arch::x86_64::*;
 
     /// Base rows per micro-panel (broadcast operand).

@@ -21,7 +21,7 @@ use super::hnsw::{self, HnswIndex};
 use super::ivf::{self, Codec, IvfIndex};
 use super::persist::FileReader;
 use super::{IndexError, SearchParams, VectorIndex, VectorIndexRead};
-use crate::core::types::{IndexType, Metric};
+use crate::types::{IndexType, Metric};
 use std::path::Path;
 
 pub use super::persist::INDEX_FILE;

@@ -22,12 +22,12 @@ pub use replica::{
 use super::ann::{self, AnnDef, IndexJob, IndexProgress};
 use super::segment::{self, SegmentData, SegmentError};
 use super::wal::{self, RowBatch, WalError, WalOp, WalWriter};
-use crate::core::bitset::Bitset;
-use crate::core::filter::{FieldSource, Filter};
-use crate::core::index::flat::search_slice;
-use crate::core::index::{IndexError, SearchParams, VectorIndexRead};
-use crate::core::meta::{CollectionRecord, FlushCommit, MetaError, MetaStore, SegmentRecord};
-use crate::core::types::{Metric, Neighbor};
+use crate::bitset::Bitset;
+use crate::filter::{FieldSource, Filter};
+use crate::index::flat::search_slice;
+use crate::index::{IndexError, SearchParams, VectorIndexRead};
+use crate::meta::{CollectionRecord, FlushCommit, MetaError, MetaStore, SegmentRecord};
+use crate::types::{Metric, Neighbor};
 use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
@@ -1259,7 +1259,7 @@ impl CollectionRead for Collection {
         // Knobs are checked against the definition up front, so the answer does not depend on
         // how far the builder has got.
         if let Some(def) = self.ann_def.read().as_ref() {
-            crate::core::index::validate_search_params(def.index_type, &def.params, params, k)?;
+            crate::index::validate_search_params(def.index_type, &def.params, params, k)?;
         }
         let pk_field = self.inner.schema.pk_field.as_str();
         let matcher = Matcher::new(filter, pk_field);

@@ -5,7 +5,7 @@
 //! from one ChaCha stream; each block's arithmetic is independent of the thread that runs it).
 #![allow(unsafe_code)]
 
-use crate::core::distance;
+use crate::distance;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

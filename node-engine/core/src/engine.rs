@@ -5,15 +5,15 @@
 //! The writer role opens it with [`Engine::open_with_meta`]: a metadata store already fenced
 //! with the writer's lease epoch, and optionally a separate WAL root (`<wal_root>/c<id>`).
 
-use crate::core::index::IndexError;
-use crate::core::indexer::IndexBuilder;
-use crate::core::meta::{CollectionRecord, IndexRecord, MetaError, MetaStore};
-use crate::core::storage::ann::AnnDef;
-use crate::core::storage::collection::{
+use crate::index::IndexError;
+use crate::indexer::IndexBuilder;
+use crate::meta::{CollectionRecord, IndexRecord, MetaError, MetaStore};
+use crate::storage::ann::AnnDef;
+use crate::storage::collection::{
     Collection, CollectionError, CollectionRead, CollectionWrite, Schema, StorageOptions,
     collection_dir, wal_dir_of,
 };
-use crate::core::types::{IndexType, Metric};
+use crate::types::{IndexType, Metric};
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -281,7 +281,7 @@ impl Engine {
                     }
                 }
                 IndexType::IVF_FLAT | IndexType::IVF_SQ8 | IndexType::IVF_PQ | IndexType::HNSW => {
-                    crate::core::index::validate_build_params_for_dim(t, s.dim, &params)?;
+                    crate::index::validate_build_params_for_dim(t, s.dim, &params)?;
                 }
             }
         }
@@ -389,10 +389,10 @@ impl Engine {
             }
             Err(e) => {
                 // All or nothing: a collection that cannot take writes must not stay listed.
-                tracing::warn!(collection = %rec.name, error = %crate::core::error_chain(&e),
+                tracing::warn!(collection = %rec.name, error = %crate::error_chain(&e),
                     "creating the collection failed after its catalogue row was written; rolling back");
                 if let Err(r) = self.meta.drop_collection(rec.id).await {
-                    tracing::error!(collection = %rec.name, error = %crate::core::error_chain(&r),
+                    tracing::error!(collection = %rec.name, error = %crate::error_chain(&r),
                         "rolling back the catalogue row failed; it stays until a drop or restart");
                 }
                 for d in [&dir, &wal_dir] {
@@ -570,7 +570,7 @@ mod tests {
             .create_collection(schema("c"))
             .await
             .expect_err("the WAL directory cannot be created");
-        let msg = crate::core::error_chain(&err);
+        let msg = crate::error_chain(&err);
         assert!(msg.to_lowercase().contains("not a directory"), "{msg}");
         assert!(engine.list().is_empty(), "listed after a failed create");
         assert!(

@@ -6,9 +6,9 @@
 //! compaction or a segment drop removes them with the segment, and a changed definition never
 //! overwrites a file a reader still maps. No network types here.
 
-use crate::core::index::{self, IndexError, VectorIndexRead};
-use crate::core::meta::{IndexRecord, SegmentIndexRecord};
-use crate::core::types::IndexType;
+use crate::index::{self, IndexError, VectorIndexRead};
+use crate::meta::{IndexRecord, SegmentIndexRecord};
+use crate::types::IndexType;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -84,7 +84,7 @@ pub struct IndexJob {
     pub collection: String,
     pub segment_id: u64,
     pub def: AnnDef,
-    pub metric: crate::core::types::Metric,
+    pub metric: crate::types::Metric,
     pub dim: usize,
     pub data: Arc<super::segment::SegmentData>,
     /// Absolute index directory.
@@ -155,7 +155,7 @@ pub fn load_committed(
     rec: &SegmentIndexRecord,
     rows: usize,
     dim: usize,
-    metric: crate::core::types::Metric,
+    metric: crate::types::Metric,
 ) -> Result<Arc<dyn VectorIndexRead>, IndexError> {
     let dir = collection_dir.join(&rec.file);
     let corrupt = |reason: String| IndexError::Corrupt {

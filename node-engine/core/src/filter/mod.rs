@@ -1,6 +1,6 @@
 //! Milvus boolean filter expressions: parsing ([`Filter::parse`]) and evaluation against one row
 //! ([`Filter::matches`]). Pure: no I/O, no storage types; callers adapt their rows through
-//! [`FieldSource`] and turn per-row answers into a [`crate::core::bitset::Bitset`].
+//! [`FieldSource`] and turn per-row answers into a [`crate::bitset::Bitset`].
 //!
 //! Grammar (keywords case-insensitive):
 //! ```text

@@ -11,9 +11,9 @@
 use super::common::{TopK, check_queries, dist, prepare};
 use super::persist::{Buf, FileReader, FileWriter};
 use super::{IndexError, SearchParams, VectorIndex, VectorIndexRead, kmeans};
-use crate::core::bitset::Bitset;
-use crate::core::distance;
-use crate::core::types::{IndexType, Metric, Neighbor};
+use crate::bitset::Bitset;
+use crate::distance;
+use crate::types::{IndexType, Metric, Neighbor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;

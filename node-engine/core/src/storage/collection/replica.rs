@@ -17,9 +17,9 @@
 //! (smaller is better), which the router merges across readers.
 
 use super::*;
-use crate::core::error_chain;
-use crate::core::index::ivf::{Codec, IvfIndex};
-use crate::core::meta::{IndexRecord, SegmentIndexRecord};
+use crate::error_chain;
+use crate::index::ivf::{Codec, IvfIndex};
+use crate::meta::{IndexRecord, SegmentIndexRecord};
 use std::collections::BinaryHeap;
 
 /// How many index load failure reasons a replica keeps for `indexes/describe` and logs.
@@ -501,7 +501,7 @@ impl Collection {
         // Knobs are checked against the definition, as on the writer, whether or not this
         // replica has mapped the index files yet.
         if let Some(def) = self.ann_def.read().as_ref() {
-            crate::core::index::validate_search_params(def.index_type, &def.params, params, k)?;
+            crate::index::validate_search_params(def.index_type, &def.params, params, k)?;
         }
         let matcher = Matcher::new(filter, self.inner.schema.pk_field.as_str());
         let st = self.inner.state.read();
@@ -662,7 +662,8 @@ impl Collection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::types::IndexType;
+    use crate::testing::*;
+    use crate::types::IndexType;
     use std::time::SystemTime;
 
     /// Every file under `root` with its size and modification time.
@@ -698,31 +699,6 @@ mod tests {
             segments,
             ..ReplicaListing::default()
         }
-    }
-
-    /// A SQLite metadata store in `root` with one committed L2 collection `name` of `dim`.
-    async fn l2_collection(
-        root: &std::path::Path,
-        name: &str,
-        dim: usize,
-    ) -> (MetaStore, CollectionRecord, Schema) {
-        let meta = MetaStore::open_sqlite(&root.join("meta.db")).await.unwrap();
-        let mut rec = CollectionRecord::new(name, dim, "L2");
-        rec.id = meta.create_collection(&rec).await.unwrap();
-        let schema = Schema {
-            name: name.into(),
-            dim,
-            metric: Metric::L2,
-            auto_id: false,
-            pk_field: "id".into(),
-            vector_field: "vector".into(),
-            dynamic: true,
-        };
-        (meta, rec, schema)
-    }
-
-    fn all_ids(meta_segs: &[SegmentRecord]) -> Vec<u64> {
-        meta_segs.iter().map(|s| s.id as u64).collect()
     }
 
     #[tokio::test]
@@ -841,223 +817,6 @@ mod tests {
         w.close().await;
     }
 
-    /// Rows with pseudo-random vectors in [0, 1)^8 (a fixed LCG, so the test is deterministic).
-    fn random_batch(ids: std::ops::Range<i64>) -> RowBatch {
-        let mut b = RowBatch::new(8);
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for id in ids {
-            b.ids.push(id);
-            for _ in 0..8 {
-                x = x
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407 ^ id as u64);
-                b.vectors.push((x >> 40) as f32 / (1u64 << 24) as f32);
-            }
-            b.fields.push(Vec::new());
-        }
-        b
-    }
-
-    /// What the writer's background builder does for one claimed job: build, persist, commit.
-    async fn build_and_commit(
-        meta: &MetaStore,
-        w: &Collection,
-        built_ms: i64,
-    ) -> SegmentIndexRecord {
-        let job = w.claim_index_job().expect("a segment waits for its index");
-        let ix = crate::core::index::build(
-            job.def.index_type,
-            job.metric,
-            job.dim,
-            &job.def.params,
-            job.data.flat().data(),
-        )
-        .expect("build");
-        ix.persist(&job.dir).expect("persist");
-        let (crc, bytes) = crate::core::index::stored_crc(&job.dir).expect("crc");
-        let rec = job.index_record(crc, bytes, built_ms);
-        assert!(meta.commit_segment_index(&rec).await.expect("commit"));
-        let mapped = crate::core::index::load(&job.dir).expect("load");
-        assert!(w.finish_index(&job, Ok(Arc::from(mapped))));
-        rec
-    }
-
-    /// A writer `Collection` (index_min_rows 100) with two flushed 600-row segments (ids
-    /// 0..1200) and an IVF_FLAT (nlist 16) index built and committed for each; returns the
-    /// writer and the first segment's index record.
-    async fn two_ivf_flat_segments(
-        meta: &MetaStore,
-        rec: &CollectionRecord,
-        schema: &Schema,
-        data: &std::path::Path,
-    ) -> (Collection, SegmentIndexRecord) {
-        let opts = StorageOptions {
-            index_min_rows: 100,
-            ..StorageOptions::default()
-        };
-        let w = Collection::open(meta.clone(), rec, schema.clone(), data, opts)
-            .await
-            .unwrap();
-        for part in 0..2 {
-            w.upsert(random_batch(part * 600..(part + 1) * 600))
-                .await
-                .unwrap();
-            w.flush().await.unwrap();
-        }
-        let def = IndexRecord {
-            collection_id: rec.id,
-            index_name: "vector".into(),
-            field_name: "vector".into(),
-            index_type: "IVF_FLAT".into(),
-            metric: "L2".into(),
-            params: r#"{"nlist":16}"#.into(),
-        };
-        meta.put_index(&def).await.unwrap();
-        assert!(w.set_ann_def(AnnDef::from_record(&def)));
-        let first = build_and_commit(meta, &w, 1).await;
-        build_and_commit(meta, &w, 1).await;
-        (w, first)
-    }
-
-    /// Collection `id`'s segments, index definitions and committed index files in `snap`.
-    fn catalog_of(
-        snap: &crate::core::meta::CatalogSnapshot,
-        id: i64,
-    ) -> (
-        Vec<SegmentRecord>,
-        Vec<IndexRecord>,
-        Vec<SegmentIndexRecord>,
-    ) {
-        (
-            snap.segments.get(&id).cloned().unwrap_or_default(),
-            snap.indexes.get(&id).cloned().unwrap_or_default(),
-            snap.segment_indexes.get(&id).cloned().unwrap_or_default(),
-        )
-    }
-
-    fn ids_of(hits: &[Vec<ShardHit>]) -> Vec<Vec<i64>> {
-        hits.iter()
-            .map(|q| q.iter().map(|h| h.row.id).collect())
-            .collect()
-    }
-
-    /// The offload hook end to end (the reader's `GpuOffload` over the host stand-in for a
-    /// device): IVF_FLAT segments go through `search_ivf_flat`, the small segment without an
-    /// index through `search_flat`, and the answer equals the CPU replica's, with deletes and a
-    /// filter.
-    #[tokio::test]
-    async fn a_replica_offers_ivf_flat_and_flat_segments_to_the_offload_and_gets_the_cpu_answer() {
-        use crate::gpu::GpuSearcher;
-        use crate::gpu::backend::host::HostBackend;
-        use crate::gpu::offload::{GpuOffload, ScanKind, ScanRoute};
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let (meta, rec, schema) = l2_collection(dir.path(), "gpu", 8).await;
-        let (w, _) = two_ivf_flat_segments(&meta, &rec, &schema, &data).await;
-        // Under index_min_rows: searched with FLAT.
-        w.upsert(random_batch(1200..1250)).await.unwrap();
-        w.flush().await.unwrap();
-        let deleted: Vec<i64> = (0..1250).step_by(41).collect();
-        w.delete(deleted.clone()).await.unwrap();
-        w.flush().await.unwrap();
-        let (segs, ixs, files) = catalog_of(&meta.catalog_snapshot().await.unwrap(), rec.id);
-        assert_eq!((segs.len(), files.len()), (3, 2));
-        let listing = ReplicaListing {
-            segments: &segs,
-            indexes: &ixs,
-            segment_indexes: &files,
-        };
-        let (r, _) = Collection::open_read_only(meta.clone(), &rec, schema, &data, listing)
-            .await
-            .unwrap();
-        let searcher = GpuSearcher::new(vec![HostBackend::new(0)], 1 << 30, 1, 1 << 20).unwrap();
-        let offload = GpuOffload::new(Arc::new(searcher));
-        let ids = all_ids(&segs);
-        let queries = random_batch(5000..5020).vectors;
-        let params = SearchParams {
-            nprobe: Some(2),
-            ef: None,
-        };
-        // Rows of all three segments match.
-        let range = Filter::parse("id >= 300 and id < 1240").unwrap();
-        for filter in [None, Some(&range)] {
-            let search = |o: Option<&dyn FlatOffload>| {
-                r.search_segments_with(&ids, &queries, 10, &params, filter, Output::default(), o)
-                    .unwrap()
-                    .0
-            };
-            let cpu = search(None);
-            let before = (
-                offload.scans(ScanRoute::Gpu, ScanKind::IvfFlat),
-                offload.scans(ScanRoute::Gpu, ScanKind::Flat),
-            );
-            let gpu = search(Some(&offload));
-            assert_eq!(
-                (
-                    offload.scans(ScanRoute::Gpu, ScanKind::IvfFlat) - before.0,
-                    offload.scans(ScanRoute::Gpu, ScanKind::Flat) - before.1
-                ),
-                (2, 1),
-                "filter {filter:?}: two IVF_FLAT segments and one FLAT segment on the GPU path"
-            );
-            assert_eq!(ids_of(&cpu), ids_of(&gpu), "filter {filter:?}");
-            for (c, g) in cpu.iter().flatten().zip(gpu.iter().flatten()) {
-                assert!((c.distance - g.distance).abs() <= 1e-4 * c.distance.abs().max(1.0));
-            }
-            for h in gpu.iter().flatten() {
-                assert!(!deleted.contains(&h.row.id), "deleted id {}", h.row.id);
-                if filter.is_some() {
-                    assert!((300..1240).contains(&h.row.id), "id {}", h.row.id);
-                }
-            }
-            assert!(gpu.iter().all(|q| q.len() == 10));
-        }
-        assert_eq!(offload.fallbacks(), 0);
-
-        // A failing device and a batch under the threshold: every segment answered on the CPU,
-        // counted per kind.
-        let mut failing = HostBackend::new(0);
-        failing.fail_search = true;
-        let failing = GpuOffload::new(Arc::new(
-            GpuSearcher::new(vec![failing], 1 << 30, 1, 1 << 20).unwrap(),
-        ));
-        let high = GpuSearcher::new(vec![HostBackend::new(0)], 1 << 30, 21, 1 << 20).unwrap();
-        let below = GpuOffload::new(Arc::new(high));
-        let cpu = r
-            .search_segments(&ids, &queries, 10, &params, Some(&range), Output::default())
-            .unwrap()
-            .0;
-        for (o, route) in [
-            (&failing, ScanRoute::CpuFallback),
-            (&below, ScanRoute::CpuBelowThreshold),
-        ] {
-            let got = r
-                .search_segments_with(
-                    &ids,
-                    &queries,
-                    10,
-                    &params,
-                    Some(&range),
-                    Output::default(),
-                    Some(o),
-                )
-                .unwrap()
-                .0;
-            assert_eq!(ids_of(&got), ids_of(&cpu), "{route:?}");
-            assert_eq!(
-                (
-                    o.scans(route, ScanKind::IvfFlat),
-                    o.scans(route, ScanKind::Flat)
-                ),
-                (2, 1),
-                "{route:?}"
-            );
-            assert_eq!(o.gpu_searches(), 0);
-        }
-        assert_eq!((failing.fallbacks(), below.fallbacks()), (3, 0));
-        w.close().await;
-    }
-
     #[tokio::test]
     async fn a_replica_searches_through_committed_index_files_and_falls_back_to_flat_on_a_corrupt_one()
      {
@@ -1066,7 +825,7 @@ mod tests {
         let (meta, rec, schema) = l2_collection(dir.path(), "ann", 8).await;
         let (w, first) = two_ivf_flat_segments(&meta, &rec, &schema, &data).await;
 
-        let listing = |snap: &crate::core::meta::CatalogSnapshot| catalog_of(snap, rec.id);
+        let listing = |snap: &crate::meta::CatalogSnapshot| catalog_of(snap, rec.id);
         let (segs, ixs, files) = listing(&meta.catalog_snapshot().await.unwrap());
         assert_eq!(files.len(), 2, "{files:?}");
         let full = ReplicaListing {
@@ -1134,7 +893,7 @@ mod tests {
         // A corrupt file: a fresh replica serves that segment with FLAT, says so, and does not fail.
         let path = collection_dir(&data, rec.id)
             .join(&first.file)
-            .join(crate::core::index::INDEX_FILE);
+            .join(crate::index::INDEX_FILE);
         let mut bytes = std::fs::read(&path).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
@@ -1166,7 +925,7 @@ mod tests {
             .get(&(first.segment_id as u64))
             .map(|e| e.data.clone())
             .unwrap();
-        let ix = crate::core::index::build(
+        let ix = crate::index::build(
             IndexType::IVF_FLAT,
             Metric::L2,
             8,
@@ -1175,7 +934,7 @@ mod tests {
         )
         .unwrap();
         ix.persist(&job_dir).unwrap();
-        let (crc, _) = crate::core::index::stored_crc(&job_dir).unwrap();
+        let (crc, _) = crate::index::stored_crc(&job_dir).unwrap();
         let rebuilt = SegmentIndexRecord {
             crc: i64::from(crc),
             built_ms: 2,

@@ -6,8 +6,8 @@ use super::{
     INDEX_FILE, IndexError, SearchParams, VectorIndex, VectorIndexRead, build, load,
     validate_build_params, validate_build_params_for_dim, validate_search_params,
 };
-use crate::core::bitset::Bitset;
-use crate::core::types::{IndexType, Metric, Neighbor};
+use crate::bitset::Bitset;
+use crate::types::{IndexType, Metric, Neighbor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -525,8 +525,7 @@ fn sphere(n: usize, seed: u64) -> Vec<f32> {
     };
     let mut model = ChaCha8Rng::seed_from_u64(7);
     let mut mu: Vec<f32> = (0..TOPICS * D).map(|_| normal(&mut model)).collect();
-    mu.chunks_exact_mut(D)
-        .for_each(crate::core::distance::normalize);
+    mu.chunks_exact_mut(D).for_each(crate::distance::normalize);
     let tau: Vec<f32> = (0..TOPICS)
         .map(|_| (model.random_range(0.15f32.ln()..1.5f32.ln())).exp())
         .collect();
@@ -546,7 +545,7 @@ fn sphere(n: usize, seed: u64) -> Vec<f32> {
                     + tau[k] / (D as f32).sqrt() * normal(&mut rng)
             })
             .collect();
-        crate::core::distance::normalize(&mut x);
+        crate::distance::normalize(&mut x);
         out.extend(x);
     }
     out
