@@ -9,6 +9,7 @@ pub mod engine;
 pub mod filter;
 pub mod index;
 pub mod indexer;
+pub mod merge;
 pub mod meta;
 pub mod storage;
 #[cfg(any(test, feature = "test-support"))]

@@ -3,15 +3,15 @@
 //! Owns: the `Reader` gRPC surface (SearchShard, GetRows, QueryShard, NotifySegments, Health),
 //! waiting for `min_catalog_version` before answering, the catalogue poller loop, and the one
 //! exhaustive mapping from shard errors to gRPC status codes (which decides whether the router
-//! retries elsewhere; see [`super::fanout::is_retryable`]).
+//! retries elsewhere; the router reads it with `roles::router::fanout::is_retryable`).
 //!
 //! Does not own segment loading or search: a [`ShardBackend`] does (the adapter over the
 //! storage core mmaps segments from the shared, read-only data directory). Searches run on
 //! the blocking pool so a large batch never stalls the gRPC runtime.
 
-use super::catalog_sync::VersionGate;
-use super::pb::reader_server::Reader;
-use super::pb::{
+use super::catalog::VersionGate;
+use crate::rpc::pb::reader_server::Reader;
+use crate::rpc::pb::{
     GetRowsRequest, HealthRequest, HealthResponse, NotifySegmentsRequest, NotifySegmentsResponse,
     QueryHits, QueryShardRequest, RowsResponse, SearchShardRequest, SearchShardResponse,
 };
@@ -83,7 +83,7 @@ pub struct ReaderService<B> {
     catch_up: Duration,
     /// The process's phase: while draining, `Health` fails so routers stop sending work here
     /// (requests that still arrive are served).
-    lifecycle: crate::api::lifecycle::Lifecycle,
+    lifecycle: crate::server::lifecycle::Lifecycle,
 }
 
 impl<B: ShardBackend> ReaderService<B> {
@@ -103,7 +103,7 @@ impl<B: ShardBackend> ReaderService<B> {
     }
 
     /// Fail `Health` once `life` drains (after SIGTERM).
-    pub fn with_lifecycle(mut self, life: crate::api::lifecycle::Lifecycle) -> Self {
+    pub fn with_lifecycle(mut self, life: crate::server::lifecycle::Lifecycle) -> Self {
         self.lifecycle = life;
         self
     }
@@ -250,10 +250,10 @@ pub async fn run_poller<B: ShardBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::fanout::{self, ReaderClients, ShardSearch};
-    use crate::cluster::pb::Hit;
-    use crate::cluster::pb::reader_client::ReaderClient;
-    use crate::cluster::pb::reader_server::ReaderServer;
+    use crate::roles::router::fanout::{self, ReaderClients, ShardSearch};
+    use crate::rpc::pb::Hit;
+    use crate::rpc::pb::reader_client::ReaderClient;
+    use crate::rpc::pb::reader_server::ReaderServer;
     use parking_lot::Mutex;
     use std::collections::BTreeMap;
 
@@ -302,7 +302,7 @@ mod tests {
                             fields_json: vec![],
                         })
                         .collect();
-                    hits.sort_by(crate::cluster::merge::cmp_hits);
+                    hits.sort_by(crate::core::merge::cmp_hits);
                     hits.truncate(q.top_k);
                     QueryHits { hits }
                 })
@@ -406,7 +406,7 @@ mod tests {
         *b.pending.lock() = Some((2, 3, vec![(30, 2.0)]));
         let (addr, _gate) = serve(b).await;
         let clients = ReaderClients::new(Duration::from_secs(1));
-        let laggards = crate::cluster::catalog_sync::wait_readers_caught_up(
+        let laggards = crate::roles::router::fanout::wait_readers_caught_up(
             &clients,
             std::slice::from_ref(&addr),
             2,

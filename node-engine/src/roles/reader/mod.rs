@@ -23,21 +23,13 @@
 //! in `shoal_gpu_search_fallbacks_total`); both paths' hits go through the replica's one merge.
 //! Without NVML, CUDA or a device the runtime logs why and the reader searches on the CPU.
 
-use crate::api::lifecycle::Lifecycle;
+pub mod catalog;
+pub mod service;
+
 use crate::api::rest::MAX_TOPK;
-use crate::api::stop_servers;
-use crate::cluster::catalog_sync::VersionGate;
-use crate::cluster::pb::reader_server::ReaderServer;
-use crate::cluster::pb::{
-    GetRowsRequest, Hit, QueryHits, QueryShardRequest, ResultRow, RowsResponse,
-};
-use crate::cluster::reader_service::{
-    ReaderService, ShardBackend, ShardError, ShardQuery, run_poller,
-};
-use crate::cluster::startup::{MetaAccess, MetaStartupError, connect_meta};
 use crate::config::{
     ConfigError, DEFAULT_GRPC_LISTEN, DEFAULT_METRICS_LISTEN, LogFormat, default_node_id, duration,
-    load_toml,
+    load_toml, require_meta,
 };
 use crate::core::engine::schema_of;
 use crate::core::error_chain as chain;
@@ -51,12 +43,19 @@ use crate::core::storage::collection::{
 use crate::gpu::args::GpuArgs;
 use crate::gpu::{GpuOffload, GpuRuntime};
 use crate::probes::{DirCheck, DirProbe};
-use crate::writer::{require_meta, spawn_grpc};
+use crate::rpc::pb::reader_server::ReaderServer;
+use crate::rpc::pb::{GetRowsRequest, Hit, QueryHits, QueryShardRequest, ResultRow, RowsResponse};
+use crate::server::lifecycle::Lifecycle;
+use crate::server::spawn_grpc;
+use crate::server::startup::{MetaAccess, MetaStartupError, connect_meta};
+use crate::server::stop_servers;
 use axum::extract::State;
+use catalog::VersionGate;
 use clap::Args;
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use service::{ReaderService, ShardBackend, ShardError, ShardQuery, run_poller};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::future::Future;
@@ -179,15 +178,13 @@ impl ReaderArgs {
                 "1s",
             )?,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
-            shutdown_delay: crate::config::delay(
-                "shutdown_delay",
-                self.shutdown_delay.or(file.shutdown_delay),
-                crate::config::SHUTDOWN_DELAY,
+            shutdown_delay: crate::config::shutdown_delay(
+                self.shutdown_delay,
+                file.shutdown_delay,
             )?,
-            meta_startup_timeout: duration(
-                "meta_startup_timeout",
-                self.meta_startup_timeout.or(file.meta_startup_timeout),
-                crate::cluster::startup::META_STARTUP_TIMEOUT,
+            meta_startup_timeout: crate::config::meta_startup_timeout(
+                self.meta_startup_timeout,
+                file.meta_startup_timeout,
             )?,
             gpu: self.gpu,
         })
@@ -200,7 +197,7 @@ pub enum ReaderRunError {
     #[error(transparent)]
     Meta(#[from] MetaStartupError),
     #[error(transparent)]
-    Bind(#[from] crate::api::BindError),
+    Bind(#[from] crate::server::BindError),
 }
 
 /// A listed segment that failed to load: (collection id, segment id, reason).
@@ -656,7 +653,8 @@ fn ops_router(ops: Arc<Ops>) -> axum::Router {
         .route(
             "/readyz",
             get(|State(o): State<Arc<Ops>>| async move {
-                let (status, body) = crate::api::readiness(o.ready().await, Some(o.gpu.status()));
+                let (status, body) =
+                    crate::server::readiness(o.ready().await, Some(o.gpu.status()));
                 (status, axum::Json(body))
             }),
         )
@@ -765,9 +763,9 @@ pub async fn run(
 ) -> Result<(), ReaderRunError> {
     // The ops listener answers from the start: live, and not ready until the reader serves.
     let life = Lifecycle::starting("connecting to the metadata store");
-    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
-    let stop = crate::api::StopSignal::default();
-    let ops_task = crate::api::spawn_http(ops_l, life.router(), stop.wait());
+    let ops_l = crate::server::bind(cfg.metrics_listen).await?;
+    let stop = crate::server::StopSignal::default();
+    let ops_task = crate::server::spawn_http(ops_l, life.router(), stop.wait());
     let mut shutdown = std::pin::pin!(shutdown);
     let connect = connect_meta(
         &cfg.meta_url,
@@ -818,7 +816,7 @@ pub async fn run(
         Duration::from_secs(5),
     )
     .with_lifecycle(life.clone());
-    let grpc_l = crate::api::bind(cfg.grpc_listen).await?;
+    let grpc_l = crate::server::bind(cfg.grpc_listen).await?;
     tracing::info!(grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen, node_id = %cfg.node_id,
         data_dir = %cfg.data_dir.display(), "shoal reader listening");
     life.serve(ops_router(Arc::new(Ops {

@@ -1,15 +1,22 @@
 //! The router role: the public REST API (and /healthz, /readyz, /metrics) of a cluster over
 //! [`RouterBackend`]. It connects to the metadata store without migrating it (it only reads the
 //! catalogue; the writer owns the schema), retrying until `--meta-startup-timeout`
-//! ([`crate::cluster::startup`]), waits for nothing else at start-up (the writer and readers may
+//! ([`crate::server::startup`]), waits for nothing else at start-up (the writer and readers may
 //! come later: `/readyz` says when it can serve), runs the catalogue poll and the reader
-//! membership loop, and on signal drains ([`crate::api::lifecycle`]) and stops.
+//! membership loop, and on signal drains ([`crate::server::lifecycle`]) and stops.
 
-use crate::api::lifecycle::Lifecycle;
+pub mod backend;
+pub mod config;
+pub mod fanout;
+pub mod hrw;
+pub mod membership;
+
 use crate::api::{self, metrics::Metrics, rest::RestState};
-use crate::cluster::router_backend::{RouterBackend, RouterError, RouterOptions};
-use crate::cluster::startup::{MetaAccess, MetaStartupError, connect_meta};
-use crate::config::RouterConfig;
+use crate::server;
+use crate::server::lifecycle::Lifecycle;
+use crate::server::startup::{MetaAccess, MetaStartupError, connect_meta};
+use backend::{RouterBackend, RouterError, RouterOptions};
+use config::RouterConfig;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +28,7 @@ pub enum RouterServeError {
     #[error(transparent)]
     Backend(#[from] RouterError),
     #[error(transparent)]
-    Bind(#[from] crate::api::BindError),
+    Bind(#[from] crate::server::BindError),
 }
 
 /// The router's REST state and routers, and its background loops (abort them to stop).
@@ -89,26 +96,26 @@ pub async fn run(
 ) -> Result<(), RouterServeError> {
     // The ops listener answers from the start: live, and not ready until the router serves.
     let life = Lifecycle::starting("connecting to the metadata store");
-    let ops_l = api::bind(cfg.metrics_listen).await?;
-    let stop = api::StopSignal::default();
-    let ops_task = api::spawn_http(ops_l, life.router(), stop.wait());
+    let ops_l = server::bind(cfg.metrics_listen).await?;
+    let stop = server::StopSignal::default();
+    let ops_task = server::spawn_http(ops_l, life.router(), stop.wait());
     let mut shutdown = std::pin::pin!(shutdown);
     let b = tokio::select! {
         b = build_with(&cfg, &life) => b?,
         () = &mut shutdown => {
             tracing::info!("stopped during start-up");
             stop.stop();
-            api::stop_servers([("ops", ops_task)]).await;
+            server::stop_servers([("ops", ops_task)]).await;
             return Ok(());
         }
     };
     life.serve(b.ops);
-    let rest_l = api::bind(cfg.listen).await?;
+    let rest_l = server::bind(cfg.listen).await?;
     tracing::info!(rest = %cfg.listen, metrics = %cfg.metrics_listen, writer = %cfg.writer, discovery = ?cfg.discovery, replication = cfg.replication, "shoal router listening");
-    let rest_task = api::spawn_http(rest_l, b.rest, stop.wait());
+    let rest_task = server::spawn_http(rest_l, b.rest, stop.wait());
     life.shutdown_after(shutdown, cfg.shutdown_delay).await;
     stop.stop();
-    api::stop_servers([("REST", rest_task), ("ops", ops_task)]).await;
+    server::stop_servers([("REST", rest_task), ("ops", ops_task)]).await;
     for l in b.loops {
         l.abort();
     }

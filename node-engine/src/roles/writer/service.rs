@@ -7,17 +7,19 @@
 //! to gRPC codes.
 //!
 //! Does not own the WAL, segments or metadata: a [`WriterBackend`] does (the adapter over the
-//! storage core is `crate::writer::EngineWriter`; its metadata store is fenced with the lease
-//! epoch via `MetaStore::set_fence`, so every commit runs [`super::lease::fence`]'s check).
+//! storage core is `super::EngineWriter`; its metadata store is fenced with the lease epoch via
+//! `MetaStore::set_fence`, so every commit runs [`super::lease::fence`]'s check). The
+//! "answered by the writer" mark on its errors is [`crate::rpc::status::answered`].
 
 use super::lease::{LeaseError, LeaseKeeper};
-use super::pb::writer_server::Writer;
-use super::pb::{
+use crate::rpc::pb::writer_server::Writer;
+use crate::rpc::pb::{
     CreateCollectionRequest, CreateCollectionResponse, CreateIndexRequest, CreateIndexResponse,
     DeleteRequest, DeleteResponse, DropCollectionRequest, DropCollectionResponse, DropIndexRequest,
     DropIndexResponse, FlushRequest, FlushResponse, HealthRequest, HealthResponse, InsertRequest,
     InsertResponse, SetLoadedRequest, SetLoadedResponse,
 };
+use crate::rpc::status::answered;
 use std::future::Future;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -38,26 +40,6 @@ pub enum WriteError {
     /// Disk, WAL or metadata store failure.
     #[error("storage failure: {0}")]
     Storage(String),
-}
-
-/// gRPC metadata key on every error this service answers with. A caller that finds it knows
-/// the writer received the request and answered (relay the code and message); an error without
-/// it came from the transport (connection refused or broken, deadline), where the request's
-/// outcome may be unknown.
-pub const ANSWERED_BY: &str = "shoal-answered-by";
-
-/// Mark `s` as the writer's own answer (see [`ANSWERED_BY`]).
-pub fn answered(mut s: Status) -> Status {
-    s.metadata_mut().insert(
-        ANSWERED_BY,
-        tonic::metadata::MetadataValue::from_static("writer"),
-    );
-    s
-}
-
-/// Whether `s` is the writer's own answer rather than a transport failure.
-pub fn is_answer(s: &Status) -> bool {
-    s.metadata().get(ANSWERED_BY).is_some()
 }
 
 /// The one mapping from write errors to gRPC codes (no catch-all arm).
@@ -298,10 +280,11 @@ impl<B: WriterBackend> Writer for WriterService<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::lease;
-    use crate::cluster::pb::Row;
-    use crate::cluster::pb::writer_client::WriterClient;
-    use crate::cluster::pb::writer_server::WriterServer;
+    use crate::roles::writer::lease;
+    use crate::rpc::pb::Row;
+    use crate::rpc::pb::writer_client::WriterClient;
+    use crate::rpc::pb::writer_server::WriterServer;
+    use crate::rpc::status::is_answer;
     use parking_lot::Mutex;
     use sqlx::any::AnyPoolOptions;
     use std::time::Duration;
@@ -376,7 +359,7 @@ mod tests {
     #[tokio::test]
     async fn a_storage_error_is_the_writers_answer_and_is_relayed_not_reported_as_a_broken_connection()
      {
-        use crate::cluster::router_backend::{ForwardFailure, forward_failure, status_to_api};
+        use crate::rpc::status::{ForwardFailure, forward_failure, status_to_api};
         sqlx::any::install_default_drivers();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display());

@@ -1,6 +1,6 @@
 //! The router's search fan-out: plan segments onto readers ([`super::hrw`]), call `SearchShard`
 //! on every planned reader in parallel with a deadline, re-send a failed reader's segments to
-//! the next reader in hash order within the same request, and merge ([`super::merge`]).
+//! the next reader in hash order within the same request, and merge ([`crate::core::merge`]).
 //!
 //! Owns the gRPC clients to readers (one lazily connected channel per address) and the rule of
 //! which reader failures are retried elsewhere (unavailable, timeout, internal) and which are
@@ -8,9 +8,9 @@
 //! the REST layer; the router's backend calls [`search`].
 
 use super::hrw::{self, PlanError, SegmentId};
-use super::merge::{self, QueryCountMismatch};
-use super::pb::reader_client::ReaderClient;
-use super::pb::{Hit, SearchShardRequest};
+use crate::core::merge::{self, QueryCountMismatch};
+use crate::rpc::pb::reader_client::ReaderClient;
+use crate::rpc::pb::{Hit, NotifySegmentsRequest, SearchShardRequest};
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -140,7 +140,7 @@ async fn call(
     addr: &str,
     segments: Vec<SegmentId>,
     s: &ShardSearch,
-) -> Result<super::pb::SearchShardResponse, CallError> {
+) -> Result<crate::rpc::pb::SearchShardResponse, CallError> {
     let mut client = clients.get(addr).map_err(CallError::Fatal)?;
     let mut req = tonic::Request::new(SearchShardRequest {
         segment_ids: segments,
@@ -228,15 +228,47 @@ pub async fn search(
     Ok(out)
 }
 
+/// Push `version` to every reader in `readers` and wait until each serves it.
+/// Returns the readers that did not confirm within `timeout` (error or too slow).
+pub async fn wait_readers_caught_up(
+    clients: &ReaderClients,
+    readers: &[String],
+    version: u64,
+    timeout: Duration,
+) -> Vec<String> {
+    let calls = readers.iter().map(|addr| async move {
+        let ok = match clients.get(addr) {
+            Err(_) => false,
+            Ok(mut c) => {
+                let mut req = tonic::Request::new(NotifySegmentsRequest {
+                    catalog_version: version,
+                });
+                req.set_timeout(timeout);
+                match tokio::time::timeout(timeout, c.notify_segments(req)).await {
+                    Ok(Ok(resp)) => resp.into_inner().catalog_version >= version,
+                    Ok(Err(_)) | Err(_) => false,
+                }
+            }
+        };
+        (addr.clone(), ok)
+    });
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(a, _)| a)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::pb::reader_server::{Reader, ReaderServer};
-    use crate::cluster::pb::{
+    use crate::core::distance::l2_sq;
+    use crate::rpc::pb::reader_server::{Reader, ReaderServer};
+    use crate::rpc::pb::{
         GetRowsRequest, HealthRequest, HealthResponse, NotifySegmentsRequest,
         NotifySegmentsResponse, QueryHits, QueryShardRequest, RowsResponse, SearchShardResponse,
     };
-    use crate::core::distance::l2_sq;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -527,5 +559,104 @@ mod tests {
         assert!(is_retryable(Code::DeadlineExceeded));
         assert!(!is_retryable(Code::InvalidArgument));
         assert!(!is_retryable(Code::NotFound));
+    }
+}
+
+/// The router's flush wait against fake readers, each serving from its own [`VersionGate`].
+#[cfg(test)]
+mod flush_tests {
+    use super::*;
+    use crate::roles::reader::catalog::VersionGate;
+    use crate::rpc::pb::reader_server::{Reader, ReaderServer};
+    use crate::rpc::pb::{
+        GetRowsRequest, HealthRequest, HealthResponse, NotifySegmentsResponse, QueryShardRequest,
+        RowsResponse, SearchShardRequest, SearchShardResponse,
+    };
+    use std::sync::Arc;
+    use tonic::{Request, Response, Status};
+
+    /// A reader whose gate is advanced by a "poller" after a delay.
+    struct GateReader {
+        gate: Arc<VersionGate>,
+    }
+
+    #[tonic::async_trait]
+    impl Reader for GateReader {
+        async fn search_shard(
+            &self,
+            _: Request<SearchShardRequest>,
+        ) -> Result<Response<SearchShardResponse>, Status> {
+            Err(Status::unimplemented("test reader"))
+        }
+        async fn get_rows(
+            &self,
+            _: Request<GetRowsRequest>,
+        ) -> Result<Response<RowsResponse>, Status> {
+            Err(Status::unimplemented("test reader"))
+        }
+        async fn query_shard(
+            &self,
+            _: Request<QueryShardRequest>,
+        ) -> Result<Response<RowsResponse>, Status> {
+            Err(Status::unimplemented("test reader"))
+        }
+        async fn notify_segments(
+            &self,
+            req: Request<NotifySegmentsRequest>,
+        ) -> Result<Response<NotifySegmentsResponse>, Status> {
+            let v = req.into_inner().catalog_version;
+            match self.gate.wait_for(v, Duration::from_secs(5)).await {
+                Ok(have) => Ok(Response::new(NotifySegmentsResponse {
+                    catalog_version: have,
+                })),
+                Err(e) => Err(Status::deadline_exceeded(e.to_string())),
+            }
+        }
+        async fn health(
+            &self,
+            _: Request<HealthRequest>,
+        ) -> Result<Response<HealthResponse>, Status> {
+            Err(Status::unimplemented("test reader"))
+        }
+    }
+
+    async fn spawn(gate: Arc<VersionGate>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let r = l.accept().await.map(|(s, _)| s);
+            Some((r, l))
+        });
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(ReaderServer::new(GateReader { gate }))
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn flush_waits_until_every_reader_serves_the_version_and_names_laggards() {
+        let fast = Arc::new(VersionGate::new(0));
+        let slow = Arc::new(VersionGate::new(0));
+        let stuck = Arc::new(VersionGate::new(0));
+        let addrs = vec![
+            spawn(fast.clone()).await,
+            spawn(slow.clone()).await,
+            spawn(stuck.clone()).await,
+        ];
+        fast.advance(7);
+        let slow2 = slow.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            slow2.advance(7);
+        });
+        let clients = ReaderClients::new(Duration::from_secs(1));
+        let laggards =
+            wait_readers_caught_up(&clients, &addrs, 7, Duration::from_millis(1500)).await;
+        assert_eq!(laggards, vec![addrs[2].clone()]);
+        assert_eq!(slow.current(), 7);
     }
 }

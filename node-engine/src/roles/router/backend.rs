@@ -9,7 +9,7 @@
 //!   a collection the cache does not know; a search never scans the metadata store;
 //! - **writes**: collection and index DDL, load/release, insert/upsert, delete and flush are
 //!   forwarded to the writer's gRPC service; `flush` returns once every live reader serves the
-//!   flushed catalogue version ([`super::catalog_sync::wait_readers_caught_up`]); readers that
+//!   flushed catalogue version ([`super::fanout::wait_readers_caught_up`]); readers that
 //!   lag are marked failed so they get no traffic until their next health check passes;
 //!   while the writer cannot be reached (restarted, or replaced behind the same name) a
 //!   forwarded write is retried with backoff for up to `writer_failover`; a write whose
@@ -27,18 +27,10 @@
 //! standalone role answer the same bad request with the same code. gRPC statuses from the
 //! writer and readers map to Milvus codes in one place ([`status_to_api`]).
 
-use super::catalog_sync::wait_readers_caught_up;
+use super::fanout::wait_readers_caught_up;
 use super::fanout::{self, FanoutError, ReaderClients, ShardSearch, is_retryable};
 use super::hrw::{self, SegmentId};
 use super::membership::{self, Discovery, HealthPolicy, Membership, ReaderState};
-use super::merge;
-use super::pb::writer_client::WriterClient;
-use super::pb::{
-    CreateCollectionRequest, CreateIndexRequest, DeleteRequest, DropCollectionRequest,
-    DropIndexRequest, FlushRequest, GetRowsRequest, HealthRequest, InsertRequest,
-    QueryShardRequest, ResultRow, Row, RowsResponse, SearchParams as PbSearchParams,
-    SearchShardRequest, SetLoadedRequest,
-};
 use crate::api::backend::{
     Backend, CollectionDetails, CollectionMeta, FilterExpr, IndexProgress, QueryRequest,
     ReadFields, SearchRequest, WriteRows,
@@ -46,9 +38,18 @@ use crate::api::backend::{
 use crate::api::error::{ApiError, code};
 use crate::api::metrics::Metrics;
 use crate::core::error_chain as chain;
+use crate::core::merge;
 use crate::core::meta::{IndexRecord, MetaStore, SegmentRecord};
 use crate::core::storage::collection::{Hit, RowOut, Schema};
 use crate::core::types::Metric;
+use crate::rpc::pb::writer_client::WriterClient;
+use crate::rpc::pb::{
+    CreateCollectionRequest, CreateIndexRequest, DeleteRequest, DropCollectionRequest,
+    DropIndexRequest, FlushRequest, GetRowsRequest, HealthRequest, InsertRequest,
+    QueryShardRequest, ResultRow, Row, RowsResponse, SearchParams as PbSearchParams,
+    SearchShardRequest, SetLoadedRequest,
+};
+use crate::rpc::status::{ForwardFailure, forward_failure, internal, status_to_api};
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -124,35 +125,6 @@ pub enum RouterError {
         #[source]
         source: tonic::transport::Error,
     },
-}
-
-fn internal(what: impl std::fmt::Display) -> ApiError {
-    ApiError::new(code::INTERNAL, format!("internal error: {what}"))
-}
-
-/// The one mapping from a writer's or reader's gRPC status to the client's Milvus code.
-pub fn status_to_api(from: &str, s: &tonic::Status) -> ApiError {
-    use tonic::Code;
-    match s.code() {
-        Code::NotFound => ApiError::new(code::COLLECTION_NOT_FOUND, s.message().to_string()),
-        Code::AlreadyExists => ApiError::invalid("collectionName", s.message()),
-        Code::InvalidArgument | Code::OutOfRange => {
-            ApiError::new(code::INVALID_PARAMETER, s.message().to_string())
-        }
-        Code::Ok
-        | Code::Cancelled
-        | Code::Unknown
-        | Code::DeadlineExceeded
-        | Code::PermissionDenied
-        | Code::ResourceExhausted
-        | Code::FailedPrecondition
-        | Code::Aborted
-        | Code::Unimplemented
-        | Code::Internal
-        | Code::Unavailable
-        | Code::DataLoss
-        | Code::Unauthenticated => internal(format!("{from}: {}", s.message())),
-    }
 }
 
 fn fanout_to_api(e: FanoutError) -> ApiError {
@@ -441,7 +413,7 @@ impl RouterBackend {
         call: F,
     ) -> Result<Vec<RowsResponse>, ApiError>
     where
-        F: Fn(super::pb::reader_client::ReaderClient<Channel>, Vec<SegmentId>) -> Fut,
+        F: Fn(crate::rpc::pb::reader_client::ReaderClient<Channel>, Vec<SegmentId>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<RowsResponse>, tonic::Status>>,
     {
         if segments.is_empty() {
@@ -508,7 +480,7 @@ impl RouterBackend {
         call: F,
     ) -> Result<(CachedCollection, Vec<RowsResponse>), ApiError>
     where
-        F: Fn(super::pb::reader_client::ReaderClient<Channel>, Vec<SegmentId>, u64) -> Fut,
+        F: Fn(crate::rpc::pb::reader_client::ReaderClient<Channel>, Vec<SegmentId>, u64) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<RowsResponse>, tonic::Status>>,
     {
         let mut attempt = 0;
@@ -603,57 +575,6 @@ impl RouterBackend {
 
 fn writer_err(s: tonic::Status) -> ApiError {
     status_to_api("writer", &s)
-}
-
-/// What a failed writer call says about the write it carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForwardFailure {
-    /// No connection to the writer could be made (refused, unresolvable, connect timeout):
-    /// the request never left the router, so sending it again is always safe.
-    NotSent,
-    /// The connection broke or the deadline passed with the request in flight: the writer may
-    /// or may not have applied it.
-    Unknown,
-    /// The writer answered with an error: retrying would get the same answer.
-    Answered,
-}
-
-/// Classify a failed writer call. An error the writer service answered with carries its
-/// [`super::writer_service::ANSWERED_BY`] mark: relayed as it is, whatever its code (a WAL
-/// permission error is `Unavailable` too). For the rest, tonic turns connect failures into
-/// `Unavailable` with the connector's message and keeps no source, so the message is what tells
-/// a request never sent from one that broke in flight.
-pub fn forward_failure(s: &tonic::Status) -> ForwardFailure {
-    use tonic::Code;
-    if super::writer_service::is_answer(s) {
-        return ForwardFailure::Answered;
-    }
-    let connect = {
-        let m = s.message();
-        ["tcp connect error", "tcp open error", "dns error"]
-            .iter()
-            .any(|p| m.contains(p))
-    };
-    match s.code() {
-        Code::Unavailable if connect => ForwardFailure::NotSent,
-        Code::Unavailable
-        | Code::Cancelled
-        | Code::Unknown
-        | Code::DeadlineExceeded
-        | Code::Internal
-        | Code::DataLoss
-        | Code::Aborted => ForwardFailure::Unknown,
-        Code::Ok
-        | Code::InvalidArgument
-        | Code::NotFound
-        | Code::AlreadyExists
-        | Code::PermissionDenied
-        | Code::ResourceExhausted
-        | Code::FailedPrecondition
-        | Code::OutOfRange
-        | Code::Unimplemented
-        | Code::Unauthenticated => ForwardFailure::Answered,
-    }
 }
 
 /// Whether sending a write twice leaves the same state and answer as sending it once.

@@ -19,18 +19,14 @@
 //! write + fsync, the data directory's filesystem answers ([`crate::probes`]) and the metadata
 //! store answers; `/healthz` is liveness only (a dead mount is not healed by a restart).
 
+pub mod lease;
+pub mod service;
+
 use crate::api::error::{ApiError, code};
-use crate::api::lifecycle::Lifecycle;
 use crate::api::rest::{AppState, Ctx};
-use crate::api::stop_servers;
-use crate::cluster::lease::{self, LeaseError, LeaseKeeper};
-use crate::cluster::pb::writer_server::WriterServer;
-use crate::cluster::pb::{CreateCollectionRequest, CreateIndexRequest, InsertRequest, Row};
-use crate::cluster::startup::{MetaAccess, MetaStartupError, connect_meta};
-use crate::cluster::writer_service::{WriteError, WriterBackend, WriterService};
 use crate::config::{
     ConfigError, DEFAULT_GRPC_LISTEN, DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, LogFormat,
-    auth_token, default_node_id, duration, load_toml,
+    auth_token, default_node_id, duration, load_toml, require_meta,
 };
 use crate::core::engine::{Engine, EngineConfig, EngineError};
 use crate::core::error_chain as chain;
@@ -43,12 +39,20 @@ use crate::core::storage::collection::{
 use crate::core::storage::wal::RowBatch;
 use crate::core::types::Metric;
 use crate::probes::{DirCheck, DirProbe};
+use crate::rpc::pb::writer_server::WriterServer;
+use crate::rpc::pb::{CreateCollectionRequest, CreateIndexRequest, InsertRequest, Row};
+use crate::server::lifecycle::Lifecycle;
+use crate::server::spawn_grpc;
+use crate::server::startup::{MetaAccess, MetaStartupError, connect_meta};
+use crate::server::stop_servers;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use clap::Args;
+use lease::{LeaseError, LeaseKeeper};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use service::{WriteError, WriterBackend, WriterService};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -164,25 +168,6 @@ impl std::fmt::Debug for WriterConfig {
     }
 }
 
-/// The metadata URL is required for the cluster roles; say where to put it when missing.
-pub(crate) fn require_meta(v: Option<String>) -> Result<String, ConfigError> {
-    match v.filter(|m| !m.trim().is_empty()) {
-        Some(m)
-            if m.starts_with("sqlite:") || m.starts_with("mysql:") || m.starts_with("mariadb:") =>
-        {
-            Ok(m)
-        }
-        Some(m) => Err(ConfigError::Invalid {
-            key: "meta",
-            reason: format!("{:?} is not a mysql:// or sqlite: URL", redact(&m)),
-        }),
-        None => Err(ConfigError::Invalid {
-            key: "meta",
-            reason: "required: pass --meta or set SHOAL_META (mysql://... or sqlite://...)".into(),
-        }),
-    }
-}
-
 impl WriterArgs {
     /// Merge flags/env with the TOML file and defaults.
     pub fn resolve(self) -> Result<WriterConfig, ConfigError> {
@@ -224,15 +209,13 @@ impl WriterArgs {
             )?,
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             auth_token,
-            shutdown_delay: crate::config::delay(
-                "shutdown_delay",
-                self.shutdown_delay.or(file.shutdown_delay),
-                crate::config::SHUTDOWN_DELAY,
+            shutdown_delay: crate::config::shutdown_delay(
+                self.shutdown_delay,
+                file.shutdown_delay,
             )?,
-            meta_startup_timeout: duration(
-                "meta_startup_timeout",
-                self.meta_startup_timeout.or(file.meta_startup_timeout),
-                crate::cluster::startup::META_STARTUP_TIMEOUT,
+            meta_startup_timeout: crate::config::meta_startup_timeout(
+                self.meta_startup_timeout,
+                file.meta_startup_timeout,
             )?,
         })
     }
@@ -250,7 +233,7 @@ pub enum WriterRunError {
     #[error("failed to open the engine")]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Bind(#[from] crate::api::BindError),
+    Bind(#[from] crate::server::BindError),
     #[error("{what} server failed: {detail}")]
     Serve { what: &'static str, detail: String },
     /// The shutdown signal came during start-up (not an error: the process exits 0).
@@ -643,31 +626,6 @@ fn ops_router(ops: Arc<Ops>) -> axum::Router {
         .with_state(ops)
 }
 
-/// A TCP listener as the stream of connections tonic serves.
-pub(crate) fn incoming(
-    l: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(l, |l| async move {
-        let r = l.accept().await.map(|(s, _)| s);
-        Some((r, l))
-    })
-}
-
-/// Serve the gRPC `routes` on `listener` in a task until `stop` resolves.
-pub(crate) fn spawn_grpc(
-    listener: tokio::net::TcpListener,
-    routes: tonic::service::Routes,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<Result<(), String>> {
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener), stop)
-            .await
-            .map_err(|e| chain(&e))
-    })
-}
-
 /// Wait until the lease can be taken, then take it; also returns the instant from before the
 /// successful attempt (the keeper's local deadline counts from it).
 async fn acquire(
@@ -734,9 +692,9 @@ pub async fn run(
 ) -> Result<(), WriterRunError> {
     // The ops listener answers from the start: live, and not ready until the writer serves.
     let life = Lifecycle::starting("connecting to the metadata store");
-    let ops_l = crate::api::bind(cfg.metrics_listen).await?;
-    let stop = crate::api::StopSignal::default();
-    let ops_task = crate::api::spawn_http(ops_l, life.router(), stop.wait());
+    let ops_l = crate::server::bind(cfg.metrics_listen).await?;
+    let stop = crate::server::StopSignal::default();
+    let ops_task = crate::server::spawn_http(ops_l, life.router(), stop.wait());
     let mut shutdown = std::pin::pin!(shutdown);
     let started = tokio::select! {
         r = start(&cfg, &life) => r,
@@ -776,7 +734,7 @@ pub async fn run(
         cfg.wal_dir.clone(),
     )
     .await?;
-    let (state, rest, _standalone_ops) = crate::standalone::build_with_engine(
+    let (state, rest, _standalone_ops) = crate::api::build_local(
         engine.clone(),
         cfg.auth_token.clone(),
         crate::api::metrics::Metrics::new(),
@@ -818,13 +776,13 @@ pub async fn run(
         keeper.clone(),
         cfg.node_id.clone(),
     );
-    let rest_l = crate::api::bind(cfg.listen).await?;
-    let grpc_l = crate::api::bind(cfg.grpc_listen).await?;
+    let rest_l = crate::server::bind(cfg.listen).await?;
+    let grpc_l = crate::server::bind(cfg.grpc_listen).await?;
     tracing::info!(rest = %cfg.listen, grpc = %cfg.grpc_listen, metrics = %cfg.metrics_listen,
         data_dir = %cfg.data_dir.display(), epoch = lease.epoch, "shoal writer ready");
 
     life.serve(ops);
-    let rest_task = crate::api::spawn_http(rest_l, rest, stop.wait());
+    let rest_task = crate::server::spawn_http(rest_l, rest, stop.wait());
     // The router forwards REST inserts of up to the REST body limit (256 MiB) in one message;
     // tonic's 4 MiB default refused a 10,000 x 128-d insert.
     let grpc = tonic::service::Routes::new(
@@ -873,7 +831,7 @@ mod tests {
     #[derive(clap::Subcommand)]
     enum Role {
         Writer(WriterArgs),
-        Reader(crate::reader::ReaderArgs),
+        Reader(crate::roles::reader::ReaderArgs),
     }
 
     fn parse(args: &[&str]) -> Role {

@@ -6,14 +6,11 @@
 //!
 //! Owns the retry policy; the connection itself is [`MetaStore`]'s.
 
-use crate::api::lifecycle::Lifecycle;
 use crate::core::error_chain as chain;
 use crate::core::meta::{MetaError, MetaStore, redact};
+use crate::server::lifecycle::Lifecycle;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// Default of `--meta-startup-timeout`: how long start-up retries the metadata store.
-pub const META_STARTUP_TIMEOUT: &str = "60s";
 
 /// First and longest pause between two connection attempts.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);

@@ -2,7 +2,7 @@
 //! global top-k, for every metric.
 //!
 //! Owns the one ranking rule of the cluster: internal distance ascending (smaller is better for
-//! every metric, see [`crate::core::types::Neighbor`]; IP/COSINE are negated similarities), ties
+//! every metric, see [`crate::types::Neighbor`]; IP/COSINE are negated similarities), ties
 //! by smaller id, NaN last; an id that appears in several parts (a row found twice, e.g. by a
 //! re-sent segment) is kept once with its best distance. Also merges `query` rows (by id) and
 //! counts. Pure: no I/O.
@@ -14,15 +14,6 @@ use std::collections::HashSet;
 pub trait Ranked {
     fn id(&self) -> i64;
     fn dist(&self) -> f32;
-}
-
-impl Ranked for super::pb::Hit {
-    fn id(&self) -> i64 {
-        self.id
-    }
-    fn dist(&self) -> f32 {
-        self.distance
-    }
 }
 
 /// The total order of hits: distance ascending (`total_cmp`, so NaN sorts after +inf and never
@@ -111,8 +102,8 @@ pub fn merge_rows<R, F: Fn(&R) -> i64>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::distance::{dot, l2_sq};
-    use crate::core::types::Metric;
+    use crate::distance::{dot, l2_sq};
+    use crate::types::Metric;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
