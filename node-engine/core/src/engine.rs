@@ -41,6 +41,20 @@ pub enum EngineError {
     Collection(#[from] CollectionError),
 }
 
+impl crate::error::Classify for EngineError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            EngineError::CollectionNotFound(_) => ErrorKind::NotFound,
+            EngineError::CollectionExists(_) => ErrorKind::AlreadyExists,
+            EngineError::InvalidParam { .. } => ErrorKind::InvalidRequest,
+            EngineError::Io { .. } => ErrorKind::Unavailable,
+            EngineError::Meta(e) => e.kind(),
+            EngineError::Collection(e) => e.kind(),
+        }
+    }
+}
+
 impl From<IndexError> for EngineError {
     fn from(e: IndexError) -> Self {
         EngineError::Collection(CollectionError::Index(e))

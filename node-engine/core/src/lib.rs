@@ -6,6 +6,7 @@
 pub mod bitset;
 pub mod distance;
 pub mod engine;
+pub mod error;
 pub mod filter;
 pub mod index;
 pub mod indexer;

@@ -61,6 +61,18 @@ pub enum IndexError {
     },
 }
 
+impl crate::error::Classify for IndexError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            IndexError::InvalidParam { .. } | IndexError::DimensionMismatch { .. } => {
+                ErrorKind::InvalidRequest
+            }
+            IndexError::Corrupt { .. } | IndexError::Io { .. } => ErrorKind::Unavailable,
+        }
+    }
+}
+
 /// The read side of an index: what readers and the search path use.
 pub trait VectorIndexRead: Send + Sync {
     fn index_type(&self) -> IndexType;

@@ -57,6 +57,19 @@ pub enum MetaError {
     Fenced { epoch: u64, current: u64 },
 }
 
+impl crate::error::Classify for MetaError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            MetaError::Fenced { .. } => ErrorKind::Fenced,
+            MetaError::Connect { .. }
+            | MetaError::Migrate { .. }
+            | MetaError::Query { .. }
+            | MetaError::UnsupportedUrl(_) => ErrorKind::Unavailable,
+        }
+    }
+}
+
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> MetaError {
     move |source| MetaError::Query { what, source }
 }

@@ -63,6 +63,24 @@ pub enum CollectionError {
     Task(String),
 }
 
+impl crate::error::Classify for CollectionError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            CollectionError::InvalidRow { .. } | CollectionError::InvalidParam { .. } => {
+                ErrorKind::InvalidRequest
+            }
+            CollectionError::NotLoaded(_) => ErrorKind::NotLoaded,
+            CollectionError::Index(e) => e.kind(),
+            CollectionError::Meta(e) => e.kind(),
+            CollectionError::Wal(_)
+            | CollectionError::Segment(_)
+            | CollectionError::WriterStopped
+            | CollectionError::Task(_) => ErrorKind::Unavailable,
+        }
+    }
+}
+
 /// Static definition of a collection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schema {

@@ -32,9 +32,10 @@ use crate::config::{
     load_toml, require_meta,
 };
 use crate::core::engine::schema_of;
+use crate::core::error::Classify;
 use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
-use crate::core::index::{IndexError, SearchParams};
+use crate::core::index::SearchParams;
 use crate::core::meta::{CatalogSnapshot, MetaStore, redact};
 use crate::core::storage::collection::{
     Collection, CollectionError, CollectionRead, FlatOffload, Output, ReplicaListing, RowOut,
@@ -440,24 +441,16 @@ fn fields_json(s: &Schema, names: &[String], row: &RowOut) -> Vec<u8> {
     serde_json::to_vec(&Value::Object(o)).unwrap_or_default()
 }
 
+/// A core error as the reader's answer, by its kind: a user error is the request's fault (the
+/// router must not retry it elsewhere); any service error makes the router ask another reader.
 fn collection_err(e: CollectionError) -> ShardError {
-    match e {
-        e @ (CollectionError::InvalidRow { .. }
-        | CollectionError::InvalidParam { .. }
-        | CollectionError::NotLoaded(_)
-        | CollectionError::Index(IndexError::InvalidParam { .. })
-        | CollectionError::Index(IndexError::DimensionMismatch { .. })) => {
-            ShardError::InvalidRequest(e.to_string())
-        }
-        e @ (CollectionError::Index(IndexError::Corrupt { .. } | IndexError::Io { .. })
-        | CollectionError::Wal(_)
-        | CollectionError::Segment(_)
-        | CollectionError::Meta(_)
-        | CollectionError::WriterStopped
-        | CollectionError::Task(_)) => ShardError::SegmentUnavailable {
+    if e.kind().is_user() {
+        ShardError::InvalidRequest(e.to_string())
+    } else {
+        ShardError::SegmentUnavailable {
             segment: 0,
             reason: chain(&e),
-        },
+        }
     }
 }
 

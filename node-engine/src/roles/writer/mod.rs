@@ -29,9 +29,9 @@ use crate::config::{
     auth_token, default_node_id, duration, load_toml, require_meta,
 };
 use crate::core::engine::{Engine, EngineConfig, EngineError};
+use crate::core::error::{Classify, ErrorKind};
 use crate::core::error_chain as chain;
 use crate::core::filter::Filter;
-use crate::core::index::IndexError;
 use crate::core::meta::{MetaError, MetaStore, redact};
 use crate::core::storage::collection::{
     Collection, CollectionError, CollectionRead, CollectionWrite, Schema, StorageOptions,
@@ -246,36 +246,35 @@ pub enum WriterRunError {
 
 // ---------------------------------------------------------------- the gRPC backend
 
-fn meta_err(e: MetaError) -> WriteError {
-    match &e {
-        MetaError::Fenced { .. } => WriteError::Fenced(e.to_string()),
-        MetaError::Connect { .. }
-        | MetaError::Migrate { .. }
-        | MetaError::Query { .. }
-        | MetaError::UnsupportedUrl(_) => WriteError::Storage(chain(&e)),
+/// The one mapping from a core error to the writer's answer, by its [`ErrorKind`]: a user error
+/// is the request's fault (its message, without the causes), a fenced commit tells the router
+/// this process is no longer the writer, anything else is a storage failure (with its causes).
+fn core_err<E: Classify>(e: &E) -> WriteError {
+    match e.kind() {
+        ErrorKind::InvalidRequest
+        | ErrorKind::NotFound
+        | ErrorKind::AlreadyExists
+        | ErrorKind::NotLoaded => WriteError::InvalidRequest(e.to_string()),
+        ErrorKind::Fenced => WriteError::Fenced(e.to_string()),
+        ErrorKind::Unavailable => WriteError::Storage(chain(e)),
     }
+}
+
+fn meta_err(e: MetaError) -> WriteError {
+    core_err(&e)
 }
 
 fn collection_err(e: CollectionError) -> WriteError {
     match e {
-        e @ (CollectionError::InvalidRow { .. }
-        | CollectionError::InvalidParam { .. }
-        | CollectionError::NotLoaded(_)
-        | CollectionError::Index(IndexError::InvalidParam { .. })
-        | CollectionError::Index(IndexError::DimensionMismatch { .. })) => {
-            WriteError::InvalidRequest(e.to_string())
-        }
+        // The metadata store's own message (a fenced commit names the epochs).
         CollectionError::Meta(m) => meta_err(m),
-        e @ (CollectionError::Index(IndexError::Corrupt { .. } | IndexError::Io { .. })
-        | CollectionError::Wal(_)
-        | CollectionError::Segment(_)
-        | CollectionError::WriterStopped
-        | CollectionError::Task(_)) => WriteError::Storage(chain(&e)),
+        e => core_err(&e),
     }
 }
 
 fn engine_err(e: EngineError) -> WriteError {
     match e {
+        // The variants that name a collection answer with their own codes and the bare name.
         EngineError::CollectionNotFound(n) => WriteError::CollectionNotFound(n),
         EngineError::CollectionExists(n) => WriteError::CollectionExists(n),
         EngineError::InvalidParam { name, reason } => {
@@ -283,21 +282,20 @@ fn engine_err(e: EngineError) -> WriteError {
         }
         EngineError::Meta(m) => meta_err(m),
         EngineError::Collection(c) => collection_err(c),
-        e @ EngineError::Io { .. } => WriteError::Storage(chain(&e)),
+        e @ EngineError::Io { .. } => core_err(&e),
     }
 }
 
-/// REST-layer errors from the shared index handlers.
+/// REST-layer errors from the shared index handlers, by the kind the REST error kept from its
+/// cause (a fenced commit stays recognisable without reading the message).
 fn api_err(e: ApiError) -> WriteError {
-    match e.code {
-        code::COLLECTION_NOT_FOUND => WriteError::CollectionNotFound(e.message),
-        // The REST layer flattens a fenced commit into an internal error; keep it recognisable
-        // so the router learns that this process is no longer the writer.
-        code::INTERNAL if e.message.contains("metadata commit fenced") => {
-            WriteError::Fenced(e.message)
+    match e.kind {
+        ErrorKind::NotFound => WriteError::CollectionNotFound(e.message),
+        ErrorKind::Fenced => WriteError::Fenced(e.message),
+        ErrorKind::Unavailable => WriteError::Storage(e.message),
+        ErrorKind::InvalidRequest | ErrorKind::AlreadyExists | ErrorKind::NotLoaded => {
+            WriteError::InvalidRequest(e.message)
         }
-        code::INTERNAL => WriteError::Storage(e.message),
-        _ => WriteError::InvalidRequest(e.message),
     }
 }
 
