@@ -15,6 +15,7 @@ pub mod meta;
 pub mod storage;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+pub mod topk;
 pub mod types;
 
 /// An error and its whole `source()` chain as one line (`outer: inner: root`), for messages

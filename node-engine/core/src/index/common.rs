@@ -1,11 +1,10 @@
-//! Pieces every ANN index shares: metric-aware distance, the bounded top-k heap, query
-//! preparation (COSINE normalisation) and Milvus-style parameter reading.
+//! Pieces every ANN index shares: metric-aware distance, query preparation (COSINE
+//! normalisation) and Milvus-style parameter reading. The bounded top-k heap is
+//! [`crate::topk::TopK`].
 
 use super::IndexError;
 use crate::distance;
-use crate::types::{Metric, Neighbor};
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use crate::types::Metric;
 
 /// Internal distance between two prepared vectors (COSINE vectors are already unit length).
 #[inline]
@@ -25,110 +24,6 @@ pub fn prepare(metric: Metric, dim: usize, v: &[f32]) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Heap entry ordered by [`Neighbor::cmp_rank`] (max at the top: the worst kept hit).
-#[derive(Clone, Copy, Debug)]
-pub struct Ranked(pub Neighbor);
-
-impl PartialEq for Ranked {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Ranked {}
-impl PartialOrd for Ranked {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Ranked {
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.0.cmp_rank(&o.0)
-    }
-}
-
-/// Keeps the `k` best neighbours seen.
-pub struct TopK {
-    k: usize,
-    heap: BinaryHeap<Ranked>,
-}
-
-impl Default for TopK {
-    fn default() -> Self {
-        Self::new(0)
-    }
-}
-
-impl TopK {
-    pub fn new(k: usize) -> Self {
-        Self {
-            k,
-            heap: BinaryHeap::with_capacity(k + 1),
-        }
-    }
-
-    /// Distance a candidate must beat to enter (infinite until full).
-    #[inline]
-    pub fn bound(&self) -> f32 {
-        if self.heap.len() < self.k {
-            f32::INFINITY
-        } else {
-            self.heap.peek().map_or(f32::INFINITY, |r| r.0.dist)
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
-
-    #[inline]
-    pub fn push(&mut self, row: u32, dist: f32) {
-        if self.k == 0 {
-            return;
-        }
-        let n = Neighbor { row, dist };
-        if self.heap.len() < self.k {
-            self.heap.push(Ranked(n));
-        } else if let Some(top) = self.heap.peek()
-            && n.cmp_rank(&top.0) == Ordering::Less
-        {
-            self.heap.pop();
-            self.heap.push(Ranked(n));
-        }
-    }
-
-    /// Empty the heap for a new search keeping `k` hits, reusing its allocation.
-    pub fn reset(&mut self, k: usize) {
-        self.k = k;
-        self.heap.clear();
-    }
-
-    /// The kept hits in rank order; the heap is left empty with its allocation (for
-    /// [`reset`](Self::reset)), so only the returned vector is allocated.
-    /// The entries held, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = Neighbor> + '_ {
-        self.heap.iter().map(|r| r.0)
-    }
-
-    pub fn take_sorted(&mut self) -> Vec<Neighbor> {
-        let mut out: Vec<Neighbor> = self.heap.drain().map(|r| r.0).collect();
-        out.sort_unstable_by(Neighbor::cmp_rank);
-        out
-    }
-
-    /// The kept hits in no particular order, leaving the heap empty with its allocation.
-    pub fn drain(&mut self) -> impl Iterator<Item = Neighbor> + '_ {
-        self.heap.drain().map(|r| r.0)
-    }
-
-    pub fn into_sorted(self) -> Vec<Neighbor> {
-        self.heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|r| r.0)
-            .collect()
-    }
 }
 
 /// Reads an optional integer parameter, accepting JSON numbers or numeric strings (Milvus

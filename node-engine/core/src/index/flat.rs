@@ -20,10 +20,9 @@
 use crate::bitset::Bitset;
 use crate::distance;
 use crate::index::{IndexError, SearchParams, VectorIndexRead};
+use crate::topk::TopK;
 use crate::types::{IndexType, Metric, Neighbor};
 use rayon::prelude::*;
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 
 /// Below this many queries a batch is answered query by query (a GEMM tile would be mostly empty).
 const BATCH_MIN_QUERIES: usize = 8;
@@ -310,7 +309,7 @@ impl View<'_> {
             for (j, &d) in out.iter().enumerate() {
                 let row = start + j;
                 if filter.is_none_or(|f| f.contains(row)) {
-                    top.push(row as u32, d);
+                    top.push_row(row as u32, d);
                 }
             }
             start = end;
@@ -404,7 +403,7 @@ impl View<'_> {
                 let qt = q_terms[qi];
                 let mut hits: Vec<Neighbor> = tops
                     .into_iter()
-                    .flat_map(|t| t.heap.into_iter().map(|r| r.0))
+                    .flat_map(TopK::into_unsorted)
                     .map(|nb| Neighbor {
                         row: nb.row,
                         dist: self.exact_dist(q, qt, nb.row as usize),
@@ -483,13 +482,13 @@ impl View<'_> {
                         }
                     }
                 }
-                let mut j = distance::next_below(dists, 0, top.threshold(), false);
+                let mut j = distance::next_below(dists, 0, top.bound(), false);
                 while j < nb {
                     let row = t0 + j;
                     if filter.is_none_or(|f| f.contains(row)) {
-                        top.push(row as u32, dists[j]);
+                        top.push_row(row as u32, dists[j]);
                     }
-                    j = distance::next_below(dists, j + 1, top.threshold(), false);
+                    j = distance::next_below(dists, j + 1, top.bound(), false);
                 }
             }
             t0 = t1;
@@ -663,8 +662,8 @@ mod fused {
                     let j = mask.trailing_zeros() as usize;
                     mask &= mask - 1;
                     if let Some(top) = tops.get_mut(j) {
-                        top.push(row0 + i as u32, buf[j]);
-                        thr[j] = top.threshold();
+                        top.push_row(row0 + i as u32, buf[j]);
+                        thr[j] = top.bound();
                     }
                 }
             }
@@ -672,77 +671,8 @@ mod fused {
     }
 }
 
-/// A neighbour ordered by [`Neighbor::cmp_rank`] (for the bounded max-heap).
-#[derive(Clone, Copy)]
-struct Ranked(Neighbor);
-
-impl PartialEq for Ranked {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for Ranked {}
-impl PartialOrd for Ranked {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Ranked {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.cmp_rank(&other.0)
-    }
-}
-
-/// The best `k` neighbours seen so far (a max-heap on rank, worst on top).
-pub(crate) struct TopK {
-    k: usize,
-    heap: BinaryHeap<Ranked>,
-}
-
-impl TopK {
-    pub(crate) fn new(k: usize) -> Self {
-        Self {
-            k,
-            heap: BinaryHeap::with_capacity(k + 1),
-        }
-    }
-
-    /// Distance a candidate must beat (strictly) to enter; +inf until the heap is full.
-    #[inline]
-    pub(crate) fn threshold(&self) -> f32 {
-        if self.heap.len() < self.k {
-            f32::INFINITY
-        } else {
-            self.heap.peek().map_or(f32::INFINITY, |r| r.0.dist)
-        }
-    }
-
-    #[inline]
-    pub(crate) fn push(&mut self, row: u32, dist: f32) {
-        let cand = Neighbor { row, dist };
-        if self.heap.len() < self.k {
-            self.heap.push(Ranked(cand));
-        } else if let Some(mut worst) = self.heap.peek_mut()
-            && cand.cmp_rank(&worst.0) == Ordering::Less
-        {
-            *worst = Ranked(cand);
-        }
-    }
-
-    pub(crate) fn into_sorted(self) -> Vec<Neighbor> {
-        self.heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|r| r.0)
-            .collect()
-    }
-}
-
 fn merge(tops: Vec<TopK>, k: usize) -> Vec<Neighbor> {
-    let mut all: Vec<Neighbor> = tops
-        .into_iter()
-        .flat_map(|t| t.heap.into_iter().map(|r| r.0))
-        .collect();
+    let mut all: Vec<Neighbor> = tops.into_iter().flat_map(TopK::into_unsorted).collect();
     all.sort_by(|a, b| a.cmp_rank(b));
     all.truncate(k);
     all

@@ -9,11 +9,12 @@
 //! (hnswlib's `isIdAllowed` rule). When a filter keeps so few rows that a graph walk would
 //! visit most of the graph anyway, the allowed rows are scanned exactly instead.
 
-use super::common::{TopK, check_queries, dist, prepare};
+use super::common::{check_queries, dist, prepare};
 use super::persist::{Buf, FileReader, FileWriter};
 use super::{IndexError, SearchParams, VectorIndex, VectorIndexRead};
 use crate::bitset::Bitset;
 use crate::distance;
+use crate::topk::TopK;
 use crate::types::{IndexType, Metric, Neighbor};
 use parking_lot::{Mutex, RwLock};
 use rand::{Rng, SeedableRng};
@@ -602,7 +603,7 @@ impl HnswIndex {
         {
             let mut top = TopK::new(k);
             for row in f.iter_ones().take_while(|&r| r < meta.n) {
-                top.push(row as u32, ctx.d(&q, row as u32));
+                top.push_row(row as u32, ctx.d(&q, row as u32));
             }
             return top.into_sorted();
         }
@@ -621,7 +622,7 @@ impl HnswIndex {
         self.pool.lock().push(visited);
         let mut top = TopK::new(k);
         for c in res {
-            top.push(c.id, c.d);
+            top.push_row(c.id, c.d);
         }
         top.into_sorted()
     }

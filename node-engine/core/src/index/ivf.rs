@@ -8,11 +8,12 @@
 //! its distance is computed, so the result still holds `k` allowed rows when `nprobe` lists
 //! contain them.
 
-use super::common::{TopK, check_queries, dist, prepare};
+use super::common::{check_queries, dist, prepare};
 use super::persist::{Buf, FileReader, FileWriter};
 use super::{IndexError, SearchParams, VectorIndex, VectorIndexRead, kmeans};
 use crate::bitset::Bitset;
 use crate::distance;
+use crate::topk::TopK;
 use crate::types::{IndexType, Metric, Neighbor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -167,7 +168,7 @@ fn push_scored(top: &mut TopK, ids: &[u32], dists: &[f32]) {
     let dists = &dists[..dists.len().min(ids.len())];
     let mut i = distance::next_below(dists, 0, top.bound(), true);
     while i < dists.len() {
-        top.push(ids[i], dists[i]);
+        top.push_row(ids[i], dists[i]);
         i = distance::next_below(dists, i + 1, top.bound(), true);
     }
 }
@@ -781,7 +782,7 @@ impl IvfIndex {
                     }
                     _ => dist(metric, q, &self.vectors[p * dim..(p + 1) * dim]),
                 };
-                top.push(row, d);
+                top.push_row(row, d);
             }
         }
         top.take_sorted()
@@ -875,7 +876,7 @@ impl IvfIndex {
                 for (p, &d) in (s0..e0).zip(buf.iter()) {
                     let d = base + d;
                     if d <= top.bound() {
-                        top.push(key(p), d);
+                        top.push_row(key(p), d);
                     }
                 }
                 continue;
@@ -890,7 +891,7 @@ impl IvfIndex {
                     } else {
                         adc16(lut, ksub, code)
                     };
-                top.push(key(p), d);
+                top.push_row(key(p), d);
             }
         }
         if !refine {
@@ -907,7 +908,7 @@ impl IvfIndex {
         exact.reset(sc.k);
         for &p in cand.iter() {
             let p = p as usize;
-            exact.push(
+            exact.push_row(
                 self.ids[p],
                 dist(metric, q, &self.vectors[p * dim..(p + 1) * dim]),
             );
@@ -1059,7 +1060,7 @@ impl IvfIndex {
             .map(|i| {
                 let mut top = TopK::new(k);
                 for n in accs.iter().filter_map(|a| a.get(i)).flat_map(TopK::iter) {
-                    top.push(n.row, n.dist);
+                    top.push_row(n.row, n.dist);
                 }
                 top.into_sorted()
             })
