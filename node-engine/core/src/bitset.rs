@@ -69,14 +69,6 @@ impl Bitset {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
 
-    /// `self &= other` (lengths must match).
-    pub fn and_assign(&mut self, other: &Bitset) {
-        assert_eq!(self.len, other.len, "bitset length mismatch");
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a &= *b;
-        }
-    }
-
     /// Iterate over the set bits in increasing order.
     pub fn iter_ones(&self) -> impl Iterator<Item = usize> + '_ {
         self.words.iter().enumerate().flat_map(|(wi, &w)| {
@@ -106,21 +98,5 @@ mod tests {
             b.iter_ones().collect::<Vec<_>>(),
             (0..130).collect::<Vec<_>>()
         );
-    }
-
-    #[test]
-    fn and_assign_keeps_only_common_bits() {
-        let mut a = Bitset::new_empty(100);
-        let mut b = Bitset::new_empty(100);
-        for i in [1, 5, 64, 99] {
-            a.insert(i);
-        }
-        for i in [5, 64, 70] {
-            b.insert(i);
-        }
-        a.and_assign(&b);
-        assert_eq!(a.iter_ones().collect::<Vec<_>>(), vec![5, 64]);
-        a.remove(5);
-        assert_eq!(a.count_ones(), 1);
     }
 }

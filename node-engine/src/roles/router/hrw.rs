@@ -59,18 +59,6 @@ pub fn owners<R: AsRef<str>>(segment: SegmentId, readers: &[R], replication: usi
     r
 }
 
-/// Whether the reader named `me` is one of `segment`'s owners among `readers`.
-pub fn is_owner<R: AsRef<str>>(
-    segment: SegmentId,
-    readers: &[R],
-    me: &str,
-    replication: usize,
-) -> bool {
-    owners(segment, readers, replication)
-        .into_iter()
-        .any(|i| readers[i].as_ref() == me)
-}
-
 /// Why no plan could be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -89,11 +77,6 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.per_reader.is_empty()
-    }
-
-    /// Number of segments in the plan.
-    pub fn segment_count(&self) -> usize {
-        self.per_reader.values().map(Vec::len).sum()
     }
 
     fn push(&mut self, reader: usize, segment: SegmentId) {
@@ -254,8 +237,8 @@ mod tests {
         assert_eq!(owners(7, &r, 2), rank(7, &r)[..2].to_vec());
         assert_eq!(owners(7, &r, 10).len(), 3);
         assert_eq!(owners(7, &r, 0).len(), 1);
-        assert!(is_owner(7, &r, &r[rank(7, &r)[0]], 1));
-        assert!(!is_owner(7, &r, &r[rank(7, &r)[2]], 2));
+        assert!(owners(7, &r, 1).contains(&rank(7, &r)[0]));
+        assert!(!owners(7, &r, 2).contains(&rank(7, &r)[2]));
     }
 
     #[test]
@@ -264,7 +247,10 @@ mod tests {
         let segs: Vec<u64> = (0..100).collect();
         for spread in 0..20 {
             let p = plan(&segs, &r, 2, spread).unwrap();
-            assert_eq!(p.segment_count(), segs.len());
+            assert_eq!(
+                p.per_reader.values().map(Vec::len).sum::<usize>(),
+                segs.len()
+            );
             let mut seen = BTreeSet::new();
             for (&reader, list) in &p.per_reader {
                 for &s in list {

@@ -227,30 +227,6 @@ pub async fn fence(conn: &mut AnyConnection, epoch: u64) -> Result<u64, LeaseErr
         })
 }
 
-/// Wait until the lease can be taken (polling every `poll`), then take it.
-///
-/// Errors: store errors are returned; `Held` is retried.
-pub async fn acquire_waiting(
-    pool: &AnyPool,
-    holder: &str,
-    ttl: Duration,
-    poll: Duration,
-) -> Result<Lease, LeaseError> {
-    loop {
-        match try_acquire(pool, holder, ttl, now_ms()).await {
-            Ok(l) => return Ok(l),
-            Err(LeaseError::Held {
-                holder: other,
-                expires_at_ms,
-            }) => {
-                tracing::info!(holder = %other, expires_at_ms, "writer lease held; waiting");
-                tokio::time::sleep(poll).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Local view of our lease, updated by [`LeaseKeeper::run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum KeeperState {
