@@ -3,11 +3,9 @@
 //! f32 kernels.
 #![allow(unsafe_code)]
 
-#[cfg(target_arch = "aarch64")]
-use super::neon;
-use super::{Isa, isa, rows_fit};
 #[cfg(target_arch = "x86_64")]
-use super::{avx2, avx512};
+use super::{Isa, avx2, avx512};
+use super::{isa, rows_fit};
 
 /// SQ8 code distance: `Σ (qs_j − code_j · step_j)²` (with `qs = q − min` per dimension), over
 /// `qs.len()` dimensions; `step` and `code` hold at least as many.
