@@ -7,9 +7,9 @@
 //! Owns no configuration values (`crate::config` and the role modules do).
 
 use crate::config::StandaloneArgs;
-use crate::roles::reader::ReaderArgs;
+use crate::roles::reader::config::ReaderArgs;
 use crate::roles::router::config::RouterArgs;
-use crate::roles::writer::WriterArgs;
+use crate::roles::writer::config::WriterArgs;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::collections::BTreeMap;
 

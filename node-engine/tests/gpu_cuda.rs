@@ -446,7 +446,7 @@ async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric(
     use shoal_engine::core::storage::collection::{Collection, CollectionWrite, StorageOptions};
     use shoal_engine::core::storage::wal::RowBatch;
     use shoal_engine::gpu::GpuOffload;
-    use shoal_engine::roles::reader::ReplicaCatalog;
+    use shoal_engine::roles::reader::catalog::ReplicaCatalog;
     use shoal_engine::roles::reader::service::{ShardBackend, ShardQuery};
     use std::sync::Arc;
 
@@ -536,7 +536,7 @@ async fn reader_search_shard_on_the_gpu_answers_ivf_flat_segments_like_the_cpu_r
     use shoal_engine::core::storage::wal::RowBatch;
     use shoal_engine::gpu::GpuOffload;
     use shoal_engine::gpu::offload::{ScanKind, ScanRoute};
-    use shoal_engine::roles::reader::ReplicaCatalog;
+    use shoal_engine::roles::reader::catalog::ReplicaCatalog;
     use shoal_engine::roles::reader::service::{ShardBackend, ShardQuery};
     use std::sync::Arc;
 
