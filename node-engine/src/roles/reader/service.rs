@@ -9,7 +9,6 @@
 //! storage core mmaps segments from the shared, read-only data directory). Searches run on
 //! the blocking pool so a large batch never stalls the gRPC runtime.
 
-use super::catalog::VersionGate;
 use crate::rpc::pb::reader_server::Reader;
 use crate::rpc::pb::{
     GetRowsRequest, HealthRequest, HealthResponse, NotifySegmentsRequest, NotifySegmentsResponse,
@@ -17,6 +16,7 @@ use crate::rpc::pb::{
 };
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 /// Errors a shard backend reports.
@@ -247,6 +247,64 @@ pub async fn run_poller<B: ShardBackend>(
     }
 }
 
+/// The reader's side of catalogue-version synchronisation. Every metadata commit has a
+/// catalogue version (the lease row's commit sequence, see the writer's `lease::fence`); a reader
+/// serves "version V" once it has loaded every segment and tombstone committed up to V. The
+/// router's side (push a version to every reader and wait) is
+/// `router::fanout::wait_readers_caught_up`.
+/// A reader could not reach the wanted version in time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("catalogue version {wanted} not reached within the deadline (serving {have})")]
+pub struct NotCaughtUp {
+    pub wanted: u64,
+    pub have: u64,
+}
+
+/// The version a reader serves; monotonic.
+#[derive(Debug)]
+pub struct VersionGate {
+    tx: watch::Sender<u64>,
+}
+
+impl VersionGate {
+    pub fn new(initial: u64) -> Self {
+        let (tx, _rx) = watch::channel(initial);
+        Self { tx }
+    }
+
+    pub fn current(&self) -> u64 {
+        *self.tx.borrow()
+    }
+
+    /// Record that version `v` is served; never moves backwards.
+    pub fn advance(&self, v: u64) {
+        self.tx.send_if_modified(|cur| {
+            if v > *cur {
+                *cur = v;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Wait until the served version is at least `wanted`.
+    ///
+    /// Errors: [`NotCaughtUp`] when `timeout` passes first.
+    pub async fn wait_for(&self, wanted: u64, timeout: Duration) -> Result<u64, NotCaughtUp> {
+        let mut rx = self.tx.subscribe();
+        let res = tokio::time::timeout(timeout, rx.wait_for(|v| *v >= wanted)).await;
+        match res {
+            Ok(Ok(v)) => Ok(*v),
+            // The sender lives in `self`, so the channel cannot close while we wait.
+            Ok(Err(_)) | Err(_) => Err(NotCaughtUp {
+                wanted,
+                have: self.current(),
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,6 +526,29 @@ mod tests {
         assert_eq!(
             out.results[0].iter().map(|h| h.id).collect::<Vec<_>>(),
             vec![11, 20]
+        );
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn the_gate_only_moves_forward_and_wakes_waiters() {
+        let g = Arc::new(VersionGate::new(3));
+        g.advance(2);
+        assert_eq!(g.current(), 3);
+        assert_eq!(g.wait_for(3, Duration::from_millis(1)).await, Ok(3));
+        let g2 = g.clone();
+        let waiter = tokio::spawn(async move { g2.wait_for(5, Duration::from_secs(10)).await });
+        g.advance(4);
+        g.advance(6);
+        assert_eq!(waiter.await.unwrap(), Ok(6));
+        assert_eq!(
+            g.wait_for(9, Duration::from_millis(20)).await,
+            Err(NotCaughtUp { wanted: 9, have: 6 })
         );
     }
 }

@@ -566,7 +566,7 @@ mod tests {
 #[cfg(test)]
 mod flush_tests {
     use super::*;
-    use crate::roles::reader::catalog::VersionGate;
+    use crate::roles::reader::service::VersionGate;
     use crate::rpc::pb::reader_server::{Reader, ReaderServer};
     use crate::rpc::pb::{
         GetRowsRequest, HealthRequest, HealthResponse, NotifySegmentsResponse, QueryShardRequest,
