@@ -6,9 +6,10 @@
 //!
 //! Owns no configuration values (`crate::config` and the role modules do).
 
-use crate::config::{RouterArgs, StandaloneArgs};
-use crate::reader::ReaderArgs;
-use crate::writer::WriterArgs;
+use crate::config::StandaloneArgs;
+use crate::roles::reader::config::ReaderArgs;
+use crate::roles::router::config::RouterArgs;
+use crate::roles::writer::config::WriterArgs;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::collections::BTreeMap;
 

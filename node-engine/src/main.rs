@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
             init_logging(cfg.log_format);
             shoal_engine::memory::tune_allocator();
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            rt.block_on(shoal_engine::standalone::run(cfg, shutdown_signal()))
+            rt.block_on(shoal_engine::roles::standalone::run(cfg, shutdown_signal()))
                 .context("standalone server failed")?;
             Ok(())
         }
@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            rt.block_on(shoal_engine::writer::run(cfg, shutdown_signal()))
+            rt.block_on(shoal_engine::roles::writer::run(cfg, shutdown_signal()))
                 .context("writer failed")?;
             Ok(())
         }
@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            rt.block_on(shoal_engine::reader::run(cfg, shutdown_signal()))
+            rt.block_on(shoal_engine::roles::reader::run(cfg, shutdown_signal()))
                 .context("reader failed")?;
             Ok(())
         }
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.resolve().context("invalid configuration")?;
             init_logging(cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            rt.block_on(shoal_engine::router::run(cfg, shutdown_signal()))
+            rt.block_on(shoal_engine::roles::router::run(cfg, shutdown_signal()))
                 .context("router failed")?;
             Ok(())
         }

@@ -16,14 +16,14 @@ mod common;
 
 use common::engine::Engine;
 use serde_json::{Value, json};
-use shoal_engine::cluster::lease;
-use shoal_engine::cluster::pb::reader_client::ReaderClient;
-use shoal_engine::cluster::pb::writer_client::WriterClient;
-use shoal_engine::cluster::pb::{
+use shoal_engine::core::meta::{MetaError, MetaStore};
+use shoal_engine::roles::writer::lease;
+use shoal_engine::rpc::pb::reader_client::ReaderClient;
+use shoal_engine::rpc::pb::writer_client::WriterClient;
+use shoal_engine::rpc::pb::{
     CreateCollectionRequest, DeleteRequest, FlushRequest, GetRowsRequest, HealthRequest,
     InsertRequest, NotifySegmentsRequest, QueryShardRequest, Row, SearchShardRequest,
 };
-use shoal_engine::core::meta::{MetaError, MetaStore};
 use shoal_testkit::mariadb::MariaDb;
 use shoal_testkit::{JuiceFs, JuiceFsMount, RedisServer, free_port, watchdog};
 use std::collections::{BTreeMap, BTreeSet};
@@ -850,12 +850,12 @@ async fn an_unwritable_wal_makes_the_writer_unready_and_a_create_fails_whole_unt
         .await
         .expect_err("the WAL directory cannot be created");
     assert!(
-        shoal_engine::cluster::writer_service::is_answer(&s),
+        shoal_engine::rpc::status::is_answer(&s),
         "not marked as the writer's answer: {s:?}"
     );
     assert_eq!(
-        shoal_engine::cluster::router_backend::forward_failure(&s),
-        shoal_engine::cluster::router_backend::ForwardFailure::Answered
+        shoal_engine::rpc::status::forward_failure(&s),
+        shoal_engine::rpc::status::ForwardFailure::Answered
     );
     assert!(
         s.message().to_lowercase().contains("not a directory"),

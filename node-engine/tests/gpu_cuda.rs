@@ -421,7 +421,7 @@ async fn create_collection(
 }
 
 /// A `SearchShard` answer as neighbour lists (row = the hit's id) for [`assert_matches`].
-fn as_neighbors(hits: &[shoal_engine::cluster::pb::QueryHits]) -> Vec<Vec<Neighbor>> {
+fn as_neighbors(hits: &[shoal_engine::rpc::pb::QueryHits]) -> Vec<Vec<Neighbor>> {
     hits.iter()
         .map(|h| {
             h.hits
@@ -442,12 +442,12 @@ fn as_neighbors(hits: &[shoal_engine::cluster::pb::QueryHits]) -> Vec<Vec<Neighb
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an NVIDIA GPU with libcuda, libcublas.so.12 and libnvrtc.so.12"]
 async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric() {
-    use shoal_engine::cluster::reader_service::{ShardBackend, ShardQuery};
     use shoal_engine::core::meta::MetaStore;
     use shoal_engine::core::storage::collection::{Collection, CollectionWrite, StorageOptions};
     use shoal_engine::core::storage::wal::RowBatch;
     use shoal_engine::gpu::GpuOffload;
-    use shoal_engine::reader::ReplicaCatalog;
+    use shoal_engine::roles::reader::catalog::ReplicaCatalog;
+    use shoal_engine::roles::reader::service::{ShardBackend, ShardQuery};
     use std::sync::Arc;
 
     let (dim, per_segment, nq, k) = (64usize, 20_000i64, 1_200usize, 10usize);
@@ -530,14 +530,14 @@ async fn reader_search_shard_on_the_gpu_equals_the_cpu_replica_for_every_metric(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an NVIDIA GPU with libcuda, libcublas.so.12 and libnvrtc.so.12"]
 async fn reader_search_shard_on_the_gpu_answers_ivf_flat_segments_like_the_cpu_replica() {
-    use shoal_engine::cluster::reader_service::{ShardBackend, ShardQuery};
     use shoal_engine::core::meta::{IndexRecord, MetaStore};
     use shoal_engine::core::storage::ann::AnnDef;
     use shoal_engine::core::storage::collection::{Collection, CollectionWrite, StorageOptions};
     use shoal_engine::core::storage::wal::RowBatch;
     use shoal_engine::gpu::GpuOffload;
     use shoal_engine::gpu::offload::{ScanKind, ScanRoute};
-    use shoal_engine::reader::ReplicaCatalog;
+    use shoal_engine::roles::reader::catalog::ReplicaCatalog;
+    use shoal_engine::roles::reader::service::{ShardBackend, ShardQuery};
     use std::sync::Arc;
 
     let (dim, per_segment, nq, k) = (64usize, 20_000i64, 1_200usize, 10usize);

@@ -7,7 +7,7 @@
 //! The writer and readers here are small in-process gRPC services (the real `Writer`/`Reader`
 //! protocol over loopback TCP) over an in-memory segment store and a real SQLite metadata store,
 //! so the router's own logic is tested without the writer/reader roles; the router itself is
-//! the real one (`shoal_engine::router::build`).
+//! the real one (`shoal_engine::roles::router::build`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -15,17 +15,18 @@ mod common;
 use common::engine::Engine;
 
 use serde_json::{Map, Value, json};
-use shoal_engine::cluster::membership::Discovery;
-use shoal_engine::cluster::pb::reader_server::{Reader, ReaderServer};
-use shoal_engine::cluster::pb::writer_server::{Writer, WriterServer};
-use shoal_engine::cluster::pb::*;
-use shoal_engine::config::{LogFormat, RouterConfig};
+use shoal_engine::config::LogFormat;
 use shoal_engine::core::distance::{dot, l2_sq, norm_sq};
 use shoal_engine::core::filter::Filter;
 use shoal_engine::core::meta::{
     CollectionRecord, FlushCommit, IndexRecord, MetaStore, SegmentRecord,
 };
 use shoal_engine::core::types::Metric;
+use shoal_engine::roles::router::config::RouterConfig;
+use shoal_engine::roles::router::membership::Discovery;
+use shoal_engine::rpc::pb::reader_server::{Reader, ReaderServer};
+use shoal_engine::rpc::pb::writer_server::{Writer, WriterServer};
+use shoal_engine::rpc::pb::*;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -573,7 +574,7 @@ async fn serve_reader(store: Arc<Store>, listener: tokio::net::TcpListener) -> R
 struct Cluster {
     store: Arc<Store>,
     readers: Vec<ReaderHandle>,
-    router: shoal_engine::router::Built,
+    router: shoal_engine::roles::router::Built,
     _dir: tempfile::TempDir,
 }
 
@@ -641,7 +642,7 @@ async fn cluster(
         shutdown_delay: Duration::ZERO,
         meta_startup_timeout: Duration::from_secs(10),
     };
-    let router = shoal_engine::router::build(&cfg).await.unwrap();
+    let router = shoal_engine::roles::router::build(&cfg).await.unwrap();
     (
         Cluster {
             store,
@@ -1147,7 +1148,7 @@ async fn a_reader_killed_during_a_search_load_fails_over_and_a_late_reader_gets_
         .iter()
         .map(|s| s.id as u64)
         .collect();
-    let plan = shoal_engine::cluster::hrw::plan(&segs, &routable, 1, 0).unwrap();
+    let plan = shoal_engine::roles::router::hrw::plan(&segs, &routable, 1, 0).unwrap();
     let idx = routable.iter().position(|a| *a == joined.addr).unwrap();
     assert!(
         plan.per_reader.contains_key(&idx),

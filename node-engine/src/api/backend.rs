@@ -5,7 +5,7 @@
 //! Owns the split between parsing and serving: `rest.rs`/`indexes.rs` parse and validate every
 //! request in full (Milvus codes 1100/1801/1802/1804, the Int64 header, auth) and hand a
 //! backend typed values; a backend only answers them and maps its own failures to
-//! [`ApiError`]. The router's backend (`crate::cluster::router_backend`) implements the same
+//! [`ApiError`]. The router's backend (`crate::roles::router::backend`) implements the same
 //! trait by forwarding to the writer and fanning out to readers, so both roles answer the same
 //! request with the same code.
 

@@ -1,6 +1,9 @@
-//! Milvus REST error codes and the one exhaustive mapping from engine errors to them.
+//! Milvus REST error codes and the one exhaustive mapping from engine errors to them. Every
+//! [`ApiError`] keeps the core's [`ErrorKind`] of what caused it, so a layer that relays it (the
+//! writer answering a shared REST handler's error over gRPC) classifies by kind, never by text.
 
 use crate::core::engine::EngineError;
+use crate::core::error::{Classify, ErrorKind};
 use crate::core::error_chain as chain;
 use crate::core::meta::MetaError;
 use crate::core::storage::collection::CollectionError;
@@ -24,6 +27,20 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: i32,
     pub message: String,
+    /// What kind of failure this is: the core error's own kind when one caused it, else the
+    /// kind the code stands for ([`kind_of_code`]).
+    pub kind: ErrorKind,
+}
+
+/// The kind a Milvus code stands for when no core error says more.
+pub fn kind_of_code(c: i32) -> ErrorKind {
+    match c {
+        code::COLLECTION_NOT_FOUND => ErrorKind::NotFound,
+        code::COLLECTION_NOT_LOADED => ErrorKind::NotLoaded,
+        code::INTERNAL => ErrorKind::Unavailable,
+        // Every other code (1100, 1800-1804) is a request the user must fix.
+        _ => ErrorKind::InvalidRequest,
+    }
 }
 
 impl ApiError {
@@ -32,6 +49,7 @@ impl ApiError {
             status: StatusCode::OK,
             code,
             message: message.into(),
+            kind: kind_of_code(code),
         }
     }
     pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
@@ -54,12 +72,18 @@ impl ApiError {
             status: StatusCode::UNAUTHORIZED,
             code: code::AUTH_FAILED,
             message: "authentication failed: missing or wrong token".into(),
+            kind: ErrorKind::InvalidRequest,
         }
     }
     pub(crate) fn internal(what: impl std::fmt::Display) -> Self {
         Self::new(code::INTERNAL, format!("internal error: {what}"))
     }
     /// Label for metrics (never a Debug string).
+    /// The same error, classified as `kind` (the core error that caused it).
+    pub fn with_kind(mut self, kind: ErrorKind) -> Self {
+        self.kind = kind;
+        self
+    }
     pub fn category(&self) -> &'static str {
         match self.code {
             code::COLLECTION_NOT_FOUND => "collection_not_found",
@@ -76,7 +100,8 @@ impl ApiError {
 
 impl From<CollectionError> for ApiError {
     fn from(e: CollectionError) -> Self {
-        match &e {
+        let kind = e.kind();
+        let api = match &e {
             CollectionError::InvalidRow { row, reason } => ApiError::bad_row(*row, reason),
             CollectionError::InvalidParam { name, reason } => ApiError::invalid(name, reason),
             CollectionError::NotLoaded(name) => ApiError::new(
@@ -103,25 +128,29 @@ impl From<CollectionError> for ApiError {
             | CollectionError::Meta(_)
             | CollectionError::WriterStopped
             | CollectionError::Task(_) => ApiError::internal(chain(&e)),
-        }
+        };
+        api.with_kind(kind)
     }
 }
 
 impl From<MetaError> for ApiError {
     fn from(e: MetaError) -> Self {
-        match &e {
+        let kind = e.kind();
+        let api = match &e {
             MetaError::Connect { .. }
             | MetaError::Migrate { .. }
             | MetaError::Query { .. }
             | MetaError::UnsupportedUrl(_)
             | MetaError::Fenced { .. } => ApiError::internal(chain(&e)),
-        }
+        };
+        api.with_kind(kind)
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        match e {
+        let kind = e.kind();
+        let api = match e {
             EngineError::CollectionNotFound(name) => ApiError::new(
                 code::COLLECTION_NOT_FOUND,
                 format!("collection not found: {name}"),
@@ -134,6 +163,7 @@ impl From<EngineError> for ApiError {
             EngineError::Io { .. } => ApiError::internal(chain(&e)),
             EngineError::Meta(m) => m.into(),
             EngineError::Collection(c) => c.into(),
-        }
+        };
+        api.with_kind(kind)
     }
 }

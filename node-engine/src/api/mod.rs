@@ -1,11 +1,11 @@
-//! Network adapters over the core: the public REST API and the health/metrics listener.
-//! Everything HTTP lives here; `core` never sees axum types. The REST handlers are generic over
-//! a [`backend::Backend`]: the local engine (standalone, writer) or the cluster (router).
+//! The public REST API (Milvus REST v2) and its ops endpoints over the core. The REST handlers
+//! are generic over a [`backend::Backend`]: the local engine (standalone, writer) or the cluster
+//! (router). Listeners, the stop signal and `/readyz`'s body live in [`crate::server`]; roles
+//! build on both; this module never imports a role.
 
 pub mod backend;
 pub mod error;
 pub mod indexes;
-pub mod lifecycle;
 pub mod metrics;
 pub mod milvus;
 pub mod rest;
@@ -13,113 +13,27 @@ pub mod rows;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use backend::Backend;
 use rest::RestState;
 use std::sync::Arc;
 
-/// Serve `router` on `listener` in a task until `stop` resolves (the cluster roles run several
-/// such listeners side by side with one stop signal).
-pub fn spawn_http(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<Result<(), String>> {
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop)
-            .await
-            .map_err(|e| e.to_string())
-    })
-}
-
-/// A listener could not be bound (every role's start-up).
-#[derive(Debug, thiserror::Error)]
-#[error("failed to listen on {addr}")]
-pub struct BindError {
-    pub addr: std::net::SocketAddr,
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// Bind a TCP listener on `addr`.
-///
-/// Errors: [`BindError`] naming `addr`.
-pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| BindError { addr, source })
-}
-
-/// One stop signal for a role's servers: every [`StopSignal::wait`] future resolves once
-/// [`StopSignal::stop`] was called (also when it was called before the wait began).
-pub struct StopSignal(tokio::sync::watch::Sender<bool>);
-
-impl Default for StopSignal {
-    fn default() -> Self {
-        StopSignal(tokio::sync::watch::channel(false).0)
-    }
-}
-
-impl StopSignal {
-    /// A future that resolves once the signal is given.
-    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.0.subscribe();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    }
-
-    /// Give the signal.
-    pub fn stop(&self) {
-        self.0.send_replace(true);
-    }
-}
-
-/// Wait (bounded) for servers told to stop to drain their in-flight requests; a server that
-/// does not stop within the grace period is logged, not awaited.
-pub async fn stop_servers<const N: usize>(
-    tasks: [(&'static str, tokio::task::JoinHandle<Result<(), String>>); N],
-) {
-    let grace = std::time::Duration::from_secs(10);
-    for (what, task) in tasks {
-        match tokio::time::timeout(grace, task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => {
-                tracing::warn!(server = what, error = %e, "server stopped with an error")
-            }
-            Ok(Err(e)) => tracing::warn!(server = what, error = %e, "server task failed"),
-            Err(_) => tracing::warn!(server = what, "server did not stop within the grace period"),
-        }
-    }
-}
-
-/// The `/readyz` answer: ready (200) when the backend can serve (standalone/writer: the metadata
-/// store answers; router: the writer and a reader answer), else 503 with the backend's reason.
-/// The GPU details (mode, reasons, devices, live samples) are reported either way and never
-/// decide readiness: a reader without a GPU serves from the CPU.
-pub fn readiness(
-    backend: Result<(), String>,
-    gpu: Option<crate::gpu::GpuStatus>,
-) -> (StatusCode, serde_json::Value) {
-    let (status, mut body) = match backend {
-        Ok(()) => (StatusCode::OK, serde_json::json!({"status": "ready"})),
-        Err(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({
-                "status": "unavailable",
-                "reason": reason,
-            }),
-        ),
-    };
-    if let Some(g) = gpu {
-        body["gpu"] = serde_json::to_value(g).unwrap_or_else(|e| {
-            serde_json::Value::String(format!("GPU status not serialisable: {e}"))
-        });
-    }
-    (status, body)
+/// The REST API and ops endpoints over one local engine (standalone, and the writer's own REST
+/// listener): the shared state, the REST router and the ops router.
+pub fn build_local(
+    engine: Arc<crate::core::engine::Engine>,
+    auth_token: Option<String>,
+    metrics: metrics::Metrics,
+) -> (Arc<rest::AppState>, Router, Router) {
+    let state = Arc::new(rest::AppState {
+        backend: Arc::new(backend::LocalBackend::new(engine)),
+        auth_token,
+        metrics: Arc::new(metrics),
+    });
+    let rest = milvus::with_grpc(rest::router(state.clone()), state.clone());
+    let ops = ops_router(state.clone());
+    (state, rest, ops)
 }
 
 /// `/healthz` (process is up), `/readyz` (the backend can serve: metadata store answers, or for
@@ -130,7 +44,8 @@ pub fn ops_router<B: Backend>(state: Arc<RestState<B>>) -> Router {
         .route(
             "/readyz",
             get(|State(s): State<Arc<RestState<B>>>| async move {
-                let (status, body) = readiness(s.backend.ready().await, s.metrics.gpu_status());
+                let (status, body) =
+                    crate::server::readiness(s.backend.ready().await, s.metrics.gpu_status());
                 (status, axum::Json(body)).into_response()
             }),
         )
@@ -148,64 +63,4 @@ pub fn ops_router<B: Backend>(state: Arc<RestState<B>>) -> Router {
             }),
         )
         .with_state(state)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gpu::GpuStatus;
-    use crate::gpu::telemetry::{GpuInfo, GpuSample};
-
-    fn fake_gpu() -> GpuStatus {
-        GpuStatus {
-            mode: "cpu",
-            reasons: vec!["standalone searches on the CPU".into()],
-            search_threshold: 1000,
-            driver_version: Some("550.54.15".into()),
-            cuda_driver_version: Some("12.4".into()),
-            devices: vec![GpuInfo {
-                index: 0,
-                name: "NVIDIA H200".into(),
-                uuid: "GPU-1234".into(),
-                memory_total_bytes: 150 << 30,
-                compute_capability: "9.0".into(),
-            }],
-            samples: vec![GpuSample {
-                index: 0,
-                memory_used_bytes: Some(1 << 30),
-                memory_total_bytes: Some(150 << 30),
-                utilization_percent: Some(7),
-                temperature_celsius: Some(33),
-                power_watts: Some(75.5),
-            }],
-            resident: vec![],
-        }
-    }
-
-    #[test]
-    fn readiness_reports_gpu_details_and_depends_only_on_the_backend() {
-        let (status, body) = readiness(Ok(()), Some(fake_gpu()));
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["status"], "ready");
-        assert_eq!(body["gpu"]["mode"], "cpu");
-        assert_eq!(body["gpu"]["devices"][0]["name"], "NVIDIA H200");
-        assert_eq!(body["gpu"]["devices"][0]["compute_capability"], "9.0");
-        assert_eq!(body["gpu"]["driver_version"], "550.54.15");
-        assert_eq!(body["gpu"]["samples"][0]["utilization_percent"], 7);
-        assert_eq!(body["gpu"]["samples"][0]["power_watts"], 75.5);
-
-        let (status, body) = readiness(Err("database is locked".into()), Some(fake_gpu()));
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(body["status"], "unavailable");
-        assert!(
-            body["reason"]
-                .as_str()
-                .is_some_and(|m| m.contains("database is locked")),
-            "{body}"
-        );
-        assert_eq!(body["gpu"]["devices"][0]["index"], 0);
-
-        let (_, body) = readiness(Ok(()), None);
-        assert!(body.get("gpu").is_none(), "{body}");
-    }
 }

@@ -64,7 +64,7 @@ pub trait GpuBackend: Send + Sync + 'static {
 pub(crate) mod host {
     use super::*;
     use crate::core::distance;
-    use crate::gpu::plan::TopK;
+    use crate::core::topk::TopK;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     pub struct HostBlock {

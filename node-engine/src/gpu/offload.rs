@@ -816,4 +816,126 @@ mod tests {
         o.forget_segment(8, 1);
         assert_eq!(s.resident()[0].blocks, 0);
     }
+
+    /// The offload hook end to end (the reader's `GpuOffload` over the host stand-in for a
+    /// device, on a read-only `Collection` of shoal-core; moved here with the core split because
+    /// the core cannot see this crate): IVF_FLAT segments go through `search_ivf_flat`, the small segment without an
+    /// index through `search_flat`, and the answer equals the CPU replica's, with deletes and a
+    /// filter.
+    #[tokio::test]
+    async fn a_replica_offers_ivf_flat_and_flat_segments_to_the_offload_and_gets_the_cpu_answer() {
+        use crate::core::filter::Filter;
+        use crate::core::storage::collection::{
+            Collection, CollectionWrite, Output, ReplicaListing,
+        };
+        use crate::core::testing::{
+            all_ids, catalog_of, ids_of, l2_collection, random_batch, two_ivf_flat_segments,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let (meta, rec, schema) = l2_collection(dir.path(), "gpu", 8).await;
+        let (w, _) = two_ivf_flat_segments(&meta, &rec, &schema, &data).await;
+        // Under index_min_rows: searched with FLAT.
+        w.upsert(random_batch(1200..1250)).await.unwrap();
+        w.flush().await.unwrap();
+        let deleted: Vec<i64> = (0..1250).step_by(41).collect();
+        w.delete(deleted.clone()).await.unwrap();
+        w.flush().await.unwrap();
+        let (segs, ixs, files) = catalog_of(&meta.catalog_snapshot().await.unwrap(), rec.id);
+        assert_eq!((segs.len(), files.len()), (3, 2));
+        let listing = ReplicaListing {
+            segments: &segs,
+            indexes: &ixs,
+            segment_indexes: &files,
+        };
+        let (r, _) = Collection::open_read_only(meta.clone(), &rec, schema, &data, listing)
+            .await
+            .unwrap();
+        let searcher = GpuSearcher::new(vec![HostBackend::new(0)], 1 << 30, 1, 1 << 20).unwrap();
+        let offload = GpuOffload::new(Arc::new(searcher));
+        let ids = all_ids(&segs);
+        let queries = random_batch(5000..5020).vectors;
+        let params = SearchParams {
+            nprobe: Some(2),
+            ef: None,
+        };
+        // Rows of all three segments match.
+        let range = Filter::parse("id >= 300 and id < 1240").unwrap();
+        for filter in [None, Some(&range)] {
+            let search = |o: Option<&dyn FlatOffload>| {
+                r.search_segments_with(&ids, &queries, 10, &params, filter, Output::default(), o)
+                    .unwrap()
+                    .0
+            };
+            let cpu = search(None);
+            let before = (
+                offload.scans(ScanRoute::Gpu, ScanKind::IvfFlat),
+                offload.scans(ScanRoute::Gpu, ScanKind::Flat),
+            );
+            let gpu = search(Some(&offload));
+            assert_eq!(
+                (
+                    offload.scans(ScanRoute::Gpu, ScanKind::IvfFlat) - before.0,
+                    offload.scans(ScanRoute::Gpu, ScanKind::Flat) - before.1
+                ),
+                (2, 1),
+                "filter {filter:?}: two IVF_FLAT segments and one FLAT segment on the GPU path"
+            );
+            assert_eq!(ids_of(&cpu), ids_of(&gpu), "filter {filter:?}");
+            for (c, g) in cpu.iter().flatten().zip(gpu.iter().flatten()) {
+                assert!((c.distance - g.distance).abs() <= 1e-4 * c.distance.abs().max(1.0));
+            }
+            for h in gpu.iter().flatten() {
+                assert!(!deleted.contains(&h.row.id), "deleted id {}", h.row.id);
+                if filter.is_some() {
+                    assert!((300..1240).contains(&h.row.id), "id {}", h.row.id);
+                }
+            }
+            assert!(gpu.iter().all(|q| q.len() == 10));
+        }
+        assert_eq!(offload.fallbacks(), 0);
+
+        // A failing device and a batch under the threshold: every segment answered on the CPU,
+        // counted per kind.
+        let mut failing = HostBackend::new(0);
+        failing.fail_search = true;
+        let failing = GpuOffload::new(Arc::new(
+            GpuSearcher::new(vec![failing], 1 << 30, 1, 1 << 20).unwrap(),
+        ));
+        let high = GpuSearcher::new(vec![HostBackend::new(0)], 1 << 30, 21, 1 << 20).unwrap();
+        let below = GpuOffload::new(Arc::new(high));
+        let cpu = r
+            .search_segments(&ids, &queries, 10, &params, Some(&range), Output::default())
+            .unwrap()
+            .0;
+        for (o, route) in [
+            (&failing, ScanRoute::CpuFallback),
+            (&below, ScanRoute::CpuBelowThreshold),
+        ] {
+            let got = r
+                .search_segments_with(
+                    &ids,
+                    &queries,
+                    10,
+                    &params,
+                    Some(&range),
+                    Output::default(),
+                    Some(o),
+                )
+                .unwrap()
+                .0;
+            assert_eq!(ids_of(&got), ids_of(&cpu), "{route:?}");
+            assert_eq!(
+                (
+                    o.scans(route, ScanKind::IvfFlat),
+                    o.scans(route, ScanKind::Flat)
+                ),
+                (2, 1),
+                "{route:?}"
+            );
+            assert_eq!(o.gpu_searches(), 0);
+        }
+        assert_eq!((failing.fallbacks(), below.fallbacks()), (3, 0));
+        w.close().await;
+    }
 }

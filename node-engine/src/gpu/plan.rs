@@ -1,10 +1,8 @@
 //! The pure planning half of GPU search: threshold routing, tiling of query batches and base
-//! rows to fit the device workspace, merging per-tile top-k into a global top-k, grouping IVF
-//! queries by probed list, and placing blocks on devices. No CUDA, no I/O: all unit-tested in CI.
+//! rows to fit the device workspace (per-tile results merge through the core's one `TopK`),
+//! grouping IVF queries by probed list, and placing blocks on devices. No CUDA, no I/O: all
+//! unit-tested in CI.
 
-use crate::core::types::Neighbor;
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 use std::ops::Range;
 
 /// Where a query batch runs.
@@ -104,120 +102,6 @@ pub fn tiles(n: usize, tile: usize) -> impl Iterator<Item = Range<usize>> {
     (0..n.div_ceil(tile)).map(move |i| i * tile..((i + 1) * tile).min(n))
 }
 
-/// Something ranked by [`Neighbor::cmp_rank`]-style order: smaller is better.
-pub trait Ranked {
-    fn rank_cmp(&self, other: &Self) -> Ordering;
-}
-
-impl Ranked for Neighbor {
-    fn rank_cmp(&self, other: &Self) -> Ordering {
-        self.cmp_rank(other)
-    }
-}
-
-/// A neighbour tagged with the segment it came from, for merging across segments (GPU and CPU
-/// results alike). Ties on distance rank by (segment, row).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SegmentHit {
-    pub segment: u64,
-    pub hit: Neighbor,
-}
-
-impl Ranked for SegmentHit {
-    fn rank_cmp(&self, other: &Self) -> Ordering {
-        self.hit
-            .dist
-            .total_cmp(&other.hit.dist)
-            .then(self.segment.cmp(&other.segment))
-            .then(self.hit.row.cmp(&other.hit.row))
-    }
-}
-
-struct HeapItem<T>(T);
-
-impl<T: Ranked> PartialEq for HeapItem<T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.rank_cmp(&other.0) == Ordering::Equal
-    }
-}
-impl<T: Ranked> Eq for HeapItem<T> {}
-impl<T: Ranked> PartialOrd for HeapItem<T> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl<T: Ranked> Ord for HeapItem<T> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.rank_cmp(&other.0)
-    }
-}
-
-/// Bounded top-k accumulator (a max-heap of the k best seen so far).
-///
-/// Guarantees: [`TopK::into_sorted`] returns the `min(k, pushed)` best items by `rank_cmp`,
-/// best first, exactly as sorting everything pushed and truncating would.
-pub struct TopK<T> {
-    k: usize,
-    heap: BinaryHeap<HeapItem<T>>,
-}
-
-impl<T: Ranked> TopK<T> {
-    pub fn new(k: usize) -> Self {
-        Self {
-            k,
-            heap: BinaryHeap::with_capacity(k + 1),
-        }
-    }
-
-    pub fn push(&mut self, item: T) {
-        if self.k == 0 {
-            return;
-        }
-        if self.heap.len() < self.k {
-            self.heap.push(HeapItem(item));
-        } else if let Some(worst) = self.heap.peek()
-            && item.rank_cmp(&worst.0) == Ordering::Less
-        {
-            self.heap.pop();
-            self.heap.push(HeapItem(item));
-        }
-    }
-
-    pub fn extend(&mut self, items: impl IntoIterator<Item = T>) {
-        for item in items {
-            self.push(item);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
-    }
-
-    pub fn into_sorted(self) -> Vec<T> {
-        self.heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|h| h.0)
-            .collect()
-    }
-}
-
-/// Merge several per-segment (or per-device) result lists for one query into the global top-k.
-pub fn merge_segment_hits<'a>(
-    lists: impl IntoIterator<Item = (u64, &'a [Neighbor])>,
-    k: usize,
-) -> Vec<SegmentHit> {
-    let mut top = TopK::new(k);
-    for (segment, hits) in lists {
-        top.extend(hits.iter().map(|&hit| SegmentHit { segment, hit }));
-    }
-    top.into_sorted()
-}
-
 /// IVF list scan work: for each probed list, the queries that probe it.
 ///
 /// `probes[q]` holds the list ids query `q` probes. Returns `(list, queries)` pairs sorted by list
@@ -255,6 +139,8 @@ pub fn device_for(segment: u64, part: u32, devices: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::topk::TopK;
+    use crate::core::types::Neighbor;
     use rand::{Rng, SeedableRng};
 
     #[test]
@@ -362,15 +248,6 @@ mod tests {
         expect.sort_by(Neighbor::cmp_rank);
         expect.truncate(k);
         assert_eq!(global.into_sorted(), expect);
-    }
-
-    #[test]
-    fn segment_merge_ranks_across_segments_and_breaks_ties_by_segment_then_row() {
-        let a = [n(0, 0.1), n(5, 0.3)];
-        let b = [n(2, 0.1), n(1, 0.2)];
-        let merged = merge_segment_hits([(7, &a[..]), (3, &b[..])], 3);
-        let got: Vec<(u64, u32)> = merged.iter().map(|h| (h.segment, h.hit.row)).collect();
-        assert_eq!(got, vec![(3, 2), (7, 0), (3, 1)]);
     }
 
     #[test]

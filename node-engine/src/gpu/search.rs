@@ -7,11 +7,12 @@
 //! CPU and answers on the CPU when a call fails.
 
 use crate::core::bitset::Bitset;
+use crate::core::topk::TopK;
 use crate::core::types::{Metric, Neighbor};
 use crate::gpu::GpuError;
 use crate::gpu::backend::GpuBackend;
 use crate::gpu::budget::LruBudget;
-use crate::gpu::plan::{self, TopK};
+use crate::gpu::plan;
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::collections::HashMap;

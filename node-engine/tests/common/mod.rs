@@ -49,7 +49,7 @@ impl App {
 
     /// The standalone role over `dir`.
     async fn open(dir: tempfile::TempDir, token: Option<&str>) -> App {
-        let (state, rest, ops) = shoal_engine::standalone::build(&config(dir.path(), token))
+        let (state, rest, ops) = shoal_engine::roles::standalone::build(&config(dir.path(), token))
             .await
             .unwrap();
         App {
