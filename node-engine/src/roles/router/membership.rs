@@ -280,7 +280,7 @@ impl Membership {
 }
 
 /// One round of the membership loop: resolve (keeping the old set when DNS fails), probe every
-/// known and newly found reader concurrently, then apply the new set and the outcomes together.
+/// reader of the new set concurrently, then apply the new set and the outcomes together.
 /// Probing before applying means a reader that leaves discovery is never dropped while its
 /// successor is still `Joining` (a moment in which no reader would be routable). Returns what
 /// discovery changed.
@@ -300,10 +300,13 @@ where
             None
         }
     };
-    let mut targets = membership.lock().known();
-    targets.extend(found.iter().flatten().cloned());
-    targets.sort();
-    targets.dedup();
+    // The readers the round ends with: the discovered set, or the known one when discovery
+    // failed. One that left is not probed (it is removed anyway, and an address that is gone
+    // would hold the round up until its probe times out).
+    let targets = match &found {
+        Some(found) => found.clone(),
+        None => membership.lock().known(),
+    };
     let results = futures::future::join_all(targets.into_iter().map(|addr| {
         let fut = probe(addr.clone());
         async move { (addr, fut.await) }
@@ -534,6 +537,8 @@ mod tests {
             let m = m.clone();
             async move {
                 assert_eq!(m.lock().routable(), addrs(&["old:1"]), "probing {addr}");
+                // One that left is not probed: a gone address would hold the round up.
+                assert_eq!(addr, "new:1", "a reader that left discovery was probed");
                 Probe::Serving
             }
         };
