@@ -2421,3 +2421,79 @@ async fn a_single_draining_reader_serves_until_the_router_has_probed_its_success
     drop(w);
     drop(db);
 }
+
+/// pymilvus's quick setup names the metric in its index, and Shoal re-creates an empty
+/// collection to adopt it. Through a router the row count covers flushed rows only, so rows
+/// acknowledged a moment before a CreateIndex naming another metric must still count: the
+/// request is refused (1100) and every acknowledged row stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_milvus_create_index_with_another_metric_never_drops_acknowledged_unflushed_rows() {
+    use shoal_engine::api::milvus::pb::common::KeyValuePair;
+    use shoal_engine::api::milvus::pb::milvus::CreateIndexRequest;
+    use shoal_engine::api::milvus::pb::milvus::milvus_service_client::MilvusServiceClient;
+    let _watchdog = shoal_testkit::watchdog(
+        "a_milvus_create_index_with_another_metric_never_drops_acknowledged_unflushed_rows",
+        Duration::from_secs(120),
+    );
+    let db = shoal_testkit::mariadb::MariaDb::start().expect("MariaDB");
+    let url = db.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let stack = one_reader_stack(&url, &data, "q").await;
+    let base = stack.base.clone();
+    let http = reqwest::Client::new();
+    let rows: Vec<Value> = vectors(50, DIM, 3)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| json!({"id": i, "vector": v}))
+        .collect();
+    ok_http(
+        &http,
+        &base,
+        "entities/insert",
+        json!({"collectionName": "q", "data": rows}),
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(base.clone())
+        .unwrap()
+        .connect()
+        .await
+        .expect("gRPC on the router's port");
+    let mut grpc = MilvusServiceClient::new(channel);
+    let kv = |k: &str, v: &str| KeyValuePair {
+        key: k.into(),
+        value: v.into(),
+    };
+    let st = grpc
+        .create_index(CreateIndexRequest {
+            collection_name: "q".into(),
+            field_name: "vector".into(),
+            extra_params: vec![kv("index_type", "FLAT"), kv("metric_type", "IP")],
+            ..Default::default()
+        })
+        .await
+        .expect("CreateIndex answers")
+        .into_inner();
+    assert_eq!(
+        st.code, 1100,
+        "another metric over rows must be refused: {st:?}"
+    );
+    ok_http(
+        &http,
+        &base,
+        "collections/flush",
+        json!({"collectionName": "q"}),
+    )
+    .await;
+    let v = ok_http(
+        &http,
+        &base,
+        "entities/query",
+        json!({"collectionName": "q", "filter": "id >= 0", "outputFields": ["count(*)"]}),
+    )
+    .await;
+    assert_eq!(
+        v["data"][0]["count(*)"], 50,
+        "acknowledged rows were dropped: {v}"
+    );
+}

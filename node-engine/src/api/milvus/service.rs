@@ -389,6 +389,10 @@ impl<B: Backend> MilvusApi<B> {
         if m == c.schema.metric {
             return Ok(c);
         }
+        // Through a router the count covers flushed rows only: flush first, so rows
+        // acknowledged before this request are counted and never dropped with the collection.
+        // (A write that races this request is not covered: open, see the README.)
+        self.backend().flush(&c).await.map_err(api)?;
         let rows = self.backend().row_count(&c).await.map_err(api)?;
         if rows > 0 {
             return Err(invalid(format!(
