@@ -851,20 +851,28 @@ async fn local_stack(store: Option<ObjectStoreKind>) {
     drop(router);
     readers.clear();
     drop(writer);
+    // ABORTED is the CSI spec's "another operation on this volume is in progress, retry" (the
+    // watchdog may still be healing the mount killed above): retry as a kubelet does.
     for (pod, _) in &targets {
-        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        let req = csi::NodeUnpublishVolumeRequest {
             volume_id: vol.volume_id.clone(),
             target_path: root.join("pods").join(pod).display().to_string(),
+        };
+        until_not_aborted("unpublish", || {
+            let (mut n, r) = (node.clone(), req.clone());
+            async move { n.node_unpublish_volume(r).await }
         })
-        .await
-        .unwrap();
+        .await;
     }
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+    let req = csi::NodeUnstageVolumeRequest {
         volume_id: vol.volume_id.clone(),
         staging_target_path: staging.display().to_string(),
+    };
+    until_not_aborted("unstage", || {
+        let (mut n, r) = (node.clone(), req.clone());
+        async move { n.node_unstage_volume(r).await }
     })
-    .await
-    .unwrap();
+    .await;
     let left: Vec<_> = shoal_csi::mountinfo::read_self()
         .unwrap()
         .into_iter()
@@ -923,6 +931,24 @@ mod latency {
             v.sort_by(f64::total_cmp);
             let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
             (at(0.5), at(0.99), v.len())
+        }
+    }
+}
+
+/// Calls `call` until it answers anything but ABORTED (at most 30 s), and requires success.
+async fn until_not_aborted<T, F, Fut>(what: &str, mut call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match call().await {
+            Ok(_) => return,
+            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("{what}: {s:?}"),
         }
     }
 }
